@@ -1,0 +1,230 @@
+//! The data area of a full image: file contents written as they arrive, block-aligned, from
+//! the first block after the superblock.
+
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+
+use crate::error::{Error, Result};
+use crate::format::{ChunkIndex, NULL_ADDR};
+
+static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
+
+/// Sequential block-aligned writer for file data.
+#[derive(Debug)]
+pub(crate) struct DataArea<W: Write + Seek> {
+    out: BufWriter<W>,
+    bs: u64,
+    next_block: u64,
+    max_blocks: u64,
+    /// Bytes written for the file in progress.
+    in_file: u64,
+}
+
+impl<W: Write + Seek> DataArea<W> {
+    pub(crate) fn new(mut out: W, bs: u32, first_block: u64, max_blocks: u64) -> Result<Self> {
+        out.seek(SeekFrom::Start(first_block * bs as u64))
+            .map_err(|e| Error::io("seeking in the image", e))?;
+        Ok(DataArea {
+            out: BufWriter::with_capacity(1 << 20, out),
+            bs: bs as u64,
+            next_block: first_block,
+            max_blocks,
+            in_file: 0,
+        })
+    }
+
+    /// Start a file whose data will need `len` bytes; returns its first block.
+    pub(crate) fn begin(&mut self, len: u64) -> Result<u32> {
+        debug_assert_eq!(self.in_file, 0);
+        let blocks = len.div_ceil(self.bs);
+        let end = self.next_block + blocks;
+        if end > self.max_blocks || end >= NULL_ADDR as u64 {
+            return Err(Error::TooLarge(format!(
+                "image would need more than {} blocks of {} bytes",
+                self.max_blocks.min(NULL_ADDR as u64 - 1),
+                self.bs
+            )));
+        }
+        Ok(self.next_block as u32)
+    }
+
+    pub(crate) fn write(&mut self, buf: &[u8]) -> Result<()> {
+        self.out
+            .write_all(buf)
+            .map_err(|e| Error::io("writing the image", e))?;
+        self.in_file += buf.len() as u64;
+        Ok(())
+    }
+
+    pub(crate) fn write_zeros(&mut self, mut n: u64) -> Result<()> {
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            self.write(&ZEROS[..k])?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// Finish the file in progress: pad its last block and advance.
+    pub(crate) fn end(&mut self) -> Result<()> {
+        let pad = (self.bs - self.in_file % self.bs) % self.bs;
+        let written = self.in_file;
+        self.write_zeros(pad)?;
+        self.next_block += written.div_ceil(self.bs);
+        self.in_file = 0;
+        Ok(())
+    }
+
+    /// Flush and hand back the sink and the first block after the data.
+    pub(crate) fn finish(self) -> Result<(W, u64)> {
+        let next = self.next_block;
+        let out = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io("writing the image", e.into_error()))?;
+        Ok((out, next))
+    }
+}
+
+/// How to cut a sparse file into chunks: `chunkbits` and, per chunk, whether it holds data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChunkPlan {
+    pub chunkbits: u8,
+    pub count: u64,
+    /// Sorted indices of chunks that hold data.
+    pub data_chunks: Vec<u64>,
+}
+
+/// Choose the chunk size for a file with the given data segments that minimises chunk-table
+/// bytes plus materialised zero bytes. Chunks touching any data are stored whole.
+pub(crate) fn plan_chunks(segments: &[(u64, u64)], size: u64, blkszbits: u8) -> ChunkPlan {
+    let max_bits = (blkszbits as u32 + 31).min(63);
+    let mut best: Option<(u128, u8)> = None;
+    for bits in blkszbits as u32..=max_bits {
+        let c = 1u64 << bits;
+        let count = size.div_ceil(c) as u128;
+        let data = count_data_chunks(segments, bits) as u128;
+        let cost = count * 8 + data * c as u128;
+        if best.is_none_or(|(b, _)| cost < b) {
+            best = Some((cost, bits as u8));
+        }
+        if c >= size {
+            break;
+        }
+    }
+    let bits = best.map_or(blkszbits, |(_, b)| b);
+    let mut data_chunks = Vec::new();
+    for &(off, len) in segments {
+        if len == 0 {
+            continue;
+        }
+        let first = off >> bits;
+        let last = (off + len - 1) >> bits;
+        for i in first..=last {
+            if data_chunks.last().is_none_or(|&l| l < i) {
+                data_chunks.push(i);
+            }
+        }
+    }
+    ChunkPlan {
+        chunkbits: bits,
+        count: size.div_ceil(1u64 << bits),
+        data_chunks,
+    }
+}
+
+fn count_data_chunks(segments: &[(u64, u64)], bits: u32) -> u64 {
+    let mut n = 0;
+    let mut last: Option<u64> = None;
+    for &(off, len) in segments {
+        if len == 0 {
+            continue;
+        }
+        let first = off >> bits;
+        let end = (off + len - 1) >> bits;
+        let first = match last {
+            Some(l) if l >= first => l + 1,
+            _ => first,
+        };
+        if end >= first {
+            n += end - first + 1;
+        }
+        last = Some(last.map_or(end, |l| l.max(end)));
+    }
+    n
+}
+
+/// Write a sparse file's chunks. `copy(area, file_offset, len)` must write `len` bytes of
+/// segment data starting at `file_offset`; it is called in increasing offset order, and zeros
+/// between segments are written here.
+pub(crate) fn write_sparse<W: Write + Seek>(
+    area: &mut DataArea<W>,
+    plan: &ChunkPlan,
+    segments: &[(u64, u64)],
+    size: u64,
+    mut copy: impl FnMut(&mut DataArea<W>, u64, u64) -> Result<()>,
+) -> Result<Vec<ChunkIndex>> {
+    let c = 1u64 << plan.chunkbits;
+    let mut chunks = vec![ChunkIndex::HOLE; plan.count as usize];
+    let mut seg = segments.iter().filter(|s| s.1 > 0).peekable();
+    for &i in &plan.data_chunks {
+        let start = i * c;
+        let end = (start + c).min(size);
+        let blk = area.begin(end - start)?;
+        chunks[i as usize] = ChunkIndex {
+            device_id: 0,
+            blkaddr: blk,
+        };
+        let mut pos = start;
+        while pos < end {
+            match seg.peek() {
+                Some(&&(off, len)) if off < end => {
+                    if off > pos {
+                        area.write_zeros(off - pos)?;
+                        pos = off;
+                    }
+                    let seg_end = off + len;
+                    let take = seg_end.min(end) - pos;
+                    copy(area, pos, take)?;
+                    pos += take;
+                    if pos >= seg_end {
+                        seg.next();
+                    }
+                }
+                _ => {
+                    area.write_zeros(end - pos)?;
+                    pos = end;
+                }
+            }
+        }
+        area.end()?;
+    }
+    Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_plans() {
+        // One 4 KiB extent at 1 GiB in a 5 GiB file: big chunks, one data chunk.
+        let size = 5u64 << 30;
+        let p = plan_chunks(&[(1 << 30, 4096)], size, 12);
+        assert_eq!(p.data_chunks.len(), 1);
+        assert!(p.count * 8 < 1 << 20, "table too big: {}", p.count);
+        assert!(1u64 << p.chunkbits <= 1 << 20);
+        // Dense file: one chunk per block would cost; a single chunk stores everything.
+        let p = plan_chunks(&[(0, 100_000)], 100_000, 12);
+        assert_eq!(p.data_chunks.len() as u64, p.count);
+        // Empty sparse file: no data chunks.
+        let p = plan_chunks(&[(size, 0)], size, 12);
+        assert!(p.data_chunks.is_empty());
+    }
+
+    #[test]
+    fn count_merges_shared_chunks() {
+        assert_eq!(count_data_chunks(&[(0, 10), (20, 10)], 12), 1);
+        assert_eq!(count_data_chunks(&[(0, 10), (5000, 10)], 12), 2);
+        assert_eq!(count_data_chunks(&[(0, 8192)], 12), 2);
+    }
+}

@@ -1,0 +1,230 @@
+//! Tar-index images: an EROFS index with 512-byte blocks whose regular files are chunk tables
+//! pointing into the original tar, which is the index's extra device.
+//!
+//! The single-file form is `[index][tar]` with the device slot's unified address pointing just
+//! past the index, so the kernel mounts it with no options (flat device mode, Linux 6.4+). It
+//! is what containerd's differ produces with `mkfs.erofs --tar=i` followed by appending the tar.
+//! Here the tar is copied once, straight into the final file, while the index is built; the
+//! index is then put in front of it with `FALLOC_FL_INSERT_RANGE`, which moves no data on
+//! filesystems that support it (ext4, xfs), and with an in-place backward copy elsewhere.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+
+use super::tar::read_into_tree;
+use super::{BuildOptions, Summary, layout, write_superblock};
+use crate::error::{EntryError, Error, Result};
+use crate::format::{self, ChunkIndex, DeviceSlot, Superblock};
+use crate::tar::{Entry, TarReader};
+use crate::tree::{FileData, Tree};
+
+/// Block size of tar-index images: tar data is 512-byte aligned.
+pub const INDEX_BLOCK_SIZE: u32 = 512;
+const INDEX_BLKSZBITS: u8 = 9;
+/// The index is padded to this so the tar after it stays page-aligned (and so that
+/// `FALLOC_FL_INSERT_RANGE` accepts it on 4 KiB-block filesystems).
+const INDEX_ALIGN: usize = 4096;
+/// Device slot right after the superblock (`devt_slotoff` 9 = byte 1152), as mkfs.erofs does.
+const DEVT_SLOTOFF: u16 = 9;
+/// First inode after the superblock and the device slot (byte 1280, nid 40).
+const INDEX_META_START: u64 = 1280;
+
+/// A built tar index.
+#[derive(Debug)]
+pub struct TarIndex {
+    /// The index image (512-byte blocks, padded to 4 KiB). Its device slot points right after
+    /// itself, so `[index][tar]` mounts as one file; the index alone mounts with
+    /// `-o device=TAR`.
+    pub index: Vec<u8>,
+    /// Bytes of tar (the whole input, including anything after the end-of-archive marker).
+    pub tar_len: u64,
+    /// What was built.
+    pub summary: Summary,
+}
+
+struct Tee<R, W> {
+    r: R,
+    w: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.r.read(buf)?;
+        self.w.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+fn index_file(e: &Entry) -> Result<FileData> {
+    if e.sparse.is_some() {
+        return Err(Error::entry(&e.path, EntryError::SparseInIndex));
+    }
+    let size = e.size;
+    if size == 0 {
+        return Ok(FileData::Empty);
+    }
+    // One chunk per file when possible (chunks up to 2^40 bytes at 512-byte blocks).
+    let bits = (64 - (size - 1).leading_zeros())
+        .clamp(INDEX_BLKSZBITS as u32, INDEX_BLKSZBITS as u32 + 31);
+    let count = size.div_ceil(1u64 << bits);
+    let mut chunks = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let off = e.data_offset + (i << bits);
+        if !off.is_multiple_of(INDEX_BLOCK_SIZE as u64) {
+            return Err(Error::Unsupported("tar data not 512-byte aligned".into()));
+        }
+        let blk = u32::try_from(off / INDEX_BLOCK_SIZE as u64)
+            .ok()
+            .filter(|&b| b != format::NULL_ADDR)
+            .ok_or_else(|| {
+                Error::TooLarge("a tar index cannot address more than 2 TiB of tar".into())
+            })?;
+        chunks.push(ChunkIndex {
+            device_id: 1,
+            blkaddr: blk,
+        });
+    }
+    Ok(FileData::Chunks {
+        size,
+        chunkbits: bits as u8,
+        chunks,
+    })
+}
+
+/// Read a tar stream, copy every byte of it to `tar_out`, and build the index over it.
+pub fn tar_to_index<R: Read, W: Write>(
+    input: R,
+    tar_out: W,
+    opts: &BuildOptions,
+) -> Result<TarIndex> {
+    let mut reader = TarReader::new(Tee {
+        r: input,
+        w: tar_out,
+    });
+    let mut tree = Tree::new(opts.implicit_dir_meta());
+    read_into_tree(&mut reader, &mut tree, opts, &mut |_, e, _| index_file(e))?;
+    reader.drain()?;
+    reader
+        .get_mut()
+        .w
+        .flush()
+        .map_err(|e| Error::io("writing the tar", e))?;
+    let tar_len = reader.offset();
+    build_index(&mut tree, tar_len, opts)
+}
+
+fn build_index(tree: &mut Tree, tar_len: u64, opts: &BuildOptions) -> Result<TarIndex> {
+    tree.apply_overlay_xattrs();
+    let emitted = layout::emit(
+        tree,
+        layout::Params {
+            blkszbits: INDEX_BLKSZBITS,
+            meta_blkaddr: 0,
+            start: INDEX_META_START,
+        },
+    )?;
+    let mut bytes = emitted.bytes;
+    let len = bytes.len().next_multiple_of(INDEX_ALIGN);
+    bytes.resize(len, 0);
+    let index_blocks = (len / INDEX_BLOCK_SIZE as usize) as u32;
+    let tar_blocks = u32::try_from(tar_len.div_ceil(INDEX_BLOCK_SIZE as u64))
+        .map_err(|_| Error::TooLarge("tar larger than 2 TiB".into()))?;
+    let slot = DeviceSlot {
+        tag: [0; 64],
+        blocks: tar_blocks,
+        uniaddr: index_blocks,
+    };
+    let slot_at = DEVT_SLOTOFF as usize * format::DEVICE_SLOT_SIZE;
+    bytes[slot_at..slot_at + format::DEVICE_SLOT_SIZE].copy_from_slice(&slot.encode());
+    let mut feature_incompat = format::FEATURE_INCOMPAT_DEVICE_TABLE;
+    if emitted.chunked {
+        feature_incompat |= format::FEATURE_INCOMPAT_CHUNKED_FILE;
+    }
+    let sb = Superblock {
+        magic: format::MAGIC,
+        feature_compat: format::FEATURE_COMPAT_SB_CHKSUM | format::FEATURE_COMPAT_MTIME,
+        blkszbits: INDEX_BLKSZBITS,
+        root_nid: emitted.root_nid,
+        inos: emitted.inodes,
+        epoch: emitted.epoch,
+        fixed_nsec: emitted.fixed_nsec,
+        blocks: index_blocks,
+        meta_blkaddr: 0,
+        uuid: opts.uuid,
+        feature_incompat,
+        extra_devices: 1,
+        devt_slotoff: DEVT_SLOTOFF,
+        ..Default::default()
+    };
+    write_superblock(&mut bytes, sb, INDEX_BLOCK_SIZE);
+    Ok(TarIndex {
+        index: bytes,
+        tar_len,
+        summary: Summary {
+            block_size: INDEX_BLOCK_SIZE,
+            blocks: index_blocks as u64,
+            inodes: emitted.inodes,
+            input_bytes: tar_len,
+            uuid: opts.uuid,
+        },
+    })
+}
+
+/// Build the single-file form `[index][tar]` in `file` (which must be empty and opened for
+/// reading and writing): the tar is streamed into the file once, then the index is placed in
+/// front of it.
+pub fn tar_to_index_file<R: Read>(input: R, file: &File, opts: &BuildOptions) -> Result<Summary> {
+    let out = BufWriter::with_capacity(1 << 20, file);
+    let idx = tar_to_index(input, out, opts)?;
+    insert_front(file, &idx.index, idx.tar_len)?;
+    Ok(idx.summary)
+}
+
+fn insert_front(file: &File, index: &[u8], tar_len: u64) -> Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    let len = index.len() as u64;
+    let inserted = tar_len > 0
+        && match fallocate(file, FallocateFlags::INSERT_RANGE, 0, len) {
+            Ok(()) => true,
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::INVAL => false,
+            Err(e) => return Err(Error::io("making room for the tar index", e.into())),
+        };
+    if !inserted {
+        shift_forward(file, tar_len, len)
+            .map_err(|e| Error::io("moving the tar after its index", e))?;
+    }
+    file.write_all_at(index, 0)
+        .map_err(|e| Error::io("writing the tar index", e))
+}
+
+/// Move `[0, len)` of `file` to `[by, by + len)`, copying backwards so nothing is overwritten
+/// before it is read.
+fn shift_forward(file: &File, len: u64, by: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut end = len;
+    while end > 0 {
+        let k = (buf.len() as u64).min(end);
+        let start = end - k;
+        file.read_exact_at(&mut buf[..k as usize], start)?;
+        file.write_all_at(&buf[..k as usize], start + by)?;
+        end = start;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shift_forward_moves_bytes() {
+        let f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        f.write_all_at(&data, 0).unwrap();
+        shift_forward(&f, data.len() as u64, 4096).unwrap();
+        let mut back = vec![0u8; data.len()];
+        f.read_exact_at(&mut back, 4096).unwrap();
+        assert_eq!(back, data);
+    }
+}

@@ -1,0 +1,219 @@
+//! Building EROFS images from tar streams and directories.
+//!
+//! Full images stream file data into the image as it arrives (block-aligned, from the block
+//! after the superblock) and lay the metadata out after the data once the input is exhausted;
+//! only metadata and inline tails are held in memory. Tar-index images write no file data at
+//! all: regular files become chunk tables pointing into the tar, which follows the index as an
+//! extra device (one file `[index][tar]`, or two files).
+
+mod data;
+mod dir;
+mod index;
+mod layout;
+mod tar;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+
+pub use dir::dir_to_image;
+pub use index::{TarIndex, tar_to_index, tar_to_index_file};
+
+use crate::error::{Error, Result};
+use crate::format::{self, Superblock};
+use crate::tree::{Meta, Tree};
+use data::DataArea;
+
+/// How to build an image.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Block size of full images (512..=4096, a power of two). Tar-index images always use 512.
+    pub block_size: u32,
+    /// Store the last partial block of small enough regular files right after their inode
+    /// (tail packing). Off gives containerd's `-Enoinline_data` layout, where file data stays
+    /// block-aligned. Directories and symlinks are inlined either way.
+    pub inline_data: bool,
+    /// Filesystem UUID.
+    pub uuid: [u8; 16],
+    /// Image timestamp (`-T`): the mtime of directories the builder creates itself.
+    pub timestamp: Option<i64>,
+    /// With a timestamp, give every inode that mtime (mkfs.erofs's default when `-T` is given
+    /// without `--mkfs-time`).
+    pub all_time: bool,
+    /// Translate OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`) into overlayfs whiteouts and opaque
+    /// directories (`mkfs.erofs --aufs`).
+    pub oci_whiteouts: bool,
+    /// Refuse to write an image larger than this.
+    pub max_image_size: Option<u64>,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            block_size: 4096,
+            inline_data: true,
+            uuid: [0; 16],
+            timestamp: None,
+            all_time: false,
+            oci_whiteouts: false,
+            max_image_size: None,
+        }
+    }
+}
+
+impl BuildOptions {
+    /// Check the options.
+    pub fn validate(&self) -> Result<()> {
+        if !self.block_size.is_power_of_two() || !(512..=4096).contains(&self.block_size) {
+            return Err(Error::InvalidOption(format!(
+                "block size {} must be a power of two between 512 and 4096",
+                self.block_size
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn blkszbits(&self) -> u8 {
+        self.block_size.trailing_zeros() as u8
+    }
+
+    /// Attributes of directories the builder creates (root without a `./` entry, implicit
+    /// parents): 0755, root-owned, at the image timestamp.
+    pub(crate) fn implicit_dir_meta(&self) -> Meta {
+        Meta {
+            mode: format::mode::S_IFDIR | 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: self.timestamp.unwrap_or(0),
+            mtime_nsec: 0,
+        }
+    }
+
+    /// The mtime an entry gets.
+    pub(crate) fn mtime(&self, mtime: i64, nsec: u32) -> (i64, u32) {
+        match self.timestamp {
+            Some(t) if self.all_time => (t, 0),
+            _ => (mtime, nsec),
+        }
+    }
+
+    fn max_blocks(&self, bs: u32) -> u64 {
+        let cap = format::NULL_ADDR as u64 - 1;
+        self.max_image_size
+            .map_or(cap, |m| (m / bs as u64).min(cap))
+    }
+}
+
+/// What a build produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Block size.
+    pub block_size: u32,
+    /// Blocks in the primary image (the index, for tar-index images).
+    pub blocks: u64,
+    /// Inodes in the image.
+    pub inodes: u64,
+    /// Bytes of input consumed (the uncompressed tar, for tar input).
+    pub input_bytes: u64,
+    /// Filesystem UUID.
+    pub uuid: [u8; 16],
+}
+
+/// First block usable for data: the one after the superblock.
+fn first_data_block(bs: u32) -> u64 {
+    (format::SUPER_OFFSET + format::SUPERBLOCK_SIZE as u64).div_ceil(bs as u64)
+}
+
+/// Convert a tar stream (already decompressed; see [`crate::compression`]) into a full image.
+/// File data is copied into `output` as it is read; the metadata follows the data.
+pub fn tar_to_image<R: Read, W: Write + Seek>(
+    input: R,
+    output: W,
+    opts: &BuildOptions,
+) -> Result<Summary> {
+    opts.validate()?;
+    let bs = opts.block_size;
+    let mut reader = crate::tar::TarReader::new(input);
+    let mut area = DataArea::new(output, bs, first_data_block(bs), opts.max_blocks(bs))?;
+    let mut tree = Tree::new(opts.implicit_dir_meta());
+    tar::read_into_tree(&mut reader, &mut tree, opts, &mut |r, e, xattr_len| {
+        tar::write_full(&mut area, r, e, xattr_len, opts)
+    })?;
+    reader.drain()?;
+    let (out, data_end) = area.finish()?;
+    finish_full(out, &mut tree, data_end, opts, reader.offset())
+}
+
+/// Lay out the metadata after the data and write it with the superblock.
+pub(crate) fn finish_full<W: Write + Seek>(
+    mut out: W,
+    tree: &mut Tree,
+    data_end: u64,
+    opts: &BuildOptions,
+    input_bytes: u64,
+) -> Result<Summary> {
+    let bs = opts.block_size as u64;
+    tree.apply_overlay_xattrs();
+    let meta_blkaddr = u32::try_from(data_end)
+        .map_err(|_| Error::TooLarge("data area exceeds 2^32 blocks".into()))?;
+    let emitted = layout::emit(
+        tree,
+        layout::Params {
+            blkszbits: opts.blkszbits(),
+            meta_blkaddr,
+            // nid 0 stays unused: glibc treats d_ino 0 as a deleted entry.
+            start: format::INODE_SLOT_SIZE,
+        },
+    )?;
+    if emitted.end_block > opts.max_blocks(opts.block_size) {
+        return Err(Error::TooLarge(format!(
+            "image would be {} bytes, over the limit",
+            emitted.end_block * bs
+        )));
+    }
+    let wr = |e| Error::io("writing the image", e);
+    out.seek(SeekFrom::Start(meta_blkaddr as u64 * bs))
+        .map_err(wr)?;
+    out.write_all(&emitted.bytes).map_err(wr)?;
+
+    let mut feature_incompat = 0;
+    if emitted.chunked {
+        feature_incompat |= format::FEATURE_INCOMPAT_CHUNKED_FILE;
+    }
+    let sb = Superblock {
+        magic: format::MAGIC,
+        feature_compat: format::FEATURE_COMPAT_SB_CHKSUM | format::FEATURE_COMPAT_MTIME,
+        blkszbits: opts.blkszbits(),
+        root_nid: emitted.root_nid,
+        inos: emitted.inodes,
+        epoch: emitted.epoch,
+        fixed_nsec: emitted.fixed_nsec,
+        blocks: emitted.end_block as u32,
+        meta_blkaddr,
+        uuid: opts.uuid,
+        feature_incompat,
+        ..Default::default()
+    };
+    let head_len = first_data_block(opts.block_size) * bs;
+    let mut head = vec![0u8; head_len as usize];
+    write_superblock(&mut head, sb, opts.block_size);
+    out.seek(SeekFrom::Start(0)).map_err(wr)?;
+    out.write_all(&head).map_err(wr)?;
+    out.flush().map_err(wr)?;
+    Ok(Summary {
+        block_size: opts.block_size,
+        blocks: emitted.end_block,
+        inodes: emitted.inodes,
+        input_bytes,
+        uuid: opts.uuid,
+    })
+}
+
+/// Put the superblock into `image_start` (which begins at byte 0 of the image and covers the
+/// checksummed range) and compute its checksum over what is there.
+pub(crate) fn write_superblock(image_start: &mut [u8], mut sb: Superblock, block_size: u32) {
+    let off = format::SUPER_OFFSET as usize;
+    sb.checksum = 0;
+    image_start[off..off + format::SUPERBLOCK_SIZE].copy_from_slice(&sb.encode());
+    let len = format::checksum_len(block_size);
+    let crc = format::superblock_checksum(&image_start[off..off + len]);
+    image_start[off + 4..off + 8].copy_from_slice(&crc.to_le_bytes());
+}

@@ -1,0 +1,174 @@
+//! Tar entries into the tree, with OCI layer semantics.
+
+use std::io::{Read, Seek, Write};
+
+use super::BuildOptions;
+use super::data::{self, DataArea};
+use crate::error::{EntryError, Error, Result};
+use crate::format::{self, NULL_ADDR, mode};
+use crate::tar::{Entry, EntryKind, TarReader};
+use crate::tree::{Body, FileData, Meta, Node, Tree, Xattr, split_path, storable_xattr};
+
+/// Produces a regular file's [`FileData`] from the reader positioned at its data. The last
+/// argument is the size of the file's inline xattr body.
+pub(crate) type FileSink<'a, R> =
+    dyn FnMut(&mut TarReader<R>, &Entry, usize) -> Result<FileData> + 'a;
+
+/// Keep the xattrs EROFS can store (dropping others with a warning, as mkfs.erofs does) and
+/// check that they fit.
+pub(crate) fn checked_xattrs(
+    path: &[u8],
+    xattrs: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+) -> Result<(Vec<Xattr>, usize)> {
+    let mut out: Vec<Xattr> = Vec::new();
+    for (k, v) in xattrs {
+        if !storable_xattr(&k) {
+            tracing::warn!(entry = %String::from_utf8_lossy(path), xattr = %String::from_utf8_lossy(&k), "dropping xattr EROFS cannot store");
+            continue;
+        }
+        out.push((k.into(), v.into()));
+    }
+    let body = super::layout::encode_xattrs(&out).map_err(|e| Error::entry(path, e))?;
+    Ok((out, body.len()))
+}
+
+/// Read every entry of `tar` into `tree`.
+pub(crate) fn read_into_tree<R: Read>(
+    tar: &mut TarReader<R>,
+    tree: &mut Tree,
+    opts: &BuildOptions,
+    file_sink: &mut FileSink<'_, R>,
+) -> Result<()> {
+    while let Some(entry) = tar.next_entry()? {
+        let path = entry.path.as_slice();
+        let (mtime, mtime_nsec) = opts.mtime(entry.mtime, entry.mtime_nsec);
+        let type_bits = match entry.kind {
+            EntryKind::Regular | EntryKind::Hardlink => mode::S_IFREG,
+            EntryKind::Symlink => mode::S_IFLNK,
+            EntryKind::Char => mode::S_IFCHR,
+            EntryKind::Block => mode::S_IFBLK,
+            EntryKind::Directory => mode::S_IFDIR,
+            EntryKind::Fifo => mode::S_IFIFO,
+        };
+        let meta = Meta {
+            mode: type_bits | entry.mode,
+            uid: entry.uid,
+            gid: entry.gid,
+            mtime,
+            mtime_nsec,
+        };
+
+        if opts.oci_whiteouts && !path.is_empty() {
+            let (parent, base) = split_path(path);
+            if base == b".wh..wh..opq" {
+                tree.set_opaque(parent)?;
+                continue;
+            }
+            if base.starts_with(b".wh..wh.") {
+                // AUFS internals (.wh..wh.plnk, .wh..wh.aufs) describe nothing in the layer.
+                continue;
+            }
+            if let Some(name) = base.strip_prefix(b".wh.") {
+                if name.is_empty() || name == b"." || name == b".." {
+                    return Err(Error::entry(path, EntryError::UnsupportedType));
+                }
+                tree.whiteout(parent, name, meta)?;
+                continue;
+            }
+        }
+
+        let (xattrs, xattr_len) = checked_xattrs(path, entry.xattrs.iter().cloned())?;
+        let body = match entry.kind {
+            EntryKind::Hardlink => {
+                tree.link(path, &entry.link)?;
+                continue;
+            }
+            EntryKind::Directory => Body::Dir(Default::default()),
+            EntryKind::Regular => Body::File(file_sink(tar, &entry, xattr_len)?),
+            EntryKind::Symlink => Body::Symlink(entry.link.clone().into()),
+            EntryKind::Char | EntryKind::Block => {
+                Body::Device(format::encode_rdev(entry.devmajor, entry.devminor))
+            }
+            EntryKind::Fifo => Body::Special,
+        };
+        tree.put(
+            path,
+            Node {
+                meta,
+                xattrs,
+                body,
+                opaque: false,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn copy_data<R: Read, W: Write + Seek>(
+    area: &mut DataArea<W>,
+    tar: &mut TarReader<R>,
+    mut n: u64,
+) -> Result<()> {
+    while n > 0 {
+        let chunk = tar.data_chunk()?;
+        let k = (chunk.len() as u64).min(n) as usize;
+        area.write(&chunk[..k])?;
+        tar.consume(k);
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// Full image: copy the file's data into the data area now.
+pub(crate) fn write_full<R: Read, W: Write + Seek>(
+    area: &mut DataArea<W>,
+    tar: &mut TarReader<R>,
+    entry: &Entry,
+    xattr_len: usize,
+    opts: &BuildOptions,
+) -> Result<FileData> {
+    let bs = opts.block_size as u64;
+    let size = entry.file_size;
+    if let Some(map) = &entry.sparse {
+        let plan = data::plan_chunks(map, size, opts.blkszbits());
+        let chunks = data::write_sparse(area, &plan, map, size, |a, _, n| copy_data(a, tar, n))
+            .map_err(|e| e.in_entry(&entry.path))?;
+        return Ok(FileData::Chunks {
+            size,
+            chunkbits: plan.chunkbits,
+            chunks,
+        });
+    }
+    if size == 0 {
+        return Ok(FileData::Empty);
+    }
+    let tail = size % bs;
+    // A tail is inlined only when it is sure to fit beside the largest inode and its xattrs.
+    if opts.inline_data
+        && tail != 0
+        && (format::EXTENDED_INODE_SIZE + xattr_len) as u64 + tail <= bs
+    {
+        let full = size - tail;
+        let blkaddr = if full > 0 {
+            let b = area.begin(full)?;
+            copy_data(area, tar, full).map_err(|e| e.in_entry(&entry.path))?;
+            area.end()?;
+            b
+        } else {
+            NULL_ADDR
+        };
+        let mut t = vec![0u8; tail as usize];
+        if tar.read_data(&mut t)? != t.len() {
+            return Err(Error::entry(&entry.path, EntryError::ChangedWhileReading));
+        }
+        return Ok(FileData::Tail {
+            blkaddr,
+            size,
+            tail: t.into(),
+        });
+    }
+    let blkaddr = area.begin(size)?;
+    copy_data(area, tar, size).map_err(|e| e.in_entry(&entry.path))?;
+    area.end()?;
+    Ok(FileData::Blocks { blkaddr, size })
+}

@@ -1,0 +1,30 @@
+//! EROFS images without erofs-utils: build them from tar streams (full images and tar
+//! indexes) and from directories, read them in userspace, and check them.
+//!
+//! This crate knows nothing of containerd or snapshots. It reads and writes bytes through the
+//! readers and writers it is given; the one exception is [`builder::tar_to_index_file`], which
+//! needs a real file to put the index in front of the tar without copying it.
+//!
+//! * [`tar`]: a streaming tar reader (ustar, GNU, PAX) and writer.
+//! * [`compression`]: gzip/zstd detection and decompression with a bomb guard.
+//! * [`builder`]: tar or directory to EROFS; OCI whiteouts become overlayfs whiteouts.
+//! * [`reader`]: stat, readdir, read, xattrs and path lookup on an image.
+//! * [`check`]: verify every invariant the kernel relies on, reporting each problem.
+//! * [`format`]: the on-disk structures.
+#![forbid(unsafe_code)]
+
+pub mod builder;
+pub mod check;
+pub mod compression;
+pub mod debug;
+pub mod error;
+pub mod format;
+pub mod reader;
+pub mod tar;
+pub mod tree;
+
+pub use builder::{
+    BuildOptions, Summary, dir_to_image, tar_to_image, tar_to_index, tar_to_index_file,
+};
+pub use error::{Error, Result};
+pub use reader::{Image, Inode, ReadAt};

@@ -1,0 +1,132 @@
+//! Command-line arguments. Doc comments here are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// containerd EROFS snapshotter and differ, and EROFS image tools.
+///
+/// `serve` runs the daemon containerd talks to as a proxy plugin. The other commands build,
+/// inspect and check EROFS images without erofs-utils and without mounting them.
+#[derive(Debug, Parser)]
+#[command(name = "erofs-snapshotter", version, propagate_version = true)]
+pub struct Cli {
+    /// Log debug messages (or set EROFS_SNAPSHOTTER_LOG, e.g. "info" or "erofs_image=debug").
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build an EROFS image from a directory or a tar stream (like mkfs.erofs).
+    Mkfs(MkfsArgs),
+    /// Check an image: every invariant the kernel relies on; exit status 1 on any error.
+    Fsck(FsckArgs),
+    /// List a directory of an image.
+    Ls(LsArgs),
+    /// Write a file of an image to standard output.
+    Cat(PathArgs),
+    /// Show an inode of an image.
+    Stat(PathArgs),
+    /// Print the superblock and every inode of an image.
+    Dump(ImageArgs),
+}
+
+/// Tar modes, as in mkfs.erofs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TarMode {
+    /// Full image: file data is copied into the image (4096-byte blocks by default).
+    F,
+    /// Tar index: a small index in front of the original tar bytes (512-byte blocks).
+    I,
+}
+
+#[derive(Debug, Args)]
+pub struct MkfsArgs {
+    /// The image to write. It appears only when the build succeeded.
+    pub image: PathBuf,
+    /// A directory, or with --tar a tar file (plain, gzip or zstd, detected) or `-` for stdin.
+    pub source: PathBuf,
+    /// Read SOURCE as a tar stream: `--tar=f` (or `--tar`) for a full image, `--tar=i` for a
+    /// tar index (one file `[index][tar]` that mounts with no options).
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "f")]
+    pub tar: Option<TarMode>,
+    /// Translate OCI/AUFS whiteouts (`.wh.NAME`, `.wh..wh..opq`) into overlayfs whiteouts
+    /// and opaque directories, as container layers need.
+    #[arg(long)]
+    pub aufs: bool,
+    /// Extended options, comma-separated: `inline_data` (default) or `noinline_data` /
+    /// `^inline_data` (keep regular-file data block-aligned, as containerd asks).
+    #[arg(short = 'E', value_name = "OPTS")]
+    pub extended: Vec<String>,
+    /// Image timestamp in seconds. Without --mkfs-time every inode gets this mtime.
+    #[arg(short = 'T', value_name = "SECONDS", allow_hyphen_values = true)]
+    pub timestamp: Option<i64>,
+    /// With -T, use the timestamp only for the image and synthesized directories; keep the
+    /// files' own mtimes.
+    #[arg(long)]
+    pub mkfs_time: bool,
+    /// Filesystem UUID: a UUID, `clear` (all zeros) or `random` (the default).
+    #[arg(short = 'U', value_name = "UUID")]
+    pub uuid: Option<String>,
+    /// Block size of full images (512, 1024, 2048 or 4096).
+    #[arg(short = 'b', value_name = "BYTES", default_value_t = 4096)]
+    pub block_size: u32,
+    /// Data order (accepted for mkfs.erofs compatibility; data is always in input order).
+    #[arg(long, value_name = "none|path")]
+    pub sort: Option<String>,
+    /// Tar index only: write just the index to IMAGE and the (decompressed) tar to this file;
+    /// mount with `-o device=FILE`.
+    #[arg(long, value_name = "FILE", requires = "tar")]
+    pub tar_out: Option<PathBuf>,
+    /// Refuse to produce an image larger than this many bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_size: Option<u64>,
+    /// No progress output.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// The image.
+    pub image: PathBuf,
+    /// An extra device (blob) of a multi-device image, in device-table order; repeatable.
+    /// Without it, extra devices are read from the image itself (the `[index][tar]` form).
+    #[arg(long = "device", value_name = "BLOB")]
+    pub devices: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct FsckArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Also print warnings.
+    #[arg(long)]
+    pub warnings: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Directory to list (default `/`).
+    #[arg(default_value = "/")]
+    pub path: String,
+    /// Long format: mode, links, owner, size, mtime.
+    #[arg(short = 'l')]
+    pub long: bool,
+    /// List recursively.
+    #[arg(short = 'R')]
+    pub recursive: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PathArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Path inside the image.
+    pub path: String,
+}

@@ -1,0 +1,176 @@
+//! `mkfs`: directory or tar stream to an EROFS image.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use erofs_image::compression::{BombGuard, Decompressed};
+use erofs_image::{BuildOptions, Summary};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::{MkfsArgs, TarMode};
+use crate::output::PendingFile;
+
+/// Parse `-U`: a UUID, `clear` or `random`.
+pub fn parse_uuid(s: Option<&str>) -> anyhow::Result<[u8; 16]> {
+    Ok(match s {
+        None | Some("random") => *uuid::Uuid::new_v4().as_bytes(),
+        Some("clear") => [0; 16],
+        Some(u) => *uuid::Uuid::parse_str(u)
+            .with_context(|| format!("invalid UUID {u:?} (expected a UUID, `clear` or `random`)"))?
+            .as_bytes(),
+    })
+}
+
+fn options(a: &MkfsArgs) -> anyhow::Result<BuildOptions> {
+    let mut opts = BuildOptions {
+        block_size: a.block_size,
+        timestamp: a.timestamp,
+        all_time: a.timestamp.is_some() && !a.mkfs_time,
+        oci_whiteouts: a.aufs,
+        max_image_size: a.max_size,
+        uuid: parse_uuid(a.uuid.as_deref())?,
+        ..Default::default()
+    };
+    for e in a
+        .extended
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        match e {
+            "inline_data" => opts.inline_data = true,
+            "noinline_data" | "^inline_data" => opts.inline_data = false,
+            other => bail!(
+                "unsupported extended option -E{other} (supported: inline_data, noinline_data)"
+            ),
+        }
+    }
+    if let Some(s) = &a.sort
+        && s != "none"
+        && s != "path"
+    {
+        bail!("unsupported --sort={s} (supported: none, path)");
+    }
+    opts.validate()?;
+    Ok(opts)
+}
+
+/// Counts bytes into a progress bar.
+struct Progress<R> {
+    inner: R,
+    bar: ProgressBar,
+}
+
+impl<R: Read> Read for Progress<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+fn progress_bar(total: Option<u64>, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    match total {
+        Some(t) => ProgressBar::new(t).with_style(
+            ProgressStyle::with_template(
+                "{spinner} {bytes}/{total_bytes} read ({bytes_per_sec}, {eta} left) {wide_bar}",
+            )
+            .expect("valid template"),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {bytes} read ({bytes_per_sec})")
+                .expect("valid template"),
+        ),
+    }
+}
+
+/// Open a tar source (`-` = stdin), decompressing gzip or zstd.
+fn open_tar(source: &Path, bar: &ProgressBar) -> anyhow::Result<Decompressed> {
+    let raw: Box<dyn Read + Send> = if source == Path::new("-") {
+        Box::new(io::stdin())
+    } else {
+        let f = File::open(source).with_context(|| format!("opening {}", source.display()))?;
+        if let Ok(md) = f.metadata()
+            && md.is_file()
+        {
+            bar.set_length(md.len());
+        }
+        Box::new(f)
+    };
+    Decompressed::new(
+        Progress {
+            inner: raw,
+            bar: bar.clone(),
+        },
+        BombGuard::default(),
+    )
+    .with_context(|| format!("reading {}", source.display()))
+}
+
+pub fn run(a: MkfsArgs) -> anyhow::Result<ExitCode> {
+    let opts = options(&a)?;
+    let bar = progress_bar(None, a.quiet);
+    let mut image =
+        PendingFile::create(&a.image).with_context(|| format!("creating {}", a.image.display()))?;
+    let summary: Summary = match a.tar {
+        None => {
+            if a.source == Path::new("-") {
+                bail!("a directory source cannot be `-`; use --tar to read a tar stream");
+            }
+            erofs_image::dir_to_image(&a.source, &mut image.file, &opts).with_context(|| {
+                format!("building {} from {}", a.image.display(), a.source.display())
+            })?
+        }
+        Some(TarMode::F) => {
+            let input = open_tar(&a.source, &bar)?;
+            erofs_image::tar_to_image(input, &mut image.file, &opts)
+                .with_context(|| format!("converting {}", a.source.display()))?
+        }
+        Some(TarMode::I) => {
+            let input = open_tar(&a.source, &bar)?;
+            match &a.tar_out {
+                Some(tar_out) => {
+                    let tar = PendingFile::create(tar_out)
+                        .with_context(|| format!("creating {}", tar_out.display()))?;
+                    let idx = erofs_image::tar_to_index(
+                        input,
+                        BufWriter::with_capacity(1 << 20, &tar.file),
+                        &opts,
+                    )
+                    .with_context(|| format!("indexing {}", a.source.display()))?;
+                    image
+                        .file
+                        .write_all_at(&idx.index, 0)
+                        .context("writing the index")?;
+                    tar.commit().context("saving the tar")?;
+                    idx.summary
+                }
+                None => erofs_image::tar_to_index_file(input, &image.file, &opts)
+                    .with_context(|| format!("indexing {}", a.source.display()))?,
+            }
+        }
+    };
+    image.file.flush()?;
+    image
+        .commit()
+        .with_context(|| format!("saving {}", a.image.display()))?;
+    bar.finish_and_clear();
+    if !a.quiet {
+        eprintln!(
+            "{}: {} inodes, {} blocks of {} bytes, uuid {}",
+            a.image.display(),
+            summary.inodes,
+            summary.blocks,
+            summary.block_size,
+            uuid::Uuid::from_bytes(summary.uuid)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,20 @@
+//! One module per command; each takes its parsed arguments and returns the exit status.
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+
+mod fsck;
+mod inspect;
+mod mkfs;
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Mkfs(a) => mkfs::run(a),
+        Command::Fsck(a) => fsck::run(a),
+        Command::Ls(a) => inspect::ls(a),
+        Command::Cat(a) => inspect::cat(a),
+        Command::Stat(a) => inspect::stat(a),
+        Command::Dump(a) => inspect::dump(a),
+    }
+}

@@ -1,0 +1,1 @@
+//! containerd snapshotter core (skeleton).
