@@ -20,6 +20,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: containerd's Snapshots (and Diff) services on a Unix socket.
+    Serve(ServeArgs),
     /// Build an EROFS image from a directory or a tar stream (like mkfs.erofs).
     Mkfs(MkfsArgs),
     /// Check an image: every invariant the kernel relies on; exit status 1 on any error.
@@ -32,6 +34,26 @@ pub enum Command {
     Stat(PathArgs),
     /// Print the superblock and every inode of an image.
     Dump(ImageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML). Without it the defaults apply: root
+    /// /var/lib/erofs-snapshotter, socket /run/erofs-snapshotter/snapshotter.sock.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Tar modes, as in mkfs.erofs.

@@ -225,10 +225,33 @@ pub fn attach(backing: &Path, direct_io: bool) -> Result<LoopDevice, LoopError> 
     attach_fd(file.as_fd(), direct_io)
 }
 
+/// Attaches `backing` read-write to a free loop device, with autoclear (for writable ext4
+/// images of size-limited snapshots).
+pub fn attach_rw(backing: &Path) -> Result<LoopDevice, LoopError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(backing)
+        .map_err(|source| LoopError::Open {
+            path: backing.to_owned(),
+            source,
+        })?;
+    attach_with(file.as_fd(), false, false)
+}
+
 /// Like [`attach`], for an already open backing file.
 ///
 /// The device is read-only whatever the mode `backing` was opened with.
 pub fn attach_fd(backing: BorrowedFd<'_>, direct_io: bool) -> Result<LoopDevice, LoopError> {
+    attach_with(backing, direct_io, true)
+}
+
+fn attach_with(
+    backing: BorrowedFd<'_>,
+    direct_io: bool,
+    read_only: bool,
+) -> Result<LoopDevice, LoopError> {
     let control_path = Path::new(LOOP_CONTROL);
     let control = OpenOptions::new()
         .read(true)
@@ -249,7 +272,20 @@ pub fn attach_fd(backing: BorrowedFd<'_>, direct_io: bool) -> Result<LoopDevice,
             source: e.into(),
         })?;
         let path = PathBuf::from(format!("/dev/loop{number}"));
-        let device = match open_ro(&path) {
+        let opened = if read_only {
+            open_ro(&path)
+        } else {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|source| LoopError::Open {
+                    path: path.clone(),
+                    source,
+                })
+        };
+        let device = match opened {
             Ok(device) => device,
             // The node may not exist yet (devtmpfs creates it right after
             // the device is added) or may already be going away again.
@@ -261,7 +297,7 @@ pub fn attach_fd(backing: BorrowedFd<'_>, direct_io: bool) -> Result<LoopDevice,
             }
             Err(e) => return Err(e),
         };
-        match bind(&device, backing, direct_io) {
+        match bind(&device, backing, direct_io, read_only) {
             Ok(()) => {
                 return Ok(LoopDevice {
                     path,
@@ -290,8 +326,12 @@ fn bind(
     device: &File,
     backing: BorrowedFd<'_>,
     direct_io: bool,
+    read_only: bool,
 ) -> Result<(), (&'static str, Errno)> {
-    let mut flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+    let mut flags = LO_FLAGS_AUTOCLEAR;
+    if read_only {
+        flags |= LO_FLAGS_READ_ONLY;
+    }
     if direct_io {
         flags |= LO_FLAGS_DIRECT_IO;
     }
@@ -453,7 +493,7 @@ mod tests {
         let backing = File::open(&path).unwrap();
         let again = open_ro(dev.path()).unwrap();
         assert_eq!(
-            bind(&again, backing.as_fd(), false).unwrap_err(),
+            bind(&again, backing.as_fd(), false, true).unwrap_err(),
             ("LOOP_CONFIGURE", Errno::BUSY)
         );
         assert_eq!(

@@ -1,1 +1,12 @@
-//! grpc (skeleton).
+//! gRPC adapters: containerd's `Snapshots` and `Diff` services over [`snapshotter`], served on
+//! a Unix socket, and a client of containerd's `Content` service for the differ.
+//!
+//! Every method converts the request, calls the core on a blocking thread, maps the error to
+//! the status code containerd expects, and converts the reply. There is no logic here.
+
+pub mod convert;
+pub mod serve;
+pub mod snapshots;
+pub mod status;
+
+pub use serve::{ServeError, serve};

@@ -7,9 +7,11 @@ use crate::cli::{Cli, Command};
 mod fsck;
 mod inspect;
 mod mkfs;
+mod serve;
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve(a) => serve::run(a),
         Command::Mkfs(a) => mkfs::run(a),
         Command::Fsck(a) => fsck::run(a),
         Command::Ls(a) => inspect::ls(a),

@@ -1,0 +1,62 @@
+//! `serve`: the daemon.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use snapshotter::mount::SystemMounter;
+use snapshotter::{Config, Snapshotter};
+
+use crate::cli::ServeArgs;
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
+    }
+}
+
+pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => {
+            let c = Config::default();
+            c.validate()?;
+            c
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("erofs-snapshotter")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let open_cfg = cfg.clone();
+        let core = tokio::task::spawn_blocking(move || {
+            Snapshotter::open(open_cfg, Arc::new(SystemMounter::default()))
+        })
+        .await?
+        .with_context(|| format!("opening the snapshotter at {}", cfg.root_path.display()))?;
+        let core = Arc::new(core);
+        let listener =
+            erofs_grpc::serve::bind(&cfg.address, cfg.socket_mode_bits(), cfg.socket_gid).await?;
+        tracing::info!(
+            socket = %cfg.address.display(),
+            root = %cfg.root_path.display(),
+            mount_mode = ?cfg.mount_mode,
+            fsverity = core.fsverity_enabled(),
+            capabilities = ?core.capabilities(),
+            "serving containerd.services.snapshots.v1.Snapshots"
+        );
+        erofs_grpc::serve(core.clone(), listener, shutdown_signal()).await?;
+        let _ = std::fs::remove_file(&cfg.address);
+        // Dropping the last reference closes the store.
+        drop(core);
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

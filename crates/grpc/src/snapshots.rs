@@ -1,0 +1,157 @@
+//! `containerd.services.snapshots.v1.Snapshots` over the core.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use containerd_api::containerd::services::snapshots::v1 as pb;
+use containerd_api::containerd::services::snapshots::v1::snapshots_server::Snapshots;
+use futures::Stream;
+use snapshotter::Snapshotter;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::status::{blocking, missing};
+
+/// containerd's reference server streams List in batches of this many.
+const LIST_BATCH: usize = 100;
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct SnapshotsService {
+    core: Arc<Snapshotter>,
+}
+
+impl SnapshotsService {
+    /// Serve `core`.
+    pub fn new(core: Arc<Snapshotter>) -> Self {
+        SnapshotsService { core }
+    }
+}
+
+fn mounts(m: Vec<snapshotter::Mount>) -> Vec<containerd_api::containerd::types::Mount> {
+    m.into_iter().map(convert::mount).collect()
+}
+
+#[tonic::async_trait]
+impl Snapshots for SnapshotsService {
+    async fn prepare(
+        &self,
+        req: Request<pb::PrepareSnapshotRequest>,
+    ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let core = self.core.clone();
+        let m = blocking(move || core.prepare(&r.key, &r.parent, r.labels.into_iter().collect()))
+            .await?;
+        Ok(Response::new(pb::PrepareSnapshotResponse {
+            mounts: mounts(m),
+        }))
+    }
+
+    async fn view(
+        &self,
+        req: Request<pb::ViewSnapshotRequest>,
+    ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let core = self.core.clone();
+        let m =
+            blocking(move || core.view(&r.key, &r.parent, r.labels.into_iter().collect())).await?;
+        Ok(Response::new(pb::ViewSnapshotResponse {
+            mounts: mounts(m),
+        }))
+    }
+
+    async fn mounts(
+        &self,
+        req: Request<pb::MountsRequest>,
+    ) -> Result<Response<pb::MountsResponse>, Status> {
+        let r = req.into_inner();
+        let core = self.core.clone();
+        let m = blocking(move || core.mounts(&r.key)).await?;
+        Ok(Response::new(pb::MountsResponse { mounts: mounts(m) }))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<pb::CommitSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        let r = req.into_inner();
+        let core = self.core.clone();
+        blocking(move || core.commit(&r.name, &r.key, r.labels.into_iter().collect(), &r.parent))
+            .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<pb::RemoveSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
+        let r = req.into_inner();
+        let core = self.core.clone();
+        blocking(move || core.remove(&r.key)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat(
+        &self,
+        req: Request<pb::StatSnapshotRequest>,
+    ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let core = self.core.clone();
+        let i = blocking(move || core.stat(&r.key)).await?;
+        Ok(Response::new(pb::StatSnapshotResponse {
+            info: Some(convert::info(i)),
+        }))
+    }
+
+    async fn update(
+        &self,
+        req: Request<pb::UpdateSnapshotRequest>,
+    ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let info = r.info.ok_or_else(|| missing("info"))?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let core = self.core.clone();
+        let i = blocking(move || core.update(convert::info_from(info), &paths)).await?;
+        Ok(Response::new(pb::UpdateSnapshotResponse {
+            info: Some(convert::info(i)),
+        }))
+    }
+
+    type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>>;
+
+    async fn list(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let r = req.into_inner();
+        let core = self.core.clone();
+        let infos = blocking(move || core.list(&r.filters)).await?;
+        let mut batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = Vec::new();
+        let mut it = infos.into_iter().map(convert::info).peekable();
+        while it.peek().is_some() {
+            batches.push(Ok(pb::ListSnapshotsResponse {
+                info: it.by_ref().take(LIST_BATCH).collect(),
+            }));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(batches))))
+    }
+
+    async fn usage(
+        &self,
+        req: Request<pb::UsageRequest>,
+    ) -> Result<Response<pb::UsageResponse>, Status> {
+        let r = req.into_inner();
+        let core = self.core.clone();
+        let u = blocking(move || core.usage(&r.key)).await?;
+        Ok(Response::new(pb::UsageResponse {
+            size: u.size as i64,
+            inodes: u.inodes as i64,
+        }))
+    }
+
+    async fn cleanup(&self, _req: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
+        let core = self.core.clone();
+        blocking(move || core.cleanup()).await?;
+        Ok(Response::new(()))
+    }
+}

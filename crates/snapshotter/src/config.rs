@@ -1,0 +1,333 @@
+//! Daemon configuration: a TOML file with containerd's EROFS plugin keys (`root_path`,
+//! `ovl_mount_options`, `enable_fsverity`, `set_immutable`, `default_size`, `dmverity_mode`,
+//! and the differ's `mkfs_options`, `enable_tar_index`, `enable_dmverity`) plus ours.
+//!
+//! Unknown keys and bad values are errors that name the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// How mounts are handed to containerd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MountMode {
+    /// The daemon mounts each committed layer read-only itself and returns plain `bind` and
+    /// `overlay` mounts that any containerd can perform.
+    #[default]
+    Host,
+    /// Upstream's shapes for containerd >= 2.2's mount manager: `erofs` mounts plus
+    /// `format/mkdir/overlay` with templates.
+    Manager,
+}
+
+/// fs-verity policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    /// Use it where the kernel and filesystem support it; warn once and go on without it
+    /// elsewhere.
+    #[default]
+    Auto,
+    /// Required: refuse to start without support.
+    On,
+    /// Never.
+    Off,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Snapshotter root directory.
+    pub root_path: PathBuf,
+    /// gRPC socket (Snapshots and Diff services).
+    pub address: PathBuf,
+    /// Socket file mode, octal string (default "0660").
+    pub socket_mode: String,
+    /// Group owning the socket (default 0, root).
+    pub socket_gid: u32,
+    /// How mounts are returned.
+    pub mount_mode: MountMode,
+    /// Snapshotter keys.
+    pub snapshotter: SnapshotterConfig,
+    /// Differ keys.
+    pub differ: DifferConfig,
+}
+
+/// `[snapshotter]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotterConfig {
+    /// Appended verbatim to every overlay mount (e.g. `["volatile"]`).
+    pub ovl_mount_options: Vec<String>,
+    /// Enable fs-verity on every committed layer and verify every lower before mounting.
+    /// Upstream's boolean; `fsverity` refines what happens without kernel support.
+    pub enable_fsverity: bool,
+    /// What to do when fs-verity is enabled but unsupported: "auto" (warn, skip) or "on"
+    /// (refuse to start). "off" disables it even if `enable_fsverity` is set.
+    pub fsverity: Toggle,
+    /// Set FS_IMMUTABLE_FL on committed layer blobs.
+    pub set_immutable: bool,
+    /// Size of each active snapshot's writable layer (ext4 image), go-units notation with
+    /// binary units ("5GB" = 5 GiB); empty or "0" = no limit.
+    pub default_size: String,
+    /// dm-verity policy for mounts: "auto", "on" or "off".
+    pub dmverity_mode: Toggle,
+}
+
+/// `[differ]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DifferConfig {
+    /// mkfs.erofs options with upstream meaning (`-T0`, `--mkfs-time`, `-U`, `--sort=none`,
+    /// `-b4096`, `-Enoinline_data`).
+    pub mkfs_options: Vec<String>,
+    /// Write tar-index layers (`[index][tar]`) instead of full images.
+    pub enable_tar_index: bool,
+    /// Append a dm-verity hash tree to every layer and write the sidecar.
+    pub enable_dmverity: bool,
+    /// containerd's content store directory, read directly when readable.
+    pub content_root: PathBuf,
+    /// containerd's gRPC socket, for the Content service (reading blobs it cannot read from
+    /// `content_root`, and writing diffs).
+    pub containerd_address: PathBuf,
+    /// Namespace used for Content calls when a request carries none.
+    pub default_namespace: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root_path: "/var/lib/erofs-snapshotter".into(),
+            address: "/run/erofs-snapshotter/snapshotter.sock".into(),
+            socket_mode: "0660".into(),
+            socket_gid: 0,
+            mount_mode: MountMode::Host,
+            snapshotter: SnapshotterConfig::default(),
+            differ: DifferConfig::default(),
+        }
+    }
+}
+
+impl Default for SnapshotterConfig {
+    fn default() -> Self {
+        SnapshotterConfig {
+            ovl_mount_options: Vec::new(),
+            enable_fsverity: false,
+            fsverity: Toggle::Auto,
+            set_immutable: false,
+            default_size: String::new(),
+            dmverity_mode: Toggle::Auto,
+        }
+    }
+}
+
+impl Default for DifferConfig {
+    fn default() -> Self {
+        DifferConfig {
+            mkfs_options: Vec::new(),
+            enable_tar_index: false,
+            enable_dmverity: false,
+            content_root: "/var/lib/containerd/io.containerd.content.v1.content".into(),
+            containerd_address: "/run/containerd/containerd.sock".into(),
+            default_namespace: "default".into(),
+        }
+    }
+}
+
+/// Parse a size the way containerd does (`go-units.RAMInBytes`): a decimal number with an
+/// optional binary-unit suffix `k`, `m`, `g`, `t`, `p` (optionally followed by `b` or `ib`,
+/// any case). "" means 0.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Ok(0);
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(&unit);
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        "p" => 1 << 50,
+        _ => return Err(format!("invalid size {s:?}: unknown unit")),
+    };
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("invalid size {s:?}: out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        Self::parse(&text).map_err(|e| e.context(format!("config {}", path.display())))
+    }
+
+    /// Parse and validate config text.
+    pub fn parse(text: &str) -> Result<Self> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| Error::invalid_argument(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check values serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: String| Err(Error::invalid_argument(format!("{key}: {why}")));
+        if !self.root_path.is_absolute() {
+            return bad(
+                "root_path",
+                format!("{} is not an absolute path", self.root_path.display()),
+            );
+        }
+        if !self.address.is_absolute() {
+            return bad(
+                "address",
+                format!("{} is not an absolute path", self.address.display()),
+            );
+        }
+        if self.address.as_os_str().len() >= 108 {
+            return bad(
+                "address",
+                "longer than a Unix socket path may be (107 bytes)".into(),
+            );
+        }
+        match u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8) {
+            Ok(m) if m <= 0o777 => {}
+            _ => {
+                return bad(
+                    "socket_mode",
+                    format!("{:?} is not an octal file mode", self.socket_mode),
+                );
+            }
+        }
+        if let Err(e) = parse_size(&self.snapshotter.default_size) {
+            return bad("snapshotter.default_size", e);
+        }
+        for o in &self.snapshotter.ovl_mount_options {
+            if o.is_empty() || o.contains(',') || o.contains('\0') {
+                return bad(
+                    "snapshotter.ovl_mount_options",
+                    format!("{o:?} is not a single mount option"),
+                );
+            }
+            let key = o.split('=').next().unwrap_or_default();
+            if matches!(key, "lowerdir" | "upperdir" | "workdir") {
+                return bad(
+                    "snapshotter.ovl_mount_options",
+                    format!("{key} is set by the snapshotter"),
+                );
+            }
+        }
+        if let Err(e) = crate::diff::MkfsOptions::parse(&self.differ.mkfs_options) {
+            return bad("differ.mkfs_options", e);
+        }
+        if self.differ.default_namespace.is_empty() {
+            return bad("differ.default_namespace", "must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The socket mode as a number.
+    pub fn socket_mode_bits(&self) -> u32 {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o660)
+    }
+
+    /// `default_size` in bytes (0 = unlimited).
+    pub fn default_size_bytes(&self) -> u64 {
+        parse_size(&self.snapshotter.default_size).unwrap_or(0)
+    }
+
+    /// Whether fs-verity is wanted at all.
+    pub fn fsverity_wanted(&self) -> bool {
+        self.snapshotter.enable_fsverity && self.snapshotter.fsverity != Toggle::Off
+            || self.snapshotter.fsverity == Toggle::On
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("").unwrap(), 0);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("5GB").unwrap(), 5 << 30);
+        assert_eq!(parse_size("5g").unwrap(), 5 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5k").unwrap(), 1536);
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = Config::parse(
+            r#"
+root_path = "/var/lib/x"
+address = "/run/x/x.sock"
+mount_mode = "manager"
+[snapshotter]
+ovl_mount_options = ["volatile"]
+enable_fsverity = true
+set_immutable = true
+default_size = "64MB"
+[differ]
+mkfs_options = ["-T0", "--mkfs-time", "--sort=none", "-Enoinline_data"]
+enable_tar_index = true
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.mount_mode, MountMode::Manager);
+        assert_eq!(c.default_size_bytes(), 64 << 20);
+        assert!(c.differ.enable_tar_index);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (text, needle) in [
+            ("bogus = 1", "bogus"),
+            ("[snapshotter]\nnot_a_key = true", "not_a_key"),
+            ("mount_mode = \"sideways\"", "sideways"),
+            (
+                "[snapshotter]\ndefault_size = \"12 parsecs\"",
+                "snapshotter.default_size",
+            ),
+            ("root_path = \"relative\"", "root_path"),
+            ("socket_mode = \"999\"", "socket_mode"),
+            (
+                "[differ]\nmkfs_options = [\"-zlz4\"]",
+                "differ.mkfs_options",
+            ),
+            (
+                "[snapshotter]\novl_mount_options = [\"upperdir=/x\"]",
+                "ovl_mount_options",
+            ),
+            (
+                "[snapshotter]\nenable_fsverity = \"yes\"",
+                "enable_fsverity",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}

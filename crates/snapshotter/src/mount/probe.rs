@@ -1,0 +1,84 @@
+//! "Can this kernel do X" checks, kept apart from policy.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Whether `/proc/filesystems` lists `fstype` (loading its module first if possible).
+pub fn filesystem_supported(fstype: &str) -> bool {
+    let listed = || {
+        std::fs::read_to_string("/proc/filesystems")
+            .map(|t| {
+                t.lines()
+                    .any(|l| l.split_whitespace().last() == Some(fstype))
+            })
+            .unwrap_or(false)
+    };
+    if listed() {
+        return true;
+    }
+    for modprobe in ["/sbin/modprobe", "/usr/sbin/modprobe"] {
+        if Path::new(modprobe).exists() {
+            let _ = std::process::Command::new(modprobe)
+                .arg(fstype)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            break;
+        }
+    }
+    listed()
+}
+
+/// The checks the daemon runs before serving: EROFS and overlayfs in the kernel, and a root
+/// filesystem that reports file types in directory entries (overlayfs needs d_type).
+pub fn check_host(root: &Path) -> Result<()> {
+    if !filesystem_supported("erofs") {
+        return Err(Error::failed_precondition(
+            "the kernel has no EROFS support (CONFIG_EROFS_FS); try `modprobe erofs`",
+        ));
+    }
+    if !filesystem_supported("overlay") {
+        return Err(Error::failed_precondition(
+            "the kernel has no overlayfs support; try `modprobe overlay`",
+        ));
+    }
+    check_dtype(root)
+}
+
+fn check_dtype(root: &Path) -> Result<()> {
+    let dir = tempfile_dir(root)?;
+    let probe = dir.join("probe");
+    let r = (|| -> std::io::Result<bool> {
+        std::fs::write(&probe, b"")?;
+        let fd = rustix::fs::open(
+            &dir,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )?;
+        let d = rustix::fs::Dir::read_from(&fd)?;
+        for e in d {
+            let e = e?;
+            if e.file_name().to_bytes() == b"probe" {
+                return Ok(e.file_type() != rustix::fs::FileType::Unknown);
+            }
+        }
+        Ok(false)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    match r {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::failed_precondition(format!(
+            "{} does not report file types in directory entries (d_type); overlayfs needs it (xfs: ftype=1)",
+            root.display()
+        ))),
+        Err(e) => Err(Error::io(format!("probing {}", root.display()), e)),
+    }
+}
+
+fn tempfile_dir(root: &Path) -> Result<std::path::PathBuf> {
+    let dir = root.join(format!(".probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    Ok(dir)
+}

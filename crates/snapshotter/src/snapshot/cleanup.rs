@@ -1,0 +1,87 @@
+//! Cleanup (containerd's optional Cleaner) and start-up recovery.
+
+use std::fs;
+
+use super::Snapshotter;
+use super::commit::empty_dir;
+use crate::error::{Error, Result};
+use crate::layout::{LAYER_TMP, REMOVING_PREFIX, STAGING_PREFIX};
+use crate::store::Kind;
+
+impl Snapshotter {
+    /// Remove every directory under `snapshots/` that no record owns (and its mounts):
+    /// leftovers of crashes and of removals whose directory could not be deleted.
+    pub fn cleanup(&self) -> Result<()> {
+        let _g = self.sweep_lock.write().unwrap_or_else(|p| p.into_inner());
+        self.sweep()
+    }
+
+    fn sweep(&self) -> Result<()> {
+        let live = self.store.read(|tx| tx.id_map())?;
+        let dir = self.layout.snapshots();
+        for e in
+            fs::read_dir(&dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+        {
+            let e = e.map_err(|e| Error::io("reading the snapshots directory", e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let orphan = match name.parse::<u64>() {
+                Ok(id) => !live.contains_key(&id),
+                // Creations hold the sweep lock from staging to recording, so any staging dir
+                // seen here belongs to a creation that died.
+                Err(_) => name.starts_with(REMOVING_PREFIX) || name.starts_with(STAGING_PREFIX),
+            };
+            if orphan {
+                tracing::info!(dir = %e.path().display(), "removing orphaned snapshot directory");
+                if let Err(err) = self.destroy_dir(&e.path()) {
+                    tracing::warn!(dir = %e.path().display(), error = %err, "cleanup");
+                }
+            }
+        }
+        // Mounts left on directories that no longer exist or belong to no record.
+        let snapshots = self.layout.snapshots();
+        for m in crate::mount::table::under(&snapshots)
+            .map_err(|e| Error::io("reading the mount table", e))?
+        {
+            if self
+                .layout
+                .id_of(&m.target)
+                .is_none_or(|id| !live.contains_key(&id))
+            {
+                let _ = self.mounter.unmount(&m.target);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a crash: sweep orphans, drop half-written layers, finish interrupted commits
+    /// (empty upper directories of committed snapshots).
+    pub(crate) fn recover(&self) -> Result<()> {
+        self.sweep()?;
+        let all = self.store.read(|tx| tx.all())?;
+        for (key, rec) in all {
+            let dir = self.layout.dir(rec.id);
+            if !dir.is_dir() {
+                tracing::error!(snapshot = %key, dir = %dir.display(), "snapshot directory is missing");
+                continue;
+            }
+            let _ = fs::remove_file(dir.join(LAYER_TMP));
+            if rec.kind == Kind::Committed {
+                if !self.layout.layer(rec.id).exists() {
+                    tracing::error!(snapshot = %key, "committed snapshot has no layer.erofs");
+                    continue;
+                }
+                let block_leftover = self.layout.rwlayer(rec.id).exists();
+                if let Err(e) = self.release_writable(rec.id, block_leftover) {
+                    tracing::warn!(snapshot = %key, error = %e, "finishing an interrupted commit");
+                }
+                if block_leftover {
+                    let fs_dir = self.layout.fs(rec.id);
+                    if !self.mounter.is_mountpoint(&fs_dir)? {
+                        empty_dir(&fs_dir)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

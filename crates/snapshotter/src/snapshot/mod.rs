@@ -1,0 +1,179 @@
+//! The snapshotter: containerd's snapshot lifecycle over the store, the on-disk layout and
+//! the layer images.
+//!
+//! Lifecycle (as containerd defines it): `prepare` makes an *active* snapshot, writable, on
+//! top of a *committed* parent (or nothing); `view` makes a read-only one; `commit` turns an
+//! active snapshot into a committed one under a new name, which is when its upper directory
+//! becomes `layer.erofs` (unless the differ already wrote the layer); `remove` deletes a
+//! snapshot without children. Committed snapshots are immutable, and every mount of a
+//! snapshot's parents is the same for its whole life.
+//!
+//! Ordering for crashes: directories are built under `new-*` and renamed into place inside
+//! the store transaction that records them; layer images are written to a temporary name,
+//! fsynced, renamed and the directory fsynced before the commit is recorded; removal deletes
+//! the record first and the directory after. A crash at any point leaves a store whose
+//! records all have complete directories; leftovers are swept at start-up and by Cleanup.
+
+mod cleanup;
+mod commit;
+mod info;
+mod locks;
+mod mounts;
+mod prepare;
+mod remove;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+pub use info::{Info, Usage};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::mount::Mounter;
+use crate::store::Store;
+use locks::KeyLocks;
+
+/// containerd's limit on one label (key plus value).
+pub const MAX_LABEL_LEN: usize = 4096;
+/// Longest snapshot key accepted.
+pub const MAX_KEY_LEN: usize = 4096;
+/// Label with the writable layer size of one snapshot (bytes).
+pub const LABEL_MAX_SIZE: &str = "containerd.io/snapshot/max-size";
+/// Labels with user-namespace id mappings (`ctr:host:size[,...]`).
+pub const LABEL_UIDMAPPING: &str = "containerd.io/snapshot/uidmapping";
+/// See [`LABEL_UIDMAPPING`].
+pub const LABEL_GIDMAPPING: &str = "containerd.io/snapshot/gidmapping";
+
+/// The snapshotter core.
+#[derive(Debug)]
+pub struct Snapshotter {
+    pub(crate) cfg: Config,
+    pub(crate) layout: Layout,
+    pub(crate) store: Store,
+    pub(crate) mounter: Arc<dyn Mounter>,
+    pub(crate) locks: KeyLocks,
+    /// Serialises mounting so a layer is mounted once.
+    pub(crate) mount_lock: Mutex<()>,
+    /// Creation holds it shared between staging and recording; Cleanup holds it exclusively,
+    /// so it never mistakes a directory being recorded for an orphan.
+    pub(crate) sweep_lock: RwLock<()>,
+    /// fs-verity is in force (wanted and supported).
+    pub(crate) fsverity: bool,
+    pub(crate) default_size: u64,
+}
+
+/// Check a key or name from a request.
+pub(crate) fn validate_key(what: &str, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid_argument(format!("{what} must not be empty")));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::invalid_argument(format!(
+            "{what} longer than {MAX_KEY_LEN} bytes"
+        )));
+    }
+    if key.contains('\0') {
+        return Err(Error::invalid_argument(format!(
+            "{what} contains a NUL byte"
+        )));
+    }
+    Ok(())
+}
+
+/// containerd's label rules.
+pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in labels {
+        if k.is_empty() {
+            return Err(Error::invalid_argument("label key must not be empty"));
+        }
+        if k.len() + v.len() > MAX_LABEL_LEN {
+            return Err(Error::invalid_argument(format!(
+                "label key and value length ({} bytes) greater than maximum size ({MAX_LABEL_LEN} bytes)",
+                k.len() + v.len()
+            )));
+        }
+        if k.contains('\0') || v.contains('\0') {
+            return Err(Error::invalid_argument("label contains a NUL byte"));
+        }
+    }
+    Ok(())
+}
+
+/// fsync a directory (after renames in it).
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(format!("fsync {}", dir.display()), e))
+}
+
+impl Snapshotter {
+    /// Open the snapshotter: check the host, open the store, and recover from any crash
+    /// (unfinished creations and removals, half-written layers, stale mounts).
+    pub fn open(cfg: Config, mounter: Arc<dyn Mounter>) -> Result<Self> {
+        cfg.validate()?;
+        let layout = Layout::new(&cfg.root_path);
+        let mk = |p: &Path| -> Result<()> {
+            fs::create_dir_all(p).map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
+            rustix::fs::chmod(p, rustix::fs::Mode::from_raw_mode(0o700))
+                .map_err(|e| Error::io(format!("chmod {}", p.display()), e.into()))
+        };
+        mk(layout.root())?;
+        mk(&layout.snapshots())?;
+        crate::mount::probe::check_host(layout.root())?;
+        let fsverity = crate::integrity::fsverity_policy(&cfg, layout.root())?;
+        let store = Store::open(&layout.db())?;
+        let s = Snapshotter {
+            default_size: cfg.default_size_bytes(),
+            cfg,
+            layout,
+            store,
+            mounter,
+            locks: KeyLocks::default(),
+            mount_lock: Mutex::new(()),
+            sweep_lock: RwLock::new(()),
+            fsverity,
+        };
+        s.recover()?;
+        Ok(s)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// On-disk paths.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Whether fs-verity is in force.
+    pub fn fsverity_enabled(&self) -> bool {
+        self.fsverity
+    }
+
+    /// The capabilities to advertise to containerd.
+    pub fn capabilities(&self) -> Vec<&'static str> {
+        let mut caps = vec!["rebase", "only-remap-ids"];
+        if crate::integrity::idmap_supported() {
+            caps.push("remap-ids");
+        }
+        caps
+    }
+
+    fn staging_dir(&self) -> PathBuf {
+        let n: u64 = rand_u64();
+        self.layout
+            .snapshots()
+            .join(format!("{}{n:016x}", crate::layout::STAGING_PREFIX))
+    }
+}
+
+/// A random number for unique temporary names.
+pub(crate) fn rand_u64() -> u64 {
+    let u = uuid::Uuid::new_v4();
+    u64::from_le_bytes(u.as_bytes()[..8].try_into().expect("8 bytes"))
+}

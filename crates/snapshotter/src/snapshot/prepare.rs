@@ -1,0 +1,159 @@
+//! Prepare and View.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use super::{
+    LABEL_GIDMAPPING, LABEL_MAX_SIZE, LABEL_UIDMAPPING, Snapshotter, sync_dir, validate_key,
+    validate_labels,
+};
+use crate::error::{Error, Result};
+use crate::layout::MARKER;
+use crate::mount::Mount;
+use crate::store::Kind;
+
+impl Snapshotter {
+    /// Create an active snapshot `key` on `parent` (empty = none) and return its mounts.
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// Create a read-only view `key` of `parent` and return its mounts.
+    pub fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    /// The writable-layer size of a new active snapshot: the `max-size` label when valid,
+    /// otherwise `default_size` (0 = unlimited).
+    fn writable_size(&self, labels: &BTreeMap<String, String>) -> u64 {
+        if let Some(v) = labels.get(LABEL_MAX_SIZE) {
+            match v.trim().parse::<i64>() {
+                Ok(n) if n > 0 => return n as u64,
+                _ => {
+                    tracing::warn!(label = LABEL_MAX_SIZE, value = %v, "invalid size label; using default_size")
+                }
+            }
+        }
+        self.default_size
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        validate_key("key", key)?;
+        if !parent.is_empty() {
+            validate_key("parent", parent)?;
+        }
+        validate_labels(&labels)?;
+        let idmap = crate::integrity::IdMap::from_labels(
+            labels.get(LABEL_UIDMAPPING),
+            labels.get(LABEL_GIDMAPPING),
+        )?;
+        let writable = match kind {
+            Kind::Active => Some(self.writable_size(&labels)).filter(|&s| s > 0),
+            _ => None,
+        };
+        let _key_guard = self.locks.lock(&[key]);
+        if self.store.read(|tx| tx.get(key))?.is_some() {
+            return Err(Error::already_exists(format!(
+                "snapshot {key:?} already exists"
+            )));
+        }
+
+        let sweep = self.sweep_lock.read().unwrap_or_else(|p| p.into_inner());
+        let staging = self.staging_dir();
+        let built = self.build_staging(&staging, kind, writable);
+        if let Err(e) = built {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        let mut moved_to = None;
+        let parent_opt = (!parent.is_empty()).then_some(parent);
+        let result = self.store.write(|tx| {
+            let rec = tx.create(kind, key, parent_opt, labels.clone(), writable)?;
+            let parents = tx.parents(&rec)?;
+            // The upper dir's owner shows as the owner of the container's root: take the
+            // image root's owner, or root of the user namespace.
+            let owner = match (&idmap, parents.first()) {
+                (Some(m), _) => Some(m.root_pair()),
+                (None, Some((_, p))) => p.layer.as_ref().map(|l| (l.root_uid, l.root_gid)),
+                _ => None,
+            };
+            if let Some((uid, gid)) = owner {
+                let upper = if writable.is_some() {
+                    None
+                } else {
+                    Some(staging.join("fs"))
+                };
+                if let Some(upper) = upper {
+                    rustix::fs::chown(
+                        &upper,
+                        Some(rustix::fs::Uid::from_raw(uid)),
+                        Some(rustix::fs::Gid::from_raw(gid)),
+                    )
+                    .map_err(|e| Error::io(format!("chown {}", upper.display()), e.into()))?;
+                }
+            }
+            let dir = self.layout.dir(rec.id);
+            fs::rename(&staging, &dir).map_err(|e| {
+                Error::io(
+                    format!("renaming {} to {}", staging.display(), dir.display()),
+                    e,
+                )
+            })?;
+            moved_to = Some(dir);
+            Ok((rec, parents, owner))
+        });
+        let (rec, parents, owner) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = fs::remove_dir_all(moved_to.as_deref().unwrap_or(&staging));
+                return Err(e);
+            }
+        };
+        drop(sweep);
+        sync_dir(&self.layout.snapshots())?;
+        if writable.is_some() && kind == Kind::Active {
+            self.ensure_writable_mounted(rec.id, owner)?;
+        }
+        self.mounts_of(&rec, &parents)
+    }
+
+    /// Build the directory of a new snapshot under a temporary name.
+    fn build_staging(&self, staging: &Path, kind: Kind, writable: Option<u64>) -> Result<()> {
+        let mk = |p: &Path, mode: u32| -> Result<()> {
+            fs::create_dir(p).map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
+            fs::set_permissions(p, fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io(format!("chmod {}", p.display()), e))
+        };
+        mk(staging, 0o700)?;
+        mk(&staging.join("fs"), 0o755)?;
+        if kind == Kind::Active {
+            if writable.is_none() {
+                mk(&staging.join("work"), 0o711)?;
+            }
+            fs::write(staging.join(MARKER), b"")
+                .map_err(|e| Error::io("writing the layer marker", e))?;
+        }
+        if let Some(size) = writable {
+            crate::integrity::quota::create_image(&staging.join(crate::layout::RWLAYER), size)?;
+        }
+        Ok(())
+    }
+}
