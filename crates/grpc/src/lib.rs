@@ -4,7 +4,9 @@
 //! Every method converts the request, calls the core on a blocking thread, maps the error to
 //! the status code containerd expects, and converts the reply. There is no logic here.
 
+pub mod content;
 pub mod convert;
+pub mod diff;
 pub mod serve;
 pub mod snapshots;
 pub mod status;

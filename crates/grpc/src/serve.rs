@@ -5,11 +5,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use containerd_api::containerd::services::diff::v1::diff_server::DiffServer;
 use containerd_api::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
 use snapshotter::Snapshotter;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::content::GrpcContent;
+use crate::diff::DiffService;
 use crate::snapshots::SnapshotsService;
 
 /// Why serving failed.
@@ -60,15 +63,24 @@ pub async fn bind(path: &Path, mode: u32, gid: u32) -> Result<UnixListener, Serv
     Ok(listener)
 }
 
-/// Serve the Snapshots service on `listener` until `shutdown` resolves; in-flight requests
-/// finish first.
+/// Serve the Snapshots and Diff services on `listener` until `shutdown` resolves; in-flight
+/// requests finish first.
 pub async fn serve(
     core: Arc<Snapshotter>,
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let differ = &core.config().differ;
+    let content = Arc::new(snapshotter::diff::Fallback {
+        first: snapshotter::diff::DirContent::new(&differ.content_root),
+        second: GrpcContent::new(
+            differ.containerd_address.clone(),
+            tokio::runtime::Handle::current(),
+        ),
+    });
     tonic::transport::Server::builder()
-        .add_service(SnapshotsServer::new(SnapshotsService::new(core)))
+        .add_service(SnapshotsServer::new(SnapshotsService::new(core.clone())))
+        .add_service(DiffServer::new(DiffService::new(core, content)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

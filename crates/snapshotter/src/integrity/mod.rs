@@ -105,6 +105,11 @@ pub(crate) fn verify_before_mount(
     Ok(())
 }
 
+/// After the differ wrote a layer into an active snapshot (dm-verity formatting hooks in here).
+pub(crate) fn after_apply(_s: &Snapshotter, _id: u64) -> Result<()> {
+    Ok(())
+}
+
 /// Before a layer is deleted: clear the immutable flag (filesystems without the flag are fine).
 pub(crate) fn release(layer: &Path) {
     match erofs_sys::flags::set_immutable_path(layer, false) {

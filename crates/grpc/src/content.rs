@@ -1,0 +1,229 @@
+//! A client of containerd's Content service, for blobs the differ cannot read from the content
+//! store directory. Bytes are verified against the descriptor's digest and size as they are
+//! read: a short or altered blob fails the read at its end.
+
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::mpsc::{Receiver, sync_channel};
+
+use containerd_api::containerd::services::content::v1 as pb;
+use containerd_api::containerd::services::content::v1::content_client::ContentClient;
+use sha2::{Digest, Sha256, Sha384, Sha512};
+use snapshotter::diff::{Blob, ContentSource, Descriptor, parse_digest};
+use snapshotter::{Error, Result};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Content service client over containerd's socket.
+#[derive(Debug)]
+pub struct GrpcContent {
+    address: PathBuf,
+    rt: tokio::runtime::Handle,
+    channel: OnceLock<Channel>,
+}
+
+impl GrpcContent {
+    /// A client for the containerd socket at `address`, running on `rt`.
+    pub fn new(address: PathBuf, rt: tokio::runtime::Handle) -> Self {
+        GrpcContent {
+            address,
+            rt,
+            channel: OnceLock::new(),
+        }
+    }
+
+    /// A channel to containerd, connected lazily.
+    pub fn channel(&self) -> Result<Channel> {
+        if let Some(c) = self.channel.get() {
+            return Ok(c.clone());
+        }
+        let path = self.address.clone();
+        let _enter = self.rt.enter();
+        let ch = Endpoint::try_from("http://[::]:50051")
+            .map_err(|e| Error::internal(e.to_string()))?
+            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                let p = path.clone();
+                async move {
+                    Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }));
+        Ok(self.channel.get_or_init(|| ch).clone())
+    }
+}
+
+/// A request carrying containerd's namespace header.
+pub fn with_namespace<T>(msg: T, namespace: &str) -> Result<tonic::Request<T>> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "containerd-namespace",
+        namespace
+            .parse()
+            .map_err(|_| Error::invalid_argument(format!("invalid namespace {namespace:?}")))?,
+    );
+    Ok(req)
+}
+
+enum Hasher {
+    S256(Sha256),
+    S384(Sha384),
+    S512(Sha512),
+}
+
+impl Hasher {
+    fn new(alg: &str) -> Self {
+        match alg {
+            "sha384" => Hasher::S384(Sha384::new()),
+            "sha512" => Hasher::S512(Sha512::new()),
+            _ => Hasher::S256(Sha256::new()),
+        }
+    }
+    fn update(&mut self, b: &[u8]) {
+        match self {
+            Hasher::S256(h) => h.update(b),
+            Hasher::S384(h) => h.update(b),
+            Hasher::S512(h) => h.update(b),
+        }
+    }
+    fn hex(self) -> String {
+        match self {
+            Hasher::S256(h) => hex::encode(h.finalize()),
+            Hasher::S384(h) => hex::encode(h.finalize()),
+            Hasher::S512(h) => hex::encode(h.finalize()),
+        }
+    }
+}
+
+struct Verifying {
+    rx: Receiver<io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    hasher: Option<Hasher>,
+    want_hex: String,
+    want_size: i64,
+    got: u64,
+    digest: String,
+}
+
+impl Read for Verifying {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(b)) => {
+                    if let Some(h) = &mut self.hasher {
+                        h.update(&b);
+                    }
+                    self.got += b.len() as u64;
+                    self.cur = b;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    let Some(h) = self.hasher.take() else {
+                        return Ok(0);
+                    };
+                    if self.want_size >= 0 && self.got != self.want_size as u64 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "blob {} from containerd is {} bytes, expected {}",
+                                self.digest, self.got, self.want_size
+                            ),
+                        ));
+                    }
+                    if h.hex() != self.want_hex {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "blob read from containerd does not match its digest {}",
+                                self.digest
+                            ),
+                        ));
+                    }
+                    return Ok(0);
+                }
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl ContentSource for GrpcContent {
+    fn open(&self, desc: &Descriptor, namespace: &str) -> Result<Blob> {
+        let (alg, hex) = parse_digest(&desc.digest)?;
+        let mut client = ContentClient::new(self.channel()?);
+        let req = with_namespace(
+            pb::ReadContentRequest {
+                digest: desc.digest.clone(),
+                offset: 0,
+                size: 0,
+            },
+            namespace,
+        )?;
+        let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(8);
+        let (first_tx, first_rx) = sync_channel::<Result<()>>(1);
+        self.rt.spawn(async move {
+            let mut stream = match client.read(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) => {
+                    let _ = first_tx.send(Err(status_to_core(s)));
+                    return;
+                }
+            };
+            let _ = first_tx.send(Ok(()));
+            loop {
+                match stream.message().await {
+                    Ok(Some(m)) => {
+                        if tx.send(Ok(m.data)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(s) => {
+                        let _ = tx.send(Err(io::Error::other(format!(
+                            "reading content from containerd: {s}"
+                        ))));
+                        return;
+                    }
+                }
+            }
+        });
+        first_rx
+            .recv()
+            .map_err(|_| Error::unavailable("containerd content read was cancelled"))??;
+        Ok(Blob {
+            reader: Box::new(Verifying {
+                rx,
+                cur: Vec::new(),
+                pos: 0,
+                hasher: Some(Hasher::new(alg)),
+                want_hex: hex.to_string(),
+                want_size: desc.size,
+                got: 0,
+                digest: desc.digest.clone(),
+            }),
+            file: None,
+        })
+    }
+}
+
+/// A status from containerd as a core error.
+pub fn status_to_core(s: tonic::Status) -> Error {
+    use tonic::Code;
+    let m = format!("containerd: {}", s.message());
+    match s.code() {
+        Code::NotFound => Error::not_found(m),
+        Code::AlreadyExists => Error::already_exists(m),
+        Code::InvalidArgument => Error::invalid_argument(m),
+        Code::FailedPrecondition => Error::failed_precondition(m),
+        Code::Unavailable => Error::unavailable(format!(
+            "cannot reach containerd's content service: {}",
+            s.message()
+        )),
+        _ => Error::internal(m),
+    }
+}

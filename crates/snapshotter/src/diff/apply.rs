@@ -1,0 +1,317 @@
+//! Apply: an OCI layer blob straight into the active snapshot's `layer.erofs`, in one
+//! streaming pass, without extracting a file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use erofs_image::compression::{BombGuard, Decompressed};
+use sha2::{Digest, Sha256};
+
+use super::content::{ContentSource, Descriptor};
+use super::mkfs::MkfsOptions;
+use super::pipeline::Pipeline;
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout::{LAYER, LAYER_TMP, MARKER};
+use crate::mount::Mount;
+use crate::snapshot::{Snapshotter, sync_dir};
+use crate::store::Kind;
+
+/// The media type of an uncompressed OCI layer (what Apply returns for tar layers).
+pub const MEDIA_TYPE_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+/// Native EROFS layers.
+pub const MEDIA_TYPE_EROFS: &str = "application/vnd.erofs.layer.v1";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LayerKind {
+    Tar,
+    /// A ready EROFS image, possibly zstd-compressed.
+    Native {
+        zstd: bool,
+    },
+}
+
+fn classify(media_type: &str) -> Result<LayerKind> {
+    if let Some(rest) = media_type.strip_prefix(MEDIA_TYPE_EROFS) {
+        return match rest {
+            "" => Ok(LayerKind::Native { zstd: false }),
+            "+zstd" => Ok(LayerKind::Native { zstd: true }),
+            other => Err(Error::invalid_argument(format!(
+                "unsupported erofs layer suffix {other:?}"
+            ))),
+        };
+    }
+    const TARS: [&str; 4] = [
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.docker.image.rootfs.diff.tar",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar",
+    ];
+    for t in TARS {
+        if let Some(rest) = media_type.strip_prefix(t)
+            && matches!(rest, "" | "+gzip" | "+zstd" | ".gzip" | ".zstd") {
+                return Ok(LayerKind::Tar);
+            }
+    }
+    // Encrypted layers and unknown types: let containerd try the next differ, which may have
+    // the stream processors they need.
+    Err(Error::unimplemented(format!(
+        "media type {media_type:?} is not handled by the EROFS differ"
+    )))
+}
+
+impl Snapshotter {
+    /// Which active snapshot of ours `mounts` (as returned by Prepare) belong to, or
+    /// Unimplemented so containerd falls through to the next differ.
+    fn apply_target(&self, mounts: &[Mount]) -> Result<(u64, String)> {
+        let not_ours = |why: &str| {
+            Error::unimplemented(format!(
+                "mounts are not an erofs-snapshotter active snapshot: {why}"
+            ))
+        };
+        let m = mounts.last().ok_or_else(|| not_ours("no mounts"))?;
+        let kind = m.kind.rsplit('/').next().unwrap_or_default();
+        let path = if mounts[0].kind.starts_with("mkfs/") {
+            mounts[0].source.clone()
+        } else {
+            match kind {
+                "bind" | "erofs" => m.source.clone(),
+                "overlay" => m
+                    .options
+                    .iter()
+                    .find_map(|o| o.strip_prefix("upperdir="))
+                    .map(str::to_string)
+                    .ok_or_else(|| not_ours("overlay without upperdir"))?,
+                other => return Err(not_ours(&format!("mount type {other:?}"))),
+            }
+        };
+        let id = self
+            .layout
+            .id_of(Path::new(&path))
+            .ok_or_else(|| not_ours("not under the snapshotter root"))?;
+        if !self.layout.dir(id).join(MARKER).exists() {
+            return Err(not_ours("no .erofslayer marker"));
+        }
+        let key = self
+            .store
+            .read(|tx| tx.id_map())?
+            .remove(&id)
+            .ok_or_else(|| not_ours("snapshot no longer exists"))?;
+        let rec = self.store.read(|tx| tx.require(&key))?;
+        if rec.kind != Kind::Active {
+            return Err(not_ours("snapshot is not active"));
+        }
+        Ok((id, key))
+    }
+
+    /// Apply layer `desc` onto the active snapshot `mounts` describe: write `layer.erofs`
+    /// durably and return the uncompressed layer's descriptor (its diffID for tar layers).
+    pub fn apply(
+        &self,
+        desc: &Descriptor,
+        mounts: &[Mount],
+        content: &dyn ContentSource,
+        namespace: &str,
+    ) -> Result<Descriptor> {
+        let kind = classify(&desc.media_type)?;
+        super::content::parse_digest(&desc.digest)?;
+        let (id, key) = self.apply_target(mounts)?;
+        let _g = self.locks.lock(&[&key]);
+        let dir = self.layout.dir(id);
+        let tmp = dir.join(LAYER_TMP);
+        let out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        let result = self.write_layer(&kind, desc, &out, &tmp, content, namespace);
+        let result = result.and_then(|d| {
+            out.sync_all()
+                .map_err(|e| Error::io("fsync of the layer", e))?;
+            fs::rename(&tmp, dir.join(LAYER)).map_err(|e| Error::io("renaming the layer", e))?;
+            sync_dir(&dir)?;
+            Ok(d)
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        let applied = result
+            .map_err(|e| e.context(format!("applying {} to snapshot {key:?}", desc.digest)))?;
+        crate::integrity::after_apply(self, id)?;
+        tracing::info!(snapshot = %key, layer = %desc.digest, diff_id = %applied.digest, bytes = applied.size, "applied layer");
+        Ok(applied)
+    }
+
+    fn write_layer(
+        &self,
+        kind: &LayerKind,
+        desc: &Descriptor,
+        out: &File,
+        tmp: &Path,
+        content: &dyn ContentSource,
+        namespace: &str,
+    ) -> Result<Descriptor> {
+        let blob = content.open(desc, namespace)?;
+        match kind {
+            LayerKind::Tar => {
+                let opts = MkfsOptions::parse(&self.cfg.differ.mkfs_options)
+                    .map_err(Error::invalid_argument)?
+                    .build_options(&desc.digest);
+                let dec = Decompressed::new(blob.reader, BombGuard::default())
+                    .map_err(|e| Error::io("reading the layer", e))?;
+                let mut pipe = Pipeline::start(Box::new(dec));
+                if self.cfg.differ.enable_tar_index {
+                    erofs_image::tar_to_index_file(&mut pipe, out, &opts)?;
+                } else {
+                    erofs_image::tar_to_image(&mut pipe, out, &opts)?;
+                }
+                let sum = pipe
+                    .finish()
+                    .map_err(|e| Error::invalid_argument(format!("reading the layer: {e}")))?;
+                Ok(Descriptor {
+                    media_type: MEDIA_TYPE_TAR.into(),
+                    digest: sum.digest,
+                    size: sum.size as i64,
+                    annotations: Default::default(),
+                })
+            }
+            LayerKind::Native { zstd } => {
+                let (digest, size) = if *zstd {
+                    let dec = zstd::stream::read::Decoder::new(blob.reader)
+                        .map_err(|e| Error::io("zstd", e))?;
+                    copy_hashing(dec, out)?
+                } else if let Some(f) = &blob.file {
+                    copy_file(f, out)?;
+                    (desc.digest.clone(), desc.size as u64)
+                } else {
+                    copy_hashing(blob.reader, out)?
+                };
+                let report = erofs_image::check::check_image(
+                    File::open(tmp).map_err(|e| Error::io("reopening the layer", e))?,
+                    Vec::new(),
+                );
+                if !report.is_ok() {
+                    let first: Vec<String> = report
+                        .findings
+                        .iter()
+                        .take(5)
+                        .map(|f| f.to_string())
+                        .collect();
+                    return Err(Error::invalid_argument(format!(
+                        "native EROFS layer failed checks: {}",
+                        first.join("; ")
+                    )));
+                }
+                Ok(Descriptor {
+                    media_type: MEDIA_TYPE_EROFS.into(),
+                    digest,
+                    size: size as i64,
+                    annotations: Default::default(),
+                })
+            }
+        }
+    }
+}
+
+/// Copy with sha256 of what was copied.
+fn copy_hashing(mut r: impl Read, mut out: &File) -> Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::invalid_argument(format!("reading the layer: {e}"))),
+        };
+        h.update(&buf[..k]);
+        out.write_all(&buf[..k])
+            .map_err(|e| Error::io("writing the layer", e))?;
+        n += k as u64;
+    }
+    Ok((format!("sha256:{}", hex::encode(h.finalize())), n))
+}
+
+/// Copy a whole file with copy_file_range (reflinks where the filesystem can).
+fn copy_file(src: &File, dst: &File) -> Result<()> {
+    let len = src
+        .metadata()
+        .map_err(|e| Error::io("stat of the blob", e))?
+        .len();
+    let mut off_in = 0u64;
+    let mut off_out = 0u64;
+    while off_in < len {
+        let want = (len - off_in).min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(
+                rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP,
+            ) => {
+                let mut r = src;
+                io::copy(&mut r, &mut &*dst).map_err(|e| Error::io("copying the layer", e))?;
+                return Ok(());
+            }
+            Err(e) => return Err(Error::io("copying the layer", e.into())),
+        }
+    }
+    if off_in != len {
+        return Err(Error::io(
+            "copying the layer",
+            io::Error::from(io::ErrorKind::UnexpectedEof),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether an error means "not for this differ".
+pub fn is_unimplemented(e: &Error) -> bool {
+    e.kind() == ErrorKind::Unimplemented
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_types() {
+        for t in [
+            "application/vnd.oci.image.layer.v1.tar",
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "application/vnd.docker.image.rootfs.diff.tar",
+        ] {
+            assert_eq!(classify(t).unwrap(), LayerKind::Tar, "{t}");
+        }
+        assert_eq!(
+            classify("application/vnd.erofs.layer.v1").unwrap(),
+            LayerKind::Native { zstd: false }
+        );
+        assert_eq!(
+            classify("application/vnd.erofs.layer.v1+zstd").unwrap(),
+            LayerKind::Native { zstd: true }
+        );
+        assert_eq!(
+            classify("application/vnd.erofs.layer.v1+lz4")
+                .unwrap_err()
+                .kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            classify("application/vnd.oci.image.layer.v1.tar+gzip+encrypted")
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Unimplemented
+        );
+        assert_eq!(
+            classify("text/plain").unwrap_err().kind(),
+            ErrorKind::Unimplemented
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! Decompression and hashing on a second thread, so unpacking uses both cores: one
+//! decompresses and hashes the uncompressed stream (the layer's diffID), the other parses tar
+//! and writes the image. Buffers are bounded (8 x 1 MiB in flight).
+
+use std::io::{self, Read};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use sha2::{Digest, Sha256};
+
+const CHUNK: usize = 1 << 20;
+const DEPTH: usize = 8;
+
+/// What the producer thread saw in total.
+#[derive(Debug, Clone)]
+pub struct StreamSummary {
+    /// sha256 of every uncompressed byte.
+    pub digest: String,
+    /// Uncompressed bytes.
+    pub size: u64,
+}
+
+/// The consumer side: a `Read` of the uncompressed stream.
+pub struct Pipeline {
+    rx: Receiver<io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    done: bool,
+    handle: Option<JoinHandle<io::Result<StreamSummary>>>,
+    recycle: SyncSender<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pipeline")
+    }
+}
+
+impl Pipeline {
+    /// Start reading `src` (already decompressing) on a new thread.
+    pub fn start(mut src: Box<dyn Read + Send>) -> Self {
+        let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(DEPTH);
+        let (recycle, spare) = sync_channel::<Vec<u8>>(DEPTH + 2);
+        let handle = std::thread::Builder::new()
+            .name("layer-decompress".into())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                let mut size = 0u64;
+                loop {
+                    let mut buf = spare
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+                    buf.resize(CHUNK, 0);
+                    let mut n = 0;
+                    // Fill whole chunks: decoders return small reads.
+                    while n < CHUNK {
+                        match src.read(&mut buf[n..]) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                let msg = e.to_string();
+                                let _ = tx.send(Err(io::Error::new(e.kind(), msg)));
+                                return Err(e);
+                            }
+                        }
+                    }
+                    buf.truncate(n);
+                    h.update(&buf);
+                    size += n as u64;
+                    if n == 0 {
+                        break;
+                    }
+                    if tx.send(Ok(buf)).is_err() {
+                        // The consumer stopped (an error on its side); stop too.
+                        break;
+                    }
+                }
+                Ok(StreamSummary {
+                    digest: format!("sha256:{}", hex::encode(h.finalize())),
+                    size,
+                })
+            })
+            .expect("spawning the decompression thread");
+        Pipeline {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+            done: false,
+            handle: Some(handle),
+            recycle,
+        }
+    }
+
+    /// Read everything left (so the digest covers the whole stream) and return the summary.
+    pub fn finish(mut self) -> io::Result<StreamSummary> {
+        io::copy(&mut self, &mut io::sink())?;
+        let h = self.handle.take().expect("joined once");
+        drop(self);
+        h.join()
+            .map_err(|_| io::Error::other("decompression thread panicked"))?
+    }
+}
+
+impl Read for Pipeline {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(buf)) => {
+                    let old = std::mem::replace(&mut self.cur, buf);
+                    let _ = self.recycle.try_send(old);
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    self.done = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_bytes_and_hashes_them() {
+        let data: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7) as u8).collect();
+        let mut p = Pipeline::start(Box::new(io::Cursor::new(data.clone())));
+        let mut first = vec![0u8; 1234];
+        p.read_exact(&mut first).unwrap();
+        assert_eq!(first, data[..1234]);
+        let s = p.finish().unwrap();
+        assert_eq!(s.size, data.len() as u64);
+        assert_eq!(
+            s.digest,
+            format!("sha256:{}", hex::encode(Sha256::digest(&data)))
+        );
+    }
+
+    #[test]
+    fn errors_reach_the_consumer() {
+        struct Fail;
+        impl Read for Fail {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::InvalidData, "corrupt gzip"))
+            }
+        }
+        let mut p = Pipeline::start(Box::new(Fail));
+        let e = p.read(&mut [0u8; 10]).unwrap_err();
+        assert!(e.to_string().contains("corrupt gzip"));
+    }
+}
