@@ -6,6 +6,7 @@
 pub mod config;
 pub mod diff;
 pub mod error;
+pub mod failpoint;
 pub mod filter;
 pub mod integrity;
 pub mod layout;

@@ -49,9 +49,10 @@ fn classify(media_type: &str) -> Result<LayerKind> {
     ];
     for t in TARS {
         if let Some(rest) = media_type.strip_prefix(t)
-            && matches!(rest, "" | "+gzip" | "+zstd" | ".gzip" | ".zstd") {
-                return Ok(LayerKind::Tar);
-            }
+            && matches!(rest, "" | "+gzip" | "+zstd" | ".gzip" | ".zstd")
+        {
+            return Ok(LayerKind::Tar);
+        }
     }
     // Encrypted layers and unknown types: let containerd try the next differ, which may have
     // the stream processors they need.
@@ -128,6 +129,7 @@ impl Snapshotter {
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
         let result = self.write_layer(&kind, desc, &out, &tmp, content, namespace);
         let result = result.and_then(|d| {
+            crate::failpoint::hit("apply:before-rename");
             out.sync_all()
                 .map_err(|e| Error::io("fsync of the layer", e))?;
             fs::rename(&tmp, dir.join(LAYER)).map_err(|e| Error::io("renaming the layer", e))?;

@@ -49,6 +49,7 @@ impl Snapshotter {
             };
             self.convert_upper(&upper, &self.layout.dir(id), rec.id)?;
         }
+        crate::failpoint::hit("commit:after-layer");
         let meta = self.seal_layer(id, key)?;
         let usage = layer_usage(&layer)?;
         self.store.write(|tx| {
@@ -61,6 +62,7 @@ impl Snapshotter {
                 meta.clone(),
             )
         })?;
+        crate::failpoint::hit("commit:after-db-commit");
         // The writable layer is no longer needed; failures here only waste space and are
         // retried at start-up.
         if let Err(e) = self.release_writable(id, block) {

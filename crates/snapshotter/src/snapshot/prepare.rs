@@ -118,6 +118,7 @@ impl Snapshotter {
                 )
             })?;
             moved_to = Some(dir);
+            crate::failpoint::hit("prepare:before-db-commit");
             Ok((rec, parents, owner))
         });
         let (rec, parents, owner) = match result {
@@ -128,6 +129,7 @@ impl Snapshotter {
             }
         };
         drop(sweep);
+        crate::failpoint::hit("prepare:after-db-commit");
         sync_dir(&self.layout.snapshots())?;
         if writable.is_some() && kind == Kind::Active {
             self.ensure_writable_mounted(rec.id, owner)?;

@@ -17,6 +17,7 @@ impl Snapshotter {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.context(format!("failed to remove snapshot {key:?}"))),
         };
+        crate::failpoint::hit("remove:after-db-commit");
         if let Err(e) = self.destroy_dir(&self.layout.dir(rec.id)) {
             // The record is gone; Cleanup and the next start-up sweep the directory.
             tracing::warn!(snapshot = key, error = %e, "removing the snapshot directory");
@@ -53,6 +54,7 @@ impl Snapshotter {
             ));
             fs::rename(dir, &d)
                 .map_err(|e| crate::error::Error::io(format!("renaming {}", dir.display()), e))?;
+            crate::failpoint::hit("remove:after-rename");
             d
         };
         fs::remove_dir_all(&doomed)
