@@ -227,3 +227,136 @@ pub fn status_to_core(s: tonic::Status) -> Error {
         _ => Error::internal(m),
     }
 }
+
+/// Store a finished diff in containerd's content store (Content.Write: STAT, WRITE..., COMMIT)
+/// with the uncompressed-digest label, and return its descriptor. Content that already exists
+/// is fine; the label is then added to it.
+pub async fn upload(
+    channel: Channel,
+    namespace: &str,
+    lease: Option<&str>,
+    reference: &str,
+    blob: &snapshotter::diff::DiffBlob,
+    mut labels: std::collections::HashMap<String, String>,
+) -> Result<()> {
+    use pb::WriteAction;
+    if blob.uncompressed != blob.digest {
+        labels.insert(
+            "containerd.io/uncompressed".into(),
+            blob.uncompressed.clone(),
+        );
+    }
+    let mut client = ContentClient::new(channel.clone());
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteContentRequest>(4);
+    let mut req = with_namespace(tokio_stream::wrappers::ReceiverStream::new(rx), namespace)?;
+    if let Some(l) = lease {
+        req.metadata_mut().insert(
+            "containerd-lease",
+            l.parse()
+                .map_err(|_| Error::invalid_argument("invalid lease"))?,
+        );
+    }
+    let send = |m: pb::WriteContentRequest| {
+        let tx = tx.clone();
+        async move {
+            tx.send(m)
+                .await
+                .map_err(|_| Error::unavailable("containerd closed the content write stream"))
+        }
+    };
+    send(pb::WriteContentRequest {
+        action: WriteAction::Stat as i32,
+        r#ref: reference.to_string(),
+        total: blob.size as i64,
+        expected: blob.digest.clone(),
+        ..Default::default()
+    })
+    .await?;
+    let mut resp = client
+        .write(req)
+        .await
+        .map_err(status_to_core)?
+        .into_inner();
+    let first = resp
+        .message()
+        .await
+        .map_err(status_to_core)?
+        .ok_or_else(|| Error::unavailable("no reply to content STAT"))?;
+    if first.offset != 0 {
+        return Err(Error::already_exists(format!(
+            "an ingest named {reference:?} is already in progress"
+        )));
+    }
+    let mut f = tokio::fs::File::open(&blob.path)
+        .await
+        .map_err(|e| Error::io("opening the diff", e))?;
+    let mut offset = 0i64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        use tokio::io::AsyncReadExt;
+        let n = f
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::io("reading the diff", e))?;
+        if n == 0 {
+            break;
+        }
+        send(pb::WriteContentRequest {
+            action: WriteAction::Write as i32,
+            offset,
+            data: buf[..n].to_vec(),
+            ..Default::default()
+        })
+        .await?;
+        let r = resp
+            .message()
+            .await
+            .map_err(status_to_core)?
+            .ok_or_else(|| Error::unavailable("content write stream ended"))?;
+        offset += n as i64;
+        if r.offset != offset {
+            return Err(Error::internal(format!(
+                "containerd acknowledged offset {} after writing {offset}",
+                r.offset
+            )));
+        }
+    }
+    send(pb::WriteContentRequest {
+        action: WriteAction::Commit as i32,
+        offset,
+        total: blob.size as i64,
+        expected: blob.digest.clone(),
+        labels: labels.clone(),
+        ..Default::default()
+    })
+    .await?;
+    drop(tx);
+    match resp.message().await {
+        Ok(Some(r)) if r.digest == blob.digest || r.digest.is_empty() => Ok(()),
+        Ok(Some(r)) => Err(Error::internal(format!(
+            "containerd committed {} instead of {}",
+            r.digest, blob.digest
+        ))),
+        Ok(None) => Err(Error::unavailable("content commit got no reply")),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            // Same bytes already stored: make sure the label is there too.
+            let mut c = ContentClient::new(channel);
+            let info = pb::Info {
+                digest: blob.digest.clone(),
+                labels,
+                ..Default::default()
+            };
+            let paths: Vec<String> = info.labels.keys().map(|k| format!("labels.{k}")).collect();
+            let req = with_namespace(
+                pb::UpdateRequest {
+                    info: Some(info),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                },
+                namespace,
+            )?;
+            c.update(req).await.map_err(status_to_core)?;
+            Ok(())
+        }
+        Err(s) => Err(status_to_core(s)),
+    }
+}

@@ -9,20 +9,35 @@ use snapshotter::Snapshotter;
 use snapshotter::diff::{ContentSource, Descriptor};
 use tonic::{Request, Response, Status};
 
+use crate::content::GrpcContent;
 use crate::convert;
-use crate::status::{blocking, missing};
+use crate::status::{blocking, from_core, missing};
 
 /// The service.
 #[derive(Debug, Clone)]
 pub struct DiffService {
     core: Arc<Snapshotter>,
     content: Arc<dyn ContentSource>,
+    containerd: Arc<GrpcContent>,
 }
 
 impl DiffService {
-    /// Serve `core`, reading blobs from `content`.
-    pub fn new(core: Arc<Snapshotter>, content: Arc<dyn ContentSource>) -> Self {
-        DiffService { core, content }
+    /// Serve `core`, reading blobs from `content` and storing diffs through containerd's
+    /// Content service (`containerd`).
+    pub fn new(
+        core: Arc<Snapshotter>,
+        content: Arc<dyn ContentSource>,
+        containerd: Arc<GrpcContent>,
+    ) -> Self {
+        DiffService {
+            core,
+            content,
+            containerd,
+        }
+    }
+
+    fn namespace<T>(&self, req: &Request<T>) -> String {
+        namespace(req).unwrap_or_else(|| self.core.config().differ.default_namespace.clone())
     }
 }
 
@@ -59,8 +74,7 @@ impl Diff for DiffService {
         &self,
         req: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let ns =
-            namespace(&req).unwrap_or_else(|| self.core.config().differ.default_namespace.clone());
+        let ns = self.namespace(&req);
         let r = req.into_inner();
         let d = desc_from(r.diff.ok_or_else(|| missing("diff"))?);
         let mounts: Vec<snapshotter::Mount> =
@@ -74,10 +88,46 @@ impl Diff for DiffService {
 
     async fn diff(
         &self,
-        _req: Request<pb::DiffRequest>,
+        req: Request<pb::DiffRequest>,
     ) -> Result<Response<pb::DiffResponse>, Status> {
-        Err(Status::unimplemented(
-            "layer diffs are not produced by this differ yet; containerd falls back to the walking differ",
-        ))
+        let ns = self.namespace(&req);
+        let lease = req
+            .metadata()
+            .get("containerd-lease")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let r = req.into_inner();
+        let lower: Vec<snapshotter::Mount> = r.left.into_iter().map(convert::mount_from).collect();
+        let upper: Vec<snapshotter::Mount> = r.right.into_iter().map(convert::mount_from).collect();
+        let epoch = r.source_date_epoch.map(|t| snapshotter::store::Timestamp {
+            secs: t.seconds,
+            nanos: t.nanos.max(0) as u32,
+        });
+        let media_type = r.media_type.clone();
+        let core = self.core.clone();
+        let blob = blocking(move || core.compare(&lower, &upper, &media_type, epoch)).await?;
+        let reference = if r.r#ref.is_empty() {
+            format!(
+                "erofs-diff-{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos()
+            )
+        } else {
+            r.r#ref
+        };
+        let channel = self.containerd.channel().map_err(from_core)?;
+        crate::content::upload(channel, &ns, lease.as_deref(), &reference, &blob, r.labels)
+            .await
+            .map_err(from_core)?;
+        Ok(Response::new(pb::DiffResponse {
+            diff: Some(types::Descriptor {
+                media_type: blob.media_type.clone(),
+                digest: blob.digest.clone(),
+                size: blob.size as i64,
+                annotations: Default::default(),
+            }),
+        }))
     }
 }

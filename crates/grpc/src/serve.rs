@@ -71,16 +71,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let differ = &core.config().differ;
+    let containerd = Arc::new(GrpcContent::new(
+        differ.containerd_address.clone(),
+        tokio::runtime::Handle::current(),
+    ));
     let content = Arc::new(snapshotter::diff::Fallback {
         first: snapshotter::diff::DirContent::new(&differ.content_root),
-        second: GrpcContent::new(
-            differ.containerd_address.clone(),
-            tokio::runtime::Handle::current(),
-        ),
+        second: containerd.clone(),
     });
     tonic::transport::Server::builder()
         .add_service(SnapshotsServer::new(SnapshotsService::new(core.clone())))
-        .add_service(DiffServer::new(DiffService::new(core, content)))
+        .add_service(DiffServer::new(DiffService::new(core, content, containerd)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -27,6 +27,12 @@ pub trait ContentSource: Send + Sync + std::fmt::Debug {
     fn open(&self, desc: &Descriptor, namespace: &str) -> Result<Blob>;
 }
 
+impl<T: ContentSource + ?Sized> ContentSource for std::sync::Arc<T> {
+    fn open(&self, desc: &Descriptor, namespace: &str) -> Result<Blob> {
+        (**self).open(desc, namespace)
+    }
+}
+
 /// An open blob: a stream, and the file behind it when there is one (for copy_file_range).
 pub struct Blob {
     /// The bytes.

@@ -1,0 +1,669 @@
+//! Compare: the tar diff between a lower and an upper snapshot, reading the lower layers in
+//! userspace (no temporary mounts, so parents with any number of layers work).
+//!
+//! The upper side is either an active snapshot's upper directory (overlayfs format: 0:0
+//! character devices are deletions, `trusted.overlay.opaque` marks replaced directories) or a
+//! committed layer image (whose whiteouts and opaque directories say the same). Every entry of
+//! the upper side is emitted with its parents; deletions become `.wh.NAME` only for names the
+//! lower side has, opaque directories become `.wh..wh..opq`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use erofs_image::Image;
+use erofs_image::format::mode;
+use erofs_image::reader::Inode;
+use erofs_image::tar::{Entry, EntryKind, TarWriter};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::mount::Mount;
+use crate::snapshot::Snapshotter;
+use crate::store::{Kind, Timestamp};
+
+const OPAQUE: &[u8] = b"trusted.overlay.opaque";
+
+/// Layer compression of a diff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiffCompression {
+    /// Plain tar.
+    None,
+    /// gzip.
+    Gzip,
+    /// zstd.
+    Zstd,
+}
+
+impl DiffCompression {
+    /// From an OCI layer media type; Unimplemented for others (containerd's rule).
+    pub fn from_media_type(mt: &str) -> Result<(Self, String)> {
+        let mt = if mt.is_empty() {
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        } else {
+            mt
+        };
+        let c = match mt {
+            "application/vnd.oci.image.layer.v1.tar" => DiffCompression::None,
+            "application/vnd.oci.image.layer.v1.tar+gzip" => DiffCompression::Gzip,
+            "application/vnd.oci.image.layer.v1.tar+zstd" => DiffCompression::Zstd,
+            other => {
+                return Err(Error::unimplemented(format!(
+                    "diff media type {other:?} is not supported"
+                )));
+            }
+        };
+        Ok((c, mt.to_string()))
+    }
+}
+
+/// A diff written to a temporary file, ready to be stored in containerd's content store.
+#[derive(Debug)]
+pub struct DiffBlob {
+    /// The file (deleted when this is dropped).
+    pub path: PathBuf,
+    /// Media type.
+    pub media_type: String,
+    /// Digest of the stored (compressed) bytes.
+    pub digest: String,
+    /// Stored size.
+    pub size: u64,
+    /// Digest of the uncompressed tar (the layer's diffID).
+    pub uncompressed: String,
+}
+
+impl Drop for DiffBlob {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Hashes and counts what goes through it.
+struct HashWriter<W> {
+    inner: W,
+    h: Sha256,
+    n: u64,
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let k = self.inner.write(b)?;
+        self.h.update(&b[..k]);
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The merged lower layers, read in userspace, top layer first.
+struct Lower {
+    layers: Vec<Image>,
+    dirs: Mutex<HashMap<(usize, u64), Vec<erofs_image::reader::DirEntry>>>,
+}
+
+impl Lower {
+    fn entry(&self, layer: usize, dir: &Inode, name: &[u8]) -> Result<Option<u64>> {
+        let mut cache = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        let list = match cache.get(&(layer, dir.nid)) {
+            Some(l) => l,
+            None => {
+                let l = self.layers[layer].read_dir(dir)?;
+                cache.entry((layer, dir.nid)).or_insert(l)
+            }
+        };
+        Ok(list.iter().find(|e| e.name == name).map(|e| e.nid))
+    }
+
+    fn opaque(img: &Image, ino: &Inode) -> Result<bool> {
+        Ok(img
+            .xattrs(ino)?
+            .iter()
+            .any(|(k, v)| k == OPAQUE && v == b"y"))
+    }
+
+    /// Whether `path` exists in the merged lower view.
+    fn exists(&self, path: &[u8]) -> Result<bool> {
+        let comps: Vec<&[u8]> = path
+            .split(|&c| c == b'/')
+            .filter(|c| !c.is_empty())
+            .collect();
+        for (i, img) in self.layers.iter().enumerate() {
+            let mut cur = img.inode(img.root_nid())?;
+            let mut blocked = false;
+            let mut found = true;
+            for (k, comp) in comps.iter().enumerate() {
+                let Some(nid) = self.entry(i, &cur, comp)? else {
+                    found = false;
+                    break;
+                };
+                let ino = img.inode(nid)?;
+                if ino.is_whiteout() {
+                    return Ok(false);
+                }
+                if k + 1 == comps.len() {
+                    break;
+                }
+                if !ino.is_dir() {
+                    return Ok(false);
+                }
+                if Self::opaque(img, &ino)? {
+                    blocked = true;
+                }
+                cur = ino;
+            }
+            if found {
+                return Ok(true);
+            }
+            if blocked {
+                return Ok(false);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Where the upper side's entries come from.
+enum Upper {
+    Dir(PathBuf),
+    Layer(Image),
+}
+
+/// One change, ready to be written.
+struct Change {
+    entry: Entry,
+    source: Source,
+}
+
+enum Source {
+    None,
+    File(PathBuf),
+    Image(Inode),
+}
+
+impl Snapshotter {
+    /// Resolve mounts to our snapshot ids, top first: `bind` of an `fs` dir is one layer,
+    /// `overlay` lists `lowerdir` entries and may have an `upperdir`.
+    fn mount_ids(&self, mounts: &[Mount]) -> Result<(Vec<u64>, Option<u64>)> {
+        let not_ours = |why: String| {
+            Error::unimplemented(format!("mounts are not erofs-snapshotter snapshots: {why}"))
+        };
+        let mut lowers = Vec::new();
+        let mut upper = None;
+        let id_of = |p: &str| {
+            self.layout
+                .id_of(Path::new(p))
+                .ok_or_else(|| not_ours(format!("{p} is not under the snapshotter root")))
+        };
+        for m in mounts {
+            match m.kind.rsplit('/').next().unwrap_or_default() {
+                "bind" => {
+                    let id = id_of(&m.source)?;
+                    if m.options.iter().any(|o| o == "ro") {
+                        lowers.push(id);
+                    } else {
+                        upper = Some(id);
+                    }
+                }
+                "overlay" => {
+                    for o in &m.options {
+                        if let Some(list) = o.strip_prefix("lowerdir=") {
+                            for d in list.split(':') {
+                                lowers.push(id_of(d)?);
+                            }
+                        } else if let Some(u) = o.strip_prefix("upperdir=") {
+                            upper = Some(id_of(u)?);
+                        }
+                    }
+                }
+                other => return Err(not_ours(format!("mount type {other:?}"))),
+            }
+        }
+        Ok((lowers, upper))
+    }
+
+    fn open_layer(&self, id: u64) -> Result<Image> {
+        let p = self.layout.layer(id);
+        let f = File::open(&p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?;
+        Ok(Image::open(f)?)
+    }
+
+    /// Write the diff between `lower` and `upper` mounts to a temporary file.
+    pub fn compare(
+        &self,
+        lower: &[Mount],
+        upper: &[Mount],
+        media_type: &str,
+        source_date_epoch: Option<Timestamp>,
+    ) -> Result<DiffBlob> {
+        let (compression, media_type) = DiffCompression::from_media_type(media_type)?;
+        let (lower_ids, _) = self.mount_ids(lower)?;
+        let (upper_lowers, upper_id) = self.mount_ids(upper)?;
+        let live = self.store.read(|tx| {
+            let map = tx.id_map()?;
+            let mut kinds = HashMap::new();
+            for (id, key) in &map {
+                kinds.insert(*id, tx.require(key)?);
+            }
+            Ok(kinds)
+        })?;
+        let upper_side = match upper_id {
+            Some(id) => {
+                let rec = live.get(&id).ok_or_else(|| {
+                    Error::not_found(format!("upper snapshot {id} does not exist"))
+                })?;
+                if rec.kind != Kind::Active {
+                    return Err(Error::invalid_argument(
+                        "the upper mounts are not of an active snapshot",
+                    ));
+                }
+                if self.layout.layer(id).exists() {
+                    // The differ filled this snapshot: its layer is the change set.
+                    Upper::Layer(self.open_layer(id)?)
+                } else if rec.writable_size.is_some() {
+                    Upper::Dir(self.layout.fs(id).join("upper"))
+                } else {
+                    Upper::Dir(self.layout.fs(id))
+                }
+            }
+            // A read-only view of a committed layer: its own layer is the change set.
+            None => {
+                let top = *upper_lowers
+                    .first()
+                    .ok_or_else(|| Error::invalid_argument("no upper mounts"))?;
+                Upper::Layer(self.open_layer(top)?)
+            }
+        };
+        let lower_view = Lower {
+            layers: lower_ids
+                .iter()
+                .map(|&id| self.open_layer(id))
+                .collect::<Result<_>>()?,
+            dirs: Mutex::new(HashMap::new()),
+        };
+        let mut changes = match &upper_side {
+            Upper::Dir(d) => dir_changes(d, &lower_view)?,
+            Upper::Layer(img) => image_changes(img, &lower_view)?,
+        };
+        // Depth-first, by path components: a directory right before its contents. The sort is
+        // stable, so a directory's opaque marker stays right after it.
+        changes.sort_by(|a, b| {
+            a.entry
+                .path
+                .split(|&c| c == b'/')
+                .cmp(b.entry.path.split(|&c| c == b'/'))
+        });
+
+        let tmp_dir = self.layout.root().join("tmp");
+        fs::create_dir_all(&tmp_dir)
+            .map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
+        let path = tmp_dir.join(format!("diff-{:016x}", crate::snapshot::rand_u64()));
+        let file = File::create(&path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        let mut blob = DiffBlob {
+            path,
+            media_type,
+            digest: String::new(),
+            size: 0,
+            uncompressed: String::new(),
+        };
+        let stored = HashWriter {
+            inner: io::BufWriter::new(file),
+            h: Sha256::new(),
+            n: 0,
+        };
+        let (stored, tar_hash) = match compression {
+            DiffCompression::None => {
+                let hw = write_tar(
+                    HashWriter {
+                        inner: stored,
+                        h: Sha256::new(),
+                        n: 0,
+                    },
+                    &changes,
+                    &upper_side,
+                    source_date_epoch,
+                )?;
+                (hw.inner, hw.h)
+            }
+            DiffCompression::Gzip => {
+                let gz = flate2::write::GzEncoder::new(stored, flate2::Compression::default());
+                let hw = write_tar(
+                    HashWriter {
+                        inner: gz,
+                        h: Sha256::new(),
+                        n: 0,
+                    },
+                    &changes,
+                    &upper_side,
+                    source_date_epoch,
+                )?;
+                (
+                    hw.inner
+                        .finish()
+                        .map_err(|e| Error::io("compressing the diff", e))?,
+                    hw.h,
+                )
+            }
+            DiffCompression::Zstd => {
+                let z = zstd::stream::write::Encoder::new(stored, 3)
+                    .map_err(|e| Error::io("zstd", e))?;
+                let hw = write_tar(
+                    HashWriter {
+                        inner: z,
+                        h: Sha256::new(),
+                        n: 0,
+                    },
+                    &changes,
+                    &upper_side,
+                    source_date_epoch,
+                )?;
+                (
+                    hw.inner
+                        .finish()
+                        .map_err(|e| Error::io("compressing the diff", e))?,
+                    hw.h,
+                )
+            }
+        };
+        let mut stored = stored;
+        stored
+            .flush()
+            .map_err(|e| Error::io("writing the diff", e))?;
+        blob.digest = format!("sha256:{}", hex::encode(stored.h.finalize()));
+        blob.size = stored.n;
+        blob.uncompressed = format!("sha256:{}", hex::encode(tar_hash.finalize()));
+        Ok(blob)
+    }
+}
+
+fn write_tar<W: Write>(
+    out: W,
+    changes: &[Change],
+    upper: &Upper,
+    epoch: Option<Timestamp>,
+) -> Result<W> {
+    let mut tw = TarWriter::new(out);
+    let wr = |e: io::Error| Error::io("writing the diff", e);
+    for c in changes {
+        let mut e = c.entry.clone();
+        if let Some(t) = epoch
+            && (e.mtime, e.mtime_nsec) > (t.secs, t.nanos)
+        {
+            e.mtime = t.secs;
+            e.mtime_nsec = t.nanos;
+        }
+        match (&c.source, upper) {
+            (Source::File(p), _) => {
+                let mut f =
+                    File::open(p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?;
+                tw.append(&e, &mut f).map_err(wr)?;
+            }
+            (Source::Image(ino), Upper::Layer(img)) => {
+                let mut r = ImageReader { img, ino, off: 0 };
+                tw.append(&e, &mut r).map_err(wr)?;
+            }
+            _ => tw.append(&e, &mut io::empty()).map_err(wr)?,
+        }
+    }
+    tw.finish().map_err(wr)
+}
+
+struct ImageReader<'a> {
+    img: &'a Image,
+    ino: &'a Inode,
+    off: u64,
+}
+
+impl Read for ImageReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self
+            .img
+            .read(self.ino, self.off, buf)
+            .map_err(io::Error::other)?;
+        self.off += n as u64;
+        Ok(n)
+    }
+}
+
+fn whiteout_entry(dir: &[u8], name: &[u8]) -> Entry {
+    let mut p = dir.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(b".wh.");
+    p.extend_from_slice(name);
+    Entry::new(p, EntryKind::Regular)
+}
+
+fn entry_from_meta(path: Vec<u8>, md: &fs::Metadata, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Entry {
+    let ft = md.file_type();
+    let kind = if ft.is_dir() {
+        EntryKind::Directory
+    } else if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_char_device() {
+        EntryKind::Char
+    } else if ft.is_block_device() {
+        EntryKind::Block
+    } else if ft.is_fifo() {
+        EntryKind::Fifo
+    } else {
+        EntryKind::Regular
+    };
+    let mut e = Entry::new(path, kind);
+    e.mode = md.mode() & 0o7777;
+    e.uid = md.uid();
+    e.gid = md.gid();
+    e.mtime = md.mtime();
+    e.mtime_nsec = md.mtime_nsec() as u32;
+    e.size = if kind == EntryKind::Regular {
+        md.size()
+    } else {
+        0
+    };
+    let rdev = md.rdev();
+    e.devmajor = (((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff)) as u32;
+    e.devminor = (((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff)) as u32;
+    e.xattrs = xattrs;
+    e
+}
+
+fn read_xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 65536];
+    let Ok(n) = rustix::fs::llistxattr(p, &mut names[..]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for name in names[..n].split(|&c| c == 0).filter(|n| !n.is_empty()) {
+        let Ok(c) = std::ffi::CString::new(name) else {
+            continue;
+        };
+        let mut v = vec![0u8; 65536];
+        if let Ok(k) = rustix::fs::lgetxattr(p, c.as_c_str(), &mut v[..]) {
+            v.truncate(k);
+            out.push((name.to_vec(), v));
+        }
+    }
+    out
+}
+
+/// Changes of an overlayfs upper directory.
+fn dir_changes(root: &Path, lower: &Lower) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let mut names: Vec<Vec<u8>> = fs::read_dir(&dir)
+            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+            .map(|r| r.map(|d| d.file_name().as_bytes().to_vec()))
+            .collect::<io::Result<_>>()
+            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        names.sort();
+        let mut subdirs = Vec::new();
+        for name in names {
+            let p = dir.join(std::ffi::OsStr::from_bytes(&name));
+            let mut rp = rel.clone();
+            if !rp.is_empty() {
+                rp.push(b'/');
+            }
+            rp.extend_from_slice(&name);
+            let md = fs::symlink_metadata(&p)
+                .map_err(|e| Error::io(format!("stat {}", p.display()), e))?;
+            let ft = md.file_type();
+            if ft.is_char_device() && md.rdev() == 0 {
+                if lower.exists(&rp)? {
+                    out.push(Change {
+                        entry: whiteout_entry(&rel, &name),
+                        source: Source::None,
+                    });
+                }
+                continue;
+            }
+            let xattrs: Vec<(Vec<u8>, Vec<u8>)> = read_xattrs(&p);
+            let opaque = xattrs.iter().any(|(k, v)| k == OPAQUE && v == b"y");
+            let kept: Vec<(Vec<u8>, Vec<u8>)> = xattrs
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
+                .collect();
+            if !ft.is_dir() && md.nlink() > 1 {
+                if let Some(first) = links.get(&(md.dev(), md.ino())) {
+                    let mut e = Entry::new(rp, EntryKind::Hardlink);
+                    e.link = first.clone();
+                    e.mtime = md.mtime();
+                    out.push(Change {
+                        entry: e,
+                        source: Source::None,
+                    });
+                    continue;
+                }
+                links.insert((md.dev(), md.ino()), rp.clone());
+            }
+            let entry = entry_from_meta(rp.clone(), &md, kept);
+            let source = if ft.is_file() {
+                Source::File(p.clone())
+            } else {
+                Source::None
+            };
+            let mut entry = entry;
+            if ft.is_symlink() {
+                entry.link = fs::read_link(&p)
+                    .map_err(|e| Error::io(format!("readlink {}", p.display()), e))?
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec();
+            }
+            out.push(Change { entry, source });
+            if ft.is_dir() {
+                if opaque && lower.exists(&rp)? {
+                    out.push(Change {
+                        entry: whiteout_entry(&rp, b".wh..opq"),
+                        source: Source::None,
+                    });
+                }
+                subdirs.push((p, rp));
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(out)
+}
+
+/// Changes recorded in a committed layer image.
+fn image_changes(img: &Image, lower: &Lower) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    let mut links: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let root = img.inode(img.root_nid())?;
+    let mut stack: Vec<(Inode, Vec<u8>)> = vec![(root, Vec::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let mut subdirs = Vec::new();
+        for de in img.read_dir(&dir)? {
+            if de.name == b"." || de.name == b".." {
+                continue;
+            }
+            let ino = img.inode(de.nid)?;
+            let mut rp = rel.clone();
+            if !rp.is_empty() {
+                rp.push(b'/');
+            }
+            rp.extend_from_slice(&de.name);
+            if ino.is_whiteout() {
+                if lower.exists(&rp)? {
+                    out.push(Change {
+                        entry: whiteout_entry(&rel, &de.name),
+                        source: Source::None,
+                    });
+                }
+                continue;
+            }
+            if !ino.is_dir() && ino.raw.nlink > 1 {
+                if let Some(first) = links.get(&ino.nid) {
+                    let mut e = Entry::new(rp, EntryKind::Hardlink);
+                    e.link = first.clone();
+                    out.push(Change {
+                        entry: e,
+                        source: Source::None,
+                    });
+                    continue;
+                }
+                links.insert(ino.nid, rp.clone());
+            }
+            let xattrs = img.xattrs(&ino)?;
+            let opaque = xattrs.iter().any(|(k, v)| k == OPAQUE && v == b"y");
+            let kind = match ino.file_type() {
+                mode::S_IFDIR => EntryKind::Directory,
+                mode::S_IFLNK => EntryKind::Symlink,
+                mode::S_IFCHR => EntryKind::Char,
+                mode::S_IFBLK => EntryKind::Block,
+                mode::S_IFIFO => EntryKind::Fifo,
+                mode::S_IFREG => EntryKind::Regular,
+                // Sockets have no tar form.
+                _ => continue,
+            };
+            let mut e = Entry::new(rp.clone(), kind);
+            e.mode = ino.mode() & 0o7777;
+            e.uid = ino.raw.uid;
+            e.gid = ino.raw.gid;
+            e.mtime = ino.mtime;
+            e.mtime_nsec = ino.mtime_nsec;
+            e.size = if kind == EntryKind::Regular {
+                ino.size()
+            } else {
+                0
+            };
+            (e.devmajor, e.devminor) = ino.rdev();
+            e.xattrs = xattrs
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
+                .collect();
+            if kind == EntryKind::Symlink {
+                e.link = img.read_link(&ino)?;
+            }
+            let is_dir = kind == EntryKind::Directory;
+            out.push(Change {
+                entry: e,
+                source: if kind == EntryKind::Regular {
+                    Source::Image(ino.clone())
+                } else {
+                    Source::None
+                },
+            });
+            if is_dir {
+                if opaque && lower.exists(&rp)? {
+                    out.push(Change {
+                        entry: whiteout_entry(&rp, b".wh..opq"),
+                        source: Source::None,
+                    });
+                }
+                subdirs.push((ino, rp));
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(out)
+}
