@@ -85,6 +85,59 @@ impl<W: Write + Seek> DataArea<W> {
     }
 }
 
+impl DataArea<&std::fs::File> {
+    /// Copy `n` bytes at `src_off` of `src` into the file in progress, in the kernel.
+    pub(crate) fn copy_range(
+        &mut self,
+        src: &std::fs::File,
+        mut src_off: u64,
+        n: u64,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let io = |e| Error::io("writing the image", e);
+        self.out.flush().map_err(io)?;
+        let start = self.next_block * self.bs + self.in_file;
+        let dst: &std::fs::File = self.out.get_ref();
+        let mut out_off = start;
+        let mut left = n;
+        while left > 0 {
+            match rustix::fs::copy_file_range(
+                src,
+                Some(&mut src_off),
+                dst,
+                Some(&mut out_off),
+                left.min(1 << 30) as usize,
+            ) {
+                Ok(0) => return Err(io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))),
+                Ok(k) => left -= k as u64,
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::INVAL,
+                ) => {
+                    let mut buf = vec![0u8; (1 << 20).min(left as usize)];
+                    while left > 0 {
+                        let k = (buf.len() as u64).min(left) as usize;
+                        src.read_exact_at(&mut buf[..k], src_off).map_err(io)?;
+                        dst.write_all_at(&buf[..k], out_off).map_err(io)?;
+                        src_off += k as u64;
+                        out_off += k as u64;
+                        left -= k as u64;
+                    }
+                }
+                Err(e) => return Err(io(e.into())),
+            }
+        }
+        self.out
+            .get_mut()
+            .seek(SeekFrom::Start(start + n))
+            .map_err(io)?;
+        self.in_file += n;
+        Ok(())
+    }
+}
+
 /// How to cut a sparse file into chunks: `chunkbits` and, per chunk, whether it holds data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ChunkPlan {

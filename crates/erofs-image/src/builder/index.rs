@@ -181,6 +181,56 @@ pub fn tar_to_index_file<R: Read>(input: R, file: &File, opts: &BuildOptions) ->
     Ok(idx.summary)
 }
 
+/// [`tar_to_index_file`] for an uncompressed tar that is a regular file: the tar is indexed
+/// by reading only its headers, the index is written, and the tar is copied after it in the
+/// kernel (`copy_file_range`: no userspace copy, a reflink where the filesystem can).
+pub fn tar_file_to_index_file(input: &File, file: &File, opts: &BuildOptions) -> Result<Summary> {
+    let len = input
+        .metadata()
+        .map_err(|e| Error::io("stat of the tar", e))?
+        .len();
+    let mut reader = TarReader::from_file(input);
+    let mut tree = Tree::new(opts.implicit_dir_meta());
+    read_into_tree(&mut reader, &mut tree, opts, &mut |_, e, _| index_file(e))?;
+    let idx = build_index(&mut tree, len, opts)?;
+    file.write_all_at(&idx.index, 0)
+        .map_err(|e| Error::io("writing the tar index", e))?;
+    let (mut off_in, mut off_out) = (0u64, idx.index.len() as u64);
+    while off_in < len {
+        let want = (len - off_in).min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(input, Some(&mut off_in), file, Some(&mut off_out), want)
+        {
+            Ok(0) => {
+                return Err(Error::io(
+                    "copying the tar",
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            Ok(_) => {}
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::INVAL,
+            ) => {
+                let mut buf = vec![0u8; 1 << 20];
+                while off_in < len {
+                    let k = (buf.len() as u64).min(len - off_in) as usize;
+                    input
+                        .read_exact_at(&mut buf[..k], off_in)
+                        .map_err(|e| Error::io("copying the tar", e))?;
+                    file.write_all_at(&buf[..k], off_out)
+                        .map_err(|e| Error::io("copying the tar", e))?;
+                    off_in += k as u64;
+                    off_out += k as u64;
+                }
+            }
+            Err(e) => return Err(Error::io("copying the tar", e.into())),
+        }
+    }
+    Ok(idx.summary)
+}
+
 fn insert_front(file: &File, index: &[u8], tar_len: u64) -> Result<()> {
     use rustix::fs::{FallocateFlags, fallocate};
     let len = index.len() as u64;

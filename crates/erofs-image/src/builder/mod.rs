@@ -15,7 +15,7 @@ mod tar;
 use std::io::{Read, Seek, SeekFrom, Write};
 
 pub use dir::dir_to_image;
-pub use index::{TarIndex, tar_to_index, tar_to_index_file};
+pub use index::{TarIndex, tar_file_to_index_file, tar_to_index, tar_to_index_file};
 
 use crate::error::{Error, Result};
 use crate::format::{self, Superblock};
@@ -135,7 +135,27 @@ pub fn tar_to_image<R: Read, W: Write + Seek>(
     let mut area = DataArea::new(output, bs, first_data_block(bs), opts.max_blocks(bs))?;
     let mut tree = Tree::new(opts.implicit_dir_meta());
     tar::read_into_tree(&mut reader, &mut tree, opts, &mut |r, e, xattr_len| {
-        tar::write_full(&mut area, r, e, xattr_len, opts)
+        tar::write_full(&mut area, r, e, xattr_len, opts, tar::copy_data)
+    })?;
+    reader.drain()?;
+    let (out, data_end) = area.finish()?;
+    finish_full(out, &mut tree, data_end, opts, reader.offset())
+}
+
+/// [`tar_to_image`] for an uncompressed tar that is a regular file: file data is copied file
+/// to file in the kernel (`copy_file_range`), never through userspace.
+pub fn tar_file_to_image(
+    input: &std::fs::File,
+    output: &std::fs::File,
+    opts: &BuildOptions,
+) -> Result<Summary> {
+    opts.validate()?;
+    let bs = opts.block_size;
+    let mut reader = crate::tar::TarReader::from_file(input);
+    let mut area = DataArea::new(output, bs, first_data_block(bs), opts.max_blocks(bs))?;
+    let mut tree = Tree::new(opts.implicit_dir_meta());
+    tar::read_into_tree(&mut reader, &mut tree, opts, &mut |r, e, xattr_len| {
+        tar::write_full(&mut area, r, e, xattr_len, opts, tar::copy_data_direct)
     })?;
     reader.drain()?;
     let (out, data_end) = area.finish()?;

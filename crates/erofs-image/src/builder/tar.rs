@@ -104,7 +104,10 @@ pub(crate) fn read_into_tree<R: Read>(
     Ok(())
 }
 
-fn copy_data<R: Read, W: Write + Seek>(
+/// Copies `n` bytes of the current entry's data into the data area.
+pub(crate) type Copy<R, W> = fn(&mut DataArea<W>, &mut TarReader<R>, u64) -> Result<()>;
+
+pub(crate) fn copy_data<R: Read, W: Write + Seek>(
     area: &mut DataArea<W>,
     tar: &mut TarReader<R>,
     mut n: u64,
@@ -126,6 +129,7 @@ pub(crate) fn write_full<R: Read, W: Write + Seek>(
     entry: &Entry,
     xattr_len: usize,
     opts: &BuildOptions,
+    copy_data: Copy<R, W>,
 ) -> Result<FileData> {
     let bs = opts.block_size as u64;
     let size = entry.file_size;
@@ -171,4 +175,34 @@ pub(crate) fn write_full<R: Read, W: Write + Seek>(
     copy_data(area, tar, size).map_err(|e| e.in_entry(&entry.path))?;
     area.end()?;
     Ok(FileData::Blocks { blkaddr, size })
+}
+
+/// Below this, data already in the reader's buffer is copied through userspace; above, the
+/// rest of the entry goes file to file in the kernel.
+const DIRECT_MIN: u64 = 64 << 10;
+
+/// [`copy_data`] for a tar that is a regular file and an image that is a regular file: large
+/// data moves with `copy_file_range` (no userspace copy; reflinks where the filesystem can).
+pub(crate) fn copy_data_direct(
+    area: &mut DataArea<&std::fs::File>,
+    tar: &mut TarReader<crate::tar::FileInput<'_>>,
+    mut n: u64,
+) -> Result<()> {
+    while n > 0 {
+        if n >= DIRECT_MIN
+            && let Some((off, rem)) = tar.unbuffered()
+            && rem >= n
+        {
+            let input = tar.get_ref().file();
+            // Skipping first checks the tar really holds these bytes.
+            tar.skip_unbuffered(n)?;
+            return area.copy_range(input, off, n);
+        }
+        let chunk = tar.data_chunk()?;
+        let k = (chunk.len() as u64).min(n) as usize;
+        area.write(&chunk[..k])?;
+        tar.consume(k);
+        n -= k as u64;
+    }
+    Ok(())
 }

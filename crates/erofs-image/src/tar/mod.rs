@@ -246,6 +246,63 @@ pub struct TarReader<R> {
     limits: TarLimits,
     current: Option<String>,
     finished: bool,
+    /// Moves the source forward without reading (regular files), when available.
+    skipper: Option<fn(&mut R, u64) -> io::Result<()>>,
+}
+
+/// A regular file read at a tracked position, so a [`TarReader`] over it can skip data
+/// without reading it, and callers can copy data with `copy_file_range`.
+#[derive(Debug)]
+pub struct FileInput<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+    len: Option<u64>,
+}
+
+impl<'a> FileInput<'a> {
+    /// Read `file` from its start.
+    pub fn new(file: &'a std::fs::File) -> Self {
+        FileInput {
+            file,
+            pos: 0,
+            len: None,
+        }
+    }
+
+    /// Move forward `n` bytes; an error if that passes the end of the file.
+    fn skip(&mut self, n: u64) -> io::Result<()> {
+        let len = match self.len {
+            Some(l) => l,
+            None => *self.len.insert(self.file.metadata()?.len()),
+        };
+        if self.pos.checked_add(n).is_none_or(|e| e > len) {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        self.pos += n;
+        Ok(())
+    }
+    /// The file.
+    pub fn file(&self) -> &'a std::fs::File {
+        self.file
+    }
+}
+
+impl Read for FileInput<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<'a> TarReader<FileInput<'a>> {
+    /// A reader over a regular file that skips entry data it is not asked for without
+    /// reading it, and lets callers transfer data directly ([`Self::unbuffered`]).
+    pub fn from_file(file: &'a std::fs::File) -> Self {
+        let mut r = TarReader::with_buffer(FileInput::new(file), TarLimits::default(), 64 << 10);
+        r.skipper = Some(|f: &mut FileInput<'_>, n| f.skip(n));
+        r
+    }
 }
 
 impl<R: Read> TarReader<R> {
@@ -256,9 +313,13 @@ impl<R: Read> TarReader<R> {
 
     /// A reader with explicit limits.
     pub fn with_limits(src: R, limits: TarLimits) -> Self {
+        Self::with_buffer(src, limits, 1 << 20)
+    }
+
+    fn with_buffer(src: R, limits: TarLimits, size: usize) -> Self {
         TarReader {
             src,
-            buf: vec![0u8; 1 << 20].into_boxed_slice(),
+            buf: vec![0u8; size].into_boxed_slice(),
             pos: 0,
             end: 0,
             offset: 0,
@@ -269,6 +330,7 @@ impl<R: Read> TarReader<R> {
             limits,
             current: None,
             finished: false,
+            skipper: None,
         }
     }
 
@@ -339,6 +401,11 @@ impl<R: Read> TarReader<R> {
         while n > 0 {
             let avail = self.end - self.pos;
             if avail == 0 {
+                if let Some(skip) = self.skipper {
+                    skip(&mut self.src, n).map_err(|e| self.err(io_kind(e)))?;
+                    self.offset += n;
+                    return Ok(());
+                }
                 self.pos = 0;
                 self.end = 0;
                 if self.fill(1)? == 0 {
@@ -800,6 +867,26 @@ impl<R: Read> TarReader<R> {
         self.remaining
     }
 
+    /// For readers that can skip ([`TarReader::from_file`]): when the buffer holds none of the
+    /// current entry's remaining data, the stream offset and length of that data, so a caller
+    /// can copy it directly from the file and then call [`Self::skip_unbuffered`].
+    pub fn unbuffered(&self) -> Option<(u64, u64)> {
+        (self.skipper.is_some() && self.pos == self.end && self.remaining > 0)
+            .then_some((self.offset, self.remaining))
+    }
+
+    /// Mark `n` bytes of the current entry's data, obtained directly from the file, as read.
+    pub fn skip_unbuffered(&mut self, n: u64) -> Result<(), TarError> {
+        debug_assert!(self.pos == self.end && n <= self.remaining);
+        let skip = self
+            .skipper
+            .ok_or_else(|| self.err(TarErrorKind::Io(io::Error::other("source cannot skip"))))?;
+        skip(&mut self.src, n).map_err(|e| self.err(io_kind(e)))?;
+        self.offset += n;
+        self.remaining -= n;
+        Ok(())
+    }
+
     /// Read the rest of the stream after the end of the archive (so a hash or tee sees every
     /// byte). Returns the number of bytes after the end-of-archive marker.
     pub fn drain(&mut self) -> Result<u64, TarError> {
@@ -887,6 +974,14 @@ fn set_xattr(xattrs: &mut Vec<(Vec<u8>, Vec<u8>)>, name: Vec<u8>, value: Vec<u8>
 fn trim_nul(v: &mut Vec<u8>) {
     if let Some(n) = v.iter().position(|&c| c == 0) {
         v.truncate(n);
+    }
+}
+
+fn io_kind(e: io::Error) -> TarErrorKind {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        TarErrorKind::Truncated
+    } else {
+        TarErrorKind::Io(e)
     }
 }
 

@@ -49,6 +49,41 @@ fn check_modes(tar: &Path, src: &Path, work: &Path, cmp: Compare) {
         let m = mount_erofs(&img, &[]);
         assert_same_tree(&want, &snapshot(m.path(), cmp));
     }
+    // The same, from the tar as a file: data moves with copy_file_range, the index is built
+    // from headers only.
+    let direct = work.join("direct.erofs");
+    erofs_image::tar_file_to_image(
+        &std::fs::File::open(tar).unwrap(),
+        &std::fs::File::create(&direct).unwrap(),
+        &BuildOptions {
+            uuid: [4; 16],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fsck_all(&direct, None);
+    {
+        let m = mount_erofs(&direct, &[]);
+        assert_same_tree(&want, &snapshot(m.path(), cmp));
+    }
+    let direct_idx = work.join("direct-index.erofs");
+    erofs_image::tar_file_to_index_file(
+        &std::fs::File::open(tar).unwrap(),
+        &std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&direct_idx)
+            .unwrap(),
+        &BuildOptions::default(),
+    )
+    .unwrap();
+    fsck_all(&direct_idx, None);
+    {
+        let m = mount_erofs(&direct_idx, &[]);
+        assert_same_tree(&want, &snapshot(m.path(), cmp));
+    }
     // Tar index, one file.
     let idx = work.join("index.erofs");
     build_index_file(tar, &idx, &BuildOptions::default());

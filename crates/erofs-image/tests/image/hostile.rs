@@ -25,6 +25,25 @@ fn tar_of(entries: &[Entry]) -> Vec<u8> {
 }
 
 fn build_err(tar: &[u8]) -> String {
+    // The file fast paths must refuse the same input with the same message.
+    let t = tempfile::tempdir().unwrap();
+    let tp = t.path().join("in.tar");
+    std::fs::write(&tp, tar).unwrap();
+    let out = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(t.path().join("o"))
+        .unwrap();
+    let direct =
+        erofs_image::tar_file_to_image(&std::fs::File::open(&tp).unwrap(), &out, &oci_opts())
+            .expect_err("direct conversion must fail")
+            .to_string();
+    let direct_idx =
+        erofs_image::tar_file_to_index_file(&std::fs::File::open(&tp).unwrap(), &out, &oci_opts())
+            .expect_err("direct index must fail")
+            .to_string();
     let full = erofs_image::tar_to_image(tar, Cursor::new(Vec::new()), &oci_opts())
         .expect_err("full conversion must fail")
         .to_string();
@@ -32,6 +51,8 @@ fn build_err(tar: &[u8]) -> String {
         .expect_err("index must fail")
         .to_string();
     assert_eq!(full, idx);
+    assert_eq!(full, direct);
+    assert_eq!(full, direct_idx);
     full
 }
 

@@ -91,6 +91,20 @@ fn progress_bar(total: Option<u64>, quiet: bool) -> ProgressBar {
     }
 }
 
+/// Whether `source` is a regular file that is not gzip or zstd.
+fn plain_file(source: &Path) -> bool {
+    let Ok(f) = File::open(source) else {
+        return false;
+    };
+    if !f.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return false;
+    }
+    let mut head = [0u8; 4];
+    let n = f.read_at(&mut head, 0).unwrap_or(0);
+    erofs_image::compression::Compression::detect(&head[..n])
+        == erofs_image::compression::Compression::None
+}
+
 /// Open a tar source (`-` = stdin), decompressing gzip or zstd.
 fn open_tar(source: &Path, bar: &ProgressBar) -> anyhow::Result<Decompressed> {
     let raw: Box<dyn Read + Send> = if source == Path::new("-") {
@@ -127,6 +141,17 @@ pub fn run(a: MkfsArgs) -> anyhow::Result<ExitCode> {
             erofs_image::dir_to_image(&a.source, &mut image.file, &opts).with_context(|| {
                 format!("building {} from {}", a.image.display(), a.source.display())
             })?
+        }
+        Some(mode) if a.tar_out.is_none() && plain_file(&a.source) => {
+            // An uncompressed tar file: data moves file to file in the kernel.
+            let input =
+                File::open(&a.source).with_context(|| format!("opening {}", a.source.display()))?;
+            let r = if mode == TarMode::F {
+                erofs_image::tar_file_to_image(&input, &image.file, &opts)
+            } else {
+                erofs_image::tar_file_to_index_file(&input, &image.file, &opts)
+            };
+            r.with_context(|| format!("converting {}", a.source.display()))?
         }
         Some(TarMode::F) => {
             let input = open_tar(&a.source, &bar)?;

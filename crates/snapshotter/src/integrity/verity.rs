@@ -1,2 +1,297 @@
-//! fs-verity digests computed in userspace (the same value `FS_IOC_MEASURE_VERITY` and
-//! `fsverity digest` report): SHA-256 Merkle tree over 4 KiB blocks, no salt.
+//! Merkle trees computed in userspace:
+//!
+//! * the fs-verity file digest (what `FS_IOC_MEASURE_VERITY` and `fsverity digest` report):
+//!   SHA-256 tree over 4 KiB blocks, no salt, digest of the 256-byte `fsverity_descriptor`;
+//! * the dm-verity hash tree in veritysetup's format (hash type 1, SHA-256, salted), appended
+//!   to the layer after its data, with the verity superblock, and the `layer.erofs.dmverity`
+//!   sidecar that containerd's EROFS mount handler reads.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+const DIGEST: usize = 32;
+
+fn read_block(f: &File, off: u64, buf: &mut [u8], limit: u64) -> io::Result<()> {
+    buf.fill(0);
+    let want = ((limit - off) as usize).min(buf.len());
+    f.read_exact_at(&mut buf[..want], off)
+}
+
+/// The fs-verity digest of `len` bytes of `f` (SHA-256, `block` bytes per block, no salt),
+/// as `fsverity digest` prints it (without the `sha256:` prefix).
+pub fn fsverity_digest(f: &File, len: u64, block: usize) -> io::Result<[u8; 32]> {
+    let root = if len == 0 {
+        [0u8; DIGEST]
+    } else {
+        merkle_root(f, len, block, &[], None)?
+    };
+    let mut desc = [0u8; 256];
+    desc[0] = 1; // version
+    desc[1] = 1; // SHA-256
+    desc[2] = block.trailing_zeros() as u8;
+    desc[3] = 0; // salt size
+    desc[8..16].copy_from_slice(&len.to_le_bytes());
+    desc[16..16 + DIGEST].copy_from_slice(&root);
+    Ok(Sha256::digest(desc).into())
+}
+
+/// Hash `len` bytes of `f` into a Merkle tree: level 0 hashes the data blocks, each level
+/// hashes the blocks of the level below, until one block remains; the root is the hash of that
+/// block (of the data itself when it is one block). `salt` is prepended to every hashed block (dm-verity type 1; fs-verity with no salt
+/// is the same thing). When `levels_out` is given, every level's blocks are kept, lowest
+/// first.
+fn merkle_root(
+    f: &File,
+    len: u64,
+    block: usize,
+    salt: &[u8],
+    mut levels_out: Option<&mut Vec<Vec<u8>>>,
+) -> io::Result<[u8; 32]> {
+    let slot = DIGEST.next_power_of_two();
+    let hash = |data: &[u8]| -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(salt);
+        h.update(data);
+        h.finalize().into()
+    };
+    // A single data block is its own root: no tree at all.
+    let mut buf = vec![0u8; block];
+    if len <= block as u64 {
+        read_block(f, 0, &mut buf, len)?;
+        return Ok(hash(&buf));
+    }
+    // Level 0 from the data.
+    let mut level = Vec::new();
+    let mut off = 0u64;
+    let mut in_block = 0usize;
+    let mut cur = vec![0u8; block];
+    while off < len {
+        read_block(f, off, &mut buf, len)?;
+        cur[in_block * slot..in_block * slot + DIGEST].copy_from_slice(&hash(&buf));
+        in_block += 1;
+        if in_block * slot == block {
+            level.extend_from_slice(&cur);
+            cur.fill(0);
+            in_block = 0;
+        }
+        off += block as u64;
+    }
+    if in_block > 0 {
+        level.extend_from_slice(&cur);
+    }
+    // Upper levels until a single block.
+    loop {
+        if let Some(out) = levels_out.as_deref_mut() {
+            out.push(level.clone());
+        }
+        if level.len() == block {
+            return Ok(hash(&level));
+        }
+        let mut next = Vec::new();
+        let mut cur = vec![0u8; block];
+        let mut in_block = 0;
+        for b in level.chunks(block) {
+            cur[in_block * slot..in_block * slot + DIGEST].copy_from_slice(&hash(b));
+            in_block += 1;
+            if in_block * slot == block {
+                next.extend_from_slice(&cur);
+                cur.fill(0);
+                in_block = 0;
+            }
+        }
+        if in_block > 0 {
+            next.extend_from_slice(&cur);
+        }
+        level = next;
+    }
+}
+
+/// Where a layer's dm-verity tree is, as written to the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DmVerityMeta {
+    /// Root hash, hex.
+    pub roothash: String,
+    /// Byte offset of the verity superblock (= padded data size).
+    pub hashoffset: u64,
+}
+
+/// Salt used for layer trees: 32 zero bytes, as containerd's differ uses, so root hashes are
+/// reproducible across nodes.
+pub const DMVERITY_SALT: [u8; 32] = [0; 32];
+
+/// Append a dm-verity superblock and hash tree to `path` (data = its first `data_len` bytes,
+/// padded to `block`), veritysetup format: hash type 1, SHA-256, salted, data and hash block
+/// size `block`. Returns what the sidecar records.
+pub fn dmverity_format(
+    path: &Path,
+    data_len: u64,
+    block: usize,
+    uuid: [u8; 16],
+) -> io::Result<DmVerityMeta> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let data_blocks = data_len.div_ceil(block as u64);
+    let hash_offset = data_blocks * block as u64;
+    // Zero-pad the data to a whole block.
+    f.set_len(hash_offset)?;
+    let mut levels = Vec::new();
+    let root = merkle_root(&f, hash_offset, block, &DMVERITY_SALT, Some(&mut levels))?;
+    // Superblock.
+    let mut sb = vec![0u8; 512];
+    sb[0..8].copy_from_slice(b"verity\0\0");
+    sb[8..12].copy_from_slice(&1u32.to_le_bytes()); // version
+    sb[12..16].copy_from_slice(&1u32.to_le_bytes()); // hash type
+    sb[16..32].copy_from_slice(&uuid);
+    sb[32..38].copy_from_slice(b"sha256");
+    sb[64..68].copy_from_slice(&(block as u32).to_le_bytes());
+    sb[68..72].copy_from_slice(&(block as u32).to_le_bytes());
+    sb[72..80].copy_from_slice(&data_blocks.to_le_bytes());
+    sb[80..82].copy_from_slice(&(DMVERITY_SALT.len() as u16).to_le_bytes());
+    sb[88..88 + DMVERITY_SALT.len()].copy_from_slice(&DMVERITY_SALT);
+    let sb_area = 512u64.next_multiple_of(block as u64);
+    let mut w = io::BufWriter::new(&f);
+    use std::io::Seek;
+    w.seek(io::SeekFrom::Start(hash_offset))?;
+    w.write_all(&sb)?;
+    w.write_all(&vec![0u8; (sb_area - 512) as usize])?;
+    // The tree is stored top level first.
+    for level in levels.iter().rev() {
+        w.write_all(level)?;
+    }
+    w.flush()?;
+    drop(w);
+    f.sync_all()?;
+    Ok(DmVerityMeta {
+        roothash: hex::encode(root),
+        hashoffset: hash_offset,
+    })
+}
+
+/// Check a layer's dm-verity tree in userspace (what `veritysetup verify` does): recompute the
+/// tree over the data and compare the root and every stored level.
+pub fn dmverity_verify(path: &Path, meta: &DmVerityMeta, block: usize) -> io::Result<bool> {
+    let f = File::open(path)?;
+    let mut levels = Vec::new();
+    let root = merkle_root(
+        &f,
+        meta.hashoffset,
+        block,
+        &DMVERITY_SALT,
+        Some(&mut levels),
+    )?;
+    if hex::encode(root) != meta.roothash {
+        return Ok(false);
+    }
+    let mut off = meta.hashoffset + 512u64.next_multiple_of(block as u64);
+    for level in levels.iter().rev() {
+        let mut stored = vec![0u8; level.len()];
+        f.read_exact_at(&mut stored, off)?;
+        if &stored != level {
+            return Ok(false);
+        }
+        off += level.len() as u64;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn file_with(len: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        std::fs::write(&p, data).unwrap();
+        (d, p)
+    }
+
+    /// Our digest equals `fsverity digest` (Debian's fsverity-utils) for sizes around block
+    /// and tree-level boundaries.
+    #[test]
+    fn fsverity_digest_matches_fsverity_utils() {
+        for len in [
+            0usize,
+            1,
+            4095,
+            4096,
+            4097,
+            128 * 4096,
+            128 * 4096 + 1,
+            3 << 20,
+        ] {
+            let (_d, p) = file_with(len);
+            let ours =
+                hex::encode(fsverity_digest(&File::open(&p).unwrap(), len as u64, 4096).unwrap());
+            let out = Command::new("fsverity")
+                .args(["digest", "--hash-alg=sha256", "--block-size=4096"])
+                .arg(&p)
+                .output()
+                .expect("fsverity (Debian package fsverity) must be installed: run scripts/setup");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let theirs = String::from_utf8_lossy(&out.stdout);
+            let theirs = theirs
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string();
+            assert_eq!(ours, theirs, "length {len}");
+        }
+    }
+
+    /// veritysetup accepts our trees, for 4 KiB and 512-byte blocks, and rejects a flipped byte.
+    #[test]
+    fn dmverity_tree_passes_veritysetup() {
+        for (len, block) in [
+            (1usize, 4096usize),
+            (200_000, 4096),
+            (5 << 20, 4096),
+            (300_001, 512),
+        ] {
+            let (_d, p) = file_with(len);
+            let meta = dmverity_format(&p, len as u64, block, [7; 16]).unwrap();
+            assert!(dmverity_verify(&p, &meta, block).unwrap());
+            let run = |root: &str| {
+                Command::new("veritysetup")
+                    .arg("verify")
+                    .arg(&p)
+                    .arg(&p)
+                    .arg(root)
+                    .arg(format!("--hash-offset={}", meta.hashoffset))
+                    .output()
+                    .expect("veritysetup (Debian package cryptsetup-bin) must be installed: run scripts/setup")
+            };
+            let out = run(&meta.roothash);
+            assert!(
+                out.status.success(),
+                "len {len} block {block}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // A flipped data byte is caught.
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            let mut b = [0u8; 1];
+            File::open(&p)
+                .unwrap()
+                .read_exact_at(&mut b, (len / 2) as u64)
+                .unwrap();
+            f.write_all_at(&[b[0] ^ 1], (len / 2) as u64).unwrap();
+            assert!(
+                !run(&meta.roothash).status.success(),
+                "veritysetup missed a flipped byte"
+            );
+            assert!(!dmverity_verify(&p, &meta, block).unwrap());
+        }
+    }
+}
