@@ -47,7 +47,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
             socket = %cfg.address.display(),
             root = %cfg.root_path.display(),
             mount_mode = ?cfg.mount_mode,
-            fsverity = core.fsverity_enabled(),
+            fsverity = ?core.verity_mode(),
             capabilities = ?core.capabilities(),
             "serving containerd.services.snapshots.v1.Snapshots"
         );

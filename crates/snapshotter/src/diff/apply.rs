@@ -128,20 +128,33 @@ impl Snapshotter {
             .open(&tmp)
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
         let result = self.write_layer(&kind, desc, &out, &tmp, content, namespace);
+        let tar_index = kind == LayerKind::Tar && self.cfg.differ.enable_tar_index;
+        let sidecar = dir.join(crate::layout::DMVERITY_SIDECAR);
+        let sidecar_tmp = crate::integrity::dmverity::sidecar_tmp(&tmp);
         let result = result.and_then(|d| {
+            crate::integrity::after_apply(self, &tmp, tar_index)?;
             crate::failpoint::hit("apply:before-rename");
             out.sync_all()
                 .map_err(|e| Error::io("fsync of the layer", e))?;
+            // The sidecar goes in place before the layer it describes; a stale one from an
+            // earlier apply goes away.
+            if sidecar_tmp.exists() {
+                fs::rename(&sidecar_tmp, &sidecar)
+                    .map_err(|e| Error::io("renaming the dm-verity sidecar", e))?;
+            } else if sidecar.exists() {
+                fs::remove_file(&sidecar)
+                    .map_err(|e| Error::io("removing a stale dm-verity sidecar", e))?;
+            }
             fs::rename(&tmp, dir.join(LAYER)).map_err(|e| Error::io("renaming the layer", e))?;
             sync_dir(&dir)?;
             Ok(d)
         });
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&sidecar_tmp);
         }
         let applied = result
             .map_err(|e| e.context(format!("applying {} to snapshot {key:?}", desc.digest)))?;
-        crate::integrity::after_apply(self, id)?;
         tracing::info!(snapshot = %key, layer = %desc.digest, diff_id = %applied.digest, bytes = applied.size, "applied layer");
         Ok(applied)
     }

@@ -1,6 +1,7 @@
 //! Integrity and isolation around layers: fs-verity, FS_IMMUTABLE_FL, idmapped lowers and
 //! size-limited writable layers.
 
+pub mod dmverity;
 pub mod quota;
 pub mod verity;
 
@@ -15,11 +16,25 @@ use crate::store::LayerMeta;
 /// fs-verity block size used for layers (the page size on x86-64 and most arm64 hosts).
 pub const FSVERITY_BLOCK: u32 = 4096;
 
-/// Decide at start-up whether fs-verity is in force: wanted by the config and supported by
-/// the kernel and the filesystem under `root` (probed by enabling it on a scratch file).
-pub fn fsverity_policy(cfg: &Config, root: &Path) -> Result<bool> {
+/// How layers are protected by fs-verity digests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerityMode {
+    /// Not at all.
+    Off,
+    /// The kernel's fs-verity: enabled on every committed layer, checked on and measured
+    /// before every mount.
+    Kernel,
+    /// No kernel support (`fsverity = "auto"`): the same digest is computed in userspace at
+    /// commit and recomputed before a layer is mounted. Catches modified and replaced layers
+    /// at mount time, not reads of a layer modified while mounted.
+    Userspace,
+}
+
+/// Decide at start-up how fs-verity is used: wanted by the config, and supported by the kernel
+/// and the filesystem under `root` (probed by enabling it on a scratch file).
+pub fn fsverity_policy(cfg: &Config, root: &Path) -> Result<VerityMode> {
     if !cfg.fsverity_wanted() {
-        return Ok(false);
+        return Ok(VerityMode::Off);
     }
     let probe = root.join(format!(".fsverity-check-{}", std::process::id()));
     let r = (|| -> std::io::Result<std::result::Result<(), erofs_sys::fsverity::VerityError>> {
@@ -29,37 +44,56 @@ pub fn fsverity_policy(cfg: &Config, root: &Path) -> Result<bool> {
     })();
     let _ = std::fs::remove_file(&probe);
     let why = match r {
-        Ok(Ok(())) => return Ok(true),
+        Ok(Ok(())) => return Ok(VerityMode::Kernel),
         Ok(Err(e)) => e.to_string(),
         Err(e) => e.to_string(),
     };
     if cfg.snapshotter.fsverity == Toggle::On {
         return Err(Error::failed_precondition(format!(
-            "fs-verity is required (snapshotter.fsverity = \"on\") but unavailable on {}: {why}",
+            "fs-verity is required (snapshotter.fsverity = \"on\") but the kernel or the filesystem of {} lacks it: {why}",
             root.display()
         )));
     }
-    tracing::warn!(root = %root.display(), reason = %why, "fs-verity is enabled in the config but unsupported here; layers will not be protected by fs-verity (set snapshotter.fsverity = \"on\" to refuse to start instead)");
-    Ok(false)
+    tracing::warn!(
+        root = %root.display(),
+        reason = %why,
+        "fs-verity is unsupported here: layers get no kernel fs-verity; their digests are recorded and re-checked in userspace before each mount instead (set snapshotter.fsverity = \"on\" to refuse to start)"
+    );
+    Ok(VerityMode::Userspace)
+}
+
+fn userspace_digest(layer: &Path) -> Result<String> {
+    let f = File::open(layer).map_err(|e| Error::io(format!("opening {}", layer.display()), e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io("stat of a layer", e))?
+        .len();
+    let d = verity::fsverity_digest(&f, len, FSVERITY_BLOCK as usize)
+        .map_err(|e| Error::io(format!("hashing {}", layer.display()), e))?;
+    Ok(hex::encode(d))
 }
 
 /// After a layer is durable: enable fs-verity and record its digest, set the immutable flag.
 pub(crate) fn seal(s: &Snapshotter, layer: &Path, meta: &mut LayerMeta) -> Result<()> {
-    if s.fsverity {
-        let f =
-            File::open(layer).map_err(|e| Error::io(format!("opening {}", layer.display()), e))?;
-        match erofs_sys::fsverity::enable(&f, FSVERITY_BLOCK) {
-            Ok(()) | Err(erofs_sys::fsverity::VerityError::AlreadyEnabled) => {}
-            Err(e) => {
-                return Err(Error::internal(format!(
-                    "enabling fs-verity on {}: {e}",
-                    layer.display()
-                )));
+    match s.verity {
+        VerityMode::Off => {}
+        VerityMode::Kernel => {
+            let f = File::open(layer)
+                .map_err(|e| Error::io(format!("opening {}", layer.display()), e))?;
+            match erofs_sys::fsverity::enable(&f, FSVERITY_BLOCK) {
+                Ok(()) | Err(erofs_sys::fsverity::VerityError::AlreadyEnabled) => {}
+                Err(e) => {
+                    return Err(Error::internal(format!(
+                        "enabling fs-verity on {}: {e}",
+                        layer.display()
+                    )));
+                }
             }
+            let d = erofs_sys::fsverity::measure(&f)
+                .map_err(|e| Error::internal(format!("measuring {}: {e}", layer.display())))?;
+            meta.fsverity_digest = Some(hex::encode(d));
         }
-        let d = erofs_sys::fsverity::measure(&f)
-            .map_err(|e| Error::internal(format!("measuring {}: {e}", layer.display())))?;
-        meta.fsverity_digest = Some(hex::encode(d));
+        VerityMode::Userspace => meta.fsverity_digest = Some(userspace_digest(layer)?),
     }
     if s.cfg.snapshotter.set_immutable {
         match erofs_sys::flags::set_immutable_path(layer, true) {
@@ -72,42 +106,51 @@ pub(crate) fn seal(s: &Snapshotter, layer: &Path, meta: &mut LayerMeta) -> Resul
     Ok(())
 }
 
-/// Before a layer is mounted: with fs-verity in force, it must be on and its digest must be
-/// the one recorded at commit (a replaced file is caught, not only a modified one).
+/// Before a layer is mounted: its digest must be the one recorded at commit, so a modified or
+/// a replaced file is refused. With kernel fs-verity the check is a measurement; in userspace
+/// mode the digest is recomputed.
 pub(crate) fn verify_before_mount(
     s: &Snapshotter,
     id: u64,
     meta: Option<&LayerMeta>,
     name: &str,
 ) -> Result<()> {
-    if !s.fsverity {
-        return Ok(());
-    }
     let layer = s.layout.layer(id);
-    let f = File::open(&layer).map_err(|e| Error::io(format!("opening {}", layer.display()), e))?;
-    if !erofs_sys::fsverity::is_enabled(&f).unwrap_or(false) {
-        return Err(Error::failed_precondition(format!(
-            "fs-verity is not enabled on layer {name:?} ({})",
-            layer.display()
-        )));
-    }
-    let Some(want) = meta.and_then(|m| m.fsverity_digest.as_deref()) else {
-        return Ok(());
+    let want = meta.and_then(|m| m.fsverity_digest.as_deref());
+    let got = match s.verity {
+        VerityMode::Off => return Ok(()),
+        VerityMode::Kernel => {
+            let f = File::open(&layer)
+                .map_err(|e| Error::io(format!("opening {}", layer.display()), e))?;
+            if !erofs_sys::fsverity::is_enabled(&f).unwrap_or(false) {
+                return Err(Error::failed_precondition(format!(
+                    "fs-verity is not enabled on layer {name:?} ({}): refusing to mount it",
+                    layer.display()
+                )));
+            }
+            let d = erofs_sys::fsverity::measure(&f)
+                .map_err(|e| Error::internal(format!("measuring {}: {e}", layer.display())))?;
+            hex::encode(d)
+        }
+        VerityMode::Userspace if want.is_none() => return Ok(()),
+        VerityMode::Userspace => userspace_digest(&layer)?,
     };
-    let got = erofs_sys::fsverity::measure(&f)
-        .map_err(|e| Error::internal(format!("measuring {}: {e}", layer.display())))?;
-    if hex::encode(&got) != want {
-        return Err(Error::failed_precondition(format!(
-            "layer {name:?} ({}) does not match the fs-verity digest recorded at commit: the file was replaced",
+    match want {
+        Some(w) if w != got => Err(Error::failed_precondition(format!(
+            "layer {name:?} ({}) does not match the fs-verity digest recorded when it was committed: it was modified or replaced; refusing to mount it",
             layer.display()
-        )));
+        ))),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
-/// After the differ wrote a layer into an active snapshot (dm-verity formatting hooks in here).
-pub(crate) fn after_apply(_s: &Snapshotter, _id: u64) -> Result<()> {
-    Ok(())
+/// After the differ wrote a layer into an active snapshot (temporary name `tmp`, not yet in
+/// place): append the dm-verity tree and write the sidecar, when configured.
+pub(crate) fn after_apply(s: &Snapshotter, tmp: &Path, tar_index: bool) -> Result<()> {
+    if !s.cfg.differ.enable_dmverity {
+        return Ok(());
+    }
+    dmverity::format_layer(tmp, tar_index)
 }
 
 /// Before a layer is deleted: clear the immutable flag (filesystems without the flag are fine).

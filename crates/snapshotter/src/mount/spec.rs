@@ -48,6 +48,8 @@ pub struct Shape<'a> {
     pub lower_dirs: Vec<PathBuf>,
     /// The parents' layer blobs, immediate parent first (manager mode).
     pub lower_layers: Vec<PathBuf>,
+    /// The parents' dm-verity sidecars to name in their mounts (manager mode), or empty.
+    pub lower_sidecars: Vec<Option<PathBuf>>,
     /// Size-limited writable layer: the upper and work dirs live under `fs` (an ext4 image
     /// mounted there in host mode), in `upper/` and `work/`.
     pub block: Option<BlockShape>,
@@ -118,8 +120,16 @@ impl Shape<'_> {
         }
     }
 
-    fn erofs(layer: &Path) -> Mount {
-        Mount::new("erofs", p(layer), vec!["ro".into(), "loop".into()])
+    fn erofs(layer: &Path, sidecar: Option<&PathBuf>) -> Mount {
+        let mut opts = vec!["ro".to_string(), "loop".to_string()];
+        if let Some(s) = sidecar {
+            opts.push(format!("X-containerd.dmverity={}", p(s)));
+        }
+        Mount::new("erofs", p(layer), opts)
+    }
+
+    fn sidecar(&self, i: usize) -> Option<&PathBuf> {
+        self.lower_sidecars.get(i).and_then(Option::as_ref)
     }
 
     fn mkfs(&self, flag: &str) -> Option<Mount> {
@@ -142,7 +152,7 @@ impl Shape<'_> {
         let n = self.lower_layers.len();
         if n == 0 {
             if let Some(own) = &self.own_layer {
-                return vec![Self::erofs(own)];
+                return vec![Self::erofs(own, None)];
             }
             if let Some(mkfs) = self.mkfs(&self.rw()) {
                 return vec![
@@ -165,7 +175,7 @@ impl Shape<'_> {
             )];
         }
         if n == 1 && !self.writable {
-            return vec![Self::erofs(&self.lower_layers[0])];
+            return vec![Self::erofs(&self.lower_layers[0], self.sidecar(0))];
         }
         let mut out = Vec::new();
         let block = self.writable && self.block.is_some();
@@ -173,7 +183,12 @@ impl Shape<'_> {
             out.extend(self.mkfs("rw"));
         }
         let first = out.len();
-        out.extend(self.lower_layers.iter().map(|l| Self::erofs(l)));
+        out.extend(
+            self.lower_layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| Self::erofs(l, self.sidecar(i))),
+        );
         let mut opts = Vec::new();
         if self.writable {
             if block {
@@ -217,6 +232,7 @@ mod tests {
             lower_layers: (0..lowers)
                 .map(|i| PathBuf::from(format!("/r/snapshots/{}/layer.erofs", 8 - i)))
                 .collect(),
+            lower_sidecars: vec![],
             block: None,
             ovl_options: &[],
             idmap_options: vec![],

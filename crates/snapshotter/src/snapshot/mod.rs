@@ -60,8 +60,8 @@ pub struct Snapshotter {
     /// Creation holds it shared between staging and recording; Cleanup holds it exclusively,
     /// so it never mistakes a directory being recorded for an orphan.
     pub(crate) sweep_lock: RwLock<()>,
-    /// fs-verity is in force (wanted and supported).
-    pub(crate) fsverity: bool,
+    /// How fs-verity protects layers.
+    pub(crate) verity: crate::integrity::VerityMode,
     pub(crate) default_size: u64,
 }
 
@@ -123,7 +123,8 @@ impl Snapshotter {
         mk(layout.root())?;
         mk(&layout.snapshots())?;
         crate::mount::probe::check_host(layout.root())?;
-        let fsverity = crate::integrity::fsverity_policy(&cfg, layout.root())?;
+        let verity = crate::integrity::fsverity_policy(&cfg, layout.root())?;
+        crate::integrity::dmverity::check_policy(cfg.snapshotter.dmverity_mode)?;
         let store = Store::open(&layout.db())?;
         let s = Snapshotter {
             default_size: cfg.default_size_bytes(),
@@ -134,7 +135,7 @@ impl Snapshotter {
             locks: KeyLocks::default(),
             mount_lock: Mutex::new(()),
             sweep_lock: RwLock::new(()),
-            fsverity,
+            verity,
         };
         s.recover()?;
         Ok(s)
@@ -150,9 +151,9 @@ impl Snapshotter {
         &self.layout
     }
 
-    /// Whether fs-verity is in force.
-    pub fn fsverity_enabled(&self) -> bool {
-        self.fsverity
+    /// How fs-verity protects layers.
+    pub fn verity_mode(&self) -> crate::integrity::VerityMode {
+        self.verity
     }
 
     /// The capabilities to advertise to containerd.

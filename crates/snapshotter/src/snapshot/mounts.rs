@@ -67,6 +67,14 @@ impl Snapshotter {
                 .iter()
                 .map(|(_, p)| self.layout.layer(p.id))
                 .collect(),
+            lower_sidecars: if host {
+                Vec::new()
+            } else {
+                parents
+                    .iter()
+                    .map(|(n, p)| self.sidecar_for(p.id, n))
+                    .collect::<Result<_>>()?
+            },
             block: rec.writable_size.map(|size| BlockShape {
                 image: self.layout.rwlayer(rec.id),
                 size,
@@ -113,9 +121,50 @@ impl Snapshotter {
             )));
         }
         crate::integrity::verify_before_mount(self, id, meta, name)?;
+        let source = self.layer_source(id, name)?;
         self.mounter
-            .mount_erofs(&layer, &fs_dir)
+            .mount_erofs(&source, &fs_dir)
             .map_err(|e| e.context(format!("layer {name:?}")))
+    }
+
+    /// What to mount for layer `id`: a dm-verity device over it when it has a tree and the
+    /// kernel can verify it, the file otherwise (refused when `dmverity_mode = "on"`).
+    fn layer_source(&self, id: u64, name: &str) -> Result<PathBuf> {
+        use crate::config::Toggle;
+        use crate::integrity::dmverity;
+        let layer = self.layout.layer(id);
+        let mode = self.cfg.snapshotter.dmverity_mode;
+        if mode == Toggle::Off {
+            return Ok(layer);
+        }
+        match dmverity::read_sidecar(&self.layout.dir(id))? {
+            Some(meta) if dmverity::supported() => dmverity::activate(
+                &layer,
+                &meta,
+                &dmverity::device_name(self.layout.root(), id),
+            ),
+            Some(_) => Ok(layer),
+            None if mode == Toggle::On => Err(Error::failed_precondition(format!(
+                "dmverity_mode is \"on\" but layer {name:?} has no dm-verity metadata ({})",
+                self.layout.dmverity(id).display()
+            ))),
+            None => Ok(layer),
+        }
+    }
+
+    /// The sidecar of layer `id` for manager-mode mounts (`X-containerd.dmverity=`).
+    fn sidecar_for(&self, id: u64, name: &str) -> Result<Option<PathBuf>> {
+        use crate::config::Toggle;
+        let p = self.layout.dmverity(id);
+        match self.cfg.snapshotter.dmverity_mode {
+            Toggle::Off => Ok(None),
+            _ if p.exists() => Ok(Some(p)),
+            Toggle::On => Err(Error::failed_precondition(format!(
+                "dm-verity mode is 'on' but .dmverity metadata not found for layer {name:?} ({})",
+                p.display()
+            ))),
+            Toggle::Auto => Ok(None),
+        }
     }
 
     /// Size-limited active snapshots: the ext4 image mounted at `fs`, with `upper` and `work`.

@@ -39,6 +39,12 @@ impl Snapshotter {
                 self.mounter.unmount(&m.target)?;
             }
         }
+        if let Some(id) = self.layout.id_of(dir) {
+            crate::integrity::dmverity::deactivate(&crate::integrity::dmverity::device_name(
+                self.layout.root(),
+                id,
+            ));
+        }
         crate::integrity::release(&dir.join(crate::layout::LAYER));
         let name = dir
             .file_name()
