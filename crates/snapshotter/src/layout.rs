@@ -29,6 +29,8 @@ pub const MARKER: &str = ".erofslayer";
 pub const LAYER: &str = "layer.erofs";
 /// Temporary name while a layer image is written.
 pub const LAYER_TMP: &str = "layer.erofs.tmp";
+/// A converted layer whose commit is not recorded yet.
+pub const LAYER_PENDING: &str = "layer.erofs.pending";
 /// The dm-verity sidecar.
 pub const DMVERITY_SIDECAR: &str = "layer.erofs.dmverity";
 /// The ext4 image of a size-limited writable layer.

@@ -95,15 +95,18 @@ pub(crate) fn seal(s: &Snapshotter, layer: &Path, meta: &mut LayerMeta) -> Resul
         }
         VerityMode::Userspace => meta.fsverity_digest = Some(userspace_digest(layer)?),
     }
-    if s.cfg.snapshotter.set_immutable {
-        match erofs_sys::flags::set_immutable_path(layer, true) {
-            Ok(_) => meta.immutable = true,
-            Err(e) => {
-                tracing::warn!(layer = %layer.display(), error = %e, "could not set the immutable flag")
-            }
-        }
-    }
+    meta.immutable = s.cfg.snapshotter.set_immutable;
     Ok(())
+}
+
+/// Once a committed layer is in place: FS_IMMUTABLE_FL, when configured (a warning where the
+/// filesystem has no such flag).
+pub(crate) fn set_immutable(s: &Snapshotter, layer: &Path) {
+    if s.cfg.snapshotter.set_immutable
+        && let Err(e) = erofs_sys::flags::set_immutable_path(layer, true)
+    {
+        tracing::warn!(layer = %layer.display(), error = %e, "could not set the immutable flag");
+    }
 }
 
 /// Before a layer is mounted: its digest must be the one recorded at commit, so a modified or

@@ -5,7 +5,7 @@ use std::fs;
 use super::Snapshotter;
 use super::commit::empty_dir;
 use crate::error::{Error, Result};
-use crate::layout::{LAYER_TMP, REMOVING_PREFIX, STAGING_PREFIX};
+use crate::layout::{LAYER_PENDING, LAYER_TMP, REMOVING_PREFIX, STAGING_PREFIX};
 use crate::store::Kind;
 
 impl Snapshotter {
@@ -65,6 +65,20 @@ impl Snapshotter {
                 continue;
             }
             let _ = fs::remove_file(dir.join(LAYER_TMP));
+            let pending = dir.join(LAYER_PENDING);
+            if rec.kind == Kind::Committed
+                && !self.layout.layer(rec.id).exists()
+                && pending.exists()
+            {
+                // The commit was recorded but the layer not yet renamed into place.
+                fs::rename(&pending, self.layout.layer(rec.id))
+                    .map_err(|e| Error::io(format!("finishing the commit of {key:?}"), e))?;
+                crate::snapshot::sync_dir(&dir)?;
+                crate::integrity::set_immutable(self, &self.layout.layer(rec.id));
+            } else if rec.kind != Kind::Committed {
+                // A commit that was never recorded.
+                let _ = fs::remove_file(&pending);
+            }
             if rec.kind == Kind::Committed {
                 if !self.layout.layer(rec.id).exists() {
                     tracing::error!(snapshot = %key, "committed snapshot has no layer.erofs");

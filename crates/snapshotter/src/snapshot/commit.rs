@@ -8,6 +8,7 @@ use std::path::Path;
 
 use super::{Snapshotter, sync_dir, validate_key, validate_labels};
 use crate::error::{Error, Result};
+use crate::layout::LAYER_PENDING;
 use crate::store::{Kind, LayerMeta};
 
 impl Snapshotter {
@@ -24,45 +25,78 @@ impl Snapshotter {
         validate_key("key", key)?;
         validate_labels(&labels)?;
         let _g = self.locks.lock(&[key, name]);
+        let rebase = (!rebase.is_empty()).then_some(rebase);
+        // Everything the store will check, checked before the (long) conversion.
         let rec = self.store.read(|tx| {
             if tx.get(name)?.is_some() {
-                return Err(Error::already_exists(format!(
-                    "snapshot {name:?} already exists"
-                )));
+                return Err(Error::already_exists(format!("snapshot {name:?} already exists")));
             }
-            tx.require(key)
+            let rec = tx.require(key)?;
+            if rec.kind != Kind::Active {
+                return Err(Error::failed_precondition(format!("snapshot {key:?} is not active")));
+            }
+            if let Some(p) = rebase {
+                match &rec.parent {
+                    Some(cur) if cur != p => {
+                        return Err(Error::invalid_argument(format!(
+                            "cannot rebase snapshot {key:?} onto {p:?}: it already has parent {cur:?}"
+                        )));
+                    }
+                    Some(_) => {}
+                    None => {
+                        let pr = tx
+                            .get(p)?
+                            .ok_or_else(|| Error::not_found(format!("parent snapshot {p:?} does not exist")))?;
+                        if pr.kind != Kind::Committed {
+                            return Err(Error::invalid_argument(format!("parent {p:?} is not a committed snapshot")));
+                        }
+                    }
+                }
+            }
+            Ok(rec)
         })?;
-        if rec.kind != Kind::Active {
-            return Err(Error::failed_precondition(format!(
-                "snapshot {key:?} is not active"
-            )));
-        }
         let id = rec.id;
+        let dir = self.layout.dir(id);
         let layer = self.layout.layer(id);
+        let pending = dir.join(LAYER_PENDING);
         let block = rec.writable_size.is_some();
-        if !layer.exists() {
+        // A layer the differ wrote is already in place; a converted upper directory stays
+        // under a pending name until the commit is recorded, so a failed or interrupted commit
+        // leaves the active snapshot exactly as it was.
+        let converted = !layer.exists();
+        let source = if converted {
             let upper = if block {
                 self.ensure_writable_mounted(id, None)?;
                 self.layout.fs(id).join("upper")
             } else {
                 self.layout.fs(id)
             };
-            self.convert_upper(&upper, &self.layout.dir(id), rec.id)?;
-        }
+            self.convert_upper(&upper, &dir, &pending, id)?;
+            pending.clone()
+        } else {
+            layer.clone()
+        };
         crate::failpoint::hit("commit:after-layer");
-        let meta = self.seal_layer(id, key)?;
-        let usage = layer_usage(&layer)?;
-        self.store.write(|tx| {
-            tx.commit_active(
-                key,
-                name,
-                labels.clone(),
-                (!rebase.is_empty()).then_some(rebase),
-                usage,
-                meta.clone(),
-            )
-        })?;
+        let recorded = self.seal_layer(&source, key).and_then(|meta| {
+            let usage = layer_usage(&source)?;
+            self.store.write(|tx| {
+                tx.commit_active(key, name, labels.clone(), rebase, usage, meta.clone())
+            })
+        });
+        if let Err(e) = recorded {
+            if converted {
+                let _ = fs::remove_file(&pending);
+            }
+            return Err(e);
+        }
         crate::failpoint::hit("commit:after-db-commit");
+        if converted {
+            // Start-up recovery finishes this rename if it does not happen now.
+            fs::rename(&pending, &layer)
+                .map_err(|e| Error::io("putting the committed layer in place", e))
+                .and_then(|_| sync_dir(&dir))?;
+        }
+        crate::integrity::set_immutable(self, &layer);
         // The writable layer is no longer needed; failures here only waste space and are
         // retried at start-up.
         if let Err(e) = self.release_writable(id, block) {
@@ -71,9 +105,9 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Convert an upper directory into `dir/layer.erofs`: temporary name, fsync, rename,
+    /// Convert an upper directory into `target` (in `dir`): temporary name, fsync, rename,
     /// fsync of the directory.
-    fn convert_upper(&self, upper: &Path, dir: &Path, id: u64) -> Result<()> {
+    fn convert_upper(&self, upper: &Path, dir: &Path, target: &Path, id: u64) -> Result<()> {
         let tmp = dir.join(crate::layout::LAYER_TMP);
         let out = fs::OpenOptions::new()
             .read(true)
@@ -98,10 +132,7 @@ impl Snapshotter {
                 out.sync_all()
                     .map_err(|e| Error::io("fsync of the layer", e))
             })
-            .and_then(|_| {
-                fs::rename(&tmp, dir.join(crate::layout::LAYER))
-                    .map_err(|e| Error::io("renaming the layer", e))
-            })
+            .and_then(|_| fs::rename(&tmp, target).map_err(|e| Error::io("renaming the layer", e)))
             .and_then(|_| sync_dir(dir));
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -110,23 +141,22 @@ impl Snapshotter {
     }
 
     /// Integrity steps on a finished layer (fs-verity, immutable flag) and what to record.
-    fn seal_layer(&self, id: u64, key: &str) -> Result<LayerMeta> {
-        let layer = self.layout.layer(id);
+    fn seal_layer(&self, layer: &Path, key: &str) -> Result<LayerMeta> {
         let img = erofs_image::Image::open(
-            fs::File::open(&layer)
+            fs::File::open(layer)
                 .map_err(|e| Error::io(format!("opening {}", layer.display()), e))?,
         )
         .map_err(|e| Error::from(e).context(format!("layer of {key:?}")))?;
         let root = img.inode(img.root_nid())?;
         let mut meta = LayerMeta {
-            size: fs::metadata(&layer)
+            size: fs::metadata(layer)
                 .map_err(|e| Error::io("stat of the layer", e))?
                 .len(),
             root_uid: root.raw.uid,
             root_gid: root.raw.gid,
             ..Default::default()
         };
-        crate::integrity::seal(self, &layer, &mut meta)?;
+        crate::integrity::seal(self, layer, &mut meta)?;
         Ok(meta)
     }
 

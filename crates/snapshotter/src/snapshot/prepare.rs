@@ -38,6 +38,10 @@ impl Snapshotter {
     /// The writable-layer size of a new active snapshot: the `max-size` label when valid,
     /// otherwise `default_size` (0 = unlimited).
     fn writable_size(&self, labels: &BTreeMap<String, String>) -> u64 {
+        // As upstream: the label only matters when size limits are on (default_size > 0).
+        if self.default_size == 0 {
+            return 0;
+        }
         if let Some(v) = labels.get(LABEL_MAX_SIZE) {
             match v.trim().parse::<i64>() {
                 Ok(n) if n > 0 => return n as u64,

@@ -1,0 +1,18 @@
+//! The snapshotter conformance suite, bad-input tests and crash/fault tests, run against the
+//! real daemon (`erofs-snapshotter serve --config FILE`) over its Unix socket, with every
+//! returned mount performed for real. Needs root, erofs and overlayfs.
+//!
+//! - [`cases`]: containerd's `core/snapshots/testsuite` cases, plain and with quota.
+//! - [`badinput`]: hostile keys and labels, races, rebase, gRPC error codes.
+//! - [`faults`]: crash points (`EROFS_SNAPSHOTTER_CRASH_AT`) and `kill -9` during Commit.
+
+#[path = "conformance/badinput.rs"]
+mod badinput;
+#[path = "conformance/cases.rs"]
+mod cases;
+#[path = "conformance/client.rs"]
+mod client;
+#[path = "conformance/faults.rs"]
+mod faults;
+#[path = "conformance/fstest.rs"]
+mod fstest;

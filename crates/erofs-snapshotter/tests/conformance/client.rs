@@ -1,0 +1,965 @@
+//! The daemon under test and a gRPC client for it.
+//!
+//! Every test gets an [`Env`]: a private directory under `/tmp` holding the snapshotter root,
+//! the socket, the config, the daemon log and a `work/` area for mount points and reference
+//! trees. The daemon is the real binary (`erofs-snapshotter serve --config FILE`) and the
+//! client talks to it over its real Unix socket. Mounts the daemon returns are performed for
+//! real ([`mount_all`]). Dropping the `Env` stops the daemon and detaches every mount under
+//! the directory (deepest first) before deleting it, also when the test panics; on a panic
+//! the daemon log tail is printed (and with `ECT_KEEP=1` in the environment the directory
+//! of a failed test is kept, its mounts detached).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use containerd_api::containerd::services::snapshots::v1 as pb;
+use containerd_api::containerd::types::Mount;
+use pb::snapshots_client::SnapshotsClient;
+use rustix::mount::{MountFlags, UnmountFlags};
+use rustix::process::{Pid, Signal};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// The daemon binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
+/// The crash-point variable of the core (`snapshotter::failpoint::ENV`).
+pub const CRASH_ENV: &str = "EROFS_SNAPSHOTTER_CRASH_AT";
+/// containerd's GC root label, set on everything like upstream's suite does.
+pub const GC_ROOT: &str = "containerd.io/gc.root";
+
+/// Daemon configuration flavour: the suite runs in both, like upstream's `TestErofs` and
+/// `TestErofsWithQuota`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Plain upper directories.
+    Plain,
+    /// `[snapshotter] default_size = "64MB"`: an ext4 image per active snapshot.
+    Quota,
+}
+
+/// Labels as the API carries them.
+pub type Labels = HashMap<String, String>;
+
+/// Labels from pairs.
+pub fn labels(kv: &[(&str, &str)]) -> Labels {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The default label set of the suite (a GC root, like upstream's `opt`).
+pub fn default_labels() -> Labels {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    labels(&[(GC_ROOT, &now.to_string())])
+}
+
+/// A gRPC client of the Snapshots service. Cheap to clone (one shared channel).
+#[derive(Debug, Clone)]
+pub struct Sn {
+    c: SnapshotsClient<Channel>,
+    /// The `snapshotter` field sent with every request (containerd puts the proxy's name there).
+    pub snapshotter: String,
+}
+
+async fn channel(socket: &Path, lazy: bool) -> Result<Channel> {
+    let path = socket.to_path_buf();
+    let ep = Endpoint::try_from("http://[::]:50051")?;
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let p = path.clone();
+        async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(p).await?,
+            ))
+        }
+    });
+    Ok(if lazy {
+        ep.connect_with_connector_lazy(connector)
+    } else {
+        ep.connect_with_connector(connector)
+            .await
+            .with_context(|| format!("connecting to {}", socket.display()))?
+    })
+}
+
+fn req<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.set_timeout(Duration::from_secs(300));
+    r
+}
+
+impl Sn {
+    fn new(ch: Channel) -> Self {
+        Sn {
+            c: SnapshotsClient::new(ch),
+            snapshotter: "erofs-rs".into(),
+        }
+    }
+
+    /// This client with another `snapshotter` field.
+    pub fn named(&self, snapshotter: &str) -> Sn {
+        Sn {
+            c: self.c.clone(),
+            snapshotter: snapshotter.into(),
+        }
+    }
+
+    /// Prepare with the default labels.
+    pub async fn prepare(&self, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
+        self.prepare_with(key, parent, default_labels()).await
+    }
+
+    /// Prepare.
+    pub async fn prepare_with(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, Status> {
+        let r = self
+            .c
+            .clone()
+            .prepare(req(pb::PrepareSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+                parent: parent.into(),
+                labels,
+            }))
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    /// View with the default labels.
+    pub async fn view(&self, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
+        self.view_with(key, parent, default_labels()).await
+    }
+
+    /// View.
+    pub async fn view_with(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, Status> {
+        let r = self
+            .c
+            .clone()
+            .view(req(pb::ViewSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+                parent: parent.into(),
+                labels,
+            }))
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    /// Mounts.
+    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, Status> {
+        let r = self
+            .c
+            .clone()
+            .mounts(req(pb::MountsRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+            }))
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    /// Commit with the default labels and no rebase.
+    pub async fn commit(&self, name: &str, key: &str) -> Result<(), Status> {
+        self.commit_with(name, key, default_labels(), "").await
+    }
+
+    /// Commit; `parent` is the rebase parent (CommitSnapshotRequest field 5).
+    pub async fn commit_with(
+        &self,
+        name: &str,
+        key: &str,
+        labels: Labels,
+        parent: &str,
+    ) -> Result<(), Status> {
+        self.c
+            .clone()
+            .commit(req(pb::CommitSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                name: name.into(),
+                key: key.into(),
+                labels,
+                parent: parent.into(),
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// Remove.
+    pub async fn remove(&self, key: &str) -> Result<(), Status> {
+        self.c
+            .clone()
+            .remove(req(pb::RemoveSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// Stat.
+    pub async fn stat(&self, key: &str) -> Result<pb::Info, Status> {
+        let r = self
+            .c
+            .clone()
+            .stat(req(pb::StatSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+            }))
+            .await?;
+        r.into_inner()
+            .info
+            .ok_or_else(|| Status::internal("StatSnapshotResponse without info"))
+    }
+
+    /// Update with field-mask `paths`.
+    pub async fn update(&self, info: pb::Info, paths: &[&str]) -> Result<pb::Info, Status> {
+        let r = self
+            .c
+            .clone()
+            .update(req(pb::UpdateSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                info: Some(info),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: paths.iter().map(|p| p.to_string()).collect(),
+                }),
+            }))
+            .await?;
+        r.into_inner()
+            .info
+            .ok_or_else(|| Status::internal("UpdateSnapshotResponse without info"))
+    }
+
+    /// List (Walk): every batch of the stream.
+    pub async fn list_batches(&self, filters: &[&str]) -> Result<Vec<Vec<pb::Info>>, Status> {
+        let mut s = self
+            .c
+            .clone()
+            .list(req(pb::ListSnapshotsRequest {
+                snapshotter: self.snapshotter.clone(),
+                filters: filters.iter().map(|f| f.to_string()).collect(),
+            }))
+            .await?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(batch) = s.message().await? {
+            out.push(batch.info);
+        }
+        Ok(out)
+    }
+
+    /// List (Walk) calling `f` for every info as it arrives, while the stream is open.
+    pub async fn walk(
+        &self,
+        filters: &[&str],
+        mut f: impl AsyncFnMut(pb::Info) -> Result<()>,
+    ) -> Result<usize> {
+        let mut s = self
+            .c
+            .clone()
+            .list(req(pb::ListSnapshotsRequest {
+                snapshotter: self.snapshotter.clone(),
+                filters: filters.iter().map(|f| f.to_string()).collect(),
+            }))
+            .await?
+            .into_inner();
+        let mut batches = 0;
+        while let Some(batch) = s.message().await? {
+            batches += 1;
+            for i in batch.info {
+                f(i).await?;
+            }
+        }
+        Ok(batches)
+    }
+
+    /// List (Walk), flattened.
+    pub async fn list(&self, filters: &[&str]) -> Result<Vec<pb::Info>, Status> {
+        Ok(self
+            .list_batches(filters)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// Usage: (bytes, inodes).
+    pub async fn usage(&self, key: &str) -> Result<(i64, i64), Status> {
+        let r = self
+            .c
+            .clone()
+            .usage(req(pb::UsageRequest {
+                snapshotter: self.snapshotter.clone(),
+                key: key.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok((r.size, r.inodes))
+    }
+
+    /// Cleanup.
+    pub async fn cleanup(&self) -> Result<(), Status> {
+        self.c
+            .clone()
+            .cleanup(req(pb::CleanupRequest {
+                snapshotter: self.snapshotter.clone(),
+            }))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Fails unless `r` is an error with `code`; returns the status.
+pub fn expect_code<T: std::fmt::Debug>(
+    r: Result<T, Status>,
+    code: Code,
+    what: &str,
+) -> Result<Status> {
+    match r {
+        Ok(v) => bail!("{what}: expected {code:?}, got success: {v:?}"),
+        Err(s) if s.code() == code => Ok(s),
+        Err(s) => bail!(
+            "{what}: expected {code:?}, got {:?}: {}",
+            s.code(),
+            s.message()
+        ),
+    }
+}
+
+/// The kind of an info.
+pub fn kind(i: &pb::Info) -> pb::Kind {
+    pb::Kind::try_from(i.kind).unwrap_or(pb::Kind::Unknown)
+}
+
+/// A prost timestamp as a `SystemTime`.
+pub fn time(t: &Option<prost_types::Timestamp>) -> SystemTime {
+    let t = t.unwrap_or_default();
+    UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32)
+}
+
+/// A test's world: directory, daemon, client.
+pub struct Env {
+    /// `/tmp/ect-XXXX`: everything of this test.
+    pub base: PathBuf,
+    /// The snapshotter root.
+    pub root: PathBuf,
+    /// Mount points and reference trees.
+    pub work: PathBuf,
+    /// The daemon socket.
+    pub socket: PathBuf,
+    /// The config file.
+    pub config: PathBuf,
+    /// The daemon log (all runs appended).
+    pub log: PathBuf,
+    /// The configuration flavour.
+    pub mode: Mode,
+    /// The client (replaced on every daemon start).
+    pub sn: Sn,
+    daemon: Option<Child>,
+    seq: AtomicU32,
+    reported: bool,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env").field("base", &self.base).finish()
+    }
+}
+
+/// Runs a test body on a fresh [`Env`] (daemon started): an error fails the test with the
+/// daemon log tail; the env is torn down in any case.
+pub fn run<F>(mode: Mode, f: F)
+where
+    F: AsyncFnOnce(&mut Env) -> Result<()>,
+{
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the conformance suite needs root (it mounts)"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async move {
+        let mut env = match Env::new(mode) {
+            Ok(e) => e,
+            Err(e) => panic!("creating the test environment: {e:#}"),
+        };
+        if let Err(e) = env.start_daemon(None).await {
+            env.reported = true;
+            panic!("starting the daemon: {e:#}");
+        }
+        let t0 = Instant::now();
+        let r = f(&mut env).await;
+        eprintln!("test body took {:?}", t0.elapsed());
+        if let Err(e) = r {
+            env.reported = true;
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            panic!(
+                "{}\n--- daemon log tail ({}) ---\n{}",
+                chain.join("\n  caused by: "),
+                env.log.display(),
+                env.log_tail(60)
+            );
+        }
+        if let Err(e) = env.stop_daemon() {
+            env.reported = true;
+            panic!(
+                "stopping the daemon: {e:#}\n--- daemon log tail ---\n{}",
+                env.log_tail(60)
+            );
+        }
+    });
+}
+
+impl Env {
+    fn new(mode: Mode) -> Result<Env> {
+        let base = tempfile::Builder::new()
+            .prefix("ect-")
+            .tempdir_in("/tmp")?
+            .keep();
+        let root = base.join("root");
+        let work = base.join("work");
+        fs::create_dir_all(&work)?;
+        let socket = base.join("s.sock");
+        let config = base.join("config.toml");
+        let log = base.join("daemon.log");
+        let mut toml = format!(
+            "root_path = {:?}\naddress = {:?}\n",
+            root.display().to_string(),
+            socket.display().to_string()
+        );
+        if mode == Mode::Quota {
+            toml.push_str("[snapshotter]\ndefault_size = \"64MB\"\n");
+        }
+        fs::write(&config, toml)?;
+        let sn = Sn::new(Endpoint::try_from("http://[::]:50051")?.connect_lazy());
+        Ok(Env {
+            base,
+            root,
+            work,
+            socket,
+            config,
+            log,
+            mode,
+            sn,
+            daemon: None,
+            seq: AtomicU32::new(0),
+            reported: false,
+        })
+    }
+
+    /// `ROOT/snapshots`.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// Starts the daemon (none may be running), with `crash_at` as the crash point, and
+    /// connects the client.
+    pub async fn start_daemon(&mut self, crash_at: Option<&str>) -> Result<()> {
+        ensure!(self.daemon.is_none(), "a daemon is already running");
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        writeln!(
+            log,
+            "===== test: starting the daemon (crash point: {crash_at:?}) ====="
+        )?;
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove(CRASH_ENV)
+            .env("EROFS_SNAPSHOTTER_LOG", "debug")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        if let Some(p) = crash_at {
+            cmd.env(CRASH_ENV, p);
+        }
+        let mut child = cmd.spawn().with_context(|| format!("spawning {BIN}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                bail!(
+                    "the daemon exited during start-up ({st}); log tail:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the daemon does not accept connections on {} after 30s; log tail:\n{}",
+                    self.socket.display(),
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.daemon = Some(child);
+        self.sn = Sn::new(channel(&self.socket, false).await?);
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        self.daemon
+            .as_ref()
+            .and_then(|c| Pid::from_raw(c.id() as i32))
+    }
+
+    /// Stops the daemon gracefully (SIGTERM, SIGKILL after 20 s); fails unless it exits 0.
+    pub fn stop_daemon(&mut self) -> Result<()> {
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let _ = rustix::process::kill_process(pid, Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let child = self.daemon.as_mut().expect("running");
+        loop {
+            if let Some(st) = child.try_wait()? {
+                self.daemon = None;
+                ensure!(st.success(), "the daemon exited with {st} after SIGTERM");
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                bail!("the daemon did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `kill -9` the daemon (its process group) and reap it.
+    pub fn kill9(&mut self) -> Option<ExitStatus> {
+        let pid = self.pid()?;
+        let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+        self.daemon.take().and_then(|mut c| c.wait().ok())
+    }
+
+    /// Waits for the daemon to die on its own (a crash point); returns its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.daemon.as_mut().context("no daemon running")?;
+            if let Some(st) = child.try_wait()? {
+                self.daemon = None;
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                bail!("the daemon is still running after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits for a crash point to abort the daemon and checks it was SIGABRT.
+    pub async fn expect_abort(&mut self, point: &str) -> Result<()> {
+        let st = self.wait_exit(Duration::from_secs(60)).await?;
+        ensure!(
+            st.signal() == Some(6),
+            "expected the daemon to abort at {point}, it exited with {st}"
+        );
+        ensure!(
+            self.log_tail(20)
+                .contains(&format!("crash point {point} reached")),
+            "the daemon died but did not report crash point {point}"
+        );
+        Ok(())
+    }
+
+    /// Stop (gracefully if running) and start again on the same root, without crash point.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop_daemon()?;
+        self.start_daemon(None).await
+    }
+
+    /// The last `n` lines of the daemon log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = fs::read(&self.log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// A containerd-like backend key (`testsuite/N/name`: namespace, sequence, user key).
+    pub fn key(&self, name: &str) -> String {
+        format!(
+            "testsuite/{}/{name}",
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// A fresh directory under `work/`.
+    pub fn new_dir(&self, prefix: &str) -> Result<PathBuf> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let d = self.work.join(format!("{prefix}-{n}"));
+        fs::create_dir_all(&d)?;
+        Ok(d)
+    }
+
+    /// Performs `mounts` on a fresh directory under `work/` named after `prefix`.
+    pub fn mount(&self, mounts: &[Mount], prefix: &str) -> Result<Mounted> {
+        let target = self.new_dir(prefix)?;
+        mount_all(mounts, &target)
+    }
+
+    /// The numeric snapshot directories and the other entries of `ROOT/snapshots`.
+    pub fn snapshot_dirs(&self) -> Result<(BTreeSet<u64>, Vec<String>)> {
+        let mut ids = BTreeSet::new();
+        let mut other = Vec::new();
+        for e in fs::read_dir(self.snapshots_dir())? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            match name.parse::<u64>() {
+                Ok(id) => {
+                    ids.insert(id);
+                }
+                Err(_) => other.push(name),
+            }
+        }
+        Ok((ids, other))
+    }
+
+    /// `ROOT/snapshots/ID`.
+    pub fn snapshot_dir(&self, id: u64) -> PathBuf {
+        self.snapshots_dir().join(id.to_string())
+    }
+
+    /// The snapshot id a path under `ROOT/snapshots/ID/...` belongs to.
+    pub fn id_of(&self, path: &Path) -> Option<u64> {
+        let rest = path.strip_prefix(self.snapshots_dir()).ok()?;
+        rest.components().next()?.as_os_str().to_str()?.parse().ok()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.reported {
+            eprintln!(
+                "--- daemon log tail ({}) ---\n{}",
+                self.log.display(),
+                self.log_tail(60)
+            );
+        }
+        if let Some(pid) = self.pid() {
+            let _ = rustix::process::kill_process(pid, Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let child = self.daemon.as_mut().expect("running");
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.kill9();
+        }
+        let keep = std::thread::panicking() && std::env::var_os("ECT_KEEP").is_some();
+        match unmount_all_under(&self.base) {
+            Ok(()) if keep => eprintln!("ECT_KEEP: leaving {}", self.base.display()),
+            Ok(()) => {
+                if let Err(e) = fs::remove_dir_all(&self.base) {
+                    eprintln!("removing {}: {e}", self.base.display());
+                }
+            }
+            Err(e) => eprintln!("leaving {} behind: {e:#}", self.base.display()),
+        }
+    }
+}
+
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One entry of the mount table.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    /// Mount id.
+    pub id: u64,
+    /// Mount point.
+    pub target: PathBuf,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Source.
+    pub source: String,
+}
+
+/// The calling process's mount table.
+pub fn mount_table() -> Result<Vec<MountEntry>> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        if pre.len() < 5 || post.len() < 2 {
+            continue;
+        }
+        out.push(MountEntry {
+            id: pre[0].parse().unwrap_or(0),
+            target: PathBuf::from(unescape(pre[4])),
+            fstype: post[0].to_string(),
+            source: unescape(post[1]),
+        });
+    }
+    Ok(out)
+}
+
+/// Mounts at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Result<Vec<MountEntry>> {
+    Ok(mount_table()?
+        .into_iter()
+        .filter(|m| m.target.starts_with(dir))
+        .collect())
+}
+
+/// Detaches every mount at or below `dir`, deepest (then newest) first, until none is left.
+pub fn unmount_all_under(dir: &Path) -> Result<()> {
+    for _ in 0..200 {
+        let mut v = mounts_under(dir)?;
+        if v.is_empty() {
+            return Ok(());
+        }
+        v.sort_by(|a, b| {
+            b.target
+                .components()
+                .count()
+                .cmp(&a.target.components().count())
+                .then(b.id.cmp(&a.id))
+        });
+        let mut progressed = false;
+        for m in &v {
+            if rustix::mount::unmount(&m.target, UnmountFlags::DETACH).is_ok() {
+                progressed = true;
+            }
+        }
+        if !progressed {
+            bail!(
+                "cannot unmount {:?}",
+                v.iter().map(|m| &m.target).collect::<Vec<_>>()
+            );
+        }
+    }
+    bail!("mounts under {} keep coming back", dir.display())
+}
+
+/// Mounts performed on a target; unmounted (detached) on drop if not unmounted explicitly.
+#[derive(Debug)]
+pub struct Mounted {
+    target: PathBuf,
+    layers: usize,
+}
+
+impl Mounted {
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+
+    /// Unmount (not lazily: a busy mount is an error after a few retries).
+    pub fn unmount(mut self) -> Result<()> {
+        while self.layers > 0 {
+            let mut tries = 0;
+            loop {
+                match rustix::mount::unmount(&self.target, UnmountFlags::empty()) {
+                    Ok(()) => break,
+                    Err(rustix::io::Errno::BUSY) if tries < 100 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        bail!("unmounting {}: {e}", self.target.display())
+                    }
+                }
+            }
+            self.layers -= 1;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        while self.layers > 0 {
+            if rustix::mount::unmount(&self.target, UnmountFlags::DETACH).is_err() {
+                break;
+            }
+            self.layers -= 1;
+        }
+    }
+}
+
+/// A parsed overlay mount.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overlay {
+    /// Lower dirs, top first.
+    pub lowers: Vec<PathBuf>,
+    /// Upper dir.
+    pub upper: Option<PathBuf>,
+    /// Work dir.
+    pub work: Option<PathBuf>,
+    /// Everything else.
+    pub other: Vec<String>,
+}
+
+/// Parse the options of an `overlay` mount.
+pub fn parse_overlay(m: &Mount) -> Result<Overlay> {
+    ensure!(m.r#type == "overlay", "not an overlay mount: {m:?}");
+    let mut o = Overlay::default();
+    for opt in &m.options {
+        if let Some(v) = opt.strip_prefix("lowerdir=") {
+            ensure!(o.lowers.is_empty(), "two lowerdir options in {m:?}");
+            o.lowers = v.split(':').map(PathBuf::from).collect();
+        } else if let Some(v) = opt.strip_prefix("upperdir=") {
+            o.upper = Some(v.into());
+        } else if let Some(v) = opt.strip_prefix("workdir=") {
+            o.work = Some(v.into());
+        } else {
+            o.other.push(opt.clone());
+        }
+    }
+    ensure!(
+        !o.lowers.is_empty(),
+        "overlay mount without lowerdir: {m:?}"
+    );
+    ensure!(
+        o.upper.is_some() == o.work.is_some(),
+        "overlay mount with only one of upperdir and workdir: {m:?}"
+    );
+    Ok(o)
+}
+
+/// Whether a mount list gives a writable root.
+pub fn is_writable(mounts: &[Mount]) -> bool {
+    mounts.last().is_some_and(|m| match m.r#type.as_str() {
+        "bind" => m.options.iter().any(|o| o == "rw") && !m.options.iter().any(|o| o == "ro"),
+        "overlay" => m.options.iter().any(|o| o.starts_with("upperdir=")),
+        _ => false,
+    })
+}
+
+/// Performs `mounts` on `target`, in order, exactly as described: `bind` (recursive with
+/// `rbind`, then remounted read-only with `ro`) and `overlay` (`lowerdir=` in the given order,
+/// top first); any other type, or an unknown option, is an error.
+pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<Mounted> {
+    ensure!(!mounts.is_empty(), "empty mount list");
+    let mut done = Mounted {
+        target: target.to_path_buf(),
+        layers: 0,
+    };
+    for m in mounts {
+        ensure!(m.target.is_empty(), "mount with a target: {m:?}");
+        match m.r#type.as_str() {
+            "bind" => {
+                let mut ro = false;
+                let mut recursive = false;
+                for o in &m.options {
+                    match o.as_str() {
+                        "ro" => ro = true,
+                        "rw" => ro = false,
+                        "rbind" => recursive = true,
+                        "bind" => {}
+                        other => bail!("unexpected bind option {other:?} in {m:?}"),
+                    }
+                }
+                let src = Path::new(&m.source);
+                ensure!(src.is_absolute(), "bind source is not absolute: {m:?}");
+                if recursive {
+                    rustix::mount::mount_bind_recursive(src, target)
+                } else {
+                    rustix::mount::mount_bind(src, target)
+                }
+                .with_context(|| format!("bind-mounting {m:?} on {}", target.display()))?;
+                done.layers += 1;
+                if ro {
+                    rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "")
+                        .with_context(|| format!("remounting {} read-only", target.display()))?;
+                }
+            }
+            "overlay" => {
+                ensure!(m.source == "overlay", "overlay source {:?}", m.source);
+                let o = parse_overlay(m)?;
+                let lowers: Vec<&Path> = o.lowers.iter().map(PathBuf::as_path).collect();
+                let uw = match (&o.upper, &o.work) {
+                    (Some(u), Some(w)) => Some((u.as_path(), w.as_path())),
+                    _ => None,
+                };
+                erofs_sys::mount::mount_overlay(target, &lowers, uw, &o.other)
+                    .with_context(|| format!("mounting {m:?} on {}", target.display()))?;
+                done.layers += 1;
+            }
+            other => bail!(
+                "unexpected mount type {other:?} (host mode returns bind and overlay only): {m:?}"
+            ),
+        }
+    }
+    Ok(done)
+}
+
+/// Where a mount list's snapshot dirs are: for a bind, its source; for an overlay, its upper
+/// (if any) and lowers. Returns (own/upper dir, lower dirs).
+pub fn mount_dirs(mounts: &[Mount]) -> Result<(Option<PathBuf>, Vec<PathBuf>)> {
+    ensure!(mounts.len() == 1, "expected one mount, got {mounts:?}");
+    let m = &mounts[0];
+    match m.r#type.as_str() {
+        "bind" => Ok((Some(PathBuf::from(&m.source)), Vec::new())),
+        "overlay" => {
+            let o = parse_overlay(m)?;
+            Ok((o.upper, o.lowers))
+        }
+        t => bail!("unexpected mount type {t}"),
+    }
+}
+
+/// A `BTreeMap` of a directory's entries: name → is_dir.
+pub fn list_dir(dir: &Path) -> Result<BTreeMap<String, bool>> {
+    let mut out = BTreeMap::new();
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        out.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            e.file_type()?.is_dir(),
+        );
+    }
+    Ok(out)
+}
