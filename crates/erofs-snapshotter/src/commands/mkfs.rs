@@ -106,7 +106,7 @@ fn plain_file(source: &Path) -> bool {
 }
 
 /// Open a tar source (`-` = stdin), decompressing gzip or zstd.
-fn open_tar(source: &Path, bar: &ProgressBar) -> anyhow::Result<Decompressed> {
+fn open_tar(source: &Path, bar: &ProgressBar) -> anyhow::Result<snapshotter::diff::Pipeline> {
     let raw: Box<dyn Read + Send> = if source == Path::new("-") {
         Box::new(io::stdin())
     } else {
@@ -118,14 +118,16 @@ fn open_tar(source: &Path, bar: &ProgressBar) -> anyhow::Result<Decompressed> {
         }
         Box::new(f)
     };
-    Decompressed::new(
+    let dec = Decompressed::new(
         Progress {
             inner: raw,
             bar: bar.clone(),
         },
         BombGuard::default(),
     )
-    .with_context(|| format!("reading {}", source.display()))
+    .with_context(|| format!("reading {}", source.display()))?;
+    // Decompress on its own thread: gunzip is the bottleneck and the tar walk overlaps it.
+    Ok(snapshotter::diff::Pipeline::start(Box::new(dec)))
 }
 
 pub fn run(a: MkfsArgs) -> anyhow::Result<ExitCode> {

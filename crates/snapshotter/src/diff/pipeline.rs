@@ -1,6 +1,7 @@
-//! Decompression and hashing on a second thread, so unpacking uses both cores: one
-//! decompresses and hashes the uncompressed stream (the layer's diffID), the other parses tar
-//! and writes the image. Buffers are bounded (8 x 1 MiB in flight).
+//! Decompression on a second thread, so unpacking uses both cores: one thread only
+//! decompresses (the bottleneck for gzip layers), the other hashes the uncompressed stream
+//! (the layer's diffID), parses the tar and writes the image. Buffers are bounded (8 x 1 MiB
+//! in flight).
 
 use std::io::{self, Read};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -26,8 +27,10 @@ pub struct Pipeline {
     cur: Vec<u8>,
     pos: usize,
     done: bool,
-    handle: Option<JoinHandle<io::Result<StreamSummary>>>,
+    handle: Option<JoinHandle<io::Result<()>>>,
     recycle: SyncSender<Vec<u8>>,
+    hasher: Sha256,
+    size: u64,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -44,8 +47,6 @@ impl Pipeline {
         let handle = std::thread::Builder::new()
             .name("layer-decompress".into())
             .spawn(move || {
-                let mut h = Sha256::new();
-                let mut size = 0u64;
                 loop {
                     let mut buf = spare
                         .try_recv()
@@ -66,8 +67,6 @@ impl Pipeline {
                         }
                     }
                     buf.truncate(n);
-                    h.update(&buf);
-                    size += n as u64;
                     if n == 0 {
                         break;
                     }
@@ -76,10 +75,7 @@ impl Pipeline {
                         break;
                     }
                 }
-                Ok(StreamSummary {
-                    digest: format!("sha256:{}", hex::encode(h.finalize())),
-                    size,
-                })
+                Ok(())
             })
             .expect("spawning the decompression thread");
         Pipeline {
@@ -89,6 +85,8 @@ impl Pipeline {
             done: false,
             handle: Some(handle),
             recycle,
+            hasher: Sha256::new(),
+            size: 0,
         }
     }
 
@@ -96,9 +94,17 @@ impl Pipeline {
     pub fn finish(mut self) -> io::Result<StreamSummary> {
         io::copy(&mut self, &mut io::sink())?;
         let h = self.handle.take().expect("joined once");
+        let summary = StreamSummary {
+            digest: format!(
+                "sha256:{}",
+                hex::encode(std::mem::take(&mut self.hasher).finalize())
+            ),
+            size: self.size,
+        };
         drop(self);
         h.join()
-            .map_err(|_| io::Error::other("decompression thread panicked"))?
+            .map_err(|_| io::Error::other("decompression thread panicked"))??;
+        Ok(summary)
     }
 }
 
@@ -110,6 +116,9 @@ impl Read for Pipeline {
             }
             match self.rx.recv() {
                 Ok(Ok(buf)) => {
+                    // Hashing here keeps the decompression thread free for decompressing.
+                    self.hasher.update(&buf);
+                    self.size += buf.len() as u64;
                     let old = std::mem::replace(&mut self.cur, buf);
                     let _ = self.recycle.try_send(old);
                     self.pos = 0;
