@@ -1,0 +1,277 @@
+//! The image CLI: exit statuses, messages, and no output left behind on failure.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use erofs_image::tar::{Entry, EntryKind, TarWriter};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_erofs-snapshotter"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("running the binary")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn sample_tar(path: &Path) {
+    let mut w = TarWriter::new(fs::File::create(path).unwrap());
+    w.append_bytes(&Entry::new("etc", EntryKind::Directory), &[])
+        .unwrap();
+    w.append_bytes(&Entry::new("etc/motd", EntryKind::Regular), b"hello\n")
+        .unwrap();
+    let mut l = Entry::new("etc/link", EntryKind::Symlink);
+    l.link = b"motd".to_vec();
+    w.append_bytes(&l, &[]).unwrap();
+    w.append_bytes(&Entry::new("etc/.wh.gone", EntryKind::Regular), &[])
+        .unwrap();
+    w.finish().unwrap();
+}
+
+/// Only the expected files are in `dir`: no image, no temporary file.
+fn only(dir: &Path, names: &[&str]) {
+    let mut got: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(got, want, "files left in {}", dir.display());
+}
+
+#[test]
+fn build_list_cat_stat_check() {
+    let t = tempfile::tempdir().unwrap();
+    let tar = t.path().join("l.tar");
+    sample_tar(&tar);
+    let img = t.path().join("l.erofs");
+    for mode in ["--tar=f", "--tar=i"] {
+        let o = run(&[
+            "mkfs",
+            "-q",
+            mode,
+            "--aufs",
+            img.to_str().unwrap(),
+            tar.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let o = run(&["fsck", img.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("0 error(s)"));
+        let o = run(&["ls", "-l", img.to_str().unwrap(), "/etc"]);
+        let out = text(&o);
+        assert!(
+            out.contains("motd") && out.contains("link -> motd") && out.contains("c---------"),
+            "{out}"
+        );
+        let o = run(&["cat", img.to_str().unwrap(), "/etc/motd"]);
+        assert_eq!(o.stdout, b"hello\n");
+        let o = run(&["stat", img.to_str().unwrap(), "/etc/motd"]);
+        assert!(text(&o).contains("Size: 6"), "{}", text(&o));
+        let o = run(&["cat", img.to_str().unwrap(), "/nope"]);
+        assert!(
+            !o.status.success() && text(&o).contains("/nope"),
+            "{}",
+            text(&o)
+        );
+    }
+    // From stdin, gzip.
+    let gz = t.path().join("l.tar.gz");
+    let mut e =
+        flate2::write::GzEncoder::new(fs::File::create(&gz).unwrap(), flate2::Compression::fast());
+    std::io::copy(&mut fs::File::open(&tar).unwrap(), &mut e).unwrap();
+    e.finish().unwrap();
+    let o = bin()
+        .args([
+            "mkfs",
+            "-q",
+            "--tar=f",
+            "--aufs",
+            img.to_str().unwrap(),
+            "-",
+        ])
+        .stdin(Stdio::from(fs::File::open(&gz).unwrap()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        run(&["cat", img.to_str().unwrap(), "/etc/motd"]).stdout,
+        b"hello\n"
+    );
+    // From a directory.
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), b"x").unwrap();
+    let o = run(&["mkfs", "-q", img.to_str().unwrap(), src.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(run(&["cat", img.to_str().unwrap(), "/d/f"]).stdout, b"x");
+}
+
+#[test]
+fn bad_tars_leave_nothing_behind() {
+    let t = tempfile::tempdir().unwrap();
+    let good = t.path().join("good.tar");
+    let mut w = TarWriter::new(fs::File::create(&good).unwrap());
+    w.append_bytes(
+        &Entry::new("big-file", EntryKind::Regular),
+        &vec![1u8; 100_000],
+    )
+    .unwrap();
+    w.finish().unwrap();
+    let bytes = fs::read(&good).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated.tar", bytes[..50_000].to_vec(), "big-file"),
+        (
+            "checksum.tar",
+            {
+                let mut b = bytes.clone();
+                b[3] ^= 1;
+                b
+            },
+            "checksum",
+        ),
+        (
+            "dotdot.tar",
+            {
+                let mut w = TarWriter::new(Vec::new());
+                w.append_bytes(&Entry::new("a/../../etc/passwd", EntryKind::Regular), b"x")
+                    .unwrap();
+                w.finish().unwrap()
+            },
+            "a/../../etc/passwd",
+        ),
+        (
+            "hardlink.tar",
+            {
+                let mut w = TarWriter::new(Vec::new());
+                let mut l = Entry::new("link", EntryKind::Hardlink);
+                l.link = b"missing".to_vec();
+                w.append_bytes(&l, &[]).unwrap();
+                w.finish().unwrap()
+            },
+            "missing",
+        ),
+    ];
+    for (name, data, needle) in cases {
+        let input = t.path().join(name);
+        fs::write(&input, &data).unwrap();
+        for mode in ["--tar=f", "--tar=i"] {
+            let out_dir = t.path().join(format!("out-{name}-{mode}"));
+            fs::create_dir(&out_dir).unwrap();
+            let img = out_dir.join("x.erofs");
+            let o = run(&[
+                "mkfs",
+                "-q",
+                mode,
+                img.to_str().unwrap(),
+                input.to_str().unwrap(),
+            ]);
+            assert!(!o.status.success(), "{name} {mode}: should fail");
+            assert!(text(&o).contains(needle), "{name} {mode}: {}", text(&o));
+            only(&out_dir, &[]);
+            // Through stdin (the streaming path) too.
+            let o = bin()
+                .args(["mkfs", "-q", mode, img.to_str().unwrap(), "-"])
+                .stdin(Stdio::from(fs::File::open(&input).unwrap()))
+                .output()
+                .unwrap();
+            assert!(
+                !o.status.success() && text(&o).contains(needle),
+                "{name} {mode} stdin: {}",
+                text(&o)
+            );
+            only(&out_dir, &[]);
+        }
+    }
+}
+
+#[test]
+fn options_are_checked_by_name() {
+    let t = tempfile::tempdir().unwrap();
+    let tar = t.path().join("l.tar");
+    sample_tar(&tar);
+    let img = t.path().join("x.erofs");
+    for (args, needle) in [
+        (vec!["-Efancy"], "fancy"),
+        (vec!["-U", "not-a-uuid"], "not-a-uuid"),
+        (vec!["-b", "3000"], "3000"),
+        (vec!["--sort=random"], "random"),
+    ] {
+        let mut a = vec!["mkfs", "-q", "--tar=f"];
+        a.extend(args.iter().copied());
+        a.extend([img.to_str().unwrap(), tar.to_str().unwrap()]);
+        let o = run(&a);
+        assert!(
+            !o.status.success() && text(&o).contains(needle),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    only(t.path(), &["l.tar"]);
+    // Reproducible with a fixed UUID and timestamp.
+    let a = t.path().join("a.erofs");
+    let b = t.path().join("b.erofs");
+    for p in [&a, &b] {
+        let o = run(&[
+            "mkfs",
+            "-q",
+            "--tar=f",
+            "--aufs",
+            "-T0",
+            "--mkfs-time",
+            "-Uclear",
+            p.to_str().unwrap(),
+            tar.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+}
+
+#[test]
+fn fsck_reports_corruption() {
+    let t = tempfile::tempdir().unwrap();
+    let tar = t.path().join("l.tar");
+    sample_tar(&tar);
+    let img = t.path().join("x.erofs");
+    assert!(
+        run(&[
+            "mkfs",
+            "-q",
+            "--tar=f",
+            img.to_str().unwrap(),
+            tar.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
+    let mut b = fs::read(&img).unwrap();
+    b[1024 + 40] ^= 0x01; // meta_blkaddr, checksum no longer matches
+    fs::write(&img, &b).unwrap();
+    let o = run(&["fsck", img.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("checksum"), "{}", text(&o));
+}
+
+#[test]
+fn help_reads_well() {
+    let o = run(&["--help"]);
+    let h = text(&o);
+    for cmd in ["serve", "mkfs", "fsck", "ls", "cat", "stat", "dump"] {
+        assert!(h.contains(cmd), "{h}");
+    }
+    let h = text(&run(&["mkfs", "--help"]));
+    assert!(
+        h.contains("--tar") && h.contains("--aufs") && h.contains("noinline_data"),
+        "{h}"
+    );
+}
