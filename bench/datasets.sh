@@ -20,7 +20,7 @@ if [ ! -f python.tar ]; then
   rm -rf py-root
   python3 -m venv py-root/venv
   py-root/venv/bin/pip install -q --disable-pip-version-check \
-    numpy scipy pandas sympy matplotlib scikit-learn networkx pillow requests jinja2
+    numpy scipy pandas sympy matplotlib scikit-learn networkx pillow requests jinja2 plotly
   tar --format=posix --numeric-owner -C py-root -cf python.tar.tmp .
   mv python.tar.tmp python.tar
   rm -rf py-root
