@@ -9,14 +9,18 @@ use snapshotter::{Config, Snapshotter};
 
 use crate::cli::ServeArgs;
 
-async fn shutdown_signal() {
+/// Install SIGTERM/SIGINT handlers now (before the socket exists, so no signal can arrive
+/// unhandled) and return a future that resolves on the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
-        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+            _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
+        }
+    })
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -34,6 +38,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
+        let shutdown = shutdown_signal().context("installing signal handlers")?;
         let open_cfg = cfg.clone();
         let core = tokio::task::spawn_blocking(move || {
             Snapshotter::open(open_cfg, Arc::new(SystemMounter::default()))
@@ -51,7 +56,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
             capabilities = ?core.capabilities(),
             "serving containerd.services.snapshots.v1.Snapshots"
         );
-        erofs_grpc::serve(core.clone(), listener, shutdown_signal()).await?;
+        erofs_grpc::serve(core.clone(), listener, shutdown).await?;
         let _ = std::fs::remove_file(&cfg.address);
         // Dropping the last reference closes the store.
         drop(core);

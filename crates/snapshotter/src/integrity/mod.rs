@@ -135,7 +135,13 @@ pub(crate) fn verify_before_mount(
                 .map_err(|e| Error::internal(format!("measuring {}: {e}", layer.display())))?;
             hex::encode(d)
         }
-        VerityMode::Userspace if want.is_none() => return Ok(()),
+        VerityMode::Userspace if want.is_none() => {
+            tracing::warn!(
+                layer = name,
+                "layer has no recorded fs-verity digest (committed before fs-verity was enabled); mounting it unchecked"
+            );
+            return Ok(());
+        }
         VerityMode::Userspace => userspace_digest(&layer)?,
     };
     match want {
@@ -168,20 +174,21 @@ pub(crate) fn release(layer: &Path) {
     }
 }
 
-/// Whether idmapped mounts can be made (Linux 5.12+ with mount_setattr; probed once).
-pub fn idmap_supported() -> bool {
+/// Whether idmapped mounts can be made here (Linux 5.12+ with mount_setattr), probed once on
+/// a private directory under `root` (so unrelated mounts elsewhere cannot spoil the answer).
+pub fn idmap_supported(root: &Path) -> bool {
     static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SUPPORTED.get_or_init(|| {
-        let Ok(dir) = std::env::temp_dir().canonicalize() else {
-            return false;
-        };
-        let Ok(userns) =
-            erofs_sys::idmap::create_userns(&[(0, 100000, 65536)], &[(0, 100000, 65536)])
-        else {
-            return false;
-        };
         use std::os::fd::AsFd;
-        erofs_sys::idmap::idmapped_clone(&dir, userns.as_fd()).is_ok()
+        let dir = root.join(format!(".idmap-check-{}", std::process::id()));
+        if std::fs::create_dir_all(&dir).is_err() {
+            return false;
+        }
+        let ok = erofs_sys::idmap::create_userns(&[(0, 100000, 65536)], &[(0, 100000, 65536)])
+            .ok()
+            .is_some_and(|userns| erofs_sys::idmap::idmapped_clone(&dir, userns.as_fd()).is_ok());
+        let _ = std::fs::remove_dir(&dir);
+        ok
     })
 }
 

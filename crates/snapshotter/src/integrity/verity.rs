@@ -64,24 +64,15 @@ fn merkle_root(
         read_block(f, 0, &mut buf, len)?;
         return Ok(hash(&buf));
     }
-    // Level 0 from the data.
-    let mut level = Vec::new();
-    let mut off = 0u64;
-    let mut in_block = 0usize;
-    let mut cur = vec![0u8; block];
-    while off < len {
-        read_block(f, off, &mut buf, len)?;
-        cur[in_block * slot..in_block * slot + DIGEST].copy_from_slice(&hash(&buf));
-        in_block += 1;
-        if in_block * slot == block {
-            level.extend_from_slice(&cur);
-            cur.fill(0);
-            in_block = 0;
+    // Level 0 from the data, hashed on every core.
+    let hashes = leaf_hashes(f, len, block, salt)?;
+    let mut level = Vec::with_capacity(hashes.len() * slot);
+    for group in hashes.chunks(block / slot) {
+        let start = level.len();
+        level.resize(start + block, 0);
+        for (i, h) in group.iter().enumerate() {
+            level[start + i * slot..start + i * slot + DIGEST].copy_from_slice(h);
         }
-        off += block as u64;
-    }
-    if in_block > 0 {
-        level.extend_from_slice(&cur);
     }
     // Upper levels until a single block.
     loop {
@@ -108,6 +99,45 @@ fn merkle_root(
         }
         level = next;
     }
+}
+
+/// Salted hashes of every `block`-sized block of the first `len` bytes of `f` (the last one
+/// zero-padded), computed by as many threads as there are cores, each on its own range.
+fn leaf_hashes(f: &File, len: u64, block: usize, salt: &[u8]) -> io::Result<Vec<[u8; 32]>> {
+    let n = len.div_ceil(block as u64) as usize;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |p| p.get())
+        .clamp(1, 8);
+    let per = n.div_ceil(threads).max(1);
+    let mut out = vec![[0u8; DIGEST]; n];
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for (t, part) in out.chunks_mut(per).enumerate() {
+            handles.push(scope.spawn(move || -> io::Result<()> {
+                let first = (t * per) as u64;
+                let chunk_blocks = ((1usize << 20) / block).max(1);
+                let mut buf = vec![0u8; chunk_blocks * block];
+                for (c, hashes) in part.chunks_mut(chunk_blocks).enumerate() {
+                    let off = (first + (c * chunk_blocks) as u64) * block as u64;
+                    let want = ((len - off) as usize).min(hashes.len() * block);
+                    buf.fill(0);
+                    f.read_exact_at(&mut buf[..want], off)?;
+                    for (i, h) in hashes.iter_mut().enumerate() {
+                        let mut d = Sha256::new();
+                        d.update(salt);
+                        d.update(&buf[i * block..(i + 1) * block]);
+                        *h = d.finalize().into();
+                    }
+                }
+                Ok(())
+            }));
+        }
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| io::Error::other("hashing thread panicked"))?
+        })
+    })?;
+    Ok(out)
 }
 
 /// Where a layer's dm-verity tree is, as written to the sidecar.

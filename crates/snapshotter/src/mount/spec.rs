@@ -43,6 +43,8 @@ pub struct Shape<'a> {
     pub work: PathBuf,
     /// This snapshot's own layer blob, when the differ has already filled it.
     pub own_layer: Option<PathBuf>,
+    /// Its dm-verity sidecar to name in the mount (manager mode).
+    pub own_sidecar: Option<PathBuf>,
     /// The parents' `fs` directories (host mode: where their layers are mounted), immediate
     /// parent first.
     pub lower_dirs: Vec<PathBuf>,
@@ -152,7 +154,7 @@ impl Shape<'_> {
         let n = self.lower_layers.len();
         if n == 0 {
             if let Some(own) = &self.own_layer {
-                return vec![Self::erofs(own, None)];
+                return vec![Self::erofs(own, self.own_sidecar.as_ref())];
             }
             if let Some(mkfs) = self.mkfs(&self.rw()) {
                 return vec![
@@ -226,6 +228,7 @@ mod tests {
             fs: "/r/snapshots/9/fs".into(),
             work: "/r/snapshots/9/work".into(),
             own_layer: None,
+            own_sidecar: None,
             lower_dirs: (0..lowers)
                 .map(|i| PathBuf::from(format!("/r/snapshots/{}/fs", 8 - i)))
                 .collect(),

@@ -131,6 +131,16 @@ impl Snapshotter {
             }),
             Kind::View => Ok(Usage::default()),
             Kind::Active => {
+                if rec.writable_size.is_some()
+                    && self.cfg.mount_mode == crate::config::MountMode::Host
+                {
+                    // After a reboot the ext4 image is not mounted until someone asks.
+                    let parents = self.store.read(|tx| tx.parents(&rec))?;
+                    let owner = parents
+                        .first()
+                        .and_then(|(_, p)| p.layer.as_ref().map(|l| (l.root_uid, l.root_gid)));
+                    self.ensure_writable_mounted(rec.id, owner)?;
+                }
                 let upper = if rec.writable_size.is_some() {
                     self.layout.fs(rec.id).join("upper")
                 } else {

@@ -159,7 +159,7 @@ impl Snapshotter {
     /// The capabilities to advertise to containerd.
     pub fn capabilities(&self) -> Vec<&'static str> {
         let mut caps = vec!["rebase", "only-remap-ids"];
-        if crate::integrity::idmap_supported() {
+        if crate::integrity::idmap_supported(self.layout.root()) {
             caps.push("remap-ids");
         }
         caps

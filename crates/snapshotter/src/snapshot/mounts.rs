@@ -58,6 +58,10 @@ impl Snapshotter {
             writable: rec.kind == Kind::Active,
             fs: self.layout.fs(rec.id),
             work: self.layout.work(rec.id),
+            own_sidecar: match &own_layer {
+                Some(_) if !host => self.sidecar_for(rec.id, "")?,
+                _ => None,
+            },
             own_layer,
             lower_dirs: parents
                 .iter()

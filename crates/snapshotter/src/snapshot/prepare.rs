@@ -135,10 +135,26 @@ impl Snapshotter {
         drop(sweep);
         crate::failpoint::hit("prepare:after-db-commit");
         sync_dir(&self.layout.snapshots())?;
-        if writable.is_some() && kind == Kind::Active {
-            self.ensure_writable_mounted(rec.id, owner)?;
+        let mounted = if writable.is_some() && kind == Kind::Active {
+            self.ensure_writable_mounted(rec.id, owner)
+        } else {
+            Ok(())
         }
-        self.mounts_of(&rec, &parents)
+        .and_then(|_| self.mounts_of(&rec, &parents));
+        match mounted {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                // A snapshot whose mounts cannot be given (a layer failing its integrity
+                // check, a mount error) is not left half-created.
+                if let Err(re) = self.store.write(|tx| tx.remove(key).map(|_| ())) {
+                    tracing::error!(snapshot = key, error = %re, "rolling back a failed creation");
+                }
+                if let Err(re) = self.destroy_dir(&self.layout.dir(rec.id)) {
+                    tracing::warn!(snapshot = key, error = %re, "removing the directory of a failed creation");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Build the directory of a new snapshot under a temporary name.

@@ -69,7 +69,7 @@ impl Timestamp {
 /// What is known about a committed layer's blob.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerMeta {
-    /// Bytes of `layer.erofs` (the data part; dm-verity trees come after it).
+    /// Bytes of `layer.erofs` as committed (with any dm-verity tree appended to it).
     pub size: u64,
     /// fs-verity digest (hex SHA-256) measured at commit, checked before every mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,1099 @@
+//! The daemon under test with a given configuration, gRPC clients for its Snapshots and Diff
+//! services, and the helpers the integrity tests share.
+//!
+//! Every [`Env`] owns a private directory (under `/tmp`, or a directory it is given, e.g.
+//! below a containerd instance's base directory) with the snapshotter root, the socket, the
+//! config, the daemon log, a content store directory for the differ and a `work/` area for
+//! mount points. Dropping it stops the daemon, detaches every mount below the directory
+//! (deepest first), clears `FS_IMMUTABLE_FL` on everything left (immutable layers cannot be
+//! deleted otherwise) and deletes the directory, also when the test panics.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use containerd_api::containerd::services::diff::v1 as dpb;
+use containerd_api::containerd::services::snapshots::v1 as pb;
+use containerd_api::containerd::types::{Descriptor, Mount};
+use dpb::diff_client::DiffClient;
+use pb::snapshots_client::SnapshotsClient;
+use rustix::mount::{MountFlags, UnmountFlags};
+use rustix::process::{Pid, Signal};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// The daemon binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
+/// The core's crash-point variable (`snapshotter::failpoint::ENV`).
+pub const CRASH_ENV: &str = "EROFS_SNAPSHOTTER_CRASH_AT";
+/// `ENOSPC`.
+pub const ENOSPC: i32 = 28;
+/// `EPERM`.
+pub const EPERM: i32 = 1;
+/// The id mapping of the idmap tests: container ids 0..65536 are host ids 100000..165536.
+pub const MAP: &str = "0:100000:65536";
+/// Label with the writable layer size of one snapshot.
+pub const LABEL_MAX_SIZE: &str = "containerd.io/snapshot/max-size";
+/// Labels with user-namespace id mappings.
+pub const LABEL_UIDMAPPING: &str = "containerd.io/snapshot/uidmapping";
+/// See [`LABEL_UIDMAPPING`].
+pub const LABEL_GIDMAPPING: &str = "containerd.io/snapshot/gidmapping";
+
+/// Labels as the API carries them.
+pub type Labels = HashMap<String, String>;
+
+/// Labels from pairs.
+pub fn labels(kv: &[(&str, &str)]) -> Labels {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The daemon's configuration, by section; `root_path`, `address` and the differ's
+/// `content_root` and `containerd_address` are filled in by [`Env`] unless given here.
+#[derive(Debug, Clone, Default)]
+pub struct Cfg {
+    top: Vec<String>,
+    snapshotter: Vec<String>,
+    differ: Vec<String>,
+}
+
+impl Cfg {
+    /// Nothing but the defaults.
+    pub fn new() -> Self {
+        Cfg::default()
+    }
+    /// A top-level line (`mount_mode = "manager"`).
+    pub fn top(mut self, line: &str) -> Self {
+        self.top.push(line.into());
+        self
+    }
+    /// A `[snapshotter]` line.
+    pub fn sn(mut self, line: &str) -> Self {
+        self.snapshotter.push(line.into());
+        self
+    }
+    /// A `[differ]` line.
+    pub fn df(mut self, line: &str) -> Self {
+        self.differ.push(line.into());
+        self
+    }
+
+    fn render(&self, root: &Path, socket: &Path, content: &Path, base: &Path) -> String {
+        let mut t = format!(
+            "root_path = {:?}\naddress = {:?}\n",
+            root.display().to_string(),
+            socket.display().to_string()
+        );
+        for l in &self.top {
+            t.push_str(l);
+            t.push('\n');
+        }
+        t.push_str("[snapshotter]\n");
+        for l in &self.snapshotter {
+            t.push_str(l);
+            t.push('\n');
+        }
+        t.push_str("[differ]\n");
+        if !self.differ.iter().any(|l| l.starts_with("content_root")) {
+            t.push_str(&format!(
+                "content_root = {:?}\n",
+                content.display().to_string()
+            ));
+        }
+        if !self
+            .differ
+            .iter()
+            .any(|l| l.starts_with("containerd_address"))
+        {
+            // Nothing listens there: blobs come from the content directory only.
+            t.push_str(&format!(
+                "containerd_address = {:?}\n",
+                base.join("no-containerd.sock").display().to_string()
+            ));
+        }
+        for l in &self.differ {
+            t.push_str(l);
+            t.push('\n');
+        }
+        t
+    }
+}
+
+fn req<T>(m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.set_timeout(Duration::from_secs(600));
+    r
+}
+
+async fn channel(socket: &Path) -> Result<Channel> {
+    let path = socket.to_path_buf();
+    let ep = Endpoint::try_from("http://[::]:50051")?;
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let p = path.clone();
+        async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(p).await?,
+            ))
+        }
+    });
+    ep.connect_with_connector(connector)
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))
+}
+
+/// A client of the daemon's Snapshots and Diff services.
+#[derive(Debug, Clone)]
+pub struct Client {
+    sn: SnapshotsClient<Channel>,
+    df: DiffClient<Channel>,
+}
+
+const SNAPSHOTTER: &str = "erofs-rs";
+
+impl Client {
+    fn new(ch: Channel) -> Self {
+        Client {
+            sn: SnapshotsClient::new(ch.clone()),
+            df: DiffClient::new(ch),
+        }
+    }
+
+    /// Prepare.
+    pub async fn prepare(&self, key: &str, parent: &str, l: Labels) -> Result<Vec<Mount>, Status> {
+        let r = self
+            .sn
+            .clone()
+            .prepare(req(pb::PrepareSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+                parent: parent.into(),
+                labels: l,
+            }))
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    /// View.
+    pub async fn view(&self, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
+        self.view_with(key, parent, Labels::new()).await
+    }
+
+    /// View with labels.
+    pub async fn view_with(
+        &self,
+        key: &str,
+        parent: &str,
+        l: Labels,
+    ) -> Result<Vec<Mount>, Status> {
+        let r = self
+            .sn
+            .clone()
+            .view(req(pb::ViewSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+                parent: parent.into(),
+                labels: l,
+            }))
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    /// Mounts.
+    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, Status> {
+        let r = self
+            .sn
+            .clone()
+            .mounts(req(pb::MountsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            }))
+            .await?;
+        Ok(r.into_inner().mounts)
+    }
+
+    /// Commit.
+    pub async fn commit(&self, name: &str, key: &str) -> Result<(), Status> {
+        self.sn
+            .clone()
+            .commit(req(pb::CommitSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                name: name.into(),
+                key: key.into(),
+                labels: Labels::new(),
+                parent: String::new(),
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// Remove.
+    pub async fn remove(&self, key: &str) -> Result<(), Status> {
+        self.sn
+            .clone()
+            .remove(req(pb::RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            }))
+            .await?;
+        Ok(())
+    }
+
+    /// Stat.
+    pub async fn stat(&self, key: &str) -> Result<pb::Info, Status> {
+        let r = self
+            .sn
+            .clone()
+            .stat(req(pb::StatSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            }))
+            .await?;
+        r.into_inner()
+            .info
+            .ok_or_else(|| Status::internal("StatSnapshotResponse without info"))
+    }
+
+    /// Usage: (bytes, inodes).
+    pub async fn usage(&self, key: &str) -> Result<(i64, i64), Status> {
+        let r = self
+            .sn
+            .clone()
+            .usage(req(pb::UsageRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: key.into(),
+            }))
+            .await?
+            .into_inner();
+        Ok((r.size, r.inodes))
+    }
+
+    /// Diff.Apply of `desc` onto `mounts`; returns the applied (uncompressed) descriptor.
+    pub async fn apply(&self, desc: &Descriptor, mounts: &[Mount]) -> Result<Descriptor, Status> {
+        let r = self
+            .df
+            .clone()
+            .apply(req(dpb::ApplyRequest {
+                diff: Some(desc.clone()),
+                mounts: mounts.to_vec(),
+                ..Default::default()
+            }))
+            .await?;
+        r.into_inner()
+            .applied
+            .ok_or_else(|| Status::internal("ApplyResponse without a descriptor"))
+    }
+}
+
+/// Fails unless `r` is an error with `code`; returns the status.
+pub fn expect_code<T: std::fmt::Debug>(
+    r: Result<T, Status>,
+    code: Code,
+    what: &str,
+) -> Result<Status> {
+    match r {
+        Ok(v) => bail!("{what}: expected {code:?}, got success: {v:?}"),
+        Err(s) if s.code() == code => Ok(s),
+        Err(s) => bail!(
+            "{what}: expected {code:?}, got {:?}: {}",
+            s.code(),
+            s.message()
+        ),
+    }
+}
+
+/// A test's world: directory, daemon, client.
+pub struct Env {
+    /// Everything of this test.
+    pub base: PathBuf,
+    /// The snapshotter root.
+    pub root: PathBuf,
+    /// Mount points and scratch files.
+    pub work: PathBuf,
+    /// containerd-style content store directory (`blobs/sha256/HEX`) the differ reads.
+    pub content: PathBuf,
+    /// The daemon socket.
+    pub socket: PathBuf,
+    /// The config file.
+    pub config: PathBuf,
+    /// The daemon log (all runs appended).
+    pub log: PathBuf,
+    cfg: Cfg,
+    daemon: Option<Child>,
+    client: Option<Client>,
+    seq: AtomicU32,
+    /// Removes `base` itself on drop (false when it belongs to someone else's tree).
+    own_base: bool,
+    ping: bool,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env").field("base", &self.base).finish()
+    }
+}
+
+impl Env {
+    /// A fresh directory `/tmp/eit-XXXX` with `cfg` written; the daemon is not started.
+    pub fn new(cfg: Cfg) -> Result<Env> {
+        let base = tempfile::Builder::new()
+            .prefix("eit-")
+            .tempdir_in("/tmp")?
+            .keep();
+        Self::in_dir(base, cfg, true)
+    }
+
+    /// [`new`](Self::new) with the snapshotter root on a fresh `fstype` mount (`tmpfs`,
+    /// `ramfs`).
+    pub fn on_fs(cfg: Cfg, fstype: &str) -> Result<Env> {
+        let env = Self::new(cfg)?;
+        fs::create_dir_all(&env.root)?;
+        let fstype_c = std::ffi::CString::new(fstype)?;
+        rustix::mount::mount(
+            fstype_c.as_c_str(),
+            &env.root,
+            fstype_c.as_c_str(),
+            MountFlags::empty(),
+            c"mode=0700",
+        )
+        .with_context(|| format!("mounting a {fstype} at {}", env.root.display()))?;
+        Ok(env)
+    }
+
+    /// An environment in `base` (created if needed; e.g. below a containerd base directory).
+    /// `own_base`: remove `base` on drop.
+    pub fn in_dir(base: PathBuf, cfg: Cfg, own_base: bool) -> Result<Env> {
+        fs::create_dir_all(&base)?;
+        // Searchable by everyone: user-namespace tests resolve paths below it as an
+        // unmapped (other) user.
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o755))?;
+        let work = base.join("work");
+        let content = base.join("content");
+        fs::create_dir_all(&work)?;
+        fs::create_dir_all(content.join("blobs/sha256"))?;
+        let env = Env {
+            root: base.join("root"),
+            socket: base.join("s.sock"),
+            config: base.join("config.toml"),
+            log: base.join("daemon.log"),
+            work,
+            content,
+            base,
+            cfg,
+            daemon: None,
+            client: None,
+            seq: AtomicU32::new(0),
+            own_base,
+            ping: true,
+        };
+        env.write_config()?;
+        Ok(env)
+    }
+
+    fn write_config(&self) -> Result<()> {
+        fs::write(
+            &self.config,
+            self.cfg
+                .render(&self.root, &self.socket, &self.content, &self.base),
+        )?;
+        Ok(())
+    }
+
+    /// Replace the configuration (takes effect at the next start).
+    pub fn set_config(&mut self, cfg: Cfg) -> Result<()> {
+        self.cfg = cfg;
+        self.write_config()
+    }
+
+    /// The client (the daemon must be running).
+    pub fn c(&self) -> &Client {
+        self.client.as_ref().expect("the daemon is running")
+    }
+
+    fn spawn(&self) -> Result<Child> {
+        self.spawn_with(None)
+    }
+
+    fn spawn_with(&self, crash_at: Option<&str>) -> Result<Child> {
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        writeln!(log, "===== test: starting the daemon =====")?;
+        // A private TMPDIR: nothing the daemon probes there depends on other tests' mounts.
+        let tmp = self.base.join("tmp");
+        fs::create_dir_all(&tmp)?;
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .env("TMPDIR", &tmp)
+            .arg("--config")
+            .arg(&self.config)
+            .env("EROFS_SNAPSHOTTER_LOG", "info")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        match crash_at {
+            Some(p) => cmd.env(CRASH_ENV, p),
+            None => cmd.env_remove(CRASH_ENV),
+        };
+        cmd.spawn().with_context(|| format!("spawning {BIN}"))
+    }
+
+    /// Starts the daemon (none may be running) and connects the client.
+    pub async fn start(&mut self) -> Result<()> {
+        self.start_with(None).await
+    }
+
+    /// Starts the daemon with a crash point (`EROFS_SNAPSHOTTER_CRASH_AT`): it aborts when it
+    /// reaches it.
+    pub async fn start_with(&mut self, crash_at: Option<&str>) -> Result<()> {
+        ensure!(self.daemon.is_none(), "a daemon is already running");
+        let _ = fs::remove_file(&self.socket);
+        let mut child = self.spawn_with(crash_at)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                bail!(
+                    "the daemon exited during start-up ({st}); log tail:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the daemon does not accept connections after 30s; log tail:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.daemon = Some(child);
+        self.client = Some(Client::new(channel(&self.socket).await?));
+        if self.ping {
+            // One request served: by then the daemon handles SIGTERM (see
+            // lifecycle::sigterm_right_after_start_is_graceful).
+            let _ = self.c().stat("integrity-test-ping").await;
+        }
+        Ok(())
+    }
+
+    /// Whether [`start`](Self::start) waits for one request to be served (default true).
+    pub fn set_ping(&mut self, on: bool) {
+        self.ping = on;
+    }
+
+    /// Starts the daemon expecting it to refuse: returns its exit status and what it logged
+    /// in this run. Fails if it serves.
+    pub fn start_expecting_refusal(&mut self) -> Result<(ExitStatus, String)> {
+        ensure!(self.daemon.is_none(), "a daemon is already running");
+        let before = fs::read(&self.log).map(|b| b.len()).unwrap_or(0);
+        let mut child = self.spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let st = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the daemon started serving; log tail:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the daemon neither served nor exited within 30s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let all = fs::read(&self.log)?;
+        Ok((st, String::from_utf8_lossy(&all[before..]).into_owned()))
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        self.daemon
+            .as_ref()
+            .and_then(|c| Pid::from_raw(c.id() as i32))
+    }
+
+    /// Stops the daemon gracefully; fails unless it exits 0.
+    pub fn stop(&mut self) -> Result<()> {
+        self.client = None;
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let _ = rustix::process::kill_process(pid, Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let child = self.daemon.as_mut().expect("running");
+        loop {
+            if let Some(st) = child.try_wait()? {
+                self.daemon = None;
+                ensure!(st.success(), "the daemon exited with {st} after SIGTERM");
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                bail!("the daemon did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the daemon to abort at crash point `point`.
+    pub async fn expect_abort(&mut self, point: &str) -> Result<()> {
+        self.client = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let st = loop {
+            let child = self.daemon.as_mut().context("no daemon running")?;
+            if let Some(st) = child.try_wait()? {
+                self.daemon = None;
+                break st;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the daemon did not reach {point}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        use std::os::unix::process::ExitStatusExt;
+        ensure!(
+            st.signal() == Some(6) && self.log_tail(5).contains(&format!("crash point {point}")),
+            "expected an abort at {point}, got {st}"
+        );
+        Ok(())
+    }
+
+    /// `kill -9` the daemon.
+    pub fn kill9(&mut self) {
+        self.client = None;
+        if let Some(pid) = self.pid() {
+            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+        }
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// The whole daemon log.
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// The last `n` lines of the daemon log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// A fresh directory under `work/`.
+    pub fn new_dir(&self, prefix: &str) -> Result<PathBuf> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let d = self.work.join(format!("{prefix}-{n}"));
+        fs::create_dir_all(&d)?;
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
+        Ok(d)
+    }
+
+    /// Performs `mounts` on a fresh directory under `work/`.
+    pub fn mount(&self, mounts: &[Mount], prefix: &str) -> Result<Mounted> {
+        let target = self.new_dir(prefix)?;
+        mount_all(mounts, &target)
+    }
+
+    /// `ROOT/snapshots`.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// `ROOT/snapshots/ID`.
+    pub fn snapshot_dir(&self, id: u64) -> PathBuf {
+        self.snapshots_dir().join(id.to_string())
+    }
+
+    /// `ROOT/snapshots/ID/layer.erofs`.
+    pub fn layer(&self, id: u64) -> PathBuf {
+        self.snapshot_dir(id).join("layer.erofs")
+    }
+
+    /// The snapshot id a path under `ROOT/snapshots/ID/...` belongs to.
+    pub fn id_of(&self, path: &Path) -> Option<u64> {
+        let rest = path.strip_prefix(self.snapshots_dir()).ok()?;
+        rest.components().next()?.as_os_str().to_str()?.parse().ok()
+    }
+
+    /// The snapshot directory a mount list writes to or shows: a bind's source, an overlay's
+    /// upper dir, or a read-only overlay's top lower.
+    pub fn id_of_mounts(&self, mounts: &[Mount]) -> Result<u64> {
+        let m = mounts.last().context("empty mount list")?;
+        let path = match m.r#type.as_str() {
+            "bind" | "erofs" => m.source.clone(),
+            _ => {
+                let o = parse_overlay(m)?;
+                o.upper
+                    .unwrap_or_else(|| o.lowers[0].clone())
+                    .display()
+                    .to_string()
+            }
+        };
+        self.id_of(Path::new(&path))
+            .with_context(|| format!("{path} is not a snapshot directory of {m:?}"))
+    }
+
+    /// Prepare `key` on `parent`, write `files` (path, content) into it, commit it as `name`;
+    /// returns the snapshot id.
+    pub async fn layer_with(
+        &self,
+        key: &str,
+        parent: &str,
+        name: &str,
+        files: &[(&str, &[u8])],
+    ) -> Result<u64> {
+        let mounts = self.c().prepare(key, parent, Labels::new()).await?;
+        let id = self.id_of_mounts(&mounts)?;
+        let m = self.mount(&mounts, "fill")?;
+        for (p, data) in files {
+            let p = m.path().join(p);
+            if let Some(d) = p.parent() {
+                fs::create_dir_all(d)?;
+            }
+            fs::write(&p, data)?;
+        }
+        m.unmount()?;
+        self.c().commit(name, key).await?;
+        Ok(id)
+    }
+
+    /// Store a blob in the content directory; returns its descriptor.
+    pub fn add_blob(&self, media_type: &str, data: &[u8]) -> Result<Descriptor> {
+        let digest = testsuite::oci::sha256_digest(data);
+        let hex = digest.trim_start_matches("sha256:");
+        fs::write(self.content.join("blobs/sha256").join(hex), data)?;
+        Ok(Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size: data.len() as i64,
+            annotations: Default::default(),
+        })
+    }
+
+    /// Prepare `key` (no parent), Apply `desc` through the Diff service and commit as `name`;
+    /// returns the snapshot id and the applied descriptor.
+    pub async fn apply_layer(
+        &self,
+        key: &str,
+        name: &str,
+        desc: &Descriptor,
+    ) -> Result<(u64, Descriptor)> {
+        let mounts = self.c().prepare(key, "", Labels::new()).await?;
+        let id = self.id_of_mounts(&mounts)?;
+        let applied = self
+            .c()
+            .apply(desc, &mounts)
+            .await
+            .with_context(|| format!("applying {} ({})", desc.digest, desc.media_type))?;
+        self.c().commit(name, key).await?;
+        Ok((id, applied))
+    }
+
+    /// Detach the daemon's read-only mount of layer `id` (`ROOT/snapshots/ID/fs`), so the
+    /// next use of the layer mounts (and verifies) it again.
+    pub fn unmount_layer(&self, id: u64) -> Result<()> {
+        let fs_dir = self.snapshot_dir(id).join("fs");
+        for m in mounts_under(&self.snapshot_dir(id))? {
+            if m.target == fs_dir {
+                rustix::mount::unmount(&fs_dir, UnmountFlags::DETACH)
+                    .with_context(|| format!("umount -l {}", fs_dir.display()))?;
+            }
+        }
+        ensure!(
+            !mounts_under(&fs_dir)?.iter().any(|m| m.target == fs_dir),
+            "{} is still mounted",
+            fs_dir.display()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon log tail ({}) ---\n{}",
+                self.log.display(),
+                self.log_tail(60)
+            );
+        }
+        if let Some(pid) = self.pid() {
+            let _ = rustix::process::kill_process(pid, Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let child = self.daemon.as_mut().expect("running");
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.kill9();
+        }
+        if let Err(e) = unmount_all_under(&self.base) {
+            eprintln!("leaving {} behind: {e:#}", self.base.display());
+            return;
+        }
+        clear_immutable_under(&self.base);
+        let r = if self.own_base {
+            fs::remove_dir_all(&self.base)
+        } else {
+            let mut r = Ok(());
+            for e in fs::read_dir(&self.base).into_iter().flatten().flatten() {
+                let p = e.path();
+                let x = if p.is_dir() && !p.is_symlink() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+                if x.is_err() {
+                    r = x;
+                }
+            }
+            r
+        };
+        if let Err(e) = r {
+            eprintln!("removing {}: {e}", self.base.display());
+        }
+    }
+}
+
+/// Clear `FS_IMMUTABLE_FL` on every file and directory below `dir` (not crossing mounts:
+/// call it after unmounting), ignoring filesystems without the flag.
+pub fn clear_immutable_under(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(t) = e.file_type() else { continue };
+            if t.is_symlink() {
+                continue;
+            }
+            let p = e.path();
+            if t.is_file() || t.is_dir() {
+                let _ = erofs_sys::flags::set_immutable_path(&p, false);
+            }
+            if t.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+}
+
+/// Whether `path` has `FS_IMMUTABLE_FL` (errors when the filesystem has no flags).
+pub fn is_immutable(path: &Path) -> Result<bool> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let flags = erofs_sys::flags::get_flags(&f)
+        .with_context(|| format!("FS_IOC_GETFLAGS on {}", path.display()))?;
+    Ok(flags.contains(erofs_sys::flags::IFlags::IMMUTABLE))
+}
+
+/// Flip every bit of the byte at `off` of `path`.
+pub fn flip_byte(path: &Path, off: u64) -> Result<()> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {} for writing", path.display()))?;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off)?;
+    f.write_all_at(&[!b[0]], off)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Run `cmd`, failing with its output unless it succeeds; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a test body on `env` (daemon started first): an error fails the test with the error
+/// chain and the daemon log tail; the env is torn down in any case.
+pub fn run<F>(env: Result<Env>, f: F)
+where
+    F: AsyncFnOnce(&mut Env) -> Result<()>,
+{
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "these tests need root (they mount)"
+    );
+    let mut env = env.expect("creating the test environment");
+    block_on(async move {
+        if let Err(e) = env.start().await {
+            panic!("starting the daemon: {e:#}");
+        }
+        let r = f(&mut env).await;
+        if let Err(e) = r {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            panic!("{}", chain.join("\n  caused by: "));
+        }
+        if let Err(e) = env.stop() {
+            panic!("stopping the daemon: {e:#}");
+        }
+    });
+}
+
+/// A multi-threaded runtime for one test.
+pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+// ---- the mount table and performing mounts (as in the conformance suite) ----
+
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One entry of the mount table.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    /// Mount id.
+    pub id: u64,
+    /// Mount point.
+    pub target: PathBuf,
+    /// Per-mount options (`ro,nosuid,...,idmapped`).
+    pub mount_options: String,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Source.
+    pub source: String,
+}
+
+/// The calling process's mount table.
+pub fn mount_table() -> Result<Vec<MountEntry>> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        if pre.len() < 6 || post.len() < 2 {
+            continue;
+        }
+        out.push(MountEntry {
+            id: pre[0].parse().unwrap_or(0),
+            target: PathBuf::from(unescape(pre[4])),
+            mount_options: pre[5].to_string(),
+            fstype: post[0].to_string(),
+            source: unescape(post[1]),
+        });
+    }
+    Ok(out)
+}
+
+/// Mounts at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Result<Vec<MountEntry>> {
+    Ok(mount_table()?
+        .into_iter()
+        .filter(|m| m.target.starts_with(dir))
+        .collect())
+}
+
+/// Detaches every mount at or below `dir`, deepest (then newest) first, until none is left.
+pub fn unmount_all_under(dir: &Path) -> Result<()> {
+    for _ in 0..200 {
+        let mut v = mounts_under(dir)?;
+        if v.is_empty() {
+            return Ok(());
+        }
+        v.sort_by(|a, b| {
+            b.target
+                .components()
+                .count()
+                .cmp(&a.target.components().count())
+                .then(b.id.cmp(&a.id))
+        });
+        let mut progressed = false;
+        for m in &v {
+            if rustix::mount::unmount(&m.target, UnmountFlags::DETACH).is_ok() {
+                progressed = true;
+            }
+        }
+        if !progressed {
+            bail!(
+                "cannot unmount {:?}",
+                v.iter().map(|m| &m.target).collect::<Vec<_>>()
+            );
+        }
+    }
+    bail!("mounts under {} keep coming back", dir.display())
+}
+
+/// Mounts performed on a target; detached on drop if not unmounted explicitly.
+#[derive(Debug)]
+pub struct Mounted {
+    target: PathBuf,
+    layers: usize,
+}
+
+impl Mounted {
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+
+    /// Unmount (not lazily: a busy mount is an error after a few retries).
+    pub fn unmount(mut self) -> Result<()> {
+        while self.layers > 0 {
+            let mut tries = 0;
+            loop {
+                match rustix::mount::unmount(&self.target, UnmountFlags::empty()) {
+                    Ok(()) => break,
+                    Err(rustix::io::Errno::BUSY) if tries < 100 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => bail!("unmounting {}: {e}", self.target.display()),
+                }
+            }
+            self.layers -= 1;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        while self.layers > 0 {
+            if rustix::mount::unmount(&self.target, UnmountFlags::DETACH).is_err() {
+                break;
+            }
+            self.layers -= 1;
+        }
+    }
+}
+
+/// A parsed overlay mount.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overlay {
+    /// Lower dirs, top first.
+    pub lowers: Vec<PathBuf>,
+    /// Upper dir.
+    pub upper: Option<PathBuf>,
+    /// Work dir.
+    pub work: Option<PathBuf>,
+    /// Everything else.
+    pub other: Vec<String>,
+}
+
+/// Parse the options of an `overlay` mount.
+pub fn parse_overlay(m: &Mount) -> Result<Overlay> {
+    ensure!(m.r#type.ends_with("overlay"), "not an overlay mount: {m:?}");
+    let mut o = Overlay::default();
+    for opt in &m.options {
+        if let Some(v) = opt.strip_prefix("lowerdir=") {
+            o.lowers = v.split(':').map(PathBuf::from).collect();
+        } else if let Some(v) = opt.strip_prefix("upperdir=") {
+            o.upper = Some(v.into());
+        } else if let Some(v) = opt.strip_prefix("workdir=") {
+            o.work = Some(v.into());
+        } else {
+            o.other.push(opt.clone());
+        }
+    }
+    ensure!(
+        !o.lowers.is_empty(),
+        "overlay mount without lowerdir: {m:?}"
+    );
+    Ok(o)
+}
+
+/// Performs host-mode `mounts` (`bind`, `overlay`) on `target`, in order.
+pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<Mounted> {
+    ensure!(!mounts.is_empty(), "empty mount list");
+    let mut done = Mounted {
+        target: target.to_path_buf(),
+        layers: 0,
+    };
+    for m in mounts {
+        match m.r#type.as_str() {
+            "bind" => {
+                let ro = m.options.iter().any(|o| o == "ro");
+                let recursive = m.options.iter().any(|o| o == "rbind");
+                let src = Path::new(&m.source);
+                if recursive {
+                    rustix::mount::mount_bind_recursive(src, target)
+                } else {
+                    rustix::mount::mount_bind(src, target)
+                }
+                .with_context(|| format!("bind-mounting {m:?} on {}", target.display()))?;
+                done.layers += 1;
+                if ro {
+                    rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "")
+                        .with_context(|| format!("remounting {} read-only", target.display()))?;
+                }
+            }
+            "overlay" => {
+                let o = parse_overlay(m)?;
+                let lowers: Vec<&Path> = o.lowers.iter().map(PathBuf::as_path).collect();
+                let uw = match (&o.upper, &o.work) {
+                    (Some(u), Some(w)) => Some((u.as_path(), w.as_path())),
+                    _ => None,
+                };
+                erofs_sys::mount::mount_overlay(target, &lowers, uw, &o.other)
+                    .with_context(|| format!("mounting {m:?} on {}", target.display()))?;
+                done.layers += 1;
+            }
+            other => bail!("unexpected mount type {other:?} in host mode: {m:?}"),
+        }
+    }
+    Ok(done)
+}
+
+/// A gzip-compressed copy of `data`.
+pub fn gzip(data: &[u8]) -> Result<Vec<u8>> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data)?;
+    Ok(e.finish()?)
+}

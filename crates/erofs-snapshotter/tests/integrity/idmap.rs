@@ -1,0 +1,274 @@
+//! idmapped lowers: with the `uidmapping`/`gidmapping` labels, host mode presents each lower
+//! layer through an idmapped clone of its mount (`ROOT/snapshots/ID/idmap-TAG`) and gives the
+//! upper dir to the mapped root, so the host sees shifted owners and the container's user
+//! namespace sees the image's own.
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+
+use crate::common::{
+    Cfg, Env, LABEL_GIDMAPPING, LABEL_UIDMAPPING, Labels, MAP, labels, mount_table, parse_overlay,
+    run, run_ok,
+};
+
+/// `(uid, gid)` of `p` as this process sees it.
+fn owner(p: &Path) -> Result<(u32, u32)> {
+    let md = fs::symlink_metadata(p).with_context(|| format!("stat {}", p.display()))?;
+    Ok((md.uid(), md.gid()))
+}
+
+/// Runs `sh -c script` inside the user namespace `userns` (as its root, through `nsenter`
+/// on this process's descriptor of it), staying in this mount namespace.
+fn in_userns(userns: &std::os::fd::OwnedFd, script: &str) -> Result<String> {
+    let ns = format!(
+        "--user=/proc/{}/fd/{}",
+        std::process::id(),
+        userns.as_raw_fd()
+    );
+    run_ok(
+        Command::new("nsenter")
+            .arg(ns)
+            .args(["--", "sh", "-c", script]),
+    )
+}
+
+/// A parent layer with root-owned and uid/gid-1000-owned files.
+async fn base_layer(env: &Env) -> Result<u64> {
+    let mounts = env.c().prepare("idm/a", "", Labels::new()).await?;
+    let id = env.id_of_mounts(&mounts)?;
+    let m = env.mount(&mounts, "fill")?;
+    let p = m.path();
+    fs::create_dir_all(p.join("etc"))?;
+    fs::write(p.join("etc/root-file"), b"root\n")?;
+    fs::create_dir_all(p.join("home/user"))?;
+    fs::write(p.join("home/user/file"), b"user\n")?;
+    for q in ["home/user", "home/user/file"] {
+        rustix::fs::chown(
+            p.join(q),
+            Some(rustix::fs::Uid::from_raw(1000)),
+            Some(rustix::fs::Gid::from_raw(1000)),
+        )?;
+    }
+    m.unmount()?;
+    env.c().commit("idm/base", "idm/a").await?;
+    Ok(id)
+}
+
+#[test]
+fn idmapped_lowers_seen_through_stat() {
+    run(Env::new(Cfg::new()), async |env| {
+        let log = env.log_text();
+        let caps = log
+            .lines()
+            .find_map(|l| l.split_once("capabilities=").map(|(_, c)| c.to_string()))
+            .context("no capabilities in the start-up log")?;
+        ensure!(
+            caps.contains("\"remap-ids\""),
+            "the daemon does not advertise remap-ids: {caps}"
+        );
+        let base = base_layer(env).await?;
+        let map = labels(&[(LABEL_UIDMAPPING, MAP), (LABEL_GIDMAPPING, MAP)]);
+        let mounts = env.c().prepare("idm/c", "idm/base", map).await?;
+        ensure!(
+            mounts.len() == 1 && mounts[0].r#type == "overlay",
+            "{mounts:?}"
+        );
+        let o = parse_overlay(&mounts[0])?;
+        let lower: &PathBuf = &o.lowers[0];
+        ensure!(
+            lower.starts_with(env.snapshot_dir(base))
+                && lower
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("idmap-")),
+            "the lower is not an idmapped clone of the layer: {lower:?}"
+        );
+        let entry = mount_table()?
+            .into_iter()
+            .find(|m| &m.target == lower)
+            .context("the idmapped lower is not a mount point")?;
+        ensure!(
+            entry.mount_options.split(',').any(|o| o == "idmapped"),
+            "{} is not an idmapped mount: {entry:?}",
+            lower.display()
+        );
+        // The layer's own mount is untouched.
+        let plain = env.snapshot_dir(base).join("fs");
+        ensure!(owner(&plain.join("home/user/file"))? == (1000, 1000));
+
+        let m = env.mount(&mounts, "idmapped")?;
+        let p = m.path().to_path_buf();
+        // The host view: shifted by 100000.
+        ensure!(owner(&p)? == (100000, 100000), "root dir {:?}", owner(&p)?);
+        ensure!(owner(&p.join("etc"))? == (100000, 100000));
+        ensure!(owner(&p.join("etc/root-file"))? == (100000, 100000));
+        ensure!(owner(&p.join("home/user"))? == (101000, 101000));
+        ensure!(owner(&p.join("home/user/file"))? == (101000, 101000));
+
+        // Inside a user namespace with the same mapping: the image's owners.
+        let userns = erofs_sys::idmap::create_userns(&[(0, 100000, 65536)], &[(0, 100000, 65536)])?;
+        let script = format!(
+            "cd {} && stat -c '%n %u:%g' . etc/root-file home/user/file && id -u && \
+             echo new > created-inside && mkdir -p home/user/sub && cat home/user/file",
+            p.display()
+        );
+        let out = in_userns(&userns, &script)?;
+        let want = ". 0:0\netc/root-file 0:0\nhome/user/file 1000:1000\n0\nuser\n";
+        ensure!(
+            out == want,
+            "inside the user namespace:\n{out}\nwanted:\n{want}"
+        );
+        // What the namespace's root created belongs to the mapped root on the host, in the
+        // upper dir.
+        ensure!(owner(&p.join("created-inside"))? == (100000, 100000));
+        let upper = o.upper.clone().context("no upper dir")?;
+        ensure!(
+            owner(&upper)? == (100000, 100000),
+            "upper {:?}",
+            owner(&upper)?
+        );
+        ensure!(owner(&upper.join("created-inside"))? == (100000, 100000));
+        m.unmount()?;
+
+        // Without the labels, the same layer shows its real owners; a layer committed from
+        // it (with a uid-1000 file of its own) is idmapped too when it is one of several
+        // lowers.
+        let mounts = env
+            .c()
+            .prepare("idm/plain", "idm/base", Labels::new())
+            .await?;
+        let m = env.mount(&mounts, "plain")?;
+        ensure!(owner(&m.path().join("home/user/file"))? == (1000, 1000));
+        ensure!(owner(&m.path().join("etc/root-file"))? == (0, 0));
+        fs::write(m.path().join("home/user/top-file"), b"top\n")?;
+        rustix::fs::chown(
+            m.path().join("home/user/top-file"),
+            Some(rustix::fs::Uid::from_raw(1000)),
+            Some(rustix::fs::Gid::from_raw(1000)),
+        )?;
+        m.unmount()?;
+        env.c().commit("idm/top", "idm/plain").await?;
+        let mounts = env
+            .c()
+            .prepare(
+                "idm/d",
+                "idm/top",
+                labels(&[(LABEL_UIDMAPPING, MAP), (LABEL_GIDMAPPING, MAP)]),
+            )
+            .await?;
+        let o = parse_overlay(&mounts[0])?;
+        ensure!(o.lowers.len() == 2, "{mounts:?}");
+        for l in &o.lowers {
+            ensure!(
+                l.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("idmap-")),
+                "lower {l:?} is not idmapped"
+            );
+        }
+        let m = env.mount(&mounts, "two-lowers")?;
+        ensure!(owner(&m.path().join("home/user/top-file"))? == (101000, 101000));
+        ensure!(owner(&m.path().join("home/user/file"))? == (101000, 101000));
+        ensure!(owner(&m.path().join("etc/root-file"))? == (100000, 100000));
+        let out = in_userns(
+            &userns,
+            &format!(
+                "cd {} && stat -c '%u:%g' home/user/top-file home/user/file etc/root-file",
+                m.path().display()
+            ),
+        )?;
+        ensure!(out == "1000:1000\n1000:1000\n0:0\n", "inside: {out}");
+        m.unmount()?;
+
+        for k in ["idm/c", "idm/d", "idm/top", "idm/base"] {
+            env.c().remove(k).await?;
+        }
+        ensure!(
+            !mount_table()?
+                .iter()
+                .any(|m| m.target.starts_with(env.snapshots_dir())),
+            "mounts left under the root after removing everything"
+        );
+        Ok(())
+    });
+}
+
+/// The start-up probe behind the `remap-ids` capability answers for this kernel, whatever
+/// else is mounted below the daemon's TMPDIR (here a ramfs, which cannot be idmapped).
+#[test]
+fn remap_ids_capability_ignores_unrelated_mounts() {
+    let env = Env::new(Cfg::new()).unwrap();
+    let unrelated = env.base.join("tmp/unrelated-ramfs");
+    fs::create_dir_all(&unrelated).unwrap();
+    rustix::mount::mount(
+        c"ramfs",
+        &unrelated,
+        c"ramfs",
+        rustix::mount::MountFlags::empty(),
+        c"",
+    )
+    .unwrap();
+    run(Ok(env), async |env| {
+        let log = env.log_text();
+        let caps = log
+            .lines()
+            .find_map(|l| l.split_once("capabilities=").map(|(_, c)| c.to_string()))
+            .context("no capabilities in the start-up log")?;
+        ensure!(
+            caps.contains("\"remap-ids\""),
+            "with a ramfs mounted below TMPDIR the daemon does not advertise remap-ids: {caps}"
+        );
+        Ok(())
+    });
+}
+
+/// Mapping labels must come in pairs and parse; a view with them is an idmapped bind.
+#[test]
+fn idmap_labels_are_checked_and_views_are_idmapped() {
+    run(Env::new(Cfg::new()), async |env| {
+        base_layer(env).await?;
+        for (what, l) in [
+            ("uidmapping alone", labels(&[(LABEL_UIDMAPPING, MAP)])),
+            ("gidmapping alone", labels(&[(LABEL_GIDMAPPING, MAP)])),
+            (
+                "a malformed mapping",
+                labels(&[(LABEL_UIDMAPPING, "0:100000"), (LABEL_GIDMAPPING, MAP)]),
+            ),
+        ] {
+            crate::common::expect_code(
+                env.c().prepare("idm/bad", "idm/base", l).await,
+                tonic::Code::InvalidArgument,
+                what,
+            )?;
+        }
+        let mounts = env
+            .c()
+            .prepare(
+                "idm/view-src",
+                "idm/base",
+                labels(&[(LABEL_UIDMAPPING, MAP), (LABEL_GIDMAPPING, MAP)]),
+            )
+            .await?;
+        drop(mounts);
+        env.c().remove("idm/view-src").await?;
+        // View (one parent: a bind of the idmapped clone).
+        let r = env
+            .c()
+            .view_with(
+                "idm/v",
+                "idm/base",
+                labels(&[(LABEL_UIDMAPPING, MAP), (LABEL_GIDMAPPING, MAP)]),
+            )
+            .await?;
+        ensure!(r.len() == 1 && r[0].r#type == "bind", "{r:?}");
+        ensure!(r[0].source.contains("/idmap-"), "view not idmapped: {r:?}");
+        let m = env.mount(&r, "view")?;
+        ensure!(owner(&m.path().join("home/user/file"))? == (101000, 101000));
+        ensure!(owner(&m.path().join("etc/root-file"))? == (100000, 100000));
+        m.unmount()?;
+        Ok(())
+    });
+}
