@@ -397,7 +397,7 @@ impl Checker<'_> {
         match inode.file_type() {
             mode::S_IFREG => {
                 self.report.files += 1;
-                self.report.file_bytes += inode.size();
+                self.report.file_bytes = self.report.file_bytes.saturating_add(inode.size());
                 self.extents(inode, path);
             }
             mode::S_IFDIR => self.extents(inode, path),
@@ -431,14 +431,14 @@ impl Checker<'_> {
             }
             match img.map(inode, off, size - off) {
                 Ok(Extent::Hole(0)) => return,
-                Ok(Extent::Hole(n)) => off += n,
+                Ok(Extent::Hole(n)) => off = off.saturating_add(n),
                 Ok(Extent::Data {
                     device,
                     offset,
                     len,
                 }) => {
                     let dev_size = img.device_size(device);
-                    let end = offset + len;
+                    let end = offset.saturating_add(len);
                     match dev_size {
                         None => {
                             self.err(
@@ -454,7 +454,7 @@ impl Checker<'_> {
                         }
                         _ => {}
                     }
-                    off += len;
+                    off = off.saturating_add(len);
                 }
                 Err(Error::Corrupt(c)) => {
                     self.err(Some(inode.nid), path, c.kind.to_string());

@@ -429,7 +429,9 @@ impl Image {
                     if inode.raw.i_u == format::NULL_ADDR {
                         return Err(at(CorruptKind::BadSize("data blocks at the null address")));
                     }
-                    let addr = inode.raw.i_u as u64 * bs + offset;
+                    let addr = (inode.raw.i_u as u64 * bs)
+                        .checked_add(offset)
+                        .ok_or_else(|| at(CorruptKind::BadSize("data address overflows")))?;
                     let len = want.min(lastblk * bs - offset);
                     let (device, off) = self.resolve_unified(addr);
                     Ok(Extent::Data {

@@ -237,3 +237,21 @@ fn corrupt_images_never_panic() {
         }
     }
 }
+
+/// Regression fixtures found by fuzzing (fuzz/corpus keeps them too): the reader and the
+/// checker must return, not panic.
+#[test]
+fn fuzz_regressions() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/image/testdata");
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let data = std::fs::read(e.unwrap().path()).unwrap();
+        if let Ok(img) = Image::open(data) {
+            let _ = erofs_image::check::check(&img);
+            let _ = img.walk(|_, ino| {
+                let mut buf = [0u8; 4096];
+                let _ = img.read(ino, 0, &mut buf);
+                Ok(())
+            });
+        }
+    }
+}
