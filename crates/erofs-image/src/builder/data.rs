@@ -138,6 +138,68 @@ impl DataArea<&std::fs::File> {
     }
 }
 
+/// Where a regular file's bytes come from.
+pub(crate) trait FileBytes<W: Write + Seek> {
+    /// Write `n` bytes of the file, from file offset `off`, into `area` (calls come in
+    /// increasing offset order).
+    fn copy(&mut self, area: &mut DataArea<W>, off: u64, n: u64) -> Result<()>;
+    /// Fill `buf` with the file's bytes at `off` (the inline tail).
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// Write a regular file of `size` bytes: chunks with holes for sparse files (`sparse` lists
+/// the data segments), otherwise contiguous blocks, with the last partial block kept for
+/// inlining when it is sure to fit beside the largest inode and its xattrs.
+pub(crate) fn write_file<W: Write + Seek>(
+    area: &mut DataArea<W>,
+    src: &mut dyn FileBytes<W>,
+    size: u64,
+    sparse: Option<&[(u64, u64)]>,
+    xattr_len: usize,
+    opts: &super::BuildOptions,
+) -> Result<crate::tree::FileData> {
+    use crate::tree::FileData;
+    if let Some(map) = sparse {
+        let plan = plan_chunks(map, size, opts.blkszbits());
+        let chunks = write_sparse(area, &plan, map, size, |a, off, n| src.copy(a, off, n))?;
+        return Ok(FileData::Chunks {
+            size,
+            chunkbits: plan.chunkbits,
+            chunks,
+        });
+    }
+    if size == 0 {
+        return Ok(FileData::Empty);
+    }
+    let bs = opts.block_size as u64;
+    let tail = size % bs;
+    if opts.inline_data
+        && tail != 0
+        && (crate::format::EXTENDED_INODE_SIZE + xattr_len) as u64 + tail <= bs
+    {
+        let full = size - tail;
+        let blkaddr = if full > 0 {
+            let b = area.begin(full)?;
+            src.copy(area, 0, full)?;
+            area.end()?;
+            b
+        } else {
+            NULL_ADDR
+        };
+        let mut t = vec![0u8; tail as usize];
+        src.read(full, &mut t)?;
+        return Ok(FileData::Tail {
+            blkaddr,
+            size,
+            tail: t.into(),
+        });
+    }
+    let blkaddr = area.begin(size)?;
+    src.copy(area, 0, size)?;
+    area.end()?;
+    Ok(FileData::Blocks { blkaddr, size })
+}
+
 /// How to cut a sparse file into chunks: `chunkbits` and, per chunk, whether it holds data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ChunkPlan {

@@ -18,7 +18,7 @@ use super::data::{self, DataArea};
 use super::tar::checked_xattrs;
 use super::{BuildOptions, Summary, finish_full, first_data_block};
 use crate::error::{EntryError, Error, Result};
-use crate::format::{self, NULL_ADDR, mode};
+use crate::format::{self, mode};
 use crate::tree::{Body, FileData, Meta, Node, NodeId, ROOT, Tree};
 
 /// Build a full image of the directory `root` into `output`.
@@ -203,6 +203,40 @@ fn data_segments(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(segs)
 }
 
+struct FileSource<'a> {
+    f: File,
+    path: &'a Path,
+    rel: &'a [u8],
+    buf: Vec<u8>,
+}
+
+impl<W: Write + Seek> data::FileBytes<W> for FileSource<'_> {
+    fn copy(&mut self, area: &mut DataArea<W>, mut off: u64, mut n: u64) -> Result<()> {
+        while n > 0 {
+            let k = (self.buf.len() as u64).min(n) as usize;
+            let got = self
+                .f
+                .read_at(&mut self.buf[..k], off)
+                .map_err(|e| Error::io(format!("reading {}", self.path.display()), e))?;
+            if got == 0 {
+                return Err(Error::entry(self.rel, EntryError::ChangedWhileReading));
+            }
+            area.write(&self.buf[..got])?;
+            off += got as u64;
+            n -= got as u64;
+        }
+        Ok(())
+    }
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.f.read_exact_at(buf, off).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                Error::entry(self.rel, EntryError::ChangedWhileReading)
+            }
+            _ => Error::io(format!("reading {}", self.path.display()), e),
+        })
+    }
+}
+
 fn write_file<W: Write + Seek>(
     area: &mut DataArea<W>,
     path: &Path,
@@ -216,56 +250,19 @@ fn write_file<W: Write + Seek>(
         return Ok(FileData::Empty);
     }
     let f = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    let rd = |e| Error::io(format!("reading {}", path.display()), e);
-    let mut buf = vec![0u8; (1 << 20).min(size as usize)];
-    let mut copy = |area: &mut DataArea<W>, mut off: u64, mut n: u64| -> Result<()> {
-        while n > 0 {
-            let k = (buf.len() as u64).min(n) as usize;
-            let got = f.read_at(&mut buf[..k], off).map_err(rd)?;
-            if got == 0 {
-                return Err(Error::entry(rel, EntryError::ChangedWhileReading));
-            }
-            area.write(&buf[..got])?;
-            off += got as u64;
-            n -= got as u64;
-        }
-        Ok(())
+    let sparse = if md.blocks() * 512 < size {
+        Some(
+            data_segments(&f, size)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?,
+        )
+    } else {
+        None
     };
-    if md.blocks() * 512 < size {
-        let segs = data_segments(&f, size).map_err(rd)?;
-        let plan = data::plan_chunks(&segs, size, opts.blkszbits());
-        let chunks = data::write_sparse(area, &plan, &segs, size, &mut copy)?;
-        return Ok(FileData::Chunks {
-            size,
-            chunkbits: plan.chunkbits,
-            chunks,
-        });
-    }
-    let bs = opts.block_size as u64;
-    let tail = size % bs;
-    if opts.inline_data
-        && tail != 0
-        && (format::EXTENDED_INODE_SIZE + xattr_len) as u64 + tail <= bs
-    {
-        let full = size - tail;
-        let blkaddr = if full > 0 {
-            let b = area.begin(full)?;
-            copy(area, 0, full)?;
-            area.end()?;
-            b
-        } else {
-            NULL_ADDR
-        };
-        let mut t = vec![0u8; tail as usize];
-        f.read_exact_at(&mut t, full).map_err(rd)?;
-        return Ok(FileData::Tail {
-            blkaddr,
-            size,
-            tail: t.into(),
-        });
-    }
-    let blkaddr = area.begin(size)?;
-    copy(area, 0, size)?;
-    area.end()?;
-    Ok(FileData::Blocks { blkaddr, size })
+    let mut src = FileSource {
+        f,
+        path,
+        rel,
+        buf: vec![0u8; (1 << 20).min(size as usize)],
+    };
+    data::write_file(area, &mut src, size, sparse.as_deref(), xattr_len, opts)
 }

@@ -5,7 +5,7 @@ use std::io::{Read, Seek, Write};
 use super::BuildOptions;
 use super::data::{self, DataArea};
 use crate::error::{EntryError, Error, Result};
-use crate::format::{self, NULL_ADDR, mode};
+use crate::format::{self, mode};
 use crate::tar::{Entry, EntryKind, TarReader};
 use crate::tree::{Body, FileData, Meta, Node, Tree, Xattr, split_path, storable_xattr};
 
@@ -122,6 +122,24 @@ pub(crate) fn copy_data<R: Read, W: Write + Seek>(
     Ok(())
 }
 
+struct TarBytes<'a, R, W: Write + Seek> {
+    tar: &'a mut TarReader<R>,
+    copy: Copy<R, W>,
+    path: &'a [u8],
+}
+
+impl<R: Read, W: Write + Seek> data::FileBytes<W> for TarBytes<'_, R, W> {
+    fn copy(&mut self, area: &mut DataArea<W>, _off: u64, n: u64) -> Result<()> {
+        (self.copy)(area, self.tar, n).map_err(|e| e.in_entry(self.path))
+    }
+    fn read(&mut self, _off: u64, buf: &mut [u8]) -> Result<()> {
+        if self.tar.read_data(buf)? != buf.len() {
+            return Err(Error::entry(self.path, EntryError::ChangedWhileReading));
+        }
+        Ok(())
+    }
+}
+
 /// Full image: copy the file's data into the data area now.
 pub(crate) fn write_full<R: Read, W: Write + Seek>(
     area: &mut DataArea<W>,
@@ -129,52 +147,21 @@ pub(crate) fn write_full<R: Read, W: Write + Seek>(
     entry: &Entry,
     xattr_len: usize,
     opts: &BuildOptions,
-    copy_data: Copy<R, W>,
+    copy: Copy<R, W>,
 ) -> Result<FileData> {
-    let bs = opts.block_size as u64;
-    let size = entry.file_size;
-    if let Some(map) = &entry.sparse {
-        let plan = data::plan_chunks(map, size, opts.blkszbits());
-        let chunks = data::write_sparse(area, &plan, map, size, |a, _, n| copy_data(a, tar, n))
-            .map_err(|e| e.in_entry(&entry.path))?;
-        return Ok(FileData::Chunks {
-            size,
-            chunkbits: plan.chunkbits,
-            chunks,
-        });
-    }
-    if size == 0 {
-        return Ok(FileData::Empty);
-    }
-    let tail = size % bs;
-    // A tail is inlined only when it is sure to fit beside the largest inode and its xattrs.
-    if opts.inline_data
-        && tail != 0
-        && (format::EXTENDED_INODE_SIZE + xattr_len) as u64 + tail <= bs
-    {
-        let full = size - tail;
-        let blkaddr = if full > 0 {
-            let b = area.begin(full)?;
-            copy_data(area, tar, full).map_err(|e| e.in_entry(&entry.path))?;
-            area.end()?;
-            b
-        } else {
-            NULL_ADDR
-        };
-        let mut t = vec![0u8; tail as usize];
-        if tar.read_data(&mut t)? != t.len() {
-            return Err(Error::entry(&entry.path, EntryError::ChangedWhileReading));
-        }
-        return Ok(FileData::Tail {
-            blkaddr,
-            size,
-            tail: t.into(),
-        });
-    }
-    let blkaddr = area.begin(size)?;
-    copy_data(area, tar, size).map_err(|e| e.in_entry(&entry.path))?;
-    area.end()?;
-    Ok(FileData::Blocks { blkaddr, size })
+    let mut src = TarBytes {
+        tar,
+        copy,
+        path: &entry.path,
+    };
+    data::write_file(
+        area,
+        &mut src,
+        entry.file_size,
+        entry.sparse.as_deref(),
+        xattr_len,
+        opts,
+    )
 }
 
 /// Below this, data already in the reader's buffer is copied through userspace; above, the
