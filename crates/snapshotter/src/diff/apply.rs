@@ -132,7 +132,7 @@ impl Snapshotter {
         let sidecar = dir.join(crate::layout::DMVERITY_SIDECAR);
         let sidecar_tmp = crate::integrity::dmverity::sidecar_tmp(&tmp);
         let result = result.and_then(|d| {
-            crate::integrity::after_apply(self, &tmp, tar_index)?;
+            let digest = crate::integrity::after_apply(self, &tmp, tar_index)?;
             crate::failpoint::hit("apply:before-rename");
             out.sync_all()
                 .map_err(|e| Error::io("fsync of the layer", e))?;
@@ -147,6 +147,14 @@ impl Snapshotter {
             }
             fs::rename(&tmp, dir.join(LAYER)).map_err(|e| Error::io("renaming the layer", e))?;
             sync_dir(&dir)?;
+            let mut digests = self
+                .applied_digests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match digest {
+                Some(dg) => digests.insert(id, dg),
+                None => digests.remove(&id),
+            };
             Ok(d)
         });
         if result.is_err() {

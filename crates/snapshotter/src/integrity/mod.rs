@@ -74,7 +74,13 @@ fn userspace_digest(layer: &Path) -> Result<String> {
 }
 
 /// After a layer is durable: enable fs-verity and record its digest, set the immutable flag.
-pub(crate) fn seal(s: &Snapshotter, layer: &Path, meta: &mut LayerMeta) -> Result<()> {
+/// `digest` is the userspace digest the differ already computed for this file, if any.
+pub(crate) fn seal(
+    s: &Snapshotter,
+    layer: &Path,
+    meta: &mut LayerMeta,
+    digest: Option<String>,
+) -> Result<()> {
     match s.verity {
         VerityMode::Off => {}
         VerityMode::Kernel => {
@@ -93,7 +99,12 @@ pub(crate) fn seal(s: &Snapshotter, layer: &Path, meta: &mut LayerMeta) -> Resul
                 .map_err(|e| Error::internal(format!("measuring {}: {e}", layer.display())))?;
             meta.fsverity_digest = Some(hex::encode(d));
         }
-        VerityMode::Userspace => meta.fsverity_digest = Some(userspace_digest(layer)?),
+        VerityMode::Userspace => {
+            meta.fsverity_digest = Some(match digest {
+                Some(d) => d,
+                None => userspace_digest(layer)?,
+            })
+        }
     }
     meta.immutable = s.cfg.snapshotter.set_immutable;
     Ok(())
@@ -155,11 +166,16 @@ pub(crate) fn verify_before_mount(
 
 /// After the differ wrote a layer into an active snapshot (temporary name `tmp`, not yet in
 /// place): append the dm-verity tree and write the sidecar, when configured.
-pub(crate) fn after_apply(s: &Snapshotter, tmp: &Path, tar_index: bool) -> Result<()> {
-    if !s.cfg.differ.enable_dmverity {
-        return Ok(());
+/// Returns the layer's userspace fs-verity digest in userspace mode, computed here (during
+/// unpack) rather than in Commit, which containerd runs inside its global transaction.
+pub(crate) fn after_apply(s: &Snapshotter, tmp: &Path, tar_index: bool) -> Result<Option<String>> {
+    if s.cfg.differ.enable_dmverity {
+        dmverity::format_layer(tmp, tar_index)?;
     }
-    dmverity::format_layer(tmp, tar_index)
+    if s.verity == VerityMode::Userspace {
+        return userspace_digest(tmp).map(Some);
+    }
+    Ok(None)
 }
 
 /// Before a layer is deleted: clear the immutable flag (filesystems without the flag are fine).

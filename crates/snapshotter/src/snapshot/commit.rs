@@ -77,7 +77,15 @@ impl Snapshotter {
             layer.clone()
         };
         crate::failpoint::hit("commit:after-layer");
-        let recorded = self.seal_layer(&source, key).and_then(|meta| {
+        let digest = if converted {
+            None
+        } else {
+            self.applied_digests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id)
+        };
+        let recorded = self.seal_layer(&source, key, digest).and_then(|meta| {
             let usage = layer_usage(&source)?;
             self.store.write(|tx| {
                 tx.commit_active(key, name, labels.clone(), rebase, usage, meta.clone())
@@ -141,7 +149,7 @@ impl Snapshotter {
     }
 
     /// Integrity steps on a finished layer (fs-verity, immutable flag) and what to record.
-    fn seal_layer(&self, layer: &Path, key: &str) -> Result<LayerMeta> {
+    fn seal_layer(&self, layer: &Path, key: &str, digest: Option<String>) -> Result<LayerMeta> {
         let img = erofs_image::Image::open(
             fs::File::open(layer)
                 .map_err(|e| Error::io(format!("opening {}", layer.display()), e))?,
@@ -156,7 +164,7 @@ impl Snapshotter {
             root_gid: root.raw.gid,
             ..Default::default()
         };
-        crate::integrity::seal(self, layer, &mut meta)?;
+        crate::integrity::seal(self, layer, &mut meta, digest)?;
         Ok(meta)
     }
 

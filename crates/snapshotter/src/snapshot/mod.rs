@@ -63,6 +63,9 @@ pub struct Snapshotter {
     /// How fs-verity protects layers.
     pub(crate) verity: crate::integrity::VerityMode,
     pub(crate) default_size: u64,
+    /// fs-verity digests the differ computed for layers it wrote, by snapshot id, until their
+    /// Commit records them.
+    pub(crate) applied_digests: Mutex<std::collections::HashMap<u64, String>>,
 }
 
 /// Check a key or name from a request.
@@ -136,6 +139,7 @@ impl Snapshotter {
             mount_lock: Mutex::new(()),
             sweep_lock: RwLock::new(()),
             verity,
+            applied_digests: Mutex::new(Default::default()),
         };
         s.recover()?;
         Ok(s)
