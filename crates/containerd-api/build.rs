@@ -11,6 +11,7 @@ const FILES: &[&str] = &[
     "services/snapshots/v1/snapshots.proto",
     "services/diff/v1/diff.proto",
     "services/content/v1/content.proto",
+    "services/leases/v1/leases.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

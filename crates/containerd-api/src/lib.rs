@@ -1,6 +1,6 @@
 //! Generated Rust code for the parts of containerd's gRPC API that
 //! erofs-snapshotter serves or calls: the snapshots and diff services (served
-//! by the proxy plugin) and the content service (called by the differ), plus
+//! by the proxy plugin) and the content and leases services (called by the differ), plus
 //! the shared `containerd.types` messages.
 //!
 //! This crate holds generated code only. The `.proto` files under `proto/`
@@ -45,6 +45,16 @@ pub mod containerd {
                 // Generated code: prost/tonic emit no docs for undocumented items.
                 #![allow(missing_docs)]
                 tonic::include_proto!("containerd.services.diff.v1");
+            }
+        }
+
+        /// Leases service.
+        pub mod leases {
+            /// Protobuf package `containerd.services.leases.v1`.
+            pub mod v1 {
+                // Generated code: prost/tonic emit no docs for undocumented items.
+                #![allow(missing_docs)]
+                tonic::include_proto!("containerd.services.leases.v1");
             }
         }
 

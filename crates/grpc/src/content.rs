@@ -229,8 +229,9 @@ pub fn status_to_core(s: tonic::Status) -> Error {
 }
 
 /// Store a finished diff in containerd's content store (Content.Write: STAT, WRITE..., COMMIT)
-/// with the uncompressed-digest label, and return its descriptor. Content that already exists
-/// is fine; the label is then added to it.
+/// with the uncompressed-digest label. Content that already exists is fine, whichever step
+/// containerd reports it at (when the writer opens, for an expected digest it has, or at
+/// COMMIT); the labels are then added to it.
 pub async fn upload(
     channel: Channel,
     namespace: &str,
@@ -239,30 +240,76 @@ pub async fn upload(
     blob: &snapshotter::diff::DiffBlob,
     mut labels: std::collections::HashMap<String, String>,
 ) -> Result<()> {
-    use pb::WriteAction;
     if blob.uncompressed != blob.digest {
         labels.insert(
             "containerd.io/uncompressed".into(),
             blob.uncompressed.clone(),
         );
     }
-    let mut client = ContentClient::new(channel.clone());
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteContentRequest>(4);
-    let mut req = with_namespace(tokio_stream::wrappers::ReceiverStream::new(rx), namespace)?;
-    if let Some(l) = lease {
-        req.metadata_mut().insert(
-            "containerd-lease",
-            l.parse()
-                .map_err(|_| Error::invalid_argument("invalid lease"))?,
-        );
+    match write_blob(channel.clone(), namespace, lease, reference, blob, &labels).await {
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            label(channel, namespace, &blob.digest, labels).await
+        }
+        Err(s) => Err(status_to_core(s)),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(())) => Ok(()),
     }
+}
+
+/// Set `labels` on existing content.
+async fn label(
+    channel: Channel,
+    namespace: &str,
+    digest: &str,
+    labels: std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let paths: Vec<String> = labels.keys().map(|k| format!("labels.{k}")).collect();
+    let req = with_namespace(
+        pb::UpdateRequest {
+            info: Some(pb::Info {
+                digest: digest.to_string(),
+                labels,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths }),
+        },
+        namespace,
+    )?;
+    ContentClient::new(channel)
+        .update(req)
+        .await
+        .map_err(status_to_core)?;
+    Ok(())
+}
+
+/// The Content.Write exchange. containerd's statuses are returned as they are (the outer
+/// `Err`), so that the caller can tell AlreadyExists apart; our own failures are the inner one.
+async fn write_blob(
+    channel: Channel,
+    namespace: &str,
+    lease: Option<&str>,
+    reference: &str,
+    blob: &snapshotter::diff::DiffBlob,
+    labels: &std::collections::HashMap<String, String>,
+) -> std::result::Result<Result<()>, tonic::Status> {
+    use pb::WriteAction;
+    let mut client = ContentClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteContentRequest>(4);
+    let mut req = match with_namespace(tokio_stream::wrappers::ReceiverStream::new(rx), namespace) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Some(l) = lease {
+        let Ok(v) = l.parse() else {
+            return Ok(Err(Error::invalid_argument("invalid lease")));
+        };
+        req.metadata_mut().insert("containerd-lease", v);
+    }
+    // A send fails only when containerd has ended the stream; its status then comes with the
+    // next reply.
     let send = |m: pb::WriteContentRequest| {
         let tx = tx.clone();
-        async move {
-            tx.send(m)
-                .await
-                .map_err(|_| Error::unavailable("containerd closed the content write stream"))
-        }
+        async move { tx.send(m).await.is_ok() }
     };
     send(pb::WriteContentRequest {
         action: WriteAction::Stat as i32,
@@ -271,33 +318,28 @@ pub async fn upload(
         expected: blob.digest.clone(),
         ..Default::default()
     })
-    .await?;
-    let mut resp = client
-        .write(req)
-        .await
-        .map_err(status_to_core)?
-        .into_inner();
-    let first = resp
-        .message()
-        .await
-        .map_err(status_to_core)?
-        .ok_or_else(|| Error::unavailable("no reply to content STAT"))?;
+    .await;
+    let mut resp = client.write(req).await?.into_inner();
+    let Some(first) = resp.message().await? else {
+        return Ok(Err(Error::unavailable("no reply to content STAT")));
+    };
     if first.offset != 0 {
-        return Err(Error::already_exists(format!(
+        return Ok(Err(Error::already_exists(format!(
             "an ingest named {reference:?} is already in progress"
-        )));
+        ))));
     }
-    let mut f = tokio::fs::File::open(&blob.path)
-        .await
-        .map_err(|e| Error::io("opening the diff", e))?;
+    let mut f = match tokio::fs::File::open(&blob.path).await {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(Error::io("opening the diff", e))),
+    };
     let mut offset = 0i64;
     let mut buf = vec![0u8; 1 << 20];
     loop {
         use tokio::io::AsyncReadExt;
-        let n = f
-            .read(&mut buf)
-            .await
-            .map_err(|e| Error::io("reading the diff", e))?;
+        let n = match f.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(Error::io("reading the diff", e))),
+        };
         if n == 0 {
             break;
         }
@@ -307,18 +349,16 @@ pub async fn upload(
             data: buf[..n].to_vec(),
             ..Default::default()
         })
-        .await?;
-        let r = resp
-            .message()
-            .await
-            .map_err(status_to_core)?
-            .ok_or_else(|| Error::unavailable("content write stream ended"))?;
+        .await;
+        let Some(r) = resp.message().await? else {
+            return Ok(Err(Error::unavailable("content write stream ended")));
+        };
         offset += n as i64;
         if r.offset != offset {
-            return Err(Error::internal(format!(
+            return Ok(Err(Error::internal(format!(
                 "containerd acknowledged offset {} after writing {offset}",
                 r.offset
-            )));
+            ))));
         }
     }
     send(pb::WriteContentRequest {
@@ -329,34 +369,14 @@ pub async fn upload(
         labels: labels.clone(),
         ..Default::default()
     })
-    .await?;
+    .await;
     drop(tx);
-    match resp.message().await {
-        Ok(Some(r)) if r.digest == blob.digest || r.digest.is_empty() => Ok(()),
-        Ok(Some(r)) => Err(Error::internal(format!(
+    Ok(match resp.message().await? {
+        Some(r) if r.digest == blob.digest || r.digest.is_empty() => Ok(()),
+        Some(r) => Err(Error::internal(format!(
             "containerd committed {} instead of {}",
             r.digest, blob.digest
         ))),
-        Ok(None) => Err(Error::unavailable("content commit got no reply")),
-        Err(s) if s.code() == tonic::Code::AlreadyExists => {
-            // Same bytes already stored: make sure the label is there too.
-            let mut c = ContentClient::new(channel);
-            let info = pb::Info {
-                digest: blob.digest.clone(),
-                labels,
-                ..Default::default()
-            };
-            let paths: Vec<String> = info.labels.keys().map(|k| format!("labels.{k}")).collect();
-            let req = with_namespace(
-                pb::UpdateRequest {
-                    info: Some(info),
-                    update_mask: Some(prost_types::FieldMask { paths }),
-                },
-                namespace,
-            )?;
-            c.update(req).await.map_err(status_to_core)?;
-            Ok(())
-        }
-        Err(s) => Err(status_to_core(s)),
-    }
+        None => Err(Error::unavailable("content commit got no reply")),
+    })
 }

@@ -118,7 +118,13 @@ impl Diff for DiffService {
             r.r#ref
         };
         let channel = self.containerd.channel().map_err(from_core)?;
-        crate::content::upload(channel, &ns, lease.as_deref(), &reference, &blob, r.labels)
+        let lease = match lease {
+            Some(l) => l,
+            None => crate::lease::expiring(channel.clone(), &ns, crate::lease::DIFF_LEASE_TTL)
+                .await
+                .map_err(from_core)?,
+        };
+        crate::content::upload(channel, &ns, Some(&lease), &reference, &blob, r.labels)
             .await
             .map_err(from_core)?;
         Ok(Response::new(pb::DiffResponse {

@@ -1,5 +1,5 @@
 //! gRPC adapters: containerd's `Snapshots` and `Diff` services over [`snapshotter`], served on
-//! a Unix socket, and a client of containerd's `Content` service for the differ.
+//! a Unix socket, and clients of containerd's `Content` and `Leases` services for the differ.
 //!
 //! Every method converts the request, calls the core on a blocking thread, maps the error to
 //! the status code containerd expects, and converts the reply. There is no logic here.
@@ -7,6 +7,7 @@
 pub mod content;
 pub mod convert;
 pub mod diff;
+pub mod lease;
 pub mod serve;
 pub mod snapshots;
 pub mod status;

@@ -279,11 +279,20 @@ impl Snapshotter {
                 Upper::Layer(self.open_layer(top)?)
             }
         };
+        let mut lower_layers = Vec::with_capacity(lower_ids.len());
+        for &id in &lower_ids {
+            // The read-only bind of a parentless View or Active snapshot (containerd views the
+            // empty parent "" when it diffs a base layer) is an empty directory: no layer.
+            let empty = live
+                .get(&id)
+                .is_some_and(|r| r.kind != Kind::Committed && r.parent.is_none());
+            if empty && !self.layout.layer(id).exists() {
+                continue;
+            }
+            lower_layers.push(self.open_layer(id)?);
+        }
         let lower_view = Lower {
-            layers: lower_ids
-                .iter()
-                .map(|&id| self.open_layer(id))
-                .collect::<Result<_>>()?,
+            layers: lower_layers,
             dirs: Mutex::new(HashMap::new()),
         };
         let mut changes = match &upper_side {

@@ -1,0 +1,319 @@
+//! The benchmark driver behind `bench/differ` (an ignored test, so it reuses the harness:
+//! private containerd 2.1 instances, the local registry, our daemon, full cleanup).
+//!
+//! Environment (set by `bench/differ`):
+//! - `BENCH_IMAGES`: `name=LAYER.tar.gz,...`: single-layer images (the diffID is computed
+//!   from the blob itself and cached next to it).
+//! - `BENCH_BIN`: the daemon binary (the release build).
+//! - `BENCH_CONFIGS`: comma-separated subset of `ours,ours-index,erofs,overlayfs`.
+//! - `BENCH_RUNS`: timed pulls per image and configuration (default 1; the median is kept).
+//! - `BENCH_OUT`: file receiving one line per image and configuration:
+//!   `image config pull pull+sync min_pull min_pull+sync` (seconds; medians, then minimums).
+//!
+//! Each measurement gets a fresh containerd. Every image is first fetched without
+//! unpacking (`ctr content fetch`: content and image record only), then the timed `ctr images pull --plain-http --snapshotter S` finds the content
+//! local and only unpacks; `sync` afterwards is timed as well, since our differ makes each
+//! layer durable before Apply returns and the others leave dirty pages behind.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use testsuite::Registry;
+use testsuite::oci::{Blob, Compression, LayerBlob, OciArchive};
+
+use crate::world::{SN, Setup, World};
+
+const GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// A file's sha256 (of its gzip-decompressed content with `gunzip`), cached next to it in
+/// `FILE.sha256` or `FILE.diffid` (keyed by size and mtime).
+fn file_digest(p: &Path, gunzip: bool) -> Result<String> {
+    let md = fs::metadata(p).with_context(|| p.display().to_string())?;
+    let stamp = format!(
+        "{} {}",
+        md.len(),
+        md.modified()?
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+    );
+    let ext = if gunzip { "diffid" } else { "sha256" };
+    let cache = PathBuf::from(format!("{}.{ext}", p.display()));
+    if let Ok(c) = fs::read_to_string(&cache)
+        && let Some((s, d)) = c.trim().rsplit_once(' ')
+        && s == stamp
+    {
+        return Ok(d.to_string());
+    }
+    let mut h = Sha256::new();
+    let file = std::io::BufReader::with_capacity(1 << 20, fs::File::open(p)?);
+    let mut f: Box<dyn Read> = if gunzip {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+    }
+    let d = format!("sha256:{}", hex::encode(h.finalize()));
+    fs::write(&cache, format!("{stamp} {d}\n"))?;
+    Ok(d)
+}
+
+fn put(layout: &Path, data: &[u8], media_type: &str) -> Result<Blob> {
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+    fs::write(
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+        data,
+    )?;
+    Ok(Blob {
+        digest,
+        size: data.len() as u64,
+        media_type: media_type.into(),
+    })
+}
+
+/// A single-layer image layout around an existing gzip layer (hard-linked, not copied).
+fn image(work: &Path, name: &str, gz: &Path) -> Result<OciArchive> {
+    let layout = work.join("layouts").join(name);
+    if layout.exists() {
+        fs::remove_dir_all(&layout)?;
+    }
+    fs::create_dir_all(layout.join("blobs/sha256"))?;
+    let gz_digest = file_digest(gz, false)?;
+    let diff_id = file_digest(gz, true)?;
+    let dst = layout
+        .join("blobs/sha256")
+        .join(gz_digest.trim_start_matches("sha256:"));
+    if fs::hard_link(gz, &dst).is_err() {
+        fs::copy(gz, &dst)?;
+    }
+    let layer = LayerBlob {
+        blob: Blob {
+            digest: gz_digest,
+            size: fs::metadata(gz)?.len(),
+            media_type: GZ.into(),
+        },
+        diff_id: diff_id.clone(),
+        compression: Compression::Gzip,
+    };
+    let config = json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    });
+    let config = put(
+        &layout,
+        &serde_json::to_vec(&config)?,
+        testsuite::oci::MEDIA_TYPE_CONFIG,
+    )?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": testsuite::oci::MEDIA_TYPE_MANIFEST,
+        "config": config.descriptor(),
+        "layers": [layer.blob.descriptor()],
+    });
+    let manifest = put(
+        &layout,
+        &serde_json::to_vec(&manifest)?,
+        testsuite::oci::MEDIA_TYPE_MANIFEST,
+    )?;
+    let repo = format!("docker.io/testsuite/bench-{name}");
+    Ok(OciArchive {
+        path: layout.join("unused.tar"),
+        layout_dir: layout,
+        name: format!("{repo}:latest"),
+        repo,
+        tag: "latest".into(),
+        manifest,
+        config,
+        layers: vec![layer],
+    })
+}
+
+fn sync() {
+    let _ = Command::new("sync").status();
+}
+
+/// containerd's built-in EROFS snapshotter and differ (mkfs.erofs found on containerd's
+/// PATH: bench/differ puts erofs-utils 1.9 there).
+const BUILTIN_EROFS: &str = r#"
+[plugins."io.containerd.service.v1.diff-service"]
+  default = ["erofs", "walking"]
+[plugins."io.containerd.transfer.v1.local"]
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/amd64"
+    snapshotter = "erofs"
+    differ = "erofs"
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/amd64"
+    snapshotter = "overlayfs"
+    differ = "walking"
+"#;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+/// One timed unpack of `img` in a fresh containerd set up as `config`: (pull, pull + sync).
+fn measure(config: &str, bin: &Path, img: &OciArchive, reference: &str) -> Result<(f64, f64)> {
+    let (setup, snapshotter) = match config {
+        "ours" | "ours-index" => (
+            Setup {
+                tar_index: config == "ours-index",
+                binary: Some(bin.to_path_buf()),
+                ..Default::default()
+            },
+            SN,
+        ),
+        "erofs" => (
+            Setup {
+                reference_toml: Some(BUILTIN_EROFS.into()),
+                ..Default::default()
+            },
+            "erofs",
+        ),
+        "overlayfs" => (
+            Setup {
+                reference_toml: Some(String::new()),
+                ..Default::default()
+            },
+            "overlayfs",
+        ),
+        other => bail!("unknown configuration {other:?}"),
+    };
+    let w = World::start(Setup {
+        ctr_timeout: Some(Duration::from_secs(3600)),
+        ..setup
+    })?;
+    // Content and image record only (client.Fetch, no unpack).
+    w.ctd
+        .ctr_ok(&["content", "fetch", "--plain-http", reference])?;
+    sync();
+    let t = Instant::now();
+    w.ctd.ctr_ok(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        snapshotter,
+        reference,
+    ])?;
+    let pull = t.elapsed().as_secs_f64();
+    sync();
+    let all = t.elapsed().as_secs_f64();
+    // It really unpacked, with the differ we meant.
+    let chain = &img.layers[0].diff_id;
+    let listed = w.ctd.snapshots(snapshotter, &["ls"])?;
+    ensure!(
+        String::from_utf8_lossy(&listed.stdout).contains(chain.as_str()),
+        "{config}: {chain} not unpacked"
+    );
+    match config {
+        "erofs" => {
+            let root = w.ctd.root().join("io.containerd.snapshotter.v1.erofs");
+            let found = Command::new("find")
+                .arg(&root)
+                .args(["-name", "layer.erofs"])
+                .output()?;
+            ensure!(
+                !found.stdout.is_empty(),
+                "the built-in erofs snapshotter has no layer.erofs: walking differ?"
+            );
+        }
+        "ours" | "ours-index" => {
+            ensure!(
+                w.applied().iter().any(|a| &a.diff_id == chain),
+                "our differ did not apply {chain}"
+            );
+        }
+        _ => {}
+    }
+    Ok((pull, all))
+}
+
+/// Run the benchmark.
+pub fn run() -> Result<()> {
+    let spec = std::env::var("BENCH_IMAGES").context("BENCH_IMAGES is not set")?;
+    let bin = PathBuf::from(std::env::var("BENCH_BIN").context("BENCH_BIN is not set")?);
+    let out_path = PathBuf::from(std::env::var("BENCH_OUT").context("BENCH_OUT is not set")?);
+    let configs =
+        std::env::var("BENCH_CONFIGS").unwrap_or_else(|_| "ours,ours-index,erofs,overlayfs".into());
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let work = PathBuf::from(std::env::var("BENCH_WORK").unwrap_or_else(|_| "/tmp".into()));
+    let mut images = Vec::new();
+    for item in spec.split(',').filter(|s| !s.is_empty()) {
+        let (name, gz) = item.split_once('=').context("name=LAYER.tar.gz")?;
+        let t = Instant::now();
+        images.push(image(&work, name, Path::new(gz))?);
+        eprintln!("{name}: digests in {:.1?}", t.elapsed());
+    }
+    let reg = Registry::start()?;
+    let mut refs = Vec::new();
+    for img in &images {
+        let t = Instant::now();
+        refs.push(reg.push_image(img)?);
+        eprintln!("pushed {} in {:.1?}", img.name, t.elapsed());
+    }
+    let mut out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out_path)?;
+    let configs: Vec<&str> = configs.split(',').filter(|s| !s.is_empty()).collect();
+    // Runs are interleaved (each run measures every image in every configuration) so that
+    // load from elsewhere on the machine spreads over all configurations.
+    let mut results: std::collections::BTreeMap<(usize, usize), (Vec<f64>, Vec<f64>)> =
+        Default::default();
+    for run in 0..runs {
+        for (ii, (img, reference)) in images.iter().zip(&refs).enumerate() {
+            for (ci, config) in configs.iter().enumerate() {
+                let (pull, all) = measure(config, &bin, img, reference)?;
+                let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+                eprintln!(
+                    "run {run}: {config} {}: pull {pull:.2}s, pull+sync {all:.2}s (loadavg {})",
+                    img.name,
+                    load.split_whitespace()
+                        .take(3)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+                let e = results.entry((ii, ci)).or_default();
+                e.0.push(pull);
+                e.1.push(all);
+            }
+        }
+    }
+    for ((ii, ci), (pulls, durable)) in results {
+        let name = images[ii].repo.rsplit('/').next().unwrap_or_default();
+        let name = name.trim_start_matches("bench-");
+        let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        writeln!(
+            out,
+            "{name} {} {:.3} {:.3} {:.3} {:.3}",
+            configs[ci],
+            median(pulls.clone()),
+            median(durable.clone()),
+            min(&pulls),
+            min(&durable)
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
