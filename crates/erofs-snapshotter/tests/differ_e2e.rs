@@ -686,7 +686,7 @@ fn native_erofs() -> Result<()> {
             let rootfs = trees::mount_rw(&m, &w.work.join(&cname))?;
             let mut ro = RunOpts::new(
                 SN,
-                &rootfs.target.display().to_string(),
+                &rootfs.path().display().to_string(),
                 &[
                     "/bin/sh",
                     "-c",
@@ -811,10 +811,10 @@ fn parallel_unpack() -> Result<()> {
                 "view of the top: {par_view:?}"
             );
             let par = trees::mount_stack(&lowers, &w.work.join("par-view"))?;
-            let par_tree = trees::tree(&par.target)?;
-            let shared = fs::read_to_string(par.target.join("shared"))?;
+            let par_tree = trees::tree(par.path())?;
+            let shared = fs::read_to_string(par.path().join("shared"))?;
             ensure!(shared == "from 9\n", "shared = {shared:?}");
-            let mut names: Vec<String> = fs::read_dir(par.target.join("layers"))?
+            let mut names: Vec<String> = fs::read_dir(par.path().join("layers"))?
                 .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
                 .collect::<std::io::Result<_>>()?;
             names.sort();
@@ -832,7 +832,7 @@ fn parallel_unpack() -> Result<()> {
             let seq_view = w.block_on(g.view("e2e/seq/view", &top.name))?;
             let (seq_lowers, _) = trees::layers_of(&seq_view)?;
             let seq = trees::mount_stack(&seq_lowers, &w.work.join("seq-view"))?;
-            let seq_tree = trees::tree(&seq.target)?;
+            let seq_tree = trees::tree(seq.path())?;
             let d = trees::differences(&seq_tree, &par_tree);
             ensure!(
                 d.is_empty(),
@@ -1053,14 +1053,14 @@ fn compare() -> Result<()> {
             erofs_image::tar_to_image(&tar[..], &f, &opts)?;
         }
         let diff_mnt = trees::mount_erofs(&diff_img, &w.work.join("diff-layer"))?;
-        let mut applied = vec![diff_mnt.target.clone()];
+        let mut applied = vec![diff_mnt.path().to_path_buf()];
         applied.extend(lowers.iter().cloned());
         let applied_mnt = trees::mount_stack(&applied, &w.work.join("applied"))?;
         let mut container = vec![upper.clone()];
         container.extend(lowers.iter().cloned());
         let container_mnt = trees::mount_stack(&container, &w.work.join("container"))?;
-        let want = trees::tree(&container_mnt.target)?;
-        let got = trees::tree(&applied_mnt.target)?;
+        let want = trees::tree(container_mnt.path())?;
+        let got = trees::tree(applied_mnt.path())?;
         ensure!(
             want.nodes
                 .contains_key(std::path::Path::new("opt/app/only"))

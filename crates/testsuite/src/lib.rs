@@ -10,6 +10,8 @@
 //! - [`registry`]: a throwaway `docker-registry` on 127.0.0.1 and a push
 //!   client, for `ctr images pull --plain-http`.
 //! - [`daemon`]: a proxy daemon (`BIN serve --config FILE`) as a child process.
+//! - [`rootfs`]: performing a snapshotter's host-mode mount list (`bind`,
+//!   `overlay`) on a directory, as containerd does, and parsing overlay options.
 //! - [`process`] and [`mounts`]: process groups, command deadlines, `/proc`
 //!   scans and mount table helpers used by the above.
 //!
@@ -42,6 +44,7 @@ pub mod mounts;
 pub mod oci;
 pub mod process;
 pub mod registry;
+pub mod rootfs;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};

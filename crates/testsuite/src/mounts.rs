@@ -140,6 +140,14 @@ pub fn mounts_under<'a>(table: &'a [MountInfo], base: &Path) -> Vec<&'a MountInf
         .collect()
 }
 
+/// Mounts of the calling process's namespace at or below `dir`.
+pub fn self_mounts_under(dir: &Path) -> Result<Vec<MountInfo>> {
+    Ok(self_mounts()?
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(dir))
+        .collect())
+}
+
 /// Unmounts (with `MNT_DETACH`) every mount of the calling process's namespace
 /// at or below `base`, deepest first and, on one mount point, the most recent
 /// first; repeats until none are left (up to 100 passes). Returns how many

@@ -14,9 +14,9 @@ use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::services::snapshots::v1 as pb;
 use tonic::Code;
 
-use crate::client::{
-    Env, GC_ROOT, Mode, default_labels, expect_code, kind, labels, mount_all, run, time,
-};
+use testsuite::rootfs::{mount_all, parse_overlay};
+
+use crate::client::{Env, GC_ROOT, Mode, default_labels, expect_code, kind, labels, run, time};
 use crate::fstest::{self, Op, dir, file, link, remove_all};
 
 macro_rules! both {
@@ -878,7 +878,7 @@ async fn layers_128_mount_case(env: &mut Env) -> Result<()> {
     let view = env.key("fullview");
     let m = sn.view(&view, &parent).await?;
     if let [m0] = m.as_slice() {
-        let o = crate::client::parse_overlay(m0)?;
+        let o = parse_overlay(m0)?;
         ensure!(o.lowers.len() == 128, "{} lowers", o.lowers.len());
     }
     let mnt = mount_all(&m, &env.new_dir("fullview")?)?;

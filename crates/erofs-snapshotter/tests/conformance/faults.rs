@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::services::snapshots::v1 as pb;
 use containerd_api::containerd::types::Mount;
+use testsuite::mounts::self_mounts_under;
 use tonic::Code;
 
 use crate::cases::{check_snapshot, create_snapshot, flat_with};
 use crate::client::{
-    Env, Mode, default_labels, expect_code, is_writable, kind, labels, mount_dirs, mounts_under,
-    run,
+    Env, Mode, default_labels, expect_code, is_writable, kind, labels, mount_dirs, run,
 };
 use crate::fstest::{self, Op, dir, file};
 
@@ -206,17 +206,17 @@ pub async fn check_consistent(env: &Env) -> Result<Disk> {
         dirs_after == dirs && other.is_empty(),
         "checking changed the directories: {dirs:?} -> {dirs_after:?} {other:?}"
     );
-    for m in mounts_under(&snapshots)? {
-        let rel = m.target.strip_prefix(&snapshots).expect("under");
+    for m in self_mounts_under(&snapshots)? {
+        let rel = m.mount_point.strip_prefix(&snapshots).expect("under");
         let parts: Vec<_> = rel.components().collect();
-        let id = env.id_of(&m.target);
+        let id = env.id_of(&m.mount_point);
         ensure!(
             parts.len() == 2
                 && parts[1].as_os_str() == "fs"
                 && id.is_some_and(|id| dirs.contains(&id)),
             "stray mount {} ({} from {}) under {}",
-            m.target.display(),
-            m.fstype,
+            m.mount_point.display(),
+            m.fs_type,
             m.source,
             snapshots.display()
         );
@@ -459,7 +459,9 @@ async fn commit_after_db_commit(env: &mut Env) -> Result<()> {
     match env.mode {
         Mode::Plain => {
             let fs_dir = d.join("fs");
-            let mounted = mounts_under(&fs_dir)?.iter().any(|m| m.target == fs_dir);
+            let mounted = self_mounts_under(&fs_dir)?
+                .iter()
+                .any(|m| m.mount_point == fs_dir);
             ensure!(
                 mounted || std::fs::read_dir(&fs_dir)?.next().is_none(),
                 "the upper directory {} of a committed snapshot was not emptied",
@@ -487,7 +489,7 @@ async fn remove_case(env: &mut Env, point: &str) -> Result<()> {
     env.sn.remove(&v).await?;
     let mid_dir = env.snapshot_dir(mid_id);
     ensure!(
-        !mounts_under(&mid_dir)?.is_empty(),
+        !self_mounts_under(&mid_dir)?.is_empty(),
         "expected the layer of {mid:?} to be mounted under {}",
         mid_dir.display()
     );
@@ -503,7 +505,7 @@ async fn remove_case(env: &mut Env, point: &str) -> Result<()> {
     )?;
     ensure!(disk.infos.len() == 1, "{:?}", disk.infos.keys());
     ensure!(!mid_dir.exists(), "{} still exists", mid_dir.display());
-    let left = mounts_under(&mid_dir)?;
+    let left = self_mounts_under(&mid_dir)?;
     ensure!(
         left.is_empty(),
         "mounts left of a removed snapshot: {left:?}"

@@ -6,22 +6,10 @@ use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::types::Mount;
 use sha2::{Digest, Sha256};
-
-/// A read-only mount made by a test; unmounted (detached) on drop.
-#[derive(Debug)]
-pub struct Mounted {
-    /// Where.
-    pub target: PathBuf,
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = erofs_sys::mount::unmount(&self.target, true);
-    }
-}
+use testsuite::rootfs::{Mounted, mount_all, parse_overlay};
 
 /// The lower directories of a mount list (topmost first) and its upper directory, if any.
 pub fn layers_of(mounts: &[Mount]) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
@@ -40,16 +28,8 @@ pub fn layers_of(mounts: &[Mount]) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
             })
         }
         "overlay" => {
-            let mut lowers = Vec::new();
-            let mut upper = None;
-            for o in &m.options {
-                if let Some(l) = o.strip_prefix("lowerdir=") {
-                    lowers.extend(l.split(':').map(PathBuf::from));
-                } else if let Some(u) = o.strip_prefix("upperdir=") {
-                    upper = Some(PathBuf::from(u));
-                }
-            }
-            Ok((lowers, upper))
+            let o = parse_overlay(m)?;
+            Ok((o.lowers, o.upper))
         }
         t => bail!("unexpected mount type {t:?}"),
     }
@@ -59,59 +39,34 @@ pub fn layers_of(mounts: &[Mount]) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
 /// an overlay for more (whiteouts and opaque directories in any of them take effect).
 pub fn mount_stack(dirs: &[PathBuf], target: &Path) -> Result<Mounted> {
     fs::create_dir_all(target)?;
-    match dirs {
+    let path = |d: &PathBuf| d.display().to_string();
+    let m = match dirs {
         [] => bail!("nothing to mount"),
-        [one] => {
-            rustix::mount::mount_bind(one, target)
-                .with_context(|| format!("bind {} on {}", one.display(), target.display()))?;
-        }
-        many => {
-            let lowers: Vec<&Path> = many.iter().map(PathBuf::as_path).collect();
-            erofs_sys::mount::mount_overlay(target, &lowers, None, &[])
-                .with_context(|| format!("overlay of {many:?} on {}", target.display()))?;
-        }
-    }
-    Ok(Mounted {
-        target: target.to_path_buf(),
-    })
+        [one] => Mount {
+            r#type: "bind".into(),
+            source: path(one),
+            target: String::new(),
+            options: vec!["ro".into()],
+        },
+        many => Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options: vec![format!(
+                "lowerdir={}",
+                many.iter().map(path).collect::<Vec<_>>().join(":")
+            )],
+        },
+    };
+    mount_all(&[m], target)
 }
 
 /// Mount an active snapshot's mounts read-write on `target` (an overlay with its upper and
 /// work directories, or a bind mount).
 pub fn mount_rw(mounts: &[Mount], target: &Path) -> Result<Mounted> {
     fs::create_dir_all(target)?;
-    let m = match mounts {
-        [m] => m,
-        _ => bail!("expected one mount, got {mounts:?}"),
-    };
-    if m.r#type == "bind" {
-        rustix::mount::mount_bind(&m.source, target)?;
-    } else {
-        let mut lowers = Vec::new();
-        let (mut upper, mut work) = (None, None);
-        let mut extra = Vec::new();
-        for o in &m.options {
-            if let Some(l) = o.strip_prefix("lowerdir=") {
-                lowers.extend(l.split(':').map(PathBuf::from));
-            } else if let Some(u) = o.strip_prefix("upperdir=") {
-                upper = Some(PathBuf::from(u));
-            } else if let Some(u) = o.strip_prefix("workdir=") {
-                work = Some(PathBuf::from(u));
-            } else if o != "rw" {
-                extra.push(o.clone());
-            }
-        }
-        let lowers: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
-        let uw = match (&upper, &work) {
-            (Some(u), Some(w)) => Some((u.as_path(), w.as_path())),
-            _ => None,
-        };
-        erofs_sys::mount::mount_overlay(target, &lowers, uw, &extra)
-            .with_context(|| format!("mounting {m:?} on {}", target.display()))?;
-    }
-    Ok(Mounted {
-        target: target.to_path_buf(),
-    })
+    ensure!(mounts.len() == 1, "expected one mount, got {mounts:?}");
+    mount_all(mounts, target)
 }
 
 /// Mount an EROFS image file read-only on `target`.
@@ -119,9 +74,7 @@ pub fn mount_erofs(image: &Path, target: &Path) -> Result<Mounted> {
     fs::create_dir_all(target)?;
     erofs_sys::mount::mount_erofs_file(image, target, &[])
         .with_context(|| format!("mounting {} on {}", image.display(), target.display()))?;
-    Ok(Mounted {
-        target: target.to_path_buf(),
-    })
+    Ok(Mounted::adopt(target))
 }
 
 /// What is compared of one path.

@@ -26,6 +26,8 @@ use dpb::diff_client::DiffClient;
 use pb::snapshots_client::SnapshotsClient;
 use rustix::mount::{MountFlags, UnmountFlags};
 use rustix::process::{Pid, Signal};
+use testsuite::mounts::{self_mounts_under, unmount_all_under};
+use testsuite::rootfs::{Mounted, mount_all, parse_overlay};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -715,14 +717,16 @@ impl Env {
     /// next use of the layer mounts (and verifies) it again.
     pub fn unmount_layer(&self, id: u64) -> Result<()> {
         let fs_dir = self.snapshot_dir(id).join("fs");
-        for m in mounts_under(&self.snapshot_dir(id))? {
-            if m.target == fs_dir {
+        for m in self_mounts_under(&self.snapshot_dir(id))? {
+            if m.mount_point == fs_dir {
                 rustix::mount::unmount(&fs_dir, UnmountFlags::DETACH)
                     .with_context(|| format!("umount -l {}", fs_dir.display()))?;
             }
         }
         ensure!(
-            !mounts_under(&fs_dir)?.iter().any(|m| m.target == fs_dir),
+            !self_mounts_under(&fs_dir)?
+                .iter()
+                .any(|m| m.mount_point == fs_dir),
             "{} is still mounted",
             fs_dir.display()
         );
@@ -870,225 +874,6 @@ pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
         .build()
         .expect("tokio runtime")
         .block_on(f)
-}
-
-// ---- the mount table and performing mounts (as in the conformance suite) ----
-
-fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// One entry of the mount table.
-#[derive(Debug, Clone)]
-pub struct MountEntry {
-    /// Mount id.
-    pub id: u64,
-    /// Mount point.
-    pub target: PathBuf,
-    /// Per-mount options (`ro,nosuid,...,idmapped`).
-    pub mount_options: String,
-    /// Filesystem type.
-    pub fstype: String,
-    /// Source.
-    pub source: String,
-}
-
-/// The calling process's mount table.
-pub fn mount_table() -> Result<Vec<MountEntry>> {
-    let text = fs::read_to_string("/proc/self/mountinfo")?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else {
-            continue;
-        };
-        let pre: Vec<&str> = pre.split(' ').collect();
-        let post: Vec<&str> = post.split(' ').collect();
-        if pre.len() < 6 || post.len() < 2 {
-            continue;
-        }
-        out.push(MountEntry {
-            id: pre[0].parse().unwrap_or(0),
-            target: PathBuf::from(unescape(pre[4])),
-            mount_options: pre[5].to_string(),
-            fstype: post[0].to_string(),
-            source: unescape(post[1]),
-        });
-    }
-    Ok(out)
-}
-
-/// Mounts at or below `dir`.
-pub fn mounts_under(dir: &Path) -> Result<Vec<MountEntry>> {
-    Ok(mount_table()?
-        .into_iter()
-        .filter(|m| m.target.starts_with(dir))
-        .collect())
-}
-
-/// Detaches every mount at or below `dir`, deepest (then newest) first, until none is left.
-pub fn unmount_all_under(dir: &Path) -> Result<()> {
-    for _ in 0..200 {
-        let mut v = mounts_under(dir)?;
-        if v.is_empty() {
-            return Ok(());
-        }
-        v.sort_by(|a, b| {
-            b.target
-                .components()
-                .count()
-                .cmp(&a.target.components().count())
-                .then(b.id.cmp(&a.id))
-        });
-        let mut progressed = false;
-        for m in &v {
-            if rustix::mount::unmount(&m.target, UnmountFlags::DETACH).is_ok() {
-                progressed = true;
-            }
-        }
-        if !progressed {
-            bail!(
-                "cannot unmount {:?}",
-                v.iter().map(|m| &m.target).collect::<Vec<_>>()
-            );
-        }
-    }
-    bail!("mounts under {} keep coming back", dir.display())
-}
-
-/// Mounts performed on a target; detached on drop if not unmounted explicitly.
-#[derive(Debug)]
-pub struct Mounted {
-    target: PathBuf,
-    layers: usize,
-}
-
-impl Mounted {
-    /// The mount point.
-    pub fn path(&self) -> &Path {
-        &self.target
-    }
-
-    /// Unmount (not lazily: a busy mount is an error after a few retries).
-    pub fn unmount(mut self) -> Result<()> {
-        while self.layers > 0 {
-            let mut tries = 0;
-            loop {
-                match rustix::mount::unmount(&self.target, UnmountFlags::empty()) {
-                    Ok(()) => break,
-                    Err(rustix::io::Errno::BUSY) if tries < 100 => {
-                        tries += 1;
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => bail!("unmounting {}: {e}", self.target.display()),
-                }
-            }
-            self.layers -= 1;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        while self.layers > 0 {
-            if rustix::mount::unmount(&self.target, UnmountFlags::DETACH).is_err() {
-                break;
-            }
-            self.layers -= 1;
-        }
-    }
-}
-
-/// A parsed overlay mount.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Overlay {
-    /// Lower dirs, top first.
-    pub lowers: Vec<PathBuf>,
-    /// Upper dir.
-    pub upper: Option<PathBuf>,
-    /// Work dir.
-    pub work: Option<PathBuf>,
-    /// Everything else.
-    pub other: Vec<String>,
-}
-
-/// Parse the options of an `overlay` mount.
-pub fn parse_overlay(m: &Mount) -> Result<Overlay> {
-    ensure!(m.r#type.ends_with("overlay"), "not an overlay mount: {m:?}");
-    let mut o = Overlay::default();
-    for opt in &m.options {
-        if let Some(v) = opt.strip_prefix("lowerdir=") {
-            o.lowers = v.split(':').map(PathBuf::from).collect();
-        } else if let Some(v) = opt.strip_prefix("upperdir=") {
-            o.upper = Some(v.into());
-        } else if let Some(v) = opt.strip_prefix("workdir=") {
-            o.work = Some(v.into());
-        } else {
-            o.other.push(opt.clone());
-        }
-    }
-    ensure!(
-        !o.lowers.is_empty(),
-        "overlay mount without lowerdir: {m:?}"
-    );
-    Ok(o)
-}
-
-/// Performs host-mode `mounts` (`bind`, `overlay`) on `target`, in order.
-pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<Mounted> {
-    ensure!(!mounts.is_empty(), "empty mount list");
-    let mut done = Mounted {
-        target: target.to_path_buf(),
-        layers: 0,
-    };
-    for m in mounts {
-        match m.r#type.as_str() {
-            "bind" => {
-                let ro = m.options.iter().any(|o| o == "ro");
-                let recursive = m.options.iter().any(|o| o == "rbind");
-                let src = Path::new(&m.source);
-                if recursive {
-                    rustix::mount::mount_bind_recursive(src, target)
-                } else {
-                    rustix::mount::mount_bind(src, target)
-                }
-                .with_context(|| format!("bind-mounting {m:?} on {}", target.display()))?;
-                done.layers += 1;
-                if ro {
-                    rustix::mount::mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "")
-                        .with_context(|| format!("remounting {} read-only", target.display()))?;
-                }
-            }
-            "overlay" => {
-                let o = parse_overlay(m)?;
-                let lowers: Vec<&Path> = o.lowers.iter().map(PathBuf::as_path).collect();
-                let uw = match (&o.upper, &o.work) {
-                    (Some(u), Some(w)) => Some((u.as_path(), w.as_path())),
-                    _ => None,
-                };
-                erofs_sys::mount::mount_overlay(target, &lowers, uw, &o.other)
-                    .with_context(|| format!("mounting {m:?} on {}", target.display()))?;
-                done.layers += 1;
-            }
-            other => bail!("unexpected mount type {other:?} in host mode: {m:?}"),
-        }
-    }
-    Ok(done)
 }
 
 /// A gzip-compressed copy of `data`.

@@ -315,7 +315,7 @@ fn manager_mode_names_the_sidecar() {
             .c()
             .prepare("mgr/b", "mgr/l", Default::default())
             .await?;
-        let upper = crate::common::parse_overlay(b.last().context("no mounts")?)?
+        let upper = testsuite::rootfs::parse_overlay(b.last().context("no mounts")?)?
             .upper
             .context("no upperdir")?;
         let top = env.id_of(&upper).context("upperdir outside the root")?;

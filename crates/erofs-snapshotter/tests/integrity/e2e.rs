@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use erofs_image::tar::{Entry, EntryKind};
+use testsuite::mounts::self_mounts;
 use testsuite::oci::{self, Compression, ImageSpec, LayerBuilder};
 use testsuite::{
     Containerd, ContainerdOpts, ProxyKind, ProxyPlugin, RunOpts, UnpackConfig, Version, unique_name,
 };
 
-use crate::common::{Cfg, Env, block_on, is_immutable, mount_table};
+use crate::common::{Cfg, Env, block_on, is_immutable};
 
 const SNAPSHOTTER: &str = "erofs-rs";
 const DIFFER: &str = "erofs-rs-diff";
@@ -208,11 +209,11 @@ async fn body(ctd: &Containerd, env: &Env) -> Result<()> {
     check_ls_root(&out)?;
     check_quota(&out)?;
     // The daemon presented both layers through idmapped mounts.
-    let idmapped: Vec<_> = mount_table()?
+    let idmapped: Vec<_> = self_mounts()?
         .into_iter()
         .filter(|m| {
-            m.target.starts_with(env.snapshots_dir())
-                && m.target
+            m.mount_point.starts_with(env.snapshots_dir())
+                && m.mount_point
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with("idmap-"))
         })
@@ -221,7 +222,7 @@ async fn body(ctd: &Containerd, env: &Env) -> Result<()> {
         idmapped.len() == 2
             && idmapped
                 .iter()
-                .all(|m| m.mount_options.split(',').any(|o| o == "idmapped")),
+                .all(|m| m.mount_options.iter().any(|o| o == "idmapped")),
         "idmapped layer mounts: {idmapped:?}"
     );
     // The immutable flag is still there after all this.

@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
+use testsuite::mounts::self_mounts;
+use testsuite::rootfs::parse_overlay;
 
 use crate::common::{
-    Cfg, Env, LABEL_GIDMAPPING, LABEL_UIDMAPPING, Labels, MAP, labels, mount_table, parse_overlay,
-    run, run_ok,
+    Cfg, Env, LABEL_GIDMAPPING, LABEL_UIDMAPPING, Labels, MAP, labels, run, run_ok,
 };
 
 /// `(uid, gid)` of `p` as this process sees it.
@@ -87,12 +88,12 @@ fn idmapped_lowers_seen_through_stat() {
                     .is_some_and(|n| n.to_string_lossy().starts_with("idmap-")),
             "the lower is not an idmapped clone of the layer: {lower:?}"
         );
-        let entry = mount_table()?
+        let entry = self_mounts()?
             .into_iter()
-            .find(|m| &m.target == lower)
+            .find(|m| &m.mount_point == lower)
             .context("the idmapped lower is not a mount point")?;
         ensure!(
-            entry.mount_options.split(',').any(|o| o == "idmapped"),
+            entry.mount_options.iter().any(|o| o == "idmapped"),
             "{} is not an idmapped mount: {entry:?}",
             lower.display()
         );
@@ -187,9 +188,9 @@ fn idmapped_lowers_seen_through_stat() {
             env.c().remove(k).await?;
         }
         ensure!(
-            !mount_table()?
+            !self_mounts()?
                 .iter()
-                .any(|m| m.target.starts_with(env.snapshots_dir())),
+                .any(|m| m.mount_point.starts_with(env.snapshots_dir())),
             "mounts left under the root after removing everything"
         );
         Ok(())

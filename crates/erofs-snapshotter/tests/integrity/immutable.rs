@@ -97,9 +97,9 @@ fn immutable_layers_on_ext4() {
 fn immutable_layers_on_tmpfs() {
     run(Env::on_fs(cfg(), "tmpfs"), async |env| {
         ensure!(
-            crate::common::mounts_under(&env.root)?
+            testsuite::mounts::self_mounts_under(&env.root)?
                 .iter()
-                .any(|m| m.target == env.root && m.fstype == "tmpfs"),
+                .any(|m| m.mount_point == env.root && m.fs_type == "tmpfs"),
             "the root is not a tmpfs"
         );
         lifecycle(env, true).await

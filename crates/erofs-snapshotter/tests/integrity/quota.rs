@@ -9,8 +9,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
+use testsuite::mounts::{self_mounts_under, unmount_all_under};
 
-use crate::common::{Cfg, ENOSPC, Env, LABEL_MAX_SIZE, Labels, labels, mounts_under, run};
+use crate::common::{Cfg, ENOSPC, Env, LABEL_MAX_SIZE, Labels, labels, run};
 
 const MIB: u64 = 1 << 20;
 
@@ -44,9 +45,9 @@ fn fill_until_enospc(path: &Path, limit: u64) -> Result<u64> {
 /// The ext4 mount of snapshot `id`'s writable layer, if any.
 fn ext4_mount(env: &Env, id: u64) -> Result<Option<String>> {
     let fs_dir = env.snapshot_dir(id).join("fs");
-    Ok(mounts_under(&fs_dir)?
+    Ok(self_mounts_under(&fs_dir)?
         .into_iter()
-        .find(|m| m.target == fs_dir && m.fstype == "ext4")
+        .find(|m| m.mount_point == fs_dir && m.fs_type == "ext4")
         .map(|m| m.source))
 }
 
@@ -202,7 +203,7 @@ fn quota_after_a_reboot() {
             ensure!(before as u64 >= 4 * MIB, "usage {before} before the reboot");
 
             env.stop()?;
-            crate::common::unmount_all_under(&env.root)?;
+            unmount_all_under(&env.root)?;
             env.start().await?;
             ensure!(
                 ext4_mount(env, id)?.is_none(),
@@ -215,7 +216,7 @@ fn quota_after_a_reboot() {
             ensure!(fs::metadata(m.path().join("four-mib"))?.len() == 4 * MIB);
             m.unmount()?;
             env.stop()?;
-            crate::common::unmount_all_under(&env.root)?;
+            unmount_all_under(&env.root)?;
             env.start().await?;
             env.c().commit("qr/c", "qr/a").await?;
             ensure!(!rwlayer(env, id).exists());
