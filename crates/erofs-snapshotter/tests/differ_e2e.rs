@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use images::{DOCKER_GZIP, DOCKER_TAR, EROFS, EROFS_ZSTD, Layer};
+use testsuite::client::Labels;
 use testsuite::oci::{self, Compression, ImportOpts, LayerBuilder};
 use testsuite::{Registry, RunOpts, unique_name};
 use tonic::Code;
@@ -190,12 +191,12 @@ fn assert_failed_unpack_left_nothing(w: &World) -> Result<()> {
         Duration::from_secs(30),
         "containerd to remove the failed extraction snapshot from the daemon",
         || {
-            let l = w.block_on(g.list())?;
+            let l = w.block_on(g.list(&[]))?;
             Ok(l.iter().all(|i| i.kind != 2))
         },
     )?;
     w.block_on(g.cleanup())?;
-    let listed = w.block_on(g.list())?;
+    let listed = w.block_on(g.list(&[]))?;
     let (ids, other) = w.snapshot_dirs()?;
     ensure!(
         other.is_empty(),
@@ -386,8 +387,8 @@ fn media_types() -> Result<()> {
             let m = w.block_on(g.prepare(&key, ""))?;
             let dir = active_dir(&m)?;
             let r = w.block_on(g.apply(
-                descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
-                m,
+                &descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
+                &m,
             ));
             if i < tars.len() {
                 let d = r.with_context(|| format!("Apply of {}", l.blob.media_type))?;
@@ -418,8 +419,8 @@ fn media_types() -> Result<()> {
         fs::create_dir_all(&foreign)?;
         let l = &img.layers[0];
         let r = w.block_on(g.apply(
-            descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
-            vec![containerd_api::containerd::types::Mount {
+            &descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
+            &[containerd_api::containerd::types::Mount {
                 r#type: "bind".into(),
                 source: foreign.display().to_string(),
                 target: String::new(),
@@ -489,8 +490,8 @@ fn content_over_grpc() -> Result<()> {
             let m = w.block_on(g.prepare("e2e/tampered", ""))?;
             let dir = active_dir(&m)?;
             let r = w.block_on(g.apply(
-                descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
-                m,
+                &descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
+                &m,
             ));
             let s = match r {
                 Ok(d) => bail!("Apply of a tampered blob succeeded: {d:?}"),
@@ -657,8 +658,8 @@ fn native_erofs() -> Result<()> {
                 let m = w.block_on(g.prepare(&key, &parent))?;
                 let dir = active_dir(&m)?;
                 let d = w.block_on(g.apply(
-                    descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
-                    m,
+                    &descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
+                    &m,
                 ))?;
                 ensure!(
                     d.media_type == EROFS
@@ -675,7 +676,7 @@ fn native_erofs() -> Result<()> {
                     l.blob.media_type
                 );
                 let name = format!("e2e/native/{round}/{}", chains[i]);
-                w.block_on(g.commit(&name, &key, ""))?;
+                w.block_on(g.commit(&name, &key))?;
                 parent = name;
             }
             w.assert_unpacked_by_us(&img)?;
@@ -766,7 +767,7 @@ fn parallel_unpack() -> Result<()> {
                     handles.push(tokio::spawn(async move {
                         let start = t0.elapsed();
                         let m = g.prepare(&key, "").await?;
-                        let d = g.apply(desc, m).await?;
+                        let d = g.apply(&desc, &m).await?;
                         Ok::<_, tonic::Status>((key, d, start, t0.elapsed()))
                     }));
                 }
@@ -796,7 +797,7 @@ fn parallel_unpack() -> Result<()> {
                     img.layers[i].diff_id
                 );
                 let name = format!("e2e/par/{}", chains[i]);
-                w.block_on(g.commit(&name, &key, &parent))
+                w.block_on(g.commit_with(&name, &key, Labels::new(), &parent))
                     .with_context(|| format!("commit of layer {i} onto {parent:?}"))?;
                 parent = name;
             }
@@ -825,7 +826,7 @@ fn parallel_unpack() -> Result<()> {
             // image on the client side through the diff service, i.e. through our differ).
             ensure!(run_sh(w, &img.name, "cat /shared")? == "from 9\n");
             let top = w
-                .block_on(g.list())?
+                .block_on(g.list(&[]))?
                 .into_iter()
                 .find(|i| i.name.ends_with(&format!("/{}", chains[9])) && i.kind == 3)
                 .context("no committed snapshot for the top chain after ctr run")?;
@@ -1001,7 +1002,7 @@ fn compare() -> Result<()> {
         // The container's snapshot, straight from the daemon.
         let g = w.grpc()?;
         let info = w
-            .block_on(g.list())?
+            .block_on(g.list(&[]))?
             .into_iter()
             .find(|i| i.name.ends_with(&format!("/{cid}")))
             .context("no snapshot for the container")?;
@@ -1089,7 +1090,7 @@ fn compare() -> Result<()> {
             "application/vnd.oci.image.layer.v1.tar+zstd",
             "application/vnd.oci.image.layer.v1.tar",
         ] {
-            let d = w.block_on(g.compare(lower_view.clone(), cmounts.clone(), mt, Some(&lease)))?;
+            let d = w.block_on(g.compare(&lower_view, &cmounts, mt, Some(&lease)))?;
             ensure!(d.media_type == mt, "{d:?}");
             let out = w.ctd.ctr(&["content", "get", &d.digest])?;
             ensure!(out.status.success(), "ctr content get {}", d.digest);
@@ -1196,7 +1197,7 @@ fn compare_content_survives_gc() -> Result<()> {
                 .collect::<Vec<_>>(),
         );
         let g = w.grpc()?;
-        let names = w.block_on(g.list())?;
+        let names = w.block_on(g.list(&[]))?;
         let name_of = |chain: &str| {
             names
                 .iter()
@@ -1207,8 +1208,8 @@ fn compare_content_survives_gc() -> Result<()> {
         let lower = w.block_on(g.view("e2e/gc/lower", &name_of(&chains[0])?))?;
         let upper = w.block_on(g.view("e2e/gc/upper", &name_of(&chains[1])?))?;
         let d = w.block_on(g.compare(
-            lower,
-            upper,
+            &lower,
+            &upper,
             "application/vnd.oci.image.layer.v1.tar+gzip",
             None,
         ))?;
@@ -1320,8 +1321,8 @@ fn bad_input() -> Result<()> {
             let m = w.block_on(g.prepare(&key, ""))?;
             let dir = active_dir(&m)?;
             let r = w.block_on(g.apply(
-                descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
-                m,
+                &descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
+                &m,
             ));
             let s = match r {
                 Ok(d) => bail!("{what}: Apply succeeded: {d:?}"),
@@ -1356,11 +1357,11 @@ fn bad_input() -> Result<()> {
         let l = &img.layers[0];
         let m = w.block_on(g.prepare("e2e/bad/good", ""))?;
         let d = w.block_on(g.apply(
-            descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
-            m,
+            &descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size),
+            &m,
         ))?;
         ensure!(d.digest == l.diff_id);
-        w.block_on(g.commit("e2e/bad/good-committed", "e2e/bad/good", ""))?;
+        w.block_on(g.commit("e2e/bad/good-committed", "e2e/bad/good"))?;
         w.block_on(g.remove("e2e/bad/good-committed"))?;
         w.block_on(g.cleanup())?;
 

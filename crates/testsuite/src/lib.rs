@@ -10,6 +10,7 @@
 //! - [`registry`]: a throwaway `docker-registry` on 127.0.0.1 and a push
 //!   client, for `ctr images pull --plain-http`.
 //! - [`daemon`]: a proxy daemon (`BIN serve --config FILE`) as a child process.
+//! - [`client`]: a gRPC client of a daemon's Snapshots and Diff services.
 //! - [`rootfs`]: performing a snapshotter's host-mode mount list (`bind`,
 //!   `overlay`) on a directory, as containerd does, and parsing overlay options.
 //! - [`process`] and [`mounts`]: process groups, command deadlines, `/proc`
@@ -38,6 +39,7 @@
 //! # }
 //! ```
 
+pub mod client;
 pub mod containerd;
 pub mod daemon;
 pub mod mounts;

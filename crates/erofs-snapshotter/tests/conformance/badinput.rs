@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use containerd_api::containerd::services::snapshots::v1 as pb;
+use testsuite::client::{expect_code, labels};
 use tonic::Code;
 
 use crate::cases::{check_snapshot, create_snapshot, flat_with};
-use crate::client::{Env, Mode, default_labels, expect_code, kind, labels, list_dir, run};
+use crate::client::{Env, Mode, default_labels, kind, list_dir, run};
 use crate::fstest::{self, Op, file};
 
 macro_rules! plain {

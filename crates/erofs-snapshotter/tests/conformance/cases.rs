@@ -14,9 +14,10 @@ use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::services::snapshots::v1 as pb;
 use tonic::Code;
 
+use testsuite::client::{expect_code, labels};
 use testsuite::rootfs::{mount_all, parse_overlay};
 
-use crate::client::{Env, GC_ROOT, Mode, default_labels, expect_code, kind, labels, run, time};
+use crate::client::{Env, GC_ROOT, Mode, default_labels, kind, run, time};
 use crate::fstest::{self, Op, dir, file, link, remove_all};
 
 macro_rules! both {

@@ -9,7 +9,7 @@
 //! the daemon log tail is printed (and with `ECT_KEEP=1` in the environment the directory
 //! of a failed test is kept, its mounts detached).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -21,12 +21,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::services::snapshots::v1 as pb;
 use containerd_api::containerd::types::Mount;
-use pb::snapshots_client::SnapshotsClient;
 use rustix::process::{Pid, Signal};
+use testsuite::client::{Client, Labels, connect, labels};
 use testsuite::mounts::unmount_all_under;
 use testsuite::rootfs::{Mounted, mount_all, parse_overlay};
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
 
 /// The daemon binary.
 pub const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
@@ -45,16 +44,6 @@ pub enum Mode {
     Quota,
 }
 
-/// Labels as the API carries them.
-pub type Labels = HashMap<String, String>;
-
-/// Labels from pairs.
-pub fn labels(kv: &[(&str, &str)]) -> Labels {
-    kv.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 /// The default label set of the suite (a GC root, like upstream's `opt`).
 pub fn default_labels() -> Labels {
     let now = SystemTime::now()
@@ -64,284 +53,12 @@ pub fn default_labels() -> Labels {
     labels(&[(GC_ROOT, &now.to_string())])
 }
 
-/// A gRPC client of the Snapshots service. Cheap to clone (one shared channel).
-#[derive(Debug, Clone)]
-pub struct Sn {
-    c: SnapshotsClient<Channel>,
-    /// The `snapshotter` field sent with every request (containerd puts the proxy's name there).
-    pub snapshotter: String,
-}
-
-async fn channel(socket: &Path, lazy: bool) -> Result<Channel> {
-    let path = socket.to_path_buf();
-    let ep = Endpoint::try_from("http://[::]:50051")?;
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-        let p = path.clone();
-        async move {
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                tokio::net::UnixStream::connect(p).await?,
-            ))
-        }
-    });
-    Ok(if lazy {
-        ep.connect_with_connector_lazy(connector)
-    } else {
-        ep.connect_with_connector(connector)
-            .await
-            .with_context(|| format!("connecting to {}", socket.display()))?
-    })
-}
-
-fn req<T>(m: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(m);
-    r.set_timeout(Duration::from_secs(300));
-    r
-}
-
-impl Sn {
-    fn new(ch: Channel) -> Self {
-        Sn {
-            c: SnapshotsClient::new(ch),
-            snapshotter: "erofs-rs".into(),
-        }
-    }
-
-    /// This client with another `snapshotter` field.
-    pub fn named(&self, snapshotter: &str) -> Sn {
-        Sn {
-            c: self.c.clone(),
-            snapshotter: snapshotter.into(),
-        }
-    }
-
-    /// Prepare with the default labels.
-    pub async fn prepare(&self, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
-        self.prepare_with(key, parent, default_labels()).await
-    }
-
-    /// Prepare.
-    pub async fn prepare_with(
-        &self,
-        key: &str,
-        parent: &str,
-        labels: Labels,
-    ) -> Result<Vec<Mount>, Status> {
-        let r = self
-            .c
-            .clone()
-            .prepare(req(pb::PrepareSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-                parent: parent.into(),
-                labels,
-            }))
-            .await?;
-        Ok(r.into_inner().mounts)
-    }
-
-    /// View with the default labels.
-    pub async fn view(&self, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
-        self.view_with(key, parent, default_labels()).await
-    }
-
-    /// View.
-    pub async fn view_with(
-        &self,
-        key: &str,
-        parent: &str,
-        labels: Labels,
-    ) -> Result<Vec<Mount>, Status> {
-        let r = self
-            .c
-            .clone()
-            .view(req(pb::ViewSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-                parent: parent.into(),
-                labels,
-            }))
-            .await?;
-        Ok(r.into_inner().mounts)
-    }
-
-    /// Mounts.
-    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, Status> {
-        let r = self
-            .c
-            .clone()
-            .mounts(req(pb::MountsRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-            }))
-            .await?;
-        Ok(r.into_inner().mounts)
-    }
-
-    /// Commit with the default labels and no rebase.
-    pub async fn commit(&self, name: &str, key: &str) -> Result<(), Status> {
-        self.commit_with(name, key, default_labels(), "").await
-    }
-
-    /// Commit; `parent` is the rebase parent (CommitSnapshotRequest field 5).
-    pub async fn commit_with(
-        &self,
-        name: &str,
-        key: &str,
-        labels: Labels,
-        parent: &str,
-    ) -> Result<(), Status> {
-        self.c
-            .clone()
-            .commit(req(pb::CommitSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                name: name.into(),
-                key: key.into(),
-                labels,
-                parent: parent.into(),
-            }))
-            .await?;
-        Ok(())
-    }
-
-    /// Remove.
-    pub async fn remove(&self, key: &str) -> Result<(), Status> {
-        self.c
-            .clone()
-            .remove(req(pb::RemoveSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-            }))
-            .await?;
-        Ok(())
-    }
-
-    /// Stat.
-    pub async fn stat(&self, key: &str) -> Result<pb::Info, Status> {
-        let r = self
-            .c
-            .clone()
-            .stat(req(pb::StatSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-            }))
-            .await?;
-        r.into_inner()
-            .info
-            .ok_or_else(|| Status::internal("StatSnapshotResponse without info"))
-    }
-
-    /// Update with field-mask `paths`.
-    pub async fn update(&self, info: pb::Info, paths: &[&str]) -> Result<pb::Info, Status> {
-        let r = self
-            .c
-            .clone()
-            .update(req(pb::UpdateSnapshotRequest {
-                snapshotter: self.snapshotter.clone(),
-                info: Some(info),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: paths.iter().map(|p| p.to_string()).collect(),
-                }),
-            }))
-            .await?;
-        r.into_inner()
-            .info
-            .ok_or_else(|| Status::internal("UpdateSnapshotResponse without info"))
-    }
-
-    /// List (Walk): every batch of the stream.
-    pub async fn list_batches(&self, filters: &[&str]) -> Result<Vec<Vec<pb::Info>>, Status> {
-        let mut s = self
-            .c
-            .clone()
-            .list(req(pb::ListSnapshotsRequest {
-                snapshotter: self.snapshotter.clone(),
-                filters: filters.iter().map(|f| f.to_string()).collect(),
-            }))
-            .await?
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(batch) = s.message().await? {
-            out.push(batch.info);
-        }
-        Ok(out)
-    }
-
-    /// List (Walk) calling `f` for every info as it arrives, while the stream is open.
-    pub async fn walk(
-        &self,
-        filters: &[&str],
-        mut f: impl AsyncFnMut(pb::Info) -> Result<()>,
-    ) -> Result<usize> {
-        let mut s = self
-            .c
-            .clone()
-            .list(req(pb::ListSnapshotsRequest {
-                snapshotter: self.snapshotter.clone(),
-                filters: filters.iter().map(|f| f.to_string()).collect(),
-            }))
-            .await?
-            .into_inner();
-        let mut batches = 0;
-        while let Some(batch) = s.message().await? {
-            batches += 1;
-            for i in batch.info {
-                f(i).await?;
-            }
-        }
-        Ok(batches)
-    }
-
-    /// List (Walk), flattened.
-    pub async fn list(&self, filters: &[&str]) -> Result<Vec<pb::Info>, Status> {
-        Ok(self
-            .list_batches(filters)
-            .await?
-            .into_iter()
-            .flatten()
-            .collect())
-    }
-
-    /// Usage: (bytes, inodes).
-    pub async fn usage(&self, key: &str) -> Result<(i64, i64), Status> {
-        let r = self
-            .c
-            .clone()
-            .usage(req(pb::UsageRequest {
-                snapshotter: self.snapshotter.clone(),
-                key: key.into(),
-            }))
-            .await?
-            .into_inner();
-        Ok((r.size, r.inodes))
-    }
-
-    /// Cleanup.
-    pub async fn cleanup(&self) -> Result<(), Status> {
-        self.c
-            .clone()
-            .cleanup(req(pb::CleanupRequest {
-                snapshotter: self.snapshotter.clone(),
-            }))
-            .await?;
-        Ok(())
-    }
-}
-
-/// Fails unless `r` is an error with `code`; returns the status.
-pub fn expect_code<T: std::fmt::Debug>(
-    r: Result<T, Status>,
-    code: Code,
-    what: &str,
-) -> Result<Status> {
-    match r {
-        Ok(v) => bail!("{what}: expected {code:?}, got success: {v:?}"),
-        Err(s) if s.code() == code => Ok(s),
-        Err(s) => bail!(
-            "{what}: expected {code:?}, got {:?}: {}",
-            s.code(),
-            s.message()
-        ),
-    }
+/// A client of the daemon on `ch` as the suite uses it: named `erofs-rs`, a 300 s deadline per
+/// call, [`default_labels`] unless given others.
+fn client(ch: Channel) -> Client {
+    Client::new(ch, "erofs-rs")
+        .with_timeout(Duration::from_secs(300))
+        .with_default_labels(default_labels)
 }
 
 /// The kind of an info.
@@ -372,7 +89,7 @@ pub struct Env {
     /// The configuration flavour.
     pub mode: Mode,
     /// The client (replaced on every daemon start).
-    pub sn: Sn,
+    pub sn: Client,
     daemon: Option<Child>,
     seq: AtomicU32,
     reported: bool,
@@ -452,7 +169,7 @@ impl Env {
             toml.push_str("[snapshotter]\ndefault_size = \"64MB\"\n");
         }
         fs::write(&config, toml)?;
-        let sn = Sn::new(Endpoint::try_from("http://[::]:50051")?.connect_lazy());
+        let sn = client(Endpoint::try_from("http://[::]:50051")?.connect_lazy());
         Ok(Env {
             base,
             root,
@@ -523,7 +240,7 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.daemon = Some(child);
-        self.sn = Sn::new(channel(&self.socket, false).await?);
+        self.sn = client(connect(&self.socket).await?);
         Ok(())
     }
 

@@ -16,13 +16,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::services::snapshots::v1 as pb;
 use containerd_api::containerd::types::Mount;
+use testsuite::client::{expect_code, labels};
 use testsuite::mounts::self_mounts_under;
 use tonic::Code;
 
 use crate::cases::{check_snapshot, create_snapshot, flat_with};
-use crate::client::{
-    Env, Mode, default_labels, expect_code, is_writable, kind, labels, mount_dirs, run,
-};
+use crate::client::{Env, Mode, default_labels, is_writable, kind, mount_dirs, run};
 use crate::fstest::{self, Op, dir, file};
 
 macro_rules! both {

@@ -12,14 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use containerd_api::containerd::services::diff::v1 as diffpb;
-use containerd_api::containerd::services::snapshots::v1 as snpb;
 use containerd_api::containerd::types::{Descriptor, Mount};
-use diffpb::diff_client::DiffClient;
-use snpb::snapshots_client::SnapshotsClient;
+use testsuite::client::Client;
 use testsuite::oci::OciArchive;
 use testsuite::{Containerd, ContainerdOpts, Daemon, UnpackConfig, Version};
-use tonic::transport::{Channel, Endpoint};
 
 /// Our proxy snapshotter's name in containerd.
 pub const SN: &str = "erofs-rs";
@@ -299,7 +295,7 @@ impl World {
         // containerd's garbage collector removes them) have no layer yet.
         let g = self.grpc()?;
         let mut active = std::collections::BTreeSet::new();
-        for i in self.block_on(g.list())? {
+        for i in self.block_on(g.list(&[]))? {
             if i.kind == 2 {
                 active.insert(active_dir(&self.block_on(g.mounts(&i.name))?)?);
             }
@@ -341,26 +337,10 @@ impl World {
             .collect())
     }
 
-    /// gRPC clients of our daemon.
-    pub fn grpc(&self) -> Result<Grpc> {
-        let path = self.sock.clone();
-        let ch = self.block_on(async move {
-            Endpoint::try_from("http://[::]:50051")?
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let p = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(p).await?,
-                        ))
-                    }
-                }))
-                .await
-                .context("connecting to the daemon")
-        })?;
-        Ok(Grpc {
-            sn: SnapshotsClient::new(ch.clone()),
-            diff: DiffClient::new(ch),
-        })
+    /// A gRPC client of our daemon (Snapshots and Diff), naming [`SN`].
+    pub fn grpc(&self) -> Result<Client> {
+        let ch = self.block_on(testsuite::client::connect(&self.sock))?;
+        Ok(Client::new(ch, SN))
     }
 
     /// Wait until `f` holds (polling every 200 ms), or fail with `what`.
@@ -380,177 +360,6 @@ impl World {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-    }
-}
-
-/// Clients of the daemon's Snapshots and Diff services. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Grpc {
-    /// Snapshots.
-    pub sn: SnapshotsClient<Channel>,
-    /// Diff.
-    pub diff: DiffClient<Channel>,
-}
-
-fn req<T>(m: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(m);
-    r.set_timeout(Duration::from_secs(600));
-    r
-}
-
-impl Grpc {
-    /// Prepare (active snapshot) `key` on `parent` ("" for none).
-    pub async fn prepare(&self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
-        Ok(self
-            .sn
-            .clone()
-            .prepare(req(snpb::PrepareSnapshotRequest {
-                snapshotter: SN.into(),
-                key: key.into(),
-                parent: parent.into(),
-                labels: Default::default(),
-            }))
-            .await?
-            .into_inner()
-            .mounts)
-    }
-
-    /// View `key` of `parent`.
-    pub async fn view(&self, key: &str, parent: &str) -> Result<Vec<Mount>, tonic::Status> {
-        Ok(self
-            .sn
-            .clone()
-            .view(req(snpb::ViewSnapshotRequest {
-                snapshotter: SN.into(),
-                key: key.into(),
-                parent: parent.into(),
-                labels: Default::default(),
-            }))
-            .await?
-            .into_inner()
-            .mounts)
-    }
-
-    /// Mounts of `key`.
-    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, tonic::Status> {
-        Ok(self
-            .sn
-            .clone()
-            .mounts(req(snpb::MountsRequest {
-                snapshotter: SN.into(),
-                key: key.into(),
-            }))
-            .await?
-            .into_inner()
-            .mounts)
-    }
-
-    /// Commit `key` as `name`, rebased on `parent` when not empty.
-    pub async fn commit(&self, name: &str, key: &str, parent: &str) -> Result<(), tonic::Status> {
-        self.sn
-            .clone()
-            .commit(req(snpb::CommitSnapshotRequest {
-                snapshotter: SN.into(),
-                name: name.into(),
-                key: key.into(),
-                labels: Default::default(),
-                parent: parent.into(),
-            }))
-            .await?;
-        Ok(())
-    }
-
-    /// Remove `key`.
-    pub async fn remove(&self, key: &str) -> Result<(), tonic::Status> {
-        self.sn
-            .clone()
-            .remove(req(snpb::RemoveSnapshotRequest {
-                snapshotter: SN.into(),
-                key: key.into(),
-            }))
-            .await?;
-        Ok(())
-    }
-
-    /// Cleanup.
-    pub async fn cleanup(&self) -> Result<(), tonic::Status> {
-        self.sn
-            .clone()
-            .cleanup(req(snpb::CleanupRequest {
-                snapshotter: SN.into(),
-            }))
-            .await?;
-        Ok(())
-    }
-
-    /// Every snapshot the daemon has.
-    pub async fn list(&self) -> Result<Vec<snpb::Info>, tonic::Status> {
-        let mut s = self
-            .sn
-            .clone()
-            .list(req(snpb::ListSnapshotsRequest {
-                snapshotter: SN.into(),
-                filters: Vec::new(),
-            }))
-            .await?
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(b) = s.message().await? {
-            out.extend(b.info);
-        }
-        Ok(out)
-    }
-
-    /// Diff.Apply of `desc` onto `mounts`.
-    pub async fn apply(
-        &self,
-        desc: Descriptor,
-        mounts: Vec<Mount>,
-    ) -> Result<Descriptor, tonic::Status> {
-        self.diff
-            .clone()
-            .apply(req(diffpb::ApplyRequest {
-                diff: Some(desc),
-                mounts,
-                payloads: Default::default(),
-                sync_fs: false,
-            }))
-            .await?
-            .into_inner()
-            .applied
-            .ok_or_else(|| tonic::Status::internal("ApplyResponse without a descriptor"))
-    }
-
-    /// Diff.Diff (Compare) between `lower` and `upper`, in containerd namespace "default",
-    /// under `lease` when given.
-    pub async fn compare(
-        &self,
-        lower: Vec<Mount>,
-        upper: Vec<Mount>,
-        media_type: &str,
-        lease: Option<&str>,
-    ) -> Result<Descriptor, tonic::Status> {
-        let mut r = req(diffpb::DiffRequest {
-            left: lower,
-            right: upper,
-            media_type: media_type.into(),
-            r#ref: String::new(),
-            labels: Default::default(),
-            source_date_epoch: None,
-        });
-        r.metadata_mut()
-            .insert("containerd-namespace", "default".parse().expect("ascii"));
-        if let Some(l) = lease {
-            r.metadata_mut()
-                .insert("containerd-lease", l.parse().expect("ascii"));
-        }
-        self.diff
-            .clone()
-            .diff(r)
-            .await?
-            .into_inner()
-            .diff
-            .ok_or_else(|| tonic::Status::internal("DiffResponse without a descriptor"))
     }
 }
 

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, ensure};
 use containerd_api::containerd::types::Descriptor;
 use sha2::{Digest, Sha256};
 
-use crate::common::{Cfg, Env, Labels, block_on};
+use crate::common::{Cfg, Env, block_on};
 
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -133,7 +133,7 @@ async fn bench(work: &std::path::Path, runs: usize) -> Result<()> {
                 drop_caches();
                 warm(&d.file)?;
                 let t0 = Instant::now();
-                let mounts = env.c().prepare(&key, "", Labels::new()).await?;
+                let mounts = env.c().prepare(&key, "").await?;
                 env.c().apply(&descs[di], &mounts).await?;
                 env.c().commit(&name, &key).await?;
                 let dt = t0.elapsed();

@@ -8,7 +8,6 @@
 //! (deepest first), clears `FS_IMMUTABLE_FL` on everything left (immutable layers cannot be
 //! deleted otherwise) and deletes the directory, also when the test panics.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -19,17 +18,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use containerd_api::containerd::services::diff::v1 as dpb;
-use containerd_api::containerd::services::snapshots::v1 as pb;
 use containerd_api::containerd::types::{Descriptor, Mount};
-use dpb::diff_client::DiffClient;
-use pb::snapshots_client::SnapshotsClient;
 use rustix::mount::{MountFlags, UnmountFlags};
 use rustix::process::{Pid, Signal};
+use testsuite::client::{Client, connect};
 use testsuite::mounts::{self_mounts_under, unmount_all_under};
 use testsuite::rootfs::{Mounted, mount_all, parse_overlay};
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
 
 /// The daemon binary.
 pub const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
@@ -47,16 +41,6 @@ pub const LABEL_MAX_SIZE: &str = "containerd.io/snapshot/max-size";
 pub const LABEL_UIDMAPPING: &str = "containerd.io/snapshot/uidmapping";
 /// See [`LABEL_UIDMAPPING`].
 pub const LABEL_GIDMAPPING: &str = "containerd.io/snapshot/gidmapping";
-
-/// Labels as the API carries them.
-pub type Labels = HashMap<String, String>;
-
-/// Labels from pairs.
-pub fn labels(kv: &[(&str, &str)]) -> Labels {
-    kv.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 /// The daemon's configuration, by section; `root_path`, `address` and the differ's
 /// `content_root` and `containerd_address` are filled in by [`Env`] unless given here.
@@ -126,188 +110,6 @@ impl Cfg {
             t.push('\n');
         }
         t
-    }
-}
-
-fn req<T>(m: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(m);
-    r.set_timeout(Duration::from_secs(600));
-    r
-}
-
-async fn channel(socket: &Path) -> Result<Channel> {
-    let path = socket.to_path_buf();
-    let ep = Endpoint::try_from("http://[::]:50051")?;
-    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-        let p = path.clone();
-        async move {
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                tokio::net::UnixStream::connect(p).await?,
-            ))
-        }
-    });
-    ep.connect_with_connector(connector)
-        .await
-        .with_context(|| format!("connecting to {}", socket.display()))
-}
-
-/// A client of the daemon's Snapshots and Diff services.
-#[derive(Debug, Clone)]
-pub struct Client {
-    sn: SnapshotsClient<Channel>,
-    df: DiffClient<Channel>,
-}
-
-const SNAPSHOTTER: &str = "erofs-rs";
-
-impl Client {
-    fn new(ch: Channel) -> Self {
-        Client {
-            sn: SnapshotsClient::new(ch.clone()),
-            df: DiffClient::new(ch),
-        }
-    }
-
-    /// Prepare.
-    pub async fn prepare(&self, key: &str, parent: &str, l: Labels) -> Result<Vec<Mount>, Status> {
-        let r = self
-            .sn
-            .clone()
-            .prepare(req(pb::PrepareSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.into(),
-                parent: parent.into(),
-                labels: l,
-            }))
-            .await?;
-        Ok(r.into_inner().mounts)
-    }
-
-    /// View.
-    pub async fn view(&self, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
-        self.view_with(key, parent, Labels::new()).await
-    }
-
-    /// View with labels.
-    pub async fn view_with(
-        &self,
-        key: &str,
-        parent: &str,
-        l: Labels,
-    ) -> Result<Vec<Mount>, Status> {
-        let r = self
-            .sn
-            .clone()
-            .view(req(pb::ViewSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.into(),
-                parent: parent.into(),
-                labels: l,
-            }))
-            .await?;
-        Ok(r.into_inner().mounts)
-    }
-
-    /// Mounts.
-    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, Status> {
-        let r = self
-            .sn
-            .clone()
-            .mounts(req(pb::MountsRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.into(),
-            }))
-            .await?;
-        Ok(r.into_inner().mounts)
-    }
-
-    /// Commit.
-    pub async fn commit(&self, name: &str, key: &str) -> Result<(), Status> {
-        self.sn
-            .clone()
-            .commit(req(pb::CommitSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                name: name.into(),
-                key: key.into(),
-                labels: Labels::new(),
-                parent: String::new(),
-            }))
-            .await?;
-        Ok(())
-    }
-
-    /// Remove.
-    pub async fn remove(&self, key: &str) -> Result<(), Status> {
-        self.sn
-            .clone()
-            .remove(req(pb::RemoveSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.into(),
-            }))
-            .await?;
-        Ok(())
-    }
-
-    /// Stat.
-    pub async fn stat(&self, key: &str) -> Result<pb::Info, Status> {
-        let r = self
-            .sn
-            .clone()
-            .stat(req(pb::StatSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.into(),
-            }))
-            .await?;
-        r.into_inner()
-            .info
-            .ok_or_else(|| Status::internal("StatSnapshotResponse without info"))
-    }
-
-    /// Usage: (bytes, inodes).
-    pub async fn usage(&self, key: &str) -> Result<(i64, i64), Status> {
-        let r = self
-            .sn
-            .clone()
-            .usage(req(pb::UsageRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.into(),
-            }))
-            .await?
-            .into_inner();
-        Ok((r.size, r.inodes))
-    }
-
-    /// Diff.Apply of `desc` onto `mounts`; returns the applied (uncompressed) descriptor.
-    pub async fn apply(&self, desc: &Descriptor, mounts: &[Mount]) -> Result<Descriptor, Status> {
-        let r = self
-            .df
-            .clone()
-            .apply(req(dpb::ApplyRequest {
-                diff: Some(desc.clone()),
-                mounts: mounts.to_vec(),
-                ..Default::default()
-            }))
-            .await?;
-        r.into_inner()
-            .applied
-            .ok_or_else(|| Status::internal("ApplyResponse without a descriptor"))
-    }
-}
-
-/// Fails unless `r` is an error with `code`; returns the status.
-pub fn expect_code<T: std::fmt::Debug>(
-    r: Result<T, Status>,
-    code: Code,
-    what: &str,
-) -> Result<Status> {
-    match r {
-        Ok(v) => bail!("{what}: expected {code:?}, got success: {v:?}"),
-        Err(s) if s.code() == code => Ok(s),
-        Err(s) => bail!(
-            "{what}: expected {code:?}, got {:?}: {}",
-            s.code(),
-            s.message()
-        ),
     }
 }
 
@@ -483,7 +285,7 @@ impl Env {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.daemon = Some(child);
-        self.client = Some(Client::new(channel(&self.socket).await?));
+        self.client = Some(Client::new(connect(&self.socket).await?, "erofs-rs"));
         if self.ping {
             // One request served: by then the daemon handles SIGTERM (see
             // lifecycle::sigterm_right_after_start_is_graceful).
@@ -666,7 +468,7 @@ impl Env {
         name: &str,
         files: &[(&str, &[u8])],
     ) -> Result<u64> {
-        let mounts = self.c().prepare(key, parent, Labels::new()).await?;
+        let mounts = self.c().prepare(key, parent).await?;
         let id = self.id_of_mounts(&mounts)?;
         let m = self.mount(&mounts, "fill")?;
         for (p, data) in files {
@@ -702,7 +504,7 @@ impl Env {
         name: &str,
         desc: &Descriptor,
     ) -> Result<(u64, Descriptor)> {
-        let mounts = self.c().prepare(key, "", Labels::new()).await?;
+        let mounts = self.c().prepare(key, "").await?;
         let id = self.id_of_mounts(&mounts)?;
         let applied = self
             .c()

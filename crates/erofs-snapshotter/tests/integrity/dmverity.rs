@@ -311,10 +311,7 @@ fn manager_mode_names_the_sidecar() {
         // A second layer from a directory (Commit conversion): no tree, no sidecar.
         // (Manager-mode mounts are for containerd's mount manager: write the upper dir
         // directly.)
-        let b = env
-            .c()
-            .prepare("mgr/b", "mgr/l", Default::default())
-            .await?;
+        let b = env.c().prepare("mgr/b", "mgr/l").await?;
         let upper = testsuite::rootfs::parse_overlay(b.last().context("no mounts")?)?
             .upper
             .context("no upperdir")?;
@@ -330,10 +327,7 @@ fn manager_mode_names_the_sidecar() {
             dmverity_option(&v[0]) == Some(side.to_str().unwrap()),
             "view mounts {v:?}"
         );
-        let p = env
-            .c()
-            .prepare("mgr/p", "mgr/top", Default::default())
-            .await?;
+        let p = env.c().prepare("mgr/p", "mgr/top").await?;
         let erofs: Vec<&Mount> = p.iter().filter(|m| m.r#type == "erofs").collect();
         ensure!(erofs.len() == 2, "{p:?}");
         for m in &erofs {
@@ -410,7 +404,7 @@ fn manager_mode_own_layer_names_the_sidecar() {
         async |env| {
             let tar = layer_tar("own")?;
             let desc = env.add_blob(TAR_GZ, &gzip(&tar)?)?;
-            let mounts = env.c().prepare("own/a", "", Default::default()).await?;
+            let mounts = env.c().prepare("own/a", "").await?;
             let id = env.id_of_mounts(&mounts)?;
             env.c().apply(&desc, &mounts).await?;
             let side = env.snapshot_dir(id).join("layer.erofs.dmverity");
@@ -436,7 +430,7 @@ fn reapply_replaces_the_sidecar() {
         async |env| {
             let first = env.add_blob(TAR_GZ, &gzip(&layer_tar("first")?)?)?;
             let second = env.add_blob(TAR_GZ, &gzip(&layer_tar("second one")?)?)?;
-            let mounts = env.c().prepare("re/a", "", Default::default()).await?;
+            let mounts = env.c().prepare("re/a", "").await?;
             let id = env.id_of_mounts(&mounts)?;
             env.c().apply(&first, &mounts).await?;
             let (root1, _) = sidecar(env, id)?;

@@ -9,7 +9,9 @@ use std::process::Command;
 use anyhow::{Context, Result, ensure};
 use tonic::Code;
 
-use crate::common::{Cfg, Env, expect_code, flip_byte, gzip, is_immutable, run, run_ok};
+use testsuite::client::expect_code;
+
+use crate::common::{Cfg, Env, flip_byte, gzip, is_immutable, run, run_ok};
 
 fn cfg() -> Cfg {
     Cfg::new()
@@ -95,9 +97,7 @@ fn tampered_layers_are_refused_in_userspace_mode() {
         )?;
         names(&s, "fsv/l3")?;
         let s = expect_code(
-            env.c()
-                .prepare("fsv/p1", "fsv/l3", Default::default())
-                .await,
+            env.c().prepare("fsv/p1", "fsv/l3").await,
             Code::FailedPrecondition,
             "Prepare on a layer with a flipped byte",
         )?;
@@ -123,9 +123,7 @@ fn tampered_layers_are_refused_in_userspace_mode() {
         erofs_image::Image::open(fs::File::open(&layer1)?)
             .context("the swapped-in image is valid")?;
         let s = expect_code(
-            env.c()
-                .prepare("fsv/p2", "fsv/l3", Default::default())
-                .await,
+            env.c().prepare("fsv/p2", "fsv/l3").await,
             Code::FailedPrecondition,
             "Prepare on a chain whose bottom layer was replaced",
         )?;
@@ -137,10 +135,7 @@ fn tampered_layers_are_refused_in_userspace_mode() {
         )?;
         names(&s, "fsv/l1")?;
         swap(&layer1, &pristine1)?;
-        let mounts = env
-            .c()
-            .prepare("fsv/p3", "fsv/l3", Default::default())
-            .await?;
+        let mounts = env.c().prepare("fsv/p3", "fsv/l3").await?;
         let m = env.mount(&mounts, "p3")?;
         ensure!(fs::read(m.path().join("etc/two"))? == b"two\n");
         m.unmount()?;
@@ -196,10 +191,7 @@ fn refused_view_leaves_no_snapshot() {
         let dirs_before = fs::read_dir(env.snapshots_dir())?.count();
         for (kind, r) in [
             ("View", env.c().view("ref/v", "ref/l").await),
-            (
-                "Prepare",
-                env.c().prepare("ref/p", "ref/l", Default::default()).await,
-            ),
+            ("Prepare", env.c().prepare("ref/p", "ref/l").await),
         ] {
             let s = expect_code(r, Code::FailedPrecondition, kind)?;
             names(&s, "ref/l")?;

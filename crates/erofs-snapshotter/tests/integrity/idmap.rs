@@ -13,9 +13,9 @@ use anyhow::{Context, Result, ensure};
 use testsuite::mounts::self_mounts;
 use testsuite::rootfs::parse_overlay;
 
-use crate::common::{
-    Cfg, Env, LABEL_GIDMAPPING, LABEL_UIDMAPPING, Labels, MAP, labels, run, run_ok,
-};
+use testsuite::client::labels;
+
+use crate::common::{Cfg, Env, LABEL_GIDMAPPING, LABEL_UIDMAPPING, MAP, run, run_ok};
 
 /// `(uid, gid)` of `p` as this process sees it.
 fn owner(p: &Path) -> Result<(u32, u32)> {
@@ -40,7 +40,7 @@ fn in_userns(userns: &std::os::fd::OwnedFd, script: &str) -> Result<String> {
 
 /// A parent layer with root-owned and uid/gid-1000-owned files.
 async fn base_layer(env: &Env) -> Result<u64> {
-    let mounts = env.c().prepare("idm/a", "", Labels::new()).await?;
+    let mounts = env.c().prepare("idm/a", "").await?;
     let id = env.id_of_mounts(&mounts)?;
     let m = env.mount(&mounts, "fill")?;
     let p = m.path();
@@ -74,7 +74,7 @@ fn idmapped_lowers_seen_through_stat() {
         );
         let base = base_layer(env).await?;
         let map = labels(&[(LABEL_UIDMAPPING, MAP), (LABEL_GIDMAPPING, MAP)]);
-        let mounts = env.c().prepare("idm/c", "idm/base", map).await?;
+        let mounts = env.c().prepare_with("idm/c", "idm/base", map).await?;
         ensure!(
             mounts.len() == 1 && mounts[0].r#type == "overlay",
             "{mounts:?}"
@@ -138,10 +138,7 @@ fn idmapped_lowers_seen_through_stat() {
         // Without the labels, the same layer shows its real owners; a layer committed from
         // it (with a uid-1000 file of its own) is idmapped too when it is one of several
         // lowers.
-        let mounts = env
-            .c()
-            .prepare("idm/plain", "idm/base", Labels::new())
-            .await?;
+        let mounts = env.c().prepare("idm/plain", "idm/base").await?;
         let m = env.mount(&mounts, "plain")?;
         ensure!(owner(&m.path().join("home/user/file"))? == (1000, 1000));
         ensure!(owner(&m.path().join("etc/root-file"))? == (0, 0));
@@ -155,7 +152,7 @@ fn idmapped_lowers_seen_through_stat() {
         env.c().commit("idm/top", "idm/plain").await?;
         let mounts = env
             .c()
-            .prepare(
+            .prepare_with(
                 "idm/d",
                 "idm/top",
                 labels(&[(LABEL_UIDMAPPING, MAP), (LABEL_GIDMAPPING, MAP)]),
@@ -239,15 +236,15 @@ fn idmap_labels_are_checked_and_views_are_idmapped() {
                 labels(&[(LABEL_UIDMAPPING, "0:100000"), (LABEL_GIDMAPPING, MAP)]),
             ),
         ] {
-            crate::common::expect_code(
-                env.c().prepare("idm/bad", "idm/base", l).await,
+            testsuite::client::expect_code(
+                env.c().prepare_with("idm/bad", "idm/base", l).await,
                 tonic::Code::InvalidArgument,
                 what,
             )?;
         }
         let mounts = env
             .c()
-            .prepare(
+            .prepare_with(
                 "idm/view-src",
                 "idm/base",
                 labels(&[(LABEL_UIDMAPPING, MAP), (LABEL_GIDMAPPING, MAP)]),

@@ -139,7 +139,7 @@ fn remove_mounted_immutable_layer() {
         let m = env.mount(&mounts, "busy")?;
         ensure!(is_immutable(&env.layer(id))?);
         // Children first: Remove of the parent is refused while the view exists.
-        crate::common::expect_code(
+        testsuite::client::expect_code(
             env.c().remove("busy/base").await,
             tonic::Code::FailedPrecondition,
             "Remove of a parent",
@@ -165,7 +165,7 @@ fn immutable_across_crashes() {
     run(Env::new(cfg()), async |env| {
         env.stop()?;
         env.start_with(Some("commit:after-db-commit")).await?;
-        let mounts = env.c().prepare("crash/a", "", Default::default()).await?;
+        let mounts = env.c().prepare("crash/a", "").await?;
         let id = env.id_of_mounts(&mounts)?;
         let m = env.mount(&mounts, "crash")?;
         fs::write(m.path().join("f"), b"crash\n")?;
@@ -205,7 +205,7 @@ fn immutable_across_crashes() {
         );
         let left = leftovers(env)?;
         ensure!(left.is_empty(), "left behind: {left:?}");
-        crate::common::expect_code(
+        testsuite::client::expect_code(
             env.c().stat("crash/l").await,
             tonic::Code::NotFound,
             "Stat of the removed snapshot",

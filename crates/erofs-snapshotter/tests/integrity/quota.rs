@@ -11,7 +11,9 @@ use std::path::Path;
 use anyhow::{Context, Result, bail, ensure};
 use testsuite::mounts::{self_mounts_under, unmount_all_under};
 
-use crate::common::{Cfg, ENOSPC, Env, LABEL_MAX_SIZE, Labels, labels, run};
+use testsuite::client::labels;
+
+use crate::common::{Cfg, ENOSPC, Env, LABEL_MAX_SIZE, run};
 
 const MIB: u64 = 1 << 20;
 
@@ -60,7 +62,7 @@ fn quota_with_a_real_ext4_image() {
     run(
         Env::new(Cfg::new().sn("default_size = \"16MB\"")),
         async |env| {
-            let mounts = env.c().prepare("q/a", "", Labels::new()).await?;
+            let mounts = env.c().prepare("q/a", "").await?;
             let id = env.id_of_mounts(&mounts)?;
             let img = rwlayer(env, id);
             let md = fs::metadata(&img).with_context(|| format!("{}", img.display()))?;
@@ -138,7 +140,7 @@ fn quota_with_a_real_ext4_image() {
             let small = (8 * MIB).to_string();
             let mounts = env
                 .c()
-                .prepare("q/small", "q/c", labels(&[(LABEL_MAX_SIZE, &small)]))
+                .prepare_with("q/small", "q/c", labels(&[(LABEL_MAX_SIZE, &small)]))
                 .await?;
             let sid = env.id_of_mounts(&mounts)?;
             ensure!(fs::metadata(rwlayer(env, sid))?.len() == 8 * MIB);
@@ -156,7 +158,7 @@ fn quota_with_a_real_ext4_image() {
             let large = (48 * MIB).to_string();
             let mounts = env
                 .c()
-                .prepare("q/large", "", labels(&[(LABEL_MAX_SIZE, &large)]))
+                .prepare_with("q/large", "", labels(&[(LABEL_MAX_SIZE, &large)]))
                 .await?;
             let lid = env.id_of_mounts(&mounts)?;
             ensure!(fs::metadata(rwlayer(env, lid))?.len() == 48 * MIB);
@@ -193,7 +195,7 @@ fn quota_after_a_reboot() {
     run(
         Env::new(Cfg::new().sn("default_size = \"16MB\"")),
         async |env| {
-            let mounts = env.c().prepare("qr/a", "", Labels::new()).await?;
+            let mounts = env.c().prepare("qr/a", "").await?;
             let id = env.id_of_mounts(&mounts)?;
             let m = env.mount(&mounts, "before")?;
             fs::write(m.path().join("four-mib"), vec![4u8; 4 * MIB as usize])?;
