@@ -9,6 +9,12 @@
 //! - `BENCH_RUNS`: timed pulls per image and configuration (default 1; the median is kept).
 //! - `BENCH_OUT`: file receiving one line per image and configuration:
 //!   `image config pull pull+sync min_pull min_pull+sync` (seconds; medians, then minimums).
+//! - `BENCH_STACK=1`: also unpack all the images' layers as one stack through our Diff and
+//!   Snapshots services, sequentially (Prepare on the parent, Apply, Commit: what containerd's
+//!   unpacker does) and in parallel (parentless Prepares, concurrent Applies, Commits that
+//!   rebase in order: what containerd with `max_concurrent_unpacks > 1` and the `rebase`
+//!   capability does, which containerd 2.1 cannot be configured for). Lines `stack ours-seq`
+//!   and `stack ours-par`.
 //!
 //! Each measurement gets a fresh containerd. Every image is first fetched without
 //! unpacking (`ctr content fetch`: content and image record only), then the timed `ctr images pull --plain-http --snapshotter S` finds the content
@@ -27,7 +33,7 @@ use sha2::{Digest, Sha256};
 use testsuite::Registry;
 use testsuite::oci::{Blob, Compression, LayerBlob, OciArchive};
 
-use crate::world::{SN, Setup, World};
+use crate::world::{SN, Setup, World, descriptor};
 
 const GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
@@ -245,6 +251,76 @@ fn measure(config: &str, bin: &Path, img: &OciArchive, reference: &str) -> Resul
     Ok((pull, all))
 }
 
+/// One timed unpack of every image's layer as one stack through our daemon's gRPC services,
+/// in a fresh world: (unpack, unpack + sync).
+fn measure_stack(
+    bin: &Path,
+    images: &[OciArchive],
+    refs: &[String],
+    parallel: bool,
+) -> Result<(f64, f64)> {
+    let w = World::start(Setup {
+        binary: Some(bin.to_path_buf()),
+        ctr_timeout: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    })?;
+    for reference in refs {
+        w.ctd
+            .ctr_ok(&["content", "fetch", "--plain-http", reference])?;
+    }
+    let layers: Vec<&testsuite::oci::LayerBlob> =
+        images.iter().flat_map(|i| i.layers.iter()).collect();
+    let chains =
+        testsuite::oci::chain_ids(&layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>());
+    let g = w.grpc()?;
+    let mode = if parallel { "par" } else { "seq" };
+    sync();
+    let t = Instant::now();
+    w.block_on(async {
+        let mut parent = String::new();
+        if parallel {
+            let mut tasks = Vec::new();
+            for (i, l) in layers.iter().enumerate() {
+                let g = g.clone();
+                let key = format!("bench/{mode}/extract-{i}");
+                let desc = descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size);
+                tasks.push(tokio::spawn(async move {
+                    let m = g.prepare(&key, "").await?;
+                    let d = g.apply(&desc, &m).await?;
+                    Ok::<_, tonic::Status>((key, d))
+                }));
+            }
+            for (i, task) in tasks.into_iter().enumerate() {
+                let (key, d) = task.await.context("apply task")??;
+                ensure!(
+                    d.digest == layers[i].diff_id,
+                    "layer {i}: diffID {}",
+                    d.digest
+                );
+                let name = format!("bench/{mode}/{}", chains[i]);
+                g.commit_with(&name, &key, Default::default(), &parent)
+                    .await?;
+                parent = name;
+            }
+        } else {
+            for (i, l) in layers.iter().enumerate() {
+                let key = format!("bench/{mode}/extract-{i}");
+                let desc = descriptor(&l.blob.media_type, &l.blob.digest, l.blob.size);
+                let m = g.prepare(&key, &parent).await?;
+                let d = g.apply(&desc, &m).await?;
+                ensure!(d.digest == l.diff_id, "layer {i}: diffID {}", d.digest);
+                let name = format!("bench/{mode}/{}", chains[i]);
+                g.commit(&name, &key).await?;
+                parent = name;
+            }
+        }
+        Ok(())
+    })?;
+    let unpack = t.elapsed().as_secs_f64();
+    sync();
+    Ok((unpack, t.elapsed().as_secs_f64()))
+}
+
 /// Run the benchmark.
 pub fn run() -> Result<()> {
     let spec = std::env::var("BENCH_IMAGES").context("BENCH_IMAGES is not set")?;
@@ -300,10 +376,39 @@ pub fn run() -> Result<()> {
             }
         }
     }
+    let stack = std::env::var("BENCH_STACK").is_ok_and(|v| v == "1") && images.len() > 1;
+    let mut stacked: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    if stack {
+        for run in 0..runs {
+            for (k, parallel) in [false, true].into_iter().enumerate() {
+                let (unpack, all) = measure_stack(&bin, &images, &refs, parallel)?;
+                eprintln!(
+                    "run {run}: stack of {} layers, {}: unpack {unpack:.2}s, unpack+sync {all:.2}s",
+                    images.len(),
+                    if parallel { "parallel" } else { "sequential" }
+                );
+                stacked[k].0.push(unpack);
+                stacked[k].1.push(all);
+            }
+        }
+    }
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    if stack {
+        for (k, (unpack, durable)) in stacked.iter().enumerate() {
+            writeln!(
+                out,
+                "stack {} {:.3} {:.3} {:.3} {:.3}",
+                ["ours-seq", "ours-par"][k],
+                median(unpack.clone()),
+                median(durable.clone()),
+                min(unpack),
+                min(durable)
+            )?;
+        }
+    }
     for ((ii, ci), (pulls, durable)) in results {
         let name = images[ii].repo.rsplit('/').next().unwrap_or_default();
         let name = name.trim_start_matches("bench-");
-        let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
         writeln!(
             out,
             "{name} {} {:.3} {:.3} {:.3} {:.3}",
