@@ -321,66 +321,18 @@ impl Snapshotter {
             size: 0,
             uncompressed: String::new(),
         };
-        let stored = HashWriter {
-            inner: io::BufWriter::new(file),
-            h: Sha256::new(),
-            n: 0,
-        };
-        let (stored, tar_hash) = match compression {
-            DiffCompression::None => {
-                let hw = write_tar(
-                    HashWriter {
-                        inner: stored,
-                        h: Sha256::new(),
-                        n: 0,
-                    },
-                    &changes,
-                    &upper_side,
-                    source_date_epoch,
-                )?;
-                (hw.inner, hw.h)
-            }
-            DiffCompression::Gzip => {
-                let gz = flate2::write::GzEncoder::new(stored, flate2::Compression::default());
-                let hw = write_tar(
-                    HashWriter {
-                        inner: gz,
-                        h: Sha256::new(),
-                        n: 0,
-                    },
-                    &changes,
-                    &upper_side,
-                    source_date_epoch,
-                )?;
-                (
-                    hw.inner
-                        .finish()
-                        .map_err(|e| Error::io("compressing the diff", e))?,
-                    hw.h,
-                )
-            }
-            DiffCompression::Zstd => {
-                let z = zstd::stream::write::Encoder::new(stored, 3)
-                    .map_err(|e| Error::io("zstd", e))?;
-                let hw = write_tar(
-                    HashWriter {
-                        inner: z,
-                        h: Sha256::new(),
-                        n: 0,
-                    },
-                    &changes,
-                    &upper_side,
-                    source_date_epoch,
-                )?;
-                (
-                    hw.inner
-                        .finish()
-                        .map_err(|e| Error::io("compressing the diff", e))?,
-                    hw.h,
-                )
-            }
-        };
-        let mut stored = stored;
+        let compressor = Compressor::new(compression, hashing(io::BufWriter::new(file)))?;
+        let tar = write_tar(
+            hashing(compressor),
+            &changes,
+            &upper_side,
+            source_date_epoch,
+        )?;
+        let tar_hash = tar.h;
+        let mut stored = tar
+            .inner
+            .finish()
+            .map_err(|e| Error::io("compressing the diff", e))?;
         stored
             .flush()
             .map_err(|e| Error::io("writing the diff", e))?;
@@ -388,6 +340,64 @@ impl Snapshotter {
         blob.size = stored.n;
         blob.uncompressed = format!("sha256:{}", hex::encode(tar_hash.finalize()));
         Ok(blob)
+    }
+}
+
+/// A writer that hashes and counts what goes through it.
+fn hashing<W: Write>(inner: W) -> HashWriter<W> {
+    HashWriter {
+        inner,
+        h: Sha256::new(),
+        n: 0,
+    }
+}
+
+/// The diff's compression stage.
+enum Compressor<W: Write> {
+    None(W),
+    Gzip(flate2::write::GzEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+impl<W: Write> Compressor<W> {
+    fn new(c: DiffCompression, out: W) -> Result<Self> {
+        Ok(match c {
+            DiffCompression::None => Compressor::None(out),
+            DiffCompression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(
+                out,
+                flate2::Compression::default(),
+            )),
+            DiffCompression::Zstd => Compressor::Zstd(
+                zstd::stream::write::Encoder::new(out, 3).map_err(|e| Error::io("zstd", e))?,
+            ),
+        })
+    }
+
+    /// End the compressed stream; the writer underneath.
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Compressor::None(w) => Ok(w),
+            Compressor::Gzip(g) => g.finish(),
+            Compressor::Zstd(z) => z.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Compressor<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Compressor::None(w) => w.write(b),
+            Compressor::Gzip(g) => g.write(b),
+            Compressor::Zstd(z) => z.write(b),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Compressor::None(w) => w.flush(),
+            Compressor::Gzip(g) => g.flush(),
+            Compressor::Zstd(z) => z.flush(),
+        }
     }
 }
 
