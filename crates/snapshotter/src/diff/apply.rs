@@ -132,23 +132,19 @@ impl Snapshotter {
         let sidecar = dir.join(crate::layout::DMVERITY_SIDECAR);
         let sidecar_tmp = crate::integrity::dmverity::sidecar_tmp(&tmp);
         let result = result.and_then(|d| {
-            let digest = if crate::integrity::works_after_apply(self) {
-                // The layer is written back to disk while it is hashed (the Merkle trees read
-                // it from the page cache), so the hashing costs little more than the fsync
-                // that has to happen anyway. That fsync's error must not be lost: a later
-                // fsync of the same file may not report it again.
-                std::thread::scope(|sc| {
-                    let early = sc.spawn(|| out.sync_data());
-                    let r = crate::integrity::after_apply(self, &tmp, tar_index);
-                    let synced = early
-                        .join()
-                        .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
-                    synced.map_err(|e| Error::io("fsync of the layer", e))?;
-                    r
-                })?
-            } else {
-                None
-            };
+            // The layer is written back to disk while the integrity hashes are computed (the
+            // Merkle trees read it from the page cache), so they cost little more than the
+            // fsync that has to happen anyway. That fsync's error must not be lost: a later
+            // fsync of the same file may not report it again.
+            let digest = std::thread::scope(|sc| {
+                let early = sc.spawn(|| out.sync_data());
+                let r = crate::integrity::after_apply(self, &tmp, tar_index);
+                let synced = early
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
+                synced.map_err(|e| Error::io("fsync of the layer", e))?;
+                r
+            })?;
             crate::failpoint::hit("apply:before-rename");
             out.sync_all()
                 .map_err(|e| Error::io("fsync of the layer", e))?;

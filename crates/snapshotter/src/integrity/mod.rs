@@ -164,11 +164,6 @@ pub(crate) fn verify_before_mount(
     }
 }
 
-/// Whether [`after_apply`] has anything to do.
-pub(crate) fn works_after_apply(s: &Snapshotter) -> bool {
-    s.cfg.differ.enable_dmverity || s.verity == VerityMode::Userspace
-}
-
 /// After the differ wrote a layer into an active snapshot (temporary name `tmp`, not yet in
 /// place): append the dm-verity tree and write the sidecar, when configured.
 /// Returns the layer's userspace fs-verity digest in userspace mode, computed here (during
