@@ -41,8 +41,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use env::{Env, MountMode, SN, mount_host, unmount, with_timeout};
+use env::{Env, MountMode, SN, mount_host, unmount};
 use testsuite::oci::{self, OciArchive};
+use testsuite::with_timeout;
 use testsuite::{Version, unique_name};
 
 /// Backstop for one test body.

@@ -80,6 +80,33 @@ pub fn emergency_cleanup(owner: Option<std::thread::ThreadId>) {
     process::kill_groups(owner);
 }
 
+/// Runs `f` on its own thread and fails the test if it takes longer than `limit`, after
+/// [`emergency_cleanup`] of everything the harness started from that thread (a stuck test's
+/// objects are never dropped). Every command the harness runs has its own deadline as well,
+/// so a stuck test normally ends (and cleans up) before this fires; this is the backstop.
+/// A panic in `f` is re-raised here.
+pub fn with_timeout<F: FnOnce() + Send + 'static>(limit: std::time::Duration, f: F) {
+    use std::sync::mpsc;
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    let owner = handle.thread().id();
+    match rx.recv_timeout(limit) {
+        Ok(()) => handle.join().unwrap(),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(p) = handle.join() {
+                std::panic::resume_unwind(p);
+            }
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            emergency_cleanup(Some(owner));
+            panic!("test timed out after {limit:?}")
+        }
+    }
+}
+
 /// Fails unless running as root (every part of the harness needs it).
 pub fn require_root() -> anyhow::Result<()> {
     if !rustix::process::geteuid().is_root() {

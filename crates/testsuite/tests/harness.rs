@@ -2,8 +2,6 @@
 //! with the built-in overlayfs snapshotter, images imported from archives and
 //! pulled from a local registry. Needs root; run with `--test-threads=1`.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,7 +10,7 @@ use testsuite::oci::{self, Compression, ImageSpec, LayerBuilder, OciArchive};
 use testsuite::process::check_output;
 use testsuite::{Containerd, ContainerdOpts, Daemon, Registry, RunOpts, Version, unique_name};
 
-use common::with_timeout;
+use testsuite::with_timeout;
 
 const MOTD: &str = "Hello from layer 2\n";
 

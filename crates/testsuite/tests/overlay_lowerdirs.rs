@@ -12,8 +12,8 @@ use std::time::Duration;
 use std::path::{Path, PathBuf};
 
 use common::fake_proxy::{ApplyMode, FakeProxy};
-use common::with_timeout;
 use testsuite::oci::{self, Compression, ImageSpec, LayerBuilder};
+use testsuite::with_timeout;
 use testsuite::{Containerd, ContainerdOpts, RunOpts, UnpackConfig, Version, unique_name};
 
 const LAYERS: usize = 128;

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::fake_proxy::{ApplyMode, Call, FakeProxy, summarize};
-use common::with_timeout;
 use testsuite::oci::{self, Compression, ImageSpec, ImportOpts, LayerBuilder, OciArchive};
+use testsuite::with_timeout;
 use testsuite::{Containerd, ContainerdOpts, UnpackConfig, Version, unique_name};
 
 /// The namespace `ctr` uses in these tests (not `default`, to see it travel).

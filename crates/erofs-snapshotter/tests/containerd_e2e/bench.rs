@@ -404,7 +404,7 @@ fn env_usize(name: &str, default: usize) -> Result<usize> {
 #[test]
 #[ignore = "benchmark: run by bench/e2e"]
 fn bench_e2e() {
-    super::env::with_timeout(Duration::from_secs(6 * 3600), || {
+    testsuite::with_timeout(Duration::from_secs(6 * 3600), || {
         if let Err(e) = bench_main() {
             panic!("{e:#}");
         }

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -44,30 +43,6 @@ pub enum MountMode {
     Host,
     /// Upstream's mount-manager shapes.
     Manager,
-}
-
-/// Runs `f` on its own thread and fails if it takes longer than `limit`, after cleaning up
-/// everything the harness started from that thread (a stuck test's objects are never
-/// dropped). A panic in `f` is re-raised here after `f`'s values were dropped.
-pub fn with_timeout<F: FnOnce() + Send + 'static>(limit: Duration, f: F) {
-    let (tx, rx) = mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    let owner = handle.thread().id();
-    match rx.recv_timeout(limit) {
-        Ok(()) => handle.join().unwrap(),
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(p) = handle.join() {
-                std::panic::resume_unwind(p);
-            }
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            testsuite::emergency_cleanup(Some(owner));
-            panic!("test timed out after {limit:?}")
-        }
-    }
 }
 
 /// How to start an [`Env`].
