@@ -17,13 +17,15 @@
 //! - [`mount`]: mount EROFS images and overlayfs with the new mount API
 //!   (`fsopen`/`fsconfig`/`fsmount`/`move_mount`), reporting the kernel's
 //!   own error messages read from the filesystem context.
+//! - [`writeback`]: start writing a file's dirty pages back early
+//!   (`sync_file_range`), so a final `fsync` has less left to wait for.
 //!
 //! Everything here is Linux-only and most of it needs `CAP_SYS_ADMIN`.
 //!
 //! # Safety
 //!
 //! The crate root denies `unsafe_code`; only the modules that cannot do
-//! without it ([`loop_device`], [`fsverity`] and [`idmap`]) allow it, and
+//! without it ([`loop_device`], [`fsverity`], [`idmap`] and [`writeback`]) allow it, and
 //! [`flags`] and [`mount`] are fully safe code on top of `rustix`. The rules
 //! for the `unsafe` that remains:
 //!
@@ -56,3 +58,5 @@ pub mod idmap;
 #[allow(unsafe_code)]
 pub mod loop_device;
 pub mod mount;
+#[allow(unsafe_code)]
+pub mod writeback;

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod mount;
 pub mod snapshot;
 pub mod store;
+pub mod writeback;
 
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};

@@ -130,17 +130,19 @@ fn open_tar(source: &Path, bar: &ProgressBar) -> anyhow::Result<snapshotter::dif
     Ok(snapshotter::diff::Pipeline::start(Box::new(dec)))
 }
 
-pub fn run(a: MkfsArgs) -> anyhow::Result<ExitCode> {
-    let opts = options(&a)?;
-    let bar = progress_bar(None, a.quiet);
-    let mut image =
-        PendingFile::create(&a.image).with_context(|| format!("creating {}", a.image.display()))?;
-    let summary: Summary = match a.tar {
+/// Write the image `a` asks for into `image`.
+fn build(
+    a: &MkfsArgs,
+    opts: &BuildOptions,
+    image: &mut PendingFile,
+    bar: &ProgressBar,
+) -> anyhow::Result<Summary> {
+    Ok(match a.tar {
         None => {
             if a.source == Path::new("-") {
                 bail!("a directory source cannot be `-`; use --tar to read a tar stream");
             }
-            erofs_image::dir_to_image(&a.source, &mut image.file, &opts).with_context(|| {
+            erofs_image::dir_to_image(&a.source, &mut image.file, opts).with_context(|| {
                 format!("building {} from {}", a.image.display(), a.source.display())
             })?
         }
@@ -149,19 +151,19 @@ pub fn run(a: MkfsArgs) -> anyhow::Result<ExitCode> {
             let input =
                 File::open(&a.source).with_context(|| format!("opening {}", a.source.display()))?;
             let r = if mode == TarMode::F {
-                erofs_image::tar_file_to_image(&input, &image.file, &opts)
+                erofs_image::tar_file_to_image(&input, &image.file, opts)
             } else {
-                erofs_image::tar_file_to_index_file(&input, &image.file, &opts)
+                erofs_image::tar_file_to_index_file(&input, &image.file, opts)
             };
             r.with_context(|| format!("converting {}", a.source.display()))?
         }
         Some(TarMode::F) => {
-            let input = open_tar(&a.source, &bar)?;
-            erofs_image::tar_to_image(input, &mut image.file, &opts)
+            let input = open_tar(&a.source, bar)?;
+            erofs_image::tar_to_image(input, &mut image.file, opts)
                 .with_context(|| format!("converting {}", a.source.display()))?
         }
         Some(TarMode::I) => {
-            let input = open_tar(&a.source, &bar)?;
+            let input = open_tar(&a.source, bar)?;
             match &a.tar_out {
                 Some(tar_out) => {
                     let tar = PendingFile::create(tar_out)
@@ -169,7 +171,7 @@ pub fn run(a: MkfsArgs) -> anyhow::Result<ExitCode> {
                     let idx = erofs_image::tar_to_index(
                         input,
                         BufWriter::with_capacity(1 << 20, &tar.file),
-                        &opts,
+                        opts,
                     )
                     .with_context(|| format!("indexing {}", a.source.display()))?;
                     image
@@ -179,11 +181,24 @@ pub fn run(a: MkfsArgs) -> anyhow::Result<ExitCode> {
                     tar.commit().context("saving the tar")?;
                     idx.summary
                 }
-                None => erofs_image::tar_to_index_file(input, &image.file, &opts)
+                None => erofs_image::tar_to_index_file(input, &image.file, opts)
                     .with_context(|| format!("indexing {}", a.source.display()))?,
             }
         }
-    };
+    })
+}
+
+pub fn run(a: MkfsArgs) -> anyhow::Result<ExitCode> {
+    let opts = options(&a)?;
+    let bar = progress_bar(None, a.quiet);
+    let mut image =
+        PendingFile::create(&a.image).with_context(|| format!("creating {}", a.image.display()))?;
+    let out = image
+        .file
+        .try_clone()
+        .context("duplicating the image descriptor")?;
+    // The image goes to disk while it is built; the commit's fsync waits only for the tail.
+    let summary = snapshotter::writeback::during(&out, || build(&a, &opts, &mut image, &bar))?;
     image.file.flush()?;
     image
         .commit()

@@ -127,7 +127,10 @@ impl Snapshotter {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-        let result = self.write_layer(&kind, desc, &out, &tmp, content, namespace);
+        // Written back to disk as it is produced, so the fsync below only waits for the tail.
+        let result = crate::writeback::during(&out, || {
+            self.write_layer(&kind, desc, &out, &tmp, content, namespace)
+        });
         let tar_index = kind == LayerKind::Tar && self.cfg.differ.enable_tar_index;
         let sidecar = dir.join(crate::layout::DMVERITY_SIDECAR);
         let sidecar_tmp = crate::integrity::dmverity::sidecar_tmp(&tmp);

@@ -134,7 +134,7 @@ impl Snapshotter {
             .as_bytes(),
             ..Default::default()
         };
-        let r = erofs_image::dir_to_image(upper, &out, &opts)
+        let r = crate::writeback::during(&out, || erofs_image::dir_to_image(upper, &out, &opts))
             .map_err(Error::from)
             .and_then(|_| {
                 out.sync_all()
