@@ -459,10 +459,20 @@ mod tests {
         std::fs::write(&backing, vec![1u8; 8192]).unwrap();
         let backing = File::open(&backing).unwrap();
         let control = File::open(LOOP_CONTROL).unwrap();
-        // SAFETY: as in `attach_fd`.
-        let number = unsafe { ioctl::ioctl(&control, GetFree) }.unwrap();
-        let device = open_ro(Path::new(&format!("/dev/loop{number}"))).unwrap();
-        bind_legacy(&device, backing.as_fd(), false).unwrap();
+        // Tests running in parallel may take the free device between GET_FREE and the
+        // bind; like `attach_fd`, try the next free one.
+        let (number, device) = (0..32)
+            .find_map(|_| {
+                // SAFETY: as in `attach_fd`.
+                let number = unsafe { ioctl::ioctl(&control, GetFree) }.unwrap();
+                let device = open_ro(Path::new(&format!("/dev/loop{number}"))).unwrap();
+                match bind_legacy(&device, backing.as_fd(), false) {
+                    Ok(()) => Some((number, device)),
+                    Err((_, Errno::BUSY)) => None,
+                    Err(e) => panic!("{e:?}"),
+                }
+            })
+            .expect("no free loop device stayed free");
         assert_eq!(sysfs(number, "autoclear").as_deref(), Some("1"));
         assert_eq!(
             std::fs::read_to_string(format!("/sys/block/loop{number}/ro"))
