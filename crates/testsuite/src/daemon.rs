@@ -25,12 +25,14 @@
 
 use std::ffi::OsString;
 use std::fs;
+use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::process::ProcessGroupGuard;
 
@@ -105,23 +107,7 @@ impl Daemon {
             .unwrap_or_else(|| "daemon".into());
         let mut p = ProcessGroupGuard::spawn(&mut cmd, &name, Some(&log))?;
         p.set_stop_timeout(opts.stop_timeout);
-        let deadline = Instant::now() + opts.start_timeout;
-        loop {
-            p.ensure_running()
-                .with_context(|| format!("{name} exited before its socket accepted"))?;
-            if UnixStream::connect(&opts.socket).is_ok() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{name}: {} does not accept connections after {:?}; log tail:\n{}",
-                    opts.socket.display(),
-                    opts.start_timeout,
-                    p.log_tail(40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_serving(&mut p, &opts.socket, opts.start_timeout)?;
         Ok(Daemon {
             process: Some(p),
             dir,
@@ -173,4 +159,96 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts `binary serve --config CONFIG` as its own process group, its output appended to
+/// `log` after a line with `banner`: for tests that restart a daemon on the same root and
+/// config and read one log across its runs (the caller sets the environment in `configure`).
+pub fn spawn_serve(
+    binary: &Path,
+    config: &Path,
+    log: &Path,
+    banner: &str,
+    configure: impl FnOnce(&mut Command),
+) -> Result<ProcessGroupGuard> {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    writeln!(f, "===== test: {banner} =====")?;
+    let mut cmd = Command::new(binary);
+    cmd.arg("serve").arg("--config").arg(config);
+    configure(&mut cmd);
+    let name = binary
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "daemon".into());
+    ProcessGroupGuard::spawn(&mut cmd, &name, Some(log))
+}
+
+/// Waits until `socket` accepts connections. Fails with the log tail if the daemon exits
+/// first, or after `timeout` (and then kills it).
+pub fn wait_serving(p: &mut ProcessGroupGuard, socket: &Path, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        p.ensure_running()
+            .with_context(|| format!("{} exited before its socket accepted", p.name()))?;
+        if UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            p.kill();
+            bail!(
+                "{}: {} does not accept connections after {timeout:?}; log tail:\n{}",
+                p.name(),
+                socket.display(),
+                p.log_tail(40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits for a daemon that should refuse to start: returns its exit status. Fails (and
+/// kills it) if it serves on `socket` instead, or is still running after `timeout`.
+pub fn wait_refusal(
+    p: &mut ProcessGroupGuard,
+    socket: &Path,
+    timeout: Duration,
+) -> Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while !p.has_exited() {
+        if UnixStream::connect(socket).is_ok() {
+            p.kill();
+            bail!(
+                "{} started serving; log tail:\n{}",
+                p.name(),
+                p.log_tail(30)
+            );
+        }
+        if Instant::now() >= deadline {
+            p.kill();
+            bail!("{} neither served nor exited within {timeout:?}", p.name());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.wait_exit(Duration::ZERO)
+}
+
+/// Waits up to `timeout` for the daemon to abort at crash point `point`: killed by SIGABRT,
+/// with the crash point named at the end of its log.
+pub fn expect_abort(p: &mut ProcessGroupGuard, point: &str, timeout: Duration) -> Result<()> {
+    let st = p
+        .wait_exit(timeout)
+        .with_context(|| format!("waiting for crash point {point}"))?;
+    ensure!(
+        st.signal() == Some(rustix::process::Signal::ABORT.as_raw()),
+        "expected the daemon to abort at {point}, it exited with {st}"
+    );
+    ensure!(
+        p.log_tail(20).contains(&format!("crash point {point}")),
+        "the daemon aborted but did not report crash point {point}"
+    );
+    Ok(())
 }

@@ -142,6 +142,35 @@ impl ProcessGroupGuard {
     }
 }
 
+impl ProcessGroupGuard {
+    /// `kill -9` of the whole process group, right away, and reaping: a crash.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            let pid = self.pid();
+            if let Some(p) = Pid::from_raw(pid as i32) {
+                let _ = kill_process_group(p, Signal::KILL);
+            }
+            self.status = self.child.wait().ok();
+            live_groups().remove(&pid);
+        }
+        self.status
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own (a crash point, a refusal
+    /// to start) and returns its status; what is left of its group is killed.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while self.status.is_none() && leader_exit(self.pid()).is_none() {
+            if Instant::now() >= deadline {
+                bail!("{} is still running after {timeout:?}", self.name);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.stop()
+            .with_context(|| format!("reaping {}", self.name))
+    }
+}
+
 /// How child `pid` exited, if it has, without reaping it (`waitid` with
 /// `WNOWAIT`).
 fn leader_exit(pid: u32) -> Option<String> {

@@ -10,20 +10,19 @@
 //! of a failed test is kept, its mounts detached).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::services::snapshots::v1 as pb;
 use containerd_api::containerd::types::Mount;
-use rustix::process::{Pid, Signal};
 use testsuite::client::{Client, Labels, connect, labels};
+use testsuite::daemon;
 use testsuite::mounts::unmount_all_under;
+use testsuite::process::ProcessGroupGuard;
 use testsuite::rootfs::{Mounted, mount_all, parse_overlay};
 use tonic::transport::{Channel, Endpoint};
 
@@ -90,7 +89,7 @@ pub struct Env {
     pub mode: Mode,
     /// The client (replaced on every daemon start).
     pub sn: Client,
-    daemon: Option<Child>,
+    daemon: Option<ProcessGroupGuard>,
     seq: AtomicU32,
     reported: bool,
 }
@@ -194,120 +193,46 @@ impl Env {
     /// connects the client.
     pub async fn start_daemon(&mut self, crash_at: Option<&str>) -> Result<()> {
         ensure!(self.daemon.is_none(), "a daemon is already running");
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        writeln!(
-            log,
-            "===== test: starting the daemon (crash point: {crash_at:?}) ====="
+        let mut p = daemon::spawn_serve(
+            Path::new(BIN),
+            &self.config,
+            &self.log,
+            &format!("starting the daemon (crash point: {crash_at:?})"),
+            |cmd| {
+                cmd.env_remove(CRASH_ENV)
+                    .env("EROFS_SNAPSHOTTER_LOG", "debug")
+                    .env("RUST_BACKTRACE", "1");
+                if let Some(p) = crash_at {
+                    cmd.env(CRASH_ENV, p);
+                }
+            },
         )?;
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&self.config)
-            .env_remove(CRASH_ENV)
-            .env("EROFS_SNAPSHOTTER_LOG", "debug")
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0);
-        if let Some(p) = crash_at {
-            cmd.env(CRASH_ENV, p);
-        }
-        let mut child = cmd.spawn().with_context(|| format!("spawning {BIN}"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = child.try_wait()? {
-                bail!(
-                    "the daemon exited during start-up ({st}); log tail:\n{}",
-                    self.log_tail(30)
-                );
-            }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "the daemon does not accept connections on {} after 30s; log tail:\n{}",
-                    self.socket.display(),
-                    self.log_tail(30)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.daemon = Some(child);
+        daemon::wait_serving(&mut p, &self.socket, Duration::from_secs(30))?;
+        p.set_stop_timeout(Duration::from_secs(20));
+        self.daemon = Some(p);
         self.sn = client(connect(&self.socket).await?);
         Ok(())
     }
 
-    fn pid(&self) -> Option<Pid> {
-        self.daemon
-            .as_ref()
-            .and_then(|c| Pid::from_raw(c.id() as i32))
-    }
-
     /// Stops the daemon gracefully (SIGTERM, SIGKILL after 20 s); fails unless it exits 0.
     pub fn stop_daemon(&mut self) -> Result<()> {
-        let Some(pid) = self.pid() else {
+        let Some(mut p) = self.daemon.take() else {
             return Ok(());
         };
-        let _ = rustix::process::kill_process(pid, Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let child = self.daemon.as_mut().expect("running");
-        loop {
-            if let Some(st) = child.try_wait()? {
-                self.daemon = None;
-                ensure!(st.success(), "the daemon exited with {st} after SIGTERM");
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.kill9();
-                bail!("the daemon did not exit within 20 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let st = p.stop().context("reaping the daemon")?;
+        ensure!(st.success(), "the daemon exited with {st} after SIGTERM");
+        Ok(())
     }
 
     /// `kill -9` the daemon (its process group) and reap it.
     pub fn kill9(&mut self) -> Option<ExitStatus> {
-        let pid = self.pid()?;
-        let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-        self.daemon.take().and_then(|mut c| c.wait().ok())
-    }
-
-    /// Waits for the daemon to die on its own (a crash point); returns its status.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let child = self.daemon.as_mut().context("no daemon running")?;
-            if let Some(st) = child.try_wait()? {
-                self.daemon = None;
-                return Ok(st);
-            }
-            if Instant::now() > deadline {
-                bail!("the daemon is still running after {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.daemon.take()?.kill()
     }
 
     /// Waits for a crash point to abort the daemon and checks it was SIGABRT.
     pub async fn expect_abort(&mut self, point: &str) -> Result<()> {
-        let st = self.wait_exit(Duration::from_secs(60)).await?;
-        ensure!(
-            st.signal() == Some(6),
-            "expected the daemon to abort at {point}, it exited with {st}"
-        );
-        ensure!(
-            self.log_tail(20)
-                .contains(&format!("crash point {point} reached")),
-            "the daemon died but did not report crash point {point}"
-        );
-        Ok(())
+        let mut p = self.daemon.take().context("no daemon running")?;
+        daemon::expect_abort(&mut p, point, Duration::from_secs(60))
     }
 
     /// Stop (gracefully if running) and start again on the same root, without crash point.
@@ -383,18 +308,8 @@ impl Drop for Env {
                 self.log_tail(60)
             );
         }
-        if let Some(pid) = self.pid() {
-            let _ = rustix::process::kill_process(pid, Signal::TERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let child = self.daemon.as_mut().expect("running");
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            self.kill9();
-        }
+        // SIGTERM, then SIGKILL after 10 s.
+        drop(self.daemon.take());
         let keep = std::thread::panicking() && std::env::var_os("ECT_KEEP").is_some();
         match unmount_all_under(&self.base) {
             Ok(_) if keep => eprintln!("ECT_KEEP: leaving {}", self.base.display()),

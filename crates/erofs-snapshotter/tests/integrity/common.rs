@@ -11,18 +11,18 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use containerd_api::containerd::types::{Descriptor, Mount};
 use rustix::mount::{MountFlags, UnmountFlags};
-use rustix::process::{Pid, Signal};
 use testsuite::client::{Client, connect};
+use testsuite::daemon;
 use testsuite::mounts::{self_mounts_under, unmount_all_under};
+use testsuite::process::ProcessGroupGuard;
 use testsuite::rootfs::{Mounted, mount_all, parse_overlay};
 
 /// The daemon binary.
@@ -130,7 +130,7 @@ pub struct Env {
     /// The daemon log (all runs appended).
     pub log: PathBuf,
     cfg: Cfg,
-    daemon: Option<Child>,
+    daemon: Option<ProcessGroupGuard>,
     client: Option<Client>,
     seq: AtomicU32,
     /// Removes `base` itself on drop (false when it belongs to someone else's tree).
@@ -221,35 +221,25 @@ impl Env {
         self.client.as_ref().expect("the daemon is running")
     }
 
-    fn spawn(&self) -> Result<Child> {
-        self.spawn_with(None)
-    }
-
-    fn spawn_with(&self, crash_at: Option<&str>) -> Result<Child> {
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        writeln!(log, "===== test: starting the daemon =====")?;
+    fn spawn(&self, crash_at: Option<&str>) -> Result<ProcessGroupGuard> {
         // A private TMPDIR: nothing the daemon probes there depends on other tests' mounts.
         let tmp = self.base.join("tmp");
         fs::create_dir_all(&tmp)?;
-        let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .env("TMPDIR", &tmp)
-            .arg("--config")
-            .arg(&self.config)
-            .env("EROFS_SNAPSHOTTER_LOG", "info")
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0);
-        match crash_at {
-            Some(p) => cmd.env(CRASH_ENV, p),
-            None => cmd.env_remove(CRASH_ENV),
-        };
-        cmd.spawn().with_context(|| format!("spawning {BIN}"))
+        daemon::spawn_serve(
+            Path::new(BIN),
+            &self.config,
+            &self.log,
+            "starting the daemon",
+            |cmd| {
+                cmd.env("TMPDIR", &tmp)
+                    .env("EROFS_SNAPSHOTTER_LOG", "info")
+                    .env("RUST_BACKTRACE", "1");
+                match crash_at {
+                    Some(p) => cmd.env(CRASH_ENV, p),
+                    None => cmd.env_remove(CRASH_ENV),
+                };
+            },
+        )
     }
 
     /// Starts the daemon (none may be running) and connects the client.
@@ -262,29 +252,10 @@ impl Env {
     pub async fn start_with(&mut self, crash_at: Option<&str>) -> Result<()> {
         ensure!(self.daemon.is_none(), "a daemon is already running");
         let _ = fs::remove_file(&self.socket);
-        let mut child = self.spawn_with(crash_at)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = child.try_wait()? {
-                bail!(
-                    "the daemon exited during start-up ({st}); log tail:\n{}",
-                    self.log_tail(30)
-                );
-            }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "the daemon does not accept connections after 30s; log tail:\n{}",
-                    self.log_tail(30)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.daemon = Some(child);
+        let mut p = self.spawn(crash_at)?;
+        daemon::wait_serving(&mut p, &self.socket, Duration::from_secs(30))?;
+        p.set_stop_timeout(Duration::from_secs(30));
+        self.daemon = Some(p);
         self.client = Some(Client::new(connect(&self.socket).await?, "erofs-rs"));
         if self.ping {
             // One request served: by then the daemon handles SIGTERM (see
@@ -304,93 +275,28 @@ impl Env {
     pub fn start_expecting_refusal(&mut self) -> Result<(ExitStatus, String)> {
         ensure!(self.daemon.is_none(), "a daemon is already running");
         let before = fs::read(&self.log).map(|b| b.len()).unwrap_or(0);
-        let mut child = self.spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let st = loop {
-            if let Some(st) = child.try_wait()? {
-                break st;
-            }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "the daemon started serving; log tail:\n{}",
-                    self.log_tail(30)
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the daemon neither served nor exited within 30s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let mut p = self.spawn(None)?;
+        let st = daemon::wait_refusal(&mut p, &self.socket, Duration::from_secs(30))?;
         let all = fs::read(&self.log)?;
         Ok((st, String::from_utf8_lossy(&all[before..]).into_owned()))
     }
 
-    fn pid(&self) -> Option<Pid> {
-        self.daemon
-            .as_ref()
-            .and_then(|c| Pid::from_raw(c.id() as i32))
-    }
-
-    /// Stops the daemon gracefully; fails unless it exits 0.
+    /// Stops the daemon gracefully (SIGTERM, SIGKILL after 30 s); fails unless it exits 0.
     pub fn stop(&mut self) -> Result<()> {
         self.client = None;
-        let Some(pid) = self.pid() else {
+        let Some(mut p) = self.daemon.take() else {
             return Ok(());
         };
-        let _ = rustix::process::kill_process(pid, Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let child = self.daemon.as_mut().expect("running");
-        loop {
-            if let Some(st) = child.try_wait()? {
-                self.daemon = None;
-                ensure!(st.success(), "the daemon exited with {st} after SIGTERM");
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                self.kill9();
-                bail!("the daemon did not exit within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let st = p.stop().context("reaping the daemon")?;
+        ensure!(st.success(), "the daemon exited with {st} after SIGTERM");
+        Ok(())
     }
 
     /// Waits for the daemon to abort at crash point `point`.
     pub async fn expect_abort(&mut self, point: &str) -> Result<()> {
         self.client = None;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let st = loop {
-            let child = self.daemon.as_mut().context("no daemon running")?;
-            if let Some(st) = child.try_wait()? {
-                self.daemon = None;
-                break st;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the daemon did not reach {point}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        use std::os::unix::process::ExitStatusExt;
-        ensure!(
-            st.signal() == Some(6) && self.log_tail(5).contains(&format!("crash point {point}")),
-            "expected an abort at {point}, got {st}"
-        );
-        Ok(())
-    }
-
-    /// `kill -9` the daemon.
-    pub fn kill9(&mut self) {
-        self.client = None;
-        if let Some(pid) = self.pid() {
-            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-        }
-        if let Some(mut c) = self.daemon.take() {
-            let _ = c.wait();
-        }
+        let mut p = self.daemon.take().context("no daemon running")?;
+        daemon::expect_abort(&mut p, point, Duration::from_secs(60))
     }
 
     /// The whole daemon log.
@@ -545,17 +451,10 @@ impl Drop for Env {
                 self.log_tail(60)
             );
         }
-        if let Some(pid) = self.pid() {
-            let _ = rustix::process::kill_process(pid, Signal::TERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let child = self.daemon.as_mut().expect("running");
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            self.kill9();
+        // SIGTERM, then SIGKILL after 10 s.
+        self.client = None;
+        if let Some(mut p) = self.daemon.take() {
+            p.set_stop_timeout(Duration::from_secs(10));
         }
         if let Err(e) = unmount_all_under(&self.base) {
             eprintln!("leaving {} behind: {e:#}", self.base.display());
