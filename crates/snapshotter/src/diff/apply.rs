@@ -127,11 +127,15 @@ impl Snapshotter {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-        // Written back to disk as it is produced, so the fsync below only waits for the tail.
-        let result = crate::writeback::during(&out, || {
-            self.write_layer(&kind, desc, &out, &tmp, content, namespace)
-        });
         let tar_index = kind == LayerKind::Tar && self.cfg.differ.enable_tar_index;
+        // Written back to disk as it is produced, so the fsync below only waits for the tail,
+        // and hashed for its integrity trees as it is produced, so they cost little more.
+        let trees = crate::integrity::ahead_trees(self, tar_index);
+        let (result, ahead) = crate::writeback::during(&out, || {
+            crate::integrity::ahead::during(&out, trees, || {
+                self.write_layer(&kind, desc, &out, &tmp, content, namespace)
+            })
+        });
         let sidecar = dir.join(crate::layout::DMVERITY_SIDECAR);
         let sidecar_tmp = crate::integrity::dmverity::sidecar_tmp(&tmp);
         let result = result.and_then(|d| {
@@ -141,7 +145,7 @@ impl Snapshotter {
             // fsync of the same file may not report it again.
             let digest = std::thread::scope(|sc| {
                 let early = sc.spawn(|| out.sync_data());
-                let r = crate::integrity::after_apply(self, &tmp, tar_index);
+                let r = crate::integrity::after_apply(self, &tmp, tar_index, &ahead);
                 let synced = early
                     .join()
                     .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));

@@ -35,19 +35,18 @@ pub fn check_policy(mode: Toggle) -> Result<()> {
 /// Append a tree to the layer at `tmp` (before it is put in place) and write the sidecar next
 /// to it as `SIDECAR.tmp`, both fsynced. Tar-index layers use 512-byte blocks (EROFS with
 /// 512-byte blocks cannot sit on a device with 4 KiB logical blocks), full images 4096.
-pub fn format_layer(tmp: &Path, tar_index: bool) -> Result<()> {
+pub fn format_layer(tmp: &Path, tar_index: bool, known: Option<&verity::Leaves>) -> Result<()> {
     let block = if tar_index { 512 } else { 4096 };
     let len = std::fs::metadata(tmp)
         .map_err(|e| Error::io("stat of the layer", e))?
         .len();
-    let meta = verity::dmverity_format(tmp, len, block, *uuid::Uuid::new_v4().as_bytes()).map_err(
-        |e| {
+    let meta = verity::dmverity_format(tmp, len, block, *uuid::Uuid::new_v4().as_bytes(), known)
+        .map_err(|e| {
             Error::io(
                 format!("building the dm-verity tree of {}", tmp.display()),
                 e,
             )
-        },
-    )?;
+        })?;
     let side = sidecar_tmp(tmp);
     let json = serde_json::to_string_pretty(&meta).expect("sidecar serializes");
     std::fs::write(&side, json).map_err(|e| Error::io(format!("writing {}", side.display()), e))?;

@@ -1,6 +1,7 @@
 //! Integrity and isolation around layers: fs-verity, FS_IMMUTABLE_FL, idmapped lowers and
 //! size-limited writable layers.
 
+pub mod ahead;
 pub mod dmverity;
 pub mod quota;
 pub mod verity;
@@ -62,13 +63,13 @@ pub fn fsverity_policy(cfg: &Config, root: &Path) -> Result<VerityMode> {
     Ok(VerityMode::Userspace)
 }
 
-fn userspace_digest(layer: &Path) -> Result<String> {
+fn userspace_digest(layer: &Path, known: Option<&verity::Leaves>) -> Result<String> {
     let f = File::open(layer).map_err(|e| Error::io(format!("opening {}", layer.display()), e))?;
     let len = f
         .metadata()
         .map_err(|e| Error::io("stat of a layer", e))?
         .len();
-    let d = verity::fsverity_digest(&f, len, FSVERITY_BLOCK as usize)
+    let d = verity::fsverity_digest_with(&f, len, FSVERITY_BLOCK as usize, known)
         .map_err(|e| Error::io(format!("hashing {}", layer.display()), e))?;
     Ok(hex::encode(d))
 }
@@ -102,7 +103,7 @@ pub(crate) fn seal(
         VerityMode::Userspace => {
             meta.fsverity_digest = Some(match digest {
                 Some(d) => d,
-                None => userspace_digest(layer)?,
+                None => userspace_digest(layer, None)?,
             })
         }
     }
@@ -153,7 +154,7 @@ pub(crate) fn verify_before_mount(
             );
             return Ok(());
         }
-        VerityMode::Userspace => userspace_digest(&layer)?,
+        VerityMode::Userspace => userspace_digest(&layer, None)?,
     };
     match want {
         Some(w) if w != got => Err(Error::failed_precondition(format!(
@@ -168,14 +169,29 @@ pub(crate) fn verify_before_mount(
 /// place): append the dm-verity tree and write the sidecar, when configured.
 /// Returns the layer's userspace fs-verity digest in userspace mode, computed here (during
 /// unpack) rather than in Commit, which containerd runs inside its global transaction.
-pub(crate) fn after_apply(s: &Snapshotter, tmp: &Path, tar_index: bool) -> Result<Option<String>> {
+/// `ahead` holds the block hashes taken while the layer was written ([`ahead_trees`]).
+pub(crate) fn after_apply(
+    s: &Snapshotter,
+    tmp: &Path,
+    tar_index: bool,
+    ahead: &ahead::Hashed,
+) -> Result<Option<String>> {
     if s.cfg.differ.enable_dmverity {
-        dmverity::format_layer(tmp, tar_index)?;
+        dmverity::format_layer(tmp, tar_index, ahead.dmverity.as_ref())?;
     }
     if s.verity == VerityMode::Userspace {
-        return userspace_digest(tmp).map(Some);
+        return userspace_digest(tmp, ahead.fsverity.as_ref()).map(Some);
     }
     Ok(None)
+}
+
+/// The trees [`after_apply`] builds whose block hashes can be taken while the layer is
+/// written: full images only (see [`ahead`]).
+pub(crate) fn ahead_trees(s: &Snapshotter, tar_index: bool) -> ahead::Trees {
+    ahead::Trees {
+        fsverity: !tar_index && s.verity == VerityMode::Userspace,
+        dmverity: !tar_index && s.cfg.differ.enable_dmverity,
+    }
 }
 
 /// Before a layer is deleted: clear the immutable flag (filesystems without the flag are fine).

@@ -15,6 +15,23 @@ use sha2::{Digest, Sha256};
 
 const DIGEST: usize = 32;
 
+/// Level 0 of a Merkle tree computed ahead of time: the hashes of blocks `first..first + n`
+/// of a file (with the tree's salt), taken while the file was still being written, from
+/// blocks the writer had finished. The tree code hashes only the blocks not covered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leaves {
+    /// Index of the first block hashed.
+    pub first: u64,
+    /// One hash per block from `first` on.
+    pub hashes: Vec<[u8; DIGEST]>,
+}
+
+impl Leaves {
+    fn end(&self) -> u64 {
+        self.first + self.hashes.len() as u64
+    }
+}
+
 fn read_block(f: &File, off: u64, buf: &mut [u8], limit: u64) -> io::Result<()> {
     buf.fill(0);
     let want = ((limit - off) as usize).min(buf.len());
@@ -24,10 +41,20 @@ fn read_block(f: &File, off: u64, buf: &mut [u8], limit: u64) -> io::Result<()> 
 /// The fs-verity digest of `len` bytes of `f` (SHA-256, `block` bytes per block, no salt),
 /// as `fsverity digest` prints it (without the `sha256:` prefix).
 pub fn fsverity_digest(f: &File, len: u64, block: usize) -> io::Result<[u8; 32]> {
+    fsverity_digest_with(f, len, block, None)
+}
+
+/// [`fsverity_digest`] reusing leaf hashes computed while the file was written.
+pub fn fsverity_digest_with(
+    f: &File,
+    len: u64,
+    block: usize,
+    known: Option<&Leaves>,
+) -> io::Result<[u8; 32]> {
     let root = if len == 0 {
         [0u8; DIGEST]
     } else {
-        merkle_root(f, len, block, &[], None)?
+        merkle_root(f, len, block, &[], None, known)?
     };
     let mut desc = [0u8; 256];
     desc[0] = 1; // version
@@ -50,6 +77,7 @@ fn merkle_root(
     block: usize,
     salt: &[u8],
     mut levels_out: Option<&mut Vec<Vec<u8>>>,
+    known: Option<&Leaves>,
 ) -> io::Result<[u8; 32]> {
     let slot = DIGEST.next_power_of_two();
     let hash = |data: &[u8]| -> [u8; 32] {
@@ -64,8 +92,17 @@ fn merkle_root(
         read_block(f, 0, &mut buf, len)?;
         return Ok(hash(&buf));
     }
-    // Level 0 from the data, hashed on every core.
-    let hashes = leaf_hashes(f, len, block, salt)?;
+    // Level 0: what was hashed ahead of time, the rest from the data on every core.
+    let n = len.div_ceil(block as u64);
+    let hashes = match known.filter(|k| k.end() <= n && !k.hashes.is_empty()) {
+        Some(k) => {
+            let mut h = leaf_hashes(f, len, block, salt, 0..k.first)?;
+            h.extend_from_slice(&k.hashes);
+            h.extend(leaf_hashes(f, len, block, salt, k.end()..n)?);
+            h
+        }
+        None => leaf_hashes(f, len, block, salt, 0..n)?,
+    };
     let mut level = Vec::with_capacity(hashes.len() * slot);
     for group in hashes.chunks(block / slot) {
         let start = level.len();
@@ -101,10 +138,17 @@ fn merkle_root(
     }
 }
 
-/// Salted hashes of every `block`-sized block of the first `len` bytes of `f` (the last one
-/// zero-padded), computed by as many threads as there are cores, each on its own range.
-fn leaf_hashes(f: &File, len: u64, block: usize, salt: &[u8]) -> io::Result<Vec<[u8; 32]>> {
-    let n = len.div_ceil(block as u64) as usize;
+/// Salted hashes of the `block`-sized blocks `blocks` of the first `len` bytes of `f` (the
+/// last one zero-padded), computed by as many threads as there are cores, each on its own
+/// range.
+fn leaf_hashes(
+    f: &File,
+    len: u64,
+    block: usize,
+    salt: &[u8],
+    blocks: std::ops::Range<u64>,
+) -> io::Result<Vec<[u8; 32]>> {
+    let n = blocks.end.saturating_sub(blocks.start) as usize;
     let threads = std::thread::available_parallelism()
         .map_or(1, |p| p.get())
         .clamp(1, 8);
@@ -113,24 +157,8 @@ fn leaf_hashes(f: &File, len: u64, block: usize, salt: &[u8]) -> io::Result<Vec<
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
         for (t, part) in out.chunks_mut(per).enumerate() {
-            handles.push(scope.spawn(move || -> io::Result<()> {
-                let first = (t * per) as u64;
-                let chunk_blocks = ((1usize << 20) / block).max(1);
-                let mut buf = vec![0u8; chunk_blocks * block];
-                for (c, hashes) in part.chunks_mut(chunk_blocks).enumerate() {
-                    let off = (first + (c * chunk_blocks) as u64) * block as u64;
-                    let want = ((len - off) as usize).min(hashes.len() * block);
-                    buf.fill(0);
-                    f.read_exact_at(&mut buf[..want], off)?;
-                    for (i, h) in hashes.iter_mut().enumerate() {
-                        let mut d = Sha256::new();
-                        d.update(salt);
-                        d.update(&buf[i * block..(i + 1) * block]);
-                        *h = d.finalize().into();
-                    }
-                }
-                Ok(())
-            }));
+            let first = blocks.start + (t * per) as u64;
+            handles.push(scope.spawn(move || hash_blocks(f, len, block, salt, first, part)));
         }
         handles.into_iter().try_for_each(|h| {
             h.join()
@@ -138,6 +166,32 @@ fn leaf_hashes(f: &File, len: u64, block: usize, salt: &[u8]) -> io::Result<Vec<
         })
     })?;
     Ok(out)
+}
+
+/// Hash blocks `first..first + out.len()` of the first `len` bytes of `f` into `out`.
+pub(crate) fn hash_blocks(
+    f: &File,
+    len: u64,
+    block: usize,
+    salt: &[u8],
+    first: u64,
+    out: &mut [[u8; DIGEST]],
+) -> io::Result<()> {
+    let chunk_blocks = ((1usize << 20) / block).max(1);
+    let mut buf = vec![0u8; chunk_blocks.min(out.len()) * block];
+    for (c, hashes) in out.chunks_mut(chunk_blocks).enumerate() {
+        let off = (first + (c * chunk_blocks) as u64) * block as u64;
+        let want = ((len - off) as usize).min(hashes.len() * block);
+        buf.fill(0);
+        f.read_exact_at(&mut buf[..want], off)?;
+        for (i, h) in hashes.iter_mut().enumerate() {
+            let mut d = Sha256::new();
+            d.update(salt);
+            d.update(&buf[i * block..(i + 1) * block]);
+            *h = d.finalize().into();
+        }
+    }
+    Ok(())
 }
 
 /// Where a layer's dm-verity tree is, as written to the sidecar.
@@ -161,6 +215,7 @@ pub fn dmverity_format(
     data_len: u64,
     block: usize,
     uuid: [u8; 16],
+    known: Option<&Leaves>,
 ) -> io::Result<DmVerityMeta> {
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -171,7 +226,14 @@ pub fn dmverity_format(
     // Zero-pad the data to a whole block.
     f.set_len(hash_offset)?;
     let mut levels = Vec::new();
-    let root = merkle_root(&f, hash_offset, block, &DMVERITY_SALT, Some(&mut levels))?;
+    let root = merkle_root(
+        &f,
+        hash_offset,
+        block,
+        &DMVERITY_SALT,
+        Some(&mut levels),
+        known,
+    )?;
     // Superblock.
     let mut sb = vec![0u8; 512];
     sb[0..8].copy_from_slice(b"verity\0\0");
@@ -214,6 +276,7 @@ pub fn dmverity_verify(path: &Path, meta: &DmVerityMeta, block: usize) -> io::Re
         block,
         &DMVERITY_SALT,
         Some(&mut levels),
+        None,
     )?;
     if hex::encode(root) != meta.roothash {
         return Ok(false);
@@ -281,6 +344,62 @@ mod tests {
         }
     }
 
+    /// Level-0 hashes given ahead are used in place of hashing those blocks: correct ones give
+    /// the same digest and tree as hashing everything, wrong ones show they were used.
+    #[test]
+    fn known_leaves_stand_in_for_their_blocks() {
+        let len = 300 * 4096 + 17;
+        let (_d, p) = file_with(len);
+        let f = File::open(&p).unwrap();
+        let all = leaf_hashes(&f, len as u64, 4096, &[], 0..301).unwrap();
+        let whole = fsverity_digest(&f, len as u64, 4096).unwrap();
+        for (first, n) in [
+            (1u64, 0usize),
+            (1, 1),
+            (1, 299),
+            (0, 301),
+            (5, 100),
+            (1, 300),
+        ] {
+            let known = Leaves {
+                first,
+                hashes: all[first as usize..first as usize + n].to_vec(),
+            };
+            assert_eq!(
+                fsverity_digest_with(&f, len as u64, 4096, Some(&known)).unwrap(),
+                whole,
+                "first {first} n {n}"
+            );
+        }
+        let mut wrong = Leaves {
+            first: 1,
+            hashes: all[1..10].to_vec(),
+        };
+        wrong.hashes[3][0] ^= 1;
+        assert_ne!(
+            fsverity_digest_with(&f, len as u64, 4096, Some(&wrong)).unwrap(),
+            whole
+        );
+        // Leaves past the end of the data are ignored, not trusted.
+        let past = Leaves {
+            first: 300,
+            hashes: vec![[0; 32]; 5],
+        };
+        assert_eq!(
+            fsverity_digest_with(&f, len as u64, 4096, Some(&past)).unwrap(),
+            whole
+        );
+        // The dm-verity tree built from known salted leaves passes veritysetup's check too.
+        let salted = leaf_hashes(&f, len as u64, 4096, &DMVERITY_SALT, 0..301).unwrap();
+        let known = Leaves {
+            first: 1,
+            hashes: salted[1..200].to_vec(),
+        };
+        drop(f);
+        let meta = dmverity_format(&p, len as u64, 4096, [1; 16], Some(&known)).unwrap();
+        assert!(dmverity_verify(&p, &meta, 4096).unwrap());
+    }
+
     /// veritysetup accepts our trees, for 4 KiB and 512-byte blocks, and rejects a flipped byte.
     #[test]
     fn dmverity_tree_passes_veritysetup() {
@@ -291,7 +410,7 @@ mod tests {
             (300_001, 512),
         ] {
             let (_d, p) = file_with(len);
-            let meta = dmverity_format(&p, len as u64, block, [7; 16]).unwrap();
+            let meta = dmverity_format(&p, len as u64, block, [7; 16], None).unwrap();
             assert!(dmverity_verify(&p, &meta, block).unwrap());
             let run = |root: &str| {
                 Command::new("veritysetup")
