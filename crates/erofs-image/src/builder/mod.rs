@@ -5,6 +5,13 @@
 //! only metadata and inline tails are held in memory. Tar-index images write no file data at
 //! all: regular files become chunk tables pointing into the tar, which follows the index as an
 //! extra device (one file `[index][tar]`, or two files).
+//!
+//! Write order of full images, which callers may rely on (the snapshotter hashes layers for
+//! fs-verity and dm-verity while they are built): file data goes from block 1 upward, each
+//! block written once and never below the current end of the output; the metadata follows
+//! the data; block 0 (the superblock) is written last. So while a full image is being built,
+//! every complete block between block 1 and the output's current size is final. Tar-index
+//! images give no such guarantee (the tar is written first and moved behind the index).
 
 mod data;
 mod dir;
