@@ -10,7 +10,7 @@
 //! * [`builder`]: tar or directory to EROFS; OCI whiteouts become overlayfs whiteouts.
 //! * [`reader`]: stat, readdir, read, xattrs and path lookup on an image.
 //! * [`check`]: verify every invariant the kernel relies on, reporting each problem.
-//! * [`format`]: the on-disk structures.
+//! * [`format`](mod@format): the on-disk structures.
 #![forbid(unsafe_code)]
 
 pub mod builder;
