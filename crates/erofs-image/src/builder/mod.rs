@@ -15,6 +15,7 @@
 
 mod data;
 mod dir;
+mod direct;
 mod index;
 mod layout;
 mod tar;
@@ -22,6 +23,7 @@ mod tar;
 use std::io::{Read, Seek, SeekFrom, Write};
 
 pub use dir::dir_to_image;
+pub use direct::DirectFile;
 pub use index::{TarIndex, tar_file_to_index_file, tar_to_index, tar_to_index_file};
 
 use crate::error::{Error, Result};

@@ -159,7 +159,8 @@ fn build(
         }
         Some(TarMode::F) => {
             let input = open_tar(&a.source, bar)?;
-            erofs_image::tar_to_image(input, &mut image.file, opts)
+            // The data goes to disk with O_DIRECT (see erofs_image::DirectFile).
+            erofs_image::tar_to_image(input, erofs_image::DirectFile::new(&image.file), opts)
                 .with_context(|| format!("converting {}", a.source.display()))?
         }
         Some(TarMode::I) => {

@@ -61,6 +61,14 @@ fn classify(media_type: &str) -> Result<LayerKind> {
     )))
 }
 
+/// Where Apply writes a layer: the temporary file, its path, and whether the data may skip
+/// the page cache.
+struct LayerOut<'a> {
+    file: &'a File,
+    path: &'a Path,
+    direct: bool,
+}
+
 impl Snapshotter {
     /// Which active snapshot of ours `mounts` (as returned by Prepare) belong to, or
     /// Unimplemented so containerd falls through to the next differ.
@@ -133,7 +141,13 @@ impl Snapshotter {
         let trees = crate::integrity::ahead_trees(self, tar_index);
         let (result, ahead) = crate::writeback::during(&out, || {
             crate::integrity::ahead::during(&out, trees, || {
-                self.write_layer(&kind, desc, &out, &tmp, content, namespace)
+                let target = LayerOut {
+                    file: &out,
+                    path: &tmp,
+                    // Data that is hashed while it is written must stay in the page cache.
+                    direct: trees == crate::integrity::ahead::Trees::default(),
+                };
+                self.write_layer(&kind, desc, &target, content, namespace)
             })
         });
         let sidecar = dir.join(crate::layout::DMVERITY_SIDECAR);
@@ -190,11 +204,11 @@ impl Snapshotter {
         &self,
         kind: &LayerKind,
         desc: &Descriptor,
-        out: &File,
-        tmp: &Path,
+        target: &LayerOut<'_>,
         content: &dyn ContentSource,
         namespace: &str,
     ) -> Result<Descriptor> {
+        let (out, tmp) = (target.file, target.path);
         let blob = content.open(desc, namespace)?;
         match kind {
             LayerKind::Tar => {
@@ -227,7 +241,16 @@ impl Snapshotter {
                 if self.cfg.differ.enable_tar_index {
                     erofs_image::tar_to_index_file(&mut pipe, out, &opts)?;
                 } else {
-                    erofs_image::tar_to_image(&mut pipe, out, &opts)?;
+                    if target.direct {
+                        // The data skips the page cache (see erofs_image::DirectFile).
+                        erofs_image::tar_to_image(
+                            &mut pipe,
+                            erofs_image::DirectFile::new(out),
+                            &opts,
+                        )?;
+                    } else {
+                        erofs_image::tar_to_image(&mut pipe, out, &opts)?;
+                    }
                 }
                 let sum = pipe
                     .finish()
