@@ -9,8 +9,9 @@
 //!
 //! Only the data area goes direct: it is written sequentially from a 4 KiB-aligned offset in
 //! whole 4 KiB blocks (each file's data is padded to the block), which is what `O_DIRECT`
-//! needs. The first seek after the data (to write the metadata) ends the direct phase; the
-//! metadata and the superblock are ordinary writes. Where `O_DIRECT` is refused (a filesystem
+//! needs. The first seek after the data (to write the metadata), or a flush, ends the direct
+//! phase; the metadata and the superblock are ordinary writes, and so is an unaligned tail
+//! (the end of a tar copied behind a tar index). Where `O_DIRECT` is refused (a filesystem
 //! without it, an unaligned start), everything is ordinary writes. Durability is unchanged:
 //! the caller still fsyncs, which also flushes the disk's cache for the direct writes.
 //!
@@ -92,13 +93,19 @@ impl<'a> DirectFile<'a> {
     /// Wrap `file`, which must be open for writing. Falls back to ordinary writes when the
     /// file cannot be reopened with `O_DIRECT`.
     pub fn new(file: &'a File) -> Self {
-        let writer = reopen_direct(file).ok().map(start_writer);
+        let mut f = file;
+        let offset = f.stream_position().unwrap_or(1);
+        let writer = if offset.is_multiple_of(ALIGN as u64) {
+            reopen_direct(file).ok().map(start_writer)
+        } else {
+            None
+        };
         DirectFile {
             file,
             writer,
             buf: Aligned::new(),
             len: 0,
-            offset: 0,
+            offset,
             fresh: true,
         }
     }
@@ -230,12 +237,11 @@ impl Write for DirectFile<'_> {
         Ok(n)
     }
 
+    /// Ends the direct phase: afterwards everything written is in the file.
     fn flush(&mut self) -> io::Result<()> {
-        if self.writer.is_none() {
-            let mut f = self.file;
-            return f.flush();
-        }
-        Ok(())
+        self.finish()?;
+        let mut f = self.file;
+        f.flush()
     }
 }
 
@@ -317,6 +323,27 @@ mod tests {
         assert_eq!(&got[1024..1034], b"superblock");
         assert_eq!(&got[4096..4096 + data.len()], &data[..]);
         assert_eq!(&got[4096 + data.len()..], &meta[..]);
+    }
+
+    /// A stream written from offset 0 and ended by a flush, with an unaligned tail (the tar
+    /// of a tar-index image): all of it lands, and later writes go after it.
+    #[test]
+    fn a_flush_ends_the_direct_phase_with_an_unaligned_tail() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let path = dir.path().join("tar");
+        let file = File::create(&path).unwrap();
+        let data = pattern(CHUNK + 3 * 4096 + 512 * 3, 5);
+        {
+            let mut d = DirectFile::new(&file);
+            for piece in data.chunks(65_536) {
+                d.write_all(piece).unwrap();
+            }
+            d.flush().unwrap();
+            d.write_all(b"after").unwrap();
+        }
+        let got = std::fs::read(&path).unwrap();
+        assert_eq!(&got[..data.len()], &data[..]);
+        assert_eq!(&got[data.len()..], b"after");
     }
 
     /// An unaligned start means no direct writes, and the same bytes.

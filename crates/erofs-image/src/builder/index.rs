@@ -9,7 +9,7 @@
 //! filesystems that support it (ext4, xfs), and with an in-place backward copy elsewhere.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 
 use super::tar::read_into_tree;
@@ -175,8 +175,9 @@ fn build_index(tree: &mut Tree, tar_len: u64, opts: &BuildOptions) -> Result<Tar
 /// reading and writing): the tar is streamed into the file once, then the index is placed in
 /// front of it.
 pub fn tar_to_index_file<R: Read>(input: R, file: &File, opts: &BuildOptions) -> Result<Summary> {
-    let out = BufWriter::with_capacity(1 << 20, file);
-    let idx = tar_to_index(input, out, opts)?;
+    // The tar skips the page cache (see DirectFile): the insert below drops the file's
+    // cached pages anyway.
+    let idx = tar_to_index(input, super::DirectFile::new(file), opts)?;
     insert_front(file, &idx.index, idx.tar_len)?;
     Ok(idx.summary)
 }
