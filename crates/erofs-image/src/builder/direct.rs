@@ -19,7 +19,7 @@
 //! building it (to hash it, say) should write it the ordinary way.
 
 use std::fs::File;
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::mpsc;
@@ -81,6 +81,9 @@ struct Writer {
 /// data area, or from [`finish`](Self::finish).
 pub struct DirectFile<'a> {
     file: &'a File,
+    /// Ordinary writes (all of them where `O_DIRECT` is unavailable, and everything after
+    /// the direct phase), buffered as an ordinary image output would be.
+    plain: BufWriter<&'a File>,
     writer: Option<Writer>,
     buf: Aligned,
     len: usize,
@@ -112,8 +115,13 @@ impl<'a> DirectFile<'a> {
         };
         DirectFile {
             file,
+            plain: BufWriter::with_capacity(CHUNK, file),
+            buf: if writer.is_some() {
+                Aligned::new()
+            } else {
+                Aligned::empty()
+            },
             writer,
-            buf: Aligned::new(),
             len: 0,
             offset,
             fresh: true,
@@ -232,8 +240,7 @@ impl Write for DirectFile<'_> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         self.fresh = false;
         if self.writer.is_none() {
-            let mut f = self.file;
-            return f.write(b);
+            return self.plain.write(b);
         }
         let n = b.len().min(CHUNK - self.len);
         let at = self.len;
@@ -248,8 +255,7 @@ impl Write for DirectFile<'_> {
     /// Ends the direct phase: afterwards everything written is in the file.
     fn flush(&mut self) -> io::Result<()> {
         self.finish()?;
-        let mut f = self.file;
-        f.flush()
+        self.plain.flush()
     }
 }
 
@@ -262,18 +268,17 @@ impl Seek for DirectFile<'_> {
             // Placing the data area.
             if !at.is_multiple_of(ALIGN as u64) {
                 self.writer = None;
+                self.buf = Aligned::empty();
             }
             self.offset = at;
-            let mut f = self.file;
-            return f.seek(pos);
+            return self.plain.seek(pos);
         }
         self.fresh = false;
         if pos == SeekFrom::Current(0) && self.writer.is_some() {
             return Ok(self.offset + self.len as u64);
         }
         self.finish()?;
-        let mut f = self.file;
-        f.seek(pos)
+        self.plain.seek(pos)
     }
 }
 
