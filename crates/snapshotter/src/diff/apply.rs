@@ -1,9 +1,8 @@
 //! Apply: an OCI layer blob straight into the active snapshot's `layer.erofs`, in one
 //! streaming pass, without extracting a file.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::path::Path;
 
 use erofs_image::compression::{BombGuard, Decompressed};
 use sha2::{Digest, Sha256};
@@ -12,10 +11,9 @@ use super::content::{ContentSource, Descriptor};
 use super::mkfs::MkfsOptions;
 use super::pipeline::Pipeline;
 use crate::error::{Error, ErrorKind, Result};
-use crate::layout::{LAYER, LAYER_TMP, MARKER};
 use crate::mount::Mount;
-use crate::snapshot::{Snapshotter, sync_dir};
-use crate::store::Kind;
+use crate::snapshot::Snapshotter;
+use crate::snapshot::layers::LayerOut;
 
 /// The media type of an uncompressed OCI layer (what Apply returns for tar layers).
 pub const MEDIA_TYPE_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -61,58 +59,7 @@ fn classify(media_type: &str) -> Result<LayerKind> {
     )))
 }
 
-/// Where Apply writes a layer: the temporary file, its path, and whether the data may skip
-/// the page cache.
-struct LayerOut<'a> {
-    file: &'a File,
-    path: &'a Path,
-    direct: bool,
-}
-
 impl Snapshotter {
-    /// Which active snapshot of ours `mounts` (as returned by Prepare) belong to, or
-    /// Unimplemented so containerd falls through to the next differ.
-    fn apply_target(&self, mounts: &[Mount]) -> Result<(u64, String)> {
-        let not_ours = |why: &str| {
-            Error::unimplemented(format!(
-                "mounts are not an erofs-snapshotter active snapshot: {why}"
-            ))
-        };
-        let m = mounts.last().ok_or_else(|| not_ours("no mounts"))?;
-        let kind = m.kind.rsplit('/').next().unwrap_or_default();
-        let path = if mounts[0].kind.starts_with("mkfs/") {
-            mounts[0].source.clone()
-        } else {
-            match kind {
-                "bind" | "erofs" => m.source.clone(),
-                "overlay" => m
-                    .options
-                    .iter()
-                    .find_map(|o| o.strip_prefix("upperdir="))
-                    .map(str::to_string)
-                    .ok_or_else(|| not_ours("overlay without upperdir"))?,
-                other => return Err(not_ours(&format!("mount type {other:?}"))),
-            }
-        };
-        let id = self
-            .layout
-            .id_of(Path::new(&path))
-            .ok_or_else(|| not_ours("not under the snapshotter root"))?;
-        if !self.layout.dir(id).join(MARKER).exists() {
-            return Err(not_ours("no .erofslayer marker"));
-        }
-        let key = self
-            .store
-            .read(|tx| tx.id_map())?
-            .remove(&id)
-            .ok_or_else(|| not_ours("snapshot no longer exists"))?;
-        let rec = self.store.read(|tx| tx.require(&key))?;
-        if rec.kind != Kind::Active {
-            return Err(not_ours("snapshot is not active"));
-        }
-        Ok((id, key))
-    }
-
     /// Apply layer `desc` onto the active snapshot `mounts` describe: write `layer.erofs`
     /// durably and return the uncompressed layer's descriptor (its diffID for tar layers).
     pub fn apply(
@@ -124,78 +71,12 @@ impl Snapshotter {
     ) -> Result<Descriptor> {
         let kind = classify(&desc.media_type)?;
         super::content::parse_digest(&desc.digest)?;
-        let (id, key) = self.apply_target(mounts)?;
-        let _g = self.locks.lock(&[&key]);
-        let dir = self.layout.dir(id);
-        let tmp = dir.join(LAYER_TMP);
-        let out = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-        let tar_index = kind == LayerKind::Tar && self.cfg.differ.enable_tar_index;
-        // Written back to disk as it is produced, so the fsync below only waits for the tail,
-        // and hashed for its integrity trees as it is produced, so they cost little more.
-        let trees = crate::integrity::ahead_trees(self, tar_index);
-        let (result, ahead) = crate::writeback::during(&out, || {
-            crate::integrity::ahead::during(&out, trees, || {
-                let target = LayerOut {
-                    file: &out,
-                    path: &tmp,
-                    // Data that is hashed while it is written must stay in the page cache.
-                    direct: trees == crate::integrity::ahead::Trees::default(),
-                };
-                self.write_layer(&kind, desc, &target, content, namespace)
+        let tar_index = kind == LayerKind::Tar && self.config().differ.enable_tar_index;
+        let (key, applied) = self
+            .write_applied_layer(mounts, tar_index, |out| {
+                self.write_layer(&kind, desc, out, content, namespace)
             })
-        });
-        let sidecar = dir.join(crate::layout::DMVERITY_SIDECAR);
-        let sidecar_tmp = crate::integrity::dmverity::sidecar_tmp(&tmp);
-        let result = result.and_then(|d| {
-            // The layer is written back to disk while the integrity hashes are computed (the
-            // Merkle trees read it from the page cache), so they cost little more than the
-            // fsync that has to happen anyway. That fsync's error must not be lost: a later
-            // fsync of the same file may not report it again.
-            let digest = std::thread::scope(|sc| {
-                let early = sc.spawn(|| out.sync_data());
-                let r = crate::integrity::after_apply(self, &tmp, tar_index, &ahead);
-                let synced = early
-                    .join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
-                synced.map_err(|e| Error::io("fsync of the layer", e))?;
-                r
-            })?;
-            crate::failpoint::hit("apply:before-rename");
-            out.sync_all()
-                .map_err(|e| Error::io("fsync of the layer", e))?;
-            // The sidecar goes in place before the layer it describes; a stale one from an
-            // earlier apply goes away.
-            if sidecar_tmp.exists() {
-                fs::rename(&sidecar_tmp, &sidecar)
-                    .map_err(|e| Error::io("renaming the dm-verity sidecar", e))?;
-            } else if sidecar.exists() {
-                fs::remove_file(&sidecar)
-                    .map_err(|e| Error::io("removing a stale dm-verity sidecar", e))?;
-            }
-            fs::rename(&tmp, dir.join(LAYER)).map_err(|e| Error::io("renaming the layer", e))?;
-            sync_dir(&dir)?;
-            let mut digests = self
-                .applied_digests
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            match digest {
-                Some(dg) => digests.insert(id, dg),
-                None => digests.remove(&id),
-            };
-            Ok(d)
-        });
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-            let _ = fs::remove_file(&sidecar_tmp);
-        }
-        let applied = result
-            .map_err(|e| e.context(format!("applying {} to snapshot {key:?}", desc.digest)))?;
+            .map_err(|e| e.context(format!("applying {}", desc.digest)))?;
         tracing::info!(snapshot = %key, layer = %desc.digest, diff_id = %applied.digest, bytes = applied.size, "applied layer");
         Ok(applied)
     }
@@ -212,7 +93,7 @@ impl Snapshotter {
         let blob = content.open(desc, namespace)?;
         match kind {
             LayerKind::Tar => {
-                let opts = MkfsOptions::parse(&self.cfg.differ.mkfs_options)
+                let opts = MkfsOptions::parse(&self.config().differ.mkfs_options)
                     .map_err(Error::invalid_argument)?
                     .build_options(&desc.digest);
                 if let Some(f) = blob.file.as_ref().filter(|f| is_plain(f)) {
@@ -223,7 +104,7 @@ impl Snapshotter {
                         .metadata()
                         .map_err(|e| Error::io("stat of the layer", e))?
                         .len();
-                    if self.cfg.differ.enable_tar_index {
+                    if self.config().differ.enable_tar_index {
                         erofs_image::tar_file_to_index_file(f, out, &opts)?;
                     } else {
                         erofs_image::tar_file_to_image(f, out, &opts)?;
@@ -238,7 +119,7 @@ impl Snapshotter {
                 let dec = Decompressed::new(blob.reader, BombGuard::default())
                     .map_err(|e| Error::io("reading the layer", e))?;
                 let mut pipe = Pipeline::start(Box::new(dec));
-                if self.cfg.differ.enable_tar_index {
+                if self.config().differ.enable_tar_index {
                     erofs_image::tar_to_index_file(&mut pipe, out, &opts)?;
                 } else {
                     if target.direct {

@@ -22,9 +22,11 @@ use erofs_image::tar::{Entry, EntryKind, TarWriter};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::integrity::VerifiedLayer;
 use crate::mount::Mount;
 use crate::snapshot::Snapshotter;
-use crate::store::{Kind, Timestamp};
+use crate::snapshot::layers::ChangeSource;
+use crate::store::Timestamp;
 
 const OPAQUE: &[u8] = b"trusted.overlay.opaque";
 
@@ -187,52 +189,6 @@ enum Source {
 }
 
 impl Snapshotter {
-    /// Resolve mounts to our snapshot ids, top first: `bind` of an `fs` dir is one layer,
-    /// `overlay` lists `lowerdir` entries and may have an `upperdir`.
-    fn mount_ids(&self, mounts: &[Mount]) -> Result<(Vec<u64>, Option<u64>)> {
-        let not_ours = |why: String| {
-            Error::unimplemented(format!("mounts are not erofs-snapshotter snapshots: {why}"))
-        };
-        let mut lowers = Vec::new();
-        let mut upper = None;
-        let id_of = |p: &str| {
-            self.layout
-                .id_of(Path::new(p))
-                .ok_or_else(|| not_ours(format!("{p} is not under the snapshotter root")))
-        };
-        for m in mounts {
-            match m.kind.rsplit('/').next().unwrap_or_default() {
-                "bind" => {
-                    let id = id_of(&m.source)?;
-                    if m.options.iter().any(|o| o == "ro") {
-                        lowers.push(id);
-                    } else {
-                        upper = Some(id);
-                    }
-                }
-                "overlay" => {
-                    for o in &m.options {
-                        if let Some(list) = o.strip_prefix("lowerdir=") {
-                            for d in list.split(':') {
-                                lowers.push(id_of(d)?);
-                            }
-                        } else if let Some(u) = o.strip_prefix("upperdir=") {
-                            upper = Some(id_of(u)?);
-                        }
-                    }
-                }
-                other => return Err(not_ours(format!("mount type {other:?}"))),
-            }
-        }
-        Ok((lowers, upper))
-    }
-
-    fn open_layer(&self, id: u64) -> Result<Image> {
-        let p = self.layout.layer(id);
-        let f = File::open(&p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?;
-        Ok(Image::open(f)?)
-    }
-
     /// Write the diff between `lower` and `upper` mounts to a temporary file.
     pub fn compare(
         &self,
@@ -242,55 +198,17 @@ impl Snapshotter {
         source_date_epoch: Option<Timestamp>,
     ) -> Result<DiffBlob> {
         let (compression, media_type) = DiffCompression::from_media_type(media_type)?;
-        let (lower_ids, _) = self.mount_ids(lower)?;
-        let (upper_lowers, upper_id) = self.mount_ids(upper)?;
-        let live = self.store.read(|tx| {
-            let map = tx.id_map()?;
-            let mut kinds = HashMap::new();
-            for (id, key) in &map {
-                kinds.insert(*id, tx.require(key)?);
-            }
-            Ok(kinds)
-        })?;
-        let upper_side = match upper_id {
-            Some(id) => {
-                let rec = live.get(&id).ok_or_else(|| {
-                    Error::not_found(format!("upper snapshot {id} does not exist"))
-                })?;
-                if rec.kind != Kind::Active {
-                    return Err(Error::invalid_argument(
-                        "the upper mounts are not of an active snapshot",
-                    ));
-                }
-                if self.layout.layer(id).exists() {
-                    // The differ filled this snapshot: its layer is the change set.
-                    Upper::Layer(self.open_layer(id)?)
-                } else if rec.writable_size.is_some() {
-                    Upper::Dir(self.layout.fs(id).join("upper"))
-                } else {
-                    Upper::Dir(self.layout.fs(id))
-                }
-            }
-            // A read-only view of a committed layer: its own layer is the change set.
-            None => {
-                let top = *upper_lowers
-                    .first()
-                    .ok_or_else(|| Error::invalid_argument("no upper mounts"))?;
-                Upper::Layer(self.open_layer(top)?)
-            }
+        let inputs = self.diff_inputs(lower, upper)?;
+        let open = |l: VerifiedLayer| Image::open(l.into_file()).map_err(Error::from);
+        let upper_side = match inputs.upper {
+            ChangeSource::Dir(d) => Upper::Dir(d),
+            ChangeSource::Layer(l) => Upper::Layer(open(l)?),
         };
-        let mut lower_layers = Vec::with_capacity(lower_ids.len());
-        for &id in &lower_ids {
-            // The read-only bind of a parentless View or Active snapshot (containerd views the
-            // empty parent "" when it diffs a base layer) is an empty directory: no layer.
-            let empty = live
-                .get(&id)
-                .is_some_and(|r| r.kind != Kind::Committed && r.parent.is_none());
-            if empty && !self.layout.layer(id).exists() {
-                continue;
-            }
-            lower_layers.push(self.open_layer(id)?);
-        }
+        let lower_layers = inputs
+            .lowers
+            .into_iter()
+            .map(open)
+            .collect::<Result<Vec<_>>>()?;
         let lower_view = Lower {
             layers: lower_layers,
             dirs: Mutex::new(HashMap::new()),
@@ -308,12 +226,7 @@ impl Snapshotter {
                 .cmp(b.entry.path.split(|&c| c == b'/'))
         });
 
-        let tmp_dir = self.layout.root().join("tmp");
-        fs::create_dir_all(&tmp_dir)
-            .map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
-        let path = tmp_dir.join(format!("diff-{:016x}", crate::snapshot::rand_u64()));
-        let file = File::create(&path)
-            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        let (path, file) = self.scratch_file("diff-")?;
         let mut blob = DiffBlob {
             path,
             media_type,

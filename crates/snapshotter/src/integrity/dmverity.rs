@@ -12,19 +12,14 @@ use crate::error::{Error, Result};
 /// The sidecar's name next to the layer.
 pub const SIDECAR: &str = crate::layout::DMVERITY_SIDECAR;
 
-/// Whether the kernel has dm-verity loaded (what containerd checks too).
-pub fn supported() -> bool {
-    Path::new("/sys/module/dm_verity").exists()
-}
-
-/// Check `dmverity_mode` against the kernel at start-up.
-pub fn check_policy(mode: Toggle) -> Result<()> {
-    if mode == Toggle::On && !supported() {
+/// Check `dmverity_mode` against the kernel (`kernel`: whether it has dm-verity) at start-up.
+pub fn check_policy(mode: Toggle, kernel: bool) -> Result<()> {
+    if mode == Toggle::On && !kernel {
         return Err(Error::failed_precondition(
             "snapshotter.dmverity_mode = \"on\" but the kernel has no dm-verity (CONFIG_DM_VERITY; /sys/module/dm_verity is missing)",
         ));
     }
-    if mode == Toggle::Auto && !supported() {
+    if mode == Toggle::Auto && !kernel {
         tracing::info!(
             "dm-verity is not available in this kernel; layers with dm-verity trees are mounted without it"
         );
@@ -98,7 +93,7 @@ fn veritysetup(args: &[&std::ffi::OsStr]) -> Result<()> {
 
 /// Open a read-only dm-verity device over `layer` and return its path.
 pub fn activate(layer: &Path, meta: &DmVerityMeta, name: &str) -> Result<PathBuf> {
-    if !supported() {
+    if !crate::mount::probe::dmverity() {
         return Err(Error::failed_precondition(format!(
             "cannot verify {} with dm-verity: the kernel has no dm-verity (CONFIG_DM_VERITY)",
             layer.display()
@@ -137,7 +132,7 @@ mod tests {
     #[test]
     fn unsupported_kernel_is_explicit() {
         assert!(
-            !supported(),
+            !crate::mount::probe::dmverity(),
             "this test documents a kernel without dm-verity; it has one now"
         );
         let meta = DmVerityMeta {
@@ -146,8 +141,8 @@ mod tests {
         };
         let e = activate(Path::new("/nonexistent"), &meta, "x").unwrap_err();
         assert!(e.to_string().contains("kernel has no dm-verity"), "{e}");
-        let e = check_policy(Toggle::On).unwrap_err();
+        let e = check_policy(Toggle::On, false).unwrap_err();
         assert!(e.to_string().contains("dmverity_mode"), "{e}");
-        check_policy(Toggle::Auto).unwrap();
+        check_policy(Toggle::Auto, false).unwrap();
     }
 }

@@ -1,17 +1,25 @@
-//! Integrity and isolation around layers: fs-verity, FS_IMMUTABLE_FL, idmapped lowers and
-//! size-limited writable layers.
+//! Integrity of layers: fs-verity digests, FS_IMMUTABLE_FL, dm-verity trees and devices, and
+//! size-limited writable layers ([`quota`]).
+//!
+//! One value, [`Integrity`], is the policy: built once at start-up from the configuration and
+//! the kernel's answers ([`crate::mount::probe`]), it decides how every layer is sealed when it
+//! is written and checked before it is read. Its methods take paths and layer metadata; it
+//! knows nothing of snapshots or the store. Every read of a committed or applied layer image
+//! (mounting it, diffing it) opens it through [`Integrity::open_verified`], the one gate.
 
 pub mod ahead;
 pub mod dmverity;
 pub mod quota;
 pub mod verity;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::config::{Config, Toggle};
 use crate::error::{Error, Result};
-use crate::snapshot::Snapshotter;
+use crate::mount::probe;
 use crate::store::LayerMeta;
 
 /// fs-verity block size used for layers (the page size on x86-64 and most arm64 hosts).
@@ -31,23 +39,289 @@ pub enum VerityMode {
     Userspace,
 }
 
-/// Decide at start-up how fs-verity is used: wanted by the config, and supported by the kernel
-/// and the filesystem under `root` (probed by enabling it on a scratch file).
-pub fn fsverity_policy(cfg: &Config, root: &Path) -> Result<VerityMode> {
+/// What is known of a layer about to be read, to check it against.
+#[derive(Debug, Clone, Copy)]
+pub enum LayerState<'a> {
+    /// A committed layer, with what its commit recorded (`None` for records without layer
+    /// metadata).
+    Committed(Option<&'a LayerMeta>),
+    /// A layer the differ wrote into active snapshot `id`, not committed yet: fs-verity is
+    /// enabled only at Commit, so the anchor is the digest Apply computed, when it did.
+    Applied(u64),
+}
+
+/// A layer image opened through [`Integrity::open_verified`]: the file was checked on this
+/// very handle, so reading through it reads what was checked.
+#[derive(Debug)]
+pub struct VerifiedLayer {
+    file: File,
+    path: PathBuf,
+}
+
+impl VerifiedLayer {
+    /// The checked file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The checked file, to read the image from.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+}
+
+/// The integrity policy in force.
+#[derive(Debug)]
+pub struct Integrity {
+    verity: VerityMode,
+    set_immutable: bool,
+    /// `snapshotter.dmverity_mode`: whether layers are mounted through dm-verity devices.
+    dmverity_mode: Toggle,
+    /// Whether the kernel has dm-verity.
+    dmverity_kernel: bool,
+    /// `differ.enable_dmverity`: whether the differ appends dm-verity trees.
+    dmverity_trees: bool,
+    /// Root of the snapshotter, naming its dm-verity devices.
+    root: PathBuf,
+    /// Userspace fs-verity digests the differ computed for layers it wrote, by snapshot id,
+    /// until their Commit records them.
+    applied: Mutex<HashMap<u64, String>>,
+}
+
+impl Integrity {
+    /// Decide, at start-up, how layers are protected: what the config asks for, refined by
+    /// what the kernel and the filesystem under `root` support. Refuses to start where the
+    /// config demands what is missing (`fsverity = "on"`, `dmverity_mode = "on"`).
+    pub fn new(cfg: &Config, root: &Path) -> Result<Self> {
+        let verity = fsverity_policy(cfg, root)?;
+        let dmverity_kernel = probe::dmverity();
+        dmverity::check_policy(cfg.snapshotter.dmverity_mode, dmverity_kernel)?;
+        Ok(Integrity {
+            verity,
+            set_immutable: cfg.snapshotter.set_immutable,
+            dmverity_mode: cfg.snapshotter.dmverity_mode,
+            dmverity_kernel,
+            dmverity_trees: cfg.differ.enable_dmverity,
+            root: root.to_path_buf(),
+            applied: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// How fs-verity protects layers.
+    pub fn verity_mode(&self) -> VerityMode {
+        self.verity
+    }
+
+    /// After a layer is durable: enable fs-verity and record its digest, note the immutable
+    /// flag. `digest` is the userspace digest Apply already computed for this file, if any.
+    pub fn seal(&self, layer: &Path, meta: &mut LayerMeta, digest: Option<String>) -> Result<()> {
+        match self.verity {
+            VerityMode::Off => {}
+            VerityMode::Kernel => {
+                let f = open(layer)?;
+                match erofs_sys::fsverity::enable(&f, FSVERITY_BLOCK) {
+                    Ok(()) | Err(erofs_sys::fsverity::VerityError::AlreadyEnabled) => {}
+                    Err(e) => {
+                        return Err(Error::internal(format!(
+                            "enabling fs-verity on {}: {e}",
+                            layer.display()
+                        )));
+                    }
+                }
+                meta.fsverity_digest = Some(measure(&f, layer)?);
+            }
+            VerityMode::Userspace => {
+                meta.fsverity_digest = Some(match digest {
+                    Some(d) => d,
+                    None => userspace_digest(&open(layer)?, layer, None)?,
+                })
+            }
+        }
+        meta.immutable = self.set_immutable;
+        Ok(())
+    }
+
+    /// Once a committed layer is in place: FS_IMMUTABLE_FL, when configured (a warning where
+    /// the filesystem has no such flag).
+    pub fn set_immutable(&self, layer: &Path) {
+        if self.set_immutable
+            && let Err(e) = erofs_sys::flags::set_immutable_path(layer, true)
+        {
+            tracing::warn!(layer = %layer.display(), error = %e, "could not set the immutable flag");
+        }
+    }
+
+    /// The one way to open a layer image for reading: its digest must be the one recorded for
+    /// it, so a modified or replaced file is refused. With kernel fs-verity the check is a
+    /// measurement; in userspace mode the digest is recomputed, from the same handle that is
+    /// returned.
+    pub fn open_verified(
+        &self,
+        layer: &Path,
+        state: LayerState<'_>,
+        name: &str,
+    ) -> Result<VerifiedLayer> {
+        let file = open(layer)?;
+        let want = match state {
+            LayerState::Committed(meta) => meta.and_then(|m| m.fsverity_digest.clone()),
+            LayerState::Applied(id) => self
+                .applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned(),
+        };
+        let got = match (self.verity, state) {
+            (VerityMode::Off, _) => None,
+            // Not enabled before Commit; in kernel mode Apply records no digest either.
+            (VerityMode::Kernel, LayerState::Applied(_)) => None,
+            (VerityMode::Kernel, LayerState::Committed(_)) => {
+                if !erofs_sys::fsverity::is_enabled(&file).unwrap_or(false) {
+                    return Err(Error::failed_precondition(format!(
+                        "fs-verity is not enabled on layer {name:?} ({}): refusing to use it",
+                        layer.display()
+                    )));
+                }
+                Some(measure(&file, layer)?)
+            }
+            (VerityMode::Userspace, _) if want.is_none() => {
+                if matches!(state, LayerState::Committed(_)) {
+                    tracing::warn!(
+                        layer = name,
+                        "layer has no recorded fs-verity digest (committed before fs-verity was enabled); using it unchecked"
+                    );
+                }
+                None
+            }
+            (VerityMode::Userspace, _) => Some(userspace_digest(&file, layer, None)?),
+        };
+        match (want, got) {
+            (Some(w), Some(g)) if w != g => Err(Error::failed_precondition(format!(
+                "layer {name:?} ({}) does not match the fs-verity digest recorded when it was written: it was modified or replaced; refusing to use it",
+                layer.display()
+            ))),
+            _ => Ok(VerifiedLayer {
+                file,
+                path: layer.to_path_buf(),
+            }),
+        }
+    }
+
+    /// The trees [`Self::after_apply`] builds whose block hashes can be taken while the layer
+    /// is written: full images only (see [`ahead`]).
+    pub fn ahead_trees(&self, tar_index: bool) -> ahead::Trees {
+        ahead::Trees {
+            fsverity: !tar_index && self.verity == VerityMode::Userspace,
+            dmverity: !tar_index && self.dmverity_trees,
+        }
+    }
+
+    /// After the differ wrote a layer (temporary name `tmp`, not yet in place): append the
+    /// dm-verity tree and write the sidecar, when configured. Returns the layer's userspace
+    /// fs-verity digest in userspace mode, computed here (during unpack) rather than in
+    /// Commit, which containerd runs inside its global transaction. `ahead` holds the block
+    /// hashes taken while the layer was written ([`Self::ahead_trees`]).
+    pub fn after_apply(
+        &self,
+        tmp: &Path,
+        tar_index: bool,
+        ahead: &ahead::Hashed,
+    ) -> Result<Option<String>> {
+        if self.dmverity_trees {
+            dmverity::format_layer(tmp, tar_index, ahead.dmverity.as_ref())?;
+        }
+        if self.verity == VerityMode::Userspace {
+            return userspace_digest(&open(tmp)?, tmp, ahead.fsverity.as_ref()).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// The layer of active snapshot `id` is in place with this digest from [`Self::after_apply`]
+    /// (or none): what later reads of it are checked against, and what Commit records.
+    pub fn record_applied(&self, id: u64, digest: Option<String>) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        match digest {
+            Some(d) => applied.insert(id, d),
+            None => applied.remove(&id),
+        };
+    }
+
+    /// Commit of snapshot `id`: the digest Apply computed for its layer, handed over to the
+    /// commit's record.
+    pub fn take_applied(&self, id: u64) -> Option<String> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+    }
+
+    /// What to mount for a verified layer of snapshot `id` (whose directory `dir` holds its
+    /// dm-verity sidecar): a dm-verity device over it when it has a tree and the kernel can
+    /// verify it, the file otherwise (refused when `dmverity_mode = "on"`).
+    pub fn mount_source(
+        &self,
+        layer: &VerifiedLayer,
+        dir: &Path,
+        id: u64,
+        name: &str,
+    ) -> Result<PathBuf> {
+        if self.dmverity_mode == Toggle::Off {
+            return Ok(layer.path.clone());
+        }
+        match dmverity::read_sidecar(dir)? {
+            Some(meta) if self.dmverity_kernel => {
+                dmverity::activate(&layer.path, &meta, &self.device_name(id))
+            }
+            Some(_) => Ok(layer.path.clone()),
+            None if self.dmverity_mode == Toggle::On => Err(Error::failed_precondition(format!(
+                "dmverity_mode is \"on\" but layer {name:?} has no dm-verity metadata ({})",
+                dir.join(dmverity::SIDECAR).display()
+            ))),
+            None => Ok(layer.path.clone()),
+        }
+    }
+
+    /// The sidecar at `sidecar` of a layer, for manager-mode mounts (`X-containerd.dmverity=`):
+    /// `None` when dm-verity is off or (in auto mode) the layer has none.
+    pub fn sidecar_for(&self, sidecar: &Path, name: &str) -> Result<Option<PathBuf>> {
+        match self.dmverity_mode {
+            Toggle::Off => Ok(None),
+            _ if sidecar.exists() => Ok(Some(sidecar.to_path_buf())),
+            Toggle::On => Err(Error::failed_precondition(format!(
+                "dm-verity mode is 'on' but .dmverity metadata not found for layer {name:?} ({})",
+                sidecar.display()
+            ))),
+            Toggle::Auto => Ok(None),
+        }
+    }
+
+    /// Before snapshot `id`'s directory goes: close its dm-verity device, clear the immutable
+    /// flag of its layer (filesystems without the flag are fine), forget its applied digest.
+    pub fn release(&self, id: u64, layer: &Path) {
+        dmverity::deactivate(&self.device_name(id));
+        self.take_applied(id);
+        clear_immutable(layer);
+    }
+
+    fn device_name(&self, id: u64) -> String {
+        dmverity::device_name(&self.root, id)
+    }
+}
+
+/// How fs-verity is used: wanted by the config, and supported by the kernel and the
+/// filesystem under `root`.
+fn fsverity_policy(cfg: &Config, root: &Path) -> Result<VerityMode> {
     if !cfg.fsverity_wanted() {
         return Ok(VerityMode::Off);
     }
-    let probe = root.join(format!(".fsverity-check-{}", std::process::id()));
-    let r = (|| -> std::io::Result<std::result::Result<(), erofs_sys::fsverity::VerityError>> {
-        std::fs::write(&probe, vec![0u8; 8192])?;
-        let f = File::open(&probe)?;
-        Ok(erofs_sys::fsverity::enable(&f, FSVERITY_BLOCK))
-    })();
-    let _ = std::fs::remove_file(&probe);
-    let why = match r {
-        Ok(Ok(())) => return Ok(VerityMode::Kernel),
-        Ok(Err(e)) => e.to_string(),
-        Err(e) => e.to_string(),
+    let why = match probe::fsverity(root, FSVERITY_BLOCK) {
+        Ok(()) => return Ok(VerityMode::Kernel),
+        Err(why) => why,
     };
     if cfg.snapshotter.fsverity == Toggle::On {
         return Err(Error::failed_precondition(format!(
@@ -63,139 +337,9 @@ pub fn fsverity_policy(cfg: &Config, root: &Path) -> Result<VerityMode> {
     Ok(VerityMode::Userspace)
 }
 
-fn userspace_digest(layer: &Path, known: Option<&verity::Leaves>) -> Result<String> {
-    let f = File::open(layer).map_err(|e| Error::io(format!("opening {}", layer.display()), e))?;
-    let len = f
-        .metadata()
-        .map_err(|e| Error::io("stat of a layer", e))?
-        .len();
-    let d = verity::fsverity_digest_with(&f, len, FSVERITY_BLOCK as usize, known)
-        .map_err(|e| Error::io(format!("hashing {}", layer.display()), e))?;
-    Ok(hex::encode(d))
-}
-
-/// After a layer is durable: enable fs-verity and record its digest, set the immutable flag.
-/// `digest` is the userspace digest the differ already computed for this file, if any.
-pub(crate) fn seal(
-    s: &Snapshotter,
-    layer: &Path,
-    meta: &mut LayerMeta,
-    digest: Option<String>,
-) -> Result<()> {
-    match s.verity {
-        VerityMode::Off => {}
-        VerityMode::Kernel => {
-            let f = File::open(layer)
-                .map_err(|e| Error::io(format!("opening {}", layer.display()), e))?;
-            match erofs_sys::fsverity::enable(&f, FSVERITY_BLOCK) {
-                Ok(()) | Err(erofs_sys::fsverity::VerityError::AlreadyEnabled) => {}
-                Err(e) => {
-                    return Err(Error::internal(format!(
-                        "enabling fs-verity on {}: {e}",
-                        layer.display()
-                    )));
-                }
-            }
-            let d = erofs_sys::fsverity::measure(&f)
-                .map_err(|e| Error::internal(format!("measuring {}: {e}", layer.display())))?;
-            meta.fsverity_digest = Some(hex::encode(d));
-        }
-        VerityMode::Userspace => {
-            meta.fsverity_digest = Some(match digest {
-                Some(d) => d,
-                None => userspace_digest(layer, None)?,
-            })
-        }
-    }
-    meta.immutable = s.cfg.snapshotter.set_immutable;
-    Ok(())
-}
-
-/// Once a committed layer is in place: FS_IMMUTABLE_FL, when configured (a warning where the
-/// filesystem has no such flag).
-pub(crate) fn set_immutable(s: &Snapshotter, layer: &Path) {
-    if s.cfg.snapshotter.set_immutable
-        && let Err(e) = erofs_sys::flags::set_immutable_path(layer, true)
-    {
-        tracing::warn!(layer = %layer.display(), error = %e, "could not set the immutable flag");
-    }
-}
-
-/// Before a layer is mounted: its digest must be the one recorded at commit, so a modified or
-/// a replaced file is refused. With kernel fs-verity the check is a measurement; in userspace
-/// mode the digest is recomputed.
-pub(crate) fn verify_before_mount(
-    s: &Snapshotter,
-    id: u64,
-    meta: Option<&LayerMeta>,
-    name: &str,
-) -> Result<()> {
-    let layer = s.layout.layer(id);
-    let want = meta.and_then(|m| m.fsverity_digest.as_deref());
-    let got = match s.verity {
-        VerityMode::Off => return Ok(()),
-        VerityMode::Kernel => {
-            let f = File::open(&layer)
-                .map_err(|e| Error::io(format!("opening {}", layer.display()), e))?;
-            if !erofs_sys::fsverity::is_enabled(&f).unwrap_or(false) {
-                return Err(Error::failed_precondition(format!(
-                    "fs-verity is not enabled on layer {name:?} ({}): refusing to mount it",
-                    layer.display()
-                )));
-            }
-            let d = erofs_sys::fsverity::measure(&f)
-                .map_err(|e| Error::internal(format!("measuring {}: {e}", layer.display())))?;
-            hex::encode(d)
-        }
-        VerityMode::Userspace if want.is_none() => {
-            tracing::warn!(
-                layer = name,
-                "layer has no recorded fs-verity digest (committed before fs-verity was enabled); mounting it unchecked"
-            );
-            return Ok(());
-        }
-        VerityMode::Userspace => userspace_digest(&layer, None)?,
-    };
-    match want {
-        Some(w) if w != got => Err(Error::failed_precondition(format!(
-            "layer {name:?} ({}) does not match the fs-verity digest recorded when it was committed: it was modified or replaced; refusing to mount it",
-            layer.display()
-        ))),
-        _ => Ok(()),
-    }
-}
-
-/// After the differ wrote a layer into an active snapshot (temporary name `tmp`, not yet in
-/// place): append the dm-verity tree and write the sidecar, when configured.
-/// Returns the layer's userspace fs-verity digest in userspace mode, computed here (during
-/// unpack) rather than in Commit, which containerd runs inside its global transaction.
-/// `ahead` holds the block hashes taken while the layer was written ([`ahead_trees`]).
-pub(crate) fn after_apply(
-    s: &Snapshotter,
-    tmp: &Path,
-    tar_index: bool,
-    ahead: &ahead::Hashed,
-) -> Result<Option<String>> {
-    if s.cfg.differ.enable_dmverity {
-        dmverity::format_layer(tmp, tar_index, ahead.dmverity.as_ref())?;
-    }
-    if s.verity == VerityMode::Userspace {
-        return userspace_digest(tmp, ahead.fsverity.as_ref()).map(Some);
-    }
-    Ok(None)
-}
-
-/// The trees [`after_apply`] builds whose block hashes can be taken while the layer is
-/// written: full images only (see [`ahead`]).
-pub(crate) fn ahead_trees(s: &Snapshotter, tar_index: bool) -> ahead::Trees {
-    ahead::Trees {
-        fsverity: !tar_index && s.verity == VerityMode::Userspace,
-        dmverity: !tar_index && s.cfg.differ.enable_dmverity,
-    }
-}
-
-/// Before a layer is deleted: clear the immutable flag (filesystems without the flag are fine).
-pub(crate) fn release(layer: &Path) {
+/// Clear the immutable flag of a layer about to be deleted (filesystems without the flag, and
+/// layers already gone, are fine).
+pub fn clear_immutable(layer: &Path) {
     match erofs_sys::flags::set_immutable_path(layer, false) {
         Ok(_) | Err(erofs_sys::flags::FlagsError::Unsupported(_)) => {}
         Err(erofs_sys::flags::FlagsError::Open { source, .. })
@@ -206,112 +350,22 @@ pub(crate) fn release(layer: &Path) {
     }
 }
 
-/// Whether idmapped mounts can be made here (Linux 5.12+ with mount_setattr), probed once on
-/// a private directory under `root` (so unrelated mounts elsewhere cannot spoil the answer).
-pub fn idmap_supported(root: &Path) -> bool {
-    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        use std::os::fd::AsFd;
-        let dir = root.join(format!(".idmap-check-{}", std::process::id()));
-        if std::fs::create_dir_all(&dir).is_err() {
-            return false;
-        }
-        let ok = erofs_sys::idmap::create_userns(&[(0, 100000, 65536)], &[(0, 100000, 65536)])
-            .ok()
-            .is_some_and(|userns| erofs_sys::idmap::idmapped_clone(&dir, userns.as_fd()).is_ok());
-        let _ = std::fs::remove_dir(&dir);
-        ok
-    })
+fn open(layer: &Path) -> Result<File> {
+    File::open(layer).map_err(|e| Error::io(format!("opening {}", layer.display()), e))
 }
 
-/// User-namespace id mappings from the snapshot labels.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdMap {
-    uid_label: String,
-    gid_label: String,
-    uids: Vec<erofs_sys::idmap::IdMapping>,
-    gids: Vec<erofs_sys::idmap::IdMapping>,
+fn measure(f: &File, layer: &Path) -> Result<String> {
+    erofs_sys::fsverity::measure(f)
+        .map(hex::encode)
+        .map_err(|e| Error::internal(format!("measuring {}: {e}", layer.display())))
 }
 
-impl IdMap {
-    /// Parse the `uidmapping`/`gidmapping` labels; `None` when neither is set.
-    pub fn from_labels(uid: Option<&String>, gid: Option<&String>) -> Result<Option<Self>> {
-        if uid.is_none() && gid.is_none() {
-            return Ok(None);
-        }
-        let (Some(u), Some(g)) = (uid, gid) else {
-            return Err(Error::invalid_argument(
-                "uidmapping and gidmapping labels must be given together",
-            ));
-        };
-        let parse = |s: &str, what: &str| {
-            erofs_sys::idmap::parse_id_mappings(s)
-                .map_err(|e| Error::invalid_argument(format!("{what} label: {e}")))
-        };
-        Ok(Some(IdMap {
-            uids: parse(u, "uidmapping")?,
-            gids: parse(g, "gidmapping")?,
-            uid_label: u.clone(),
-            gid_label: g.clone(),
-        }))
-    }
-
-    /// Host uid and gid of the container's root.
-    pub fn root_pair(&self) -> (u32, u32) {
-        let host = |m: &[erofs_sys::idmap::IdMapping]| {
-            m.iter()
-                .find(|(c, _, n)| *c == 0 && *n > 0)
-                .map(|(_, h, _)| *h)
-                .unwrap_or(0)
-        };
-        (host(&self.uids), host(&self.gids))
-    }
-
-    /// Overlay options for the mount manager (`uidmap=`, `gidmap=`).
-    pub fn overlay_options(&self) -> Vec<String> {
-        vec![
-            format!("uidmap={}", self.uid_label),
-            format!("gidmap={}", self.gid_label),
-        ]
-    }
-
-    /// A stable short name for mount points.
-    pub fn tag(&self) -> String {
-        use sha2::Digest;
-        let h = sha2::Sha256::digest(format!("{}|{}", self.uid_label, self.gid_label));
-        hex::encode(&h[..8])
-    }
-
-    /// The id mappings.
-    pub fn maps(
-        &self,
-    ) -> (
-        &[erofs_sys::idmap::IdMapping],
-        &[erofs_sys::idmap::IdMapping],
-    ) {
-        (&self.uids, &self.gids)
-    }
-}
-
-impl Snapshotter {
-    /// Host mode with id mappings: an idmapped clone of layer `id`'s mount, at
-    /// `snapshots/ID/idmap-TAG` (gone with the snapshot directory).
-    pub(crate) fn ensure_idmapped(&self, id: u64, map: &IdMap) -> Result<PathBuf> {
-        use std::os::fd::AsFd;
-        let target = self.layout.dir(id).join(format!("idmap-{}", map.tag()));
-        let _g = self.mount_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.mounter.is_mountpoint(&target)? {
-            return Ok(target);
-        }
-        std::fs::create_dir_all(&target)
-            .map_err(|e| Error::io(format!("creating {}", target.display()), e))?;
-        let (u, g) = map.maps();
-        let userns = erofs_sys::idmap::create_userns(u, g)
-            .map_err(|e| Error::internal(format!("creating a user namespace: {e}")))?;
-        let tree = erofs_sys::idmap::idmapped_clone(&self.layout.fs(id), userns.as_fd())
-            .map_err(|e| Error::internal(format!("idmapping layer {id}: {e}")))?;
-        erofs_sys::mount::move_mount_to(tree.as_fd(), &target)
-            .map_err(|e| Error::internal(format!("idmapped mount of layer {id}: {e}")))?;
-        Ok(target)
-    }
+fn userspace_digest(f: &File, layer: &Path, known: Option<&verity::Leaves>) -> Result<String> {
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io("stat of a layer", e))?
+        .len();
+    let d = verity::fsverity_digest_with(f, len, FSVERITY_BLOCK as usize, known)
+        .map_err(|e| Error::io(format!("hashing {}", layer.display()), e))?;
+    Ok(hex::encode(d))
 }

@@ -82,3 +82,43 @@ fn tempfile_dir(root: &Path) -> Result<std::path::PathBuf> {
     std::fs::create_dir(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     Ok(dir)
 }
+
+/// Whether the kernel and the filesystem under `root` can enable fs-verity, found by enabling
+/// it on a scratch file there; `Err` says why not.
+pub fn fsverity(root: &Path, block_size: u32) -> std::result::Result<(), String> {
+    let probe = root.join(format!(".fsverity-check-{}", std::process::id()));
+    let r = (|| -> std::io::Result<std::result::Result<(), erofs_sys::fsverity::VerityError>> {
+        std::fs::write(&probe, vec![0u8; 8192])?;
+        let f = std::fs::File::open(&probe)?;
+        Ok(erofs_sys::fsverity::enable(&f, block_size))
+    })();
+    let _ = std::fs::remove_file(&probe);
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Whether the kernel has dm-verity loaded (what containerd checks too).
+pub fn dmverity() -> bool {
+    Path::new("/sys/module/dm_verity").exists()
+}
+
+/// Whether idmapped mounts can be made here (Linux 5.12+ with mount_setattr), probed once on
+/// a private directory under `root` (so unrelated mounts elsewhere cannot spoil the answer).
+pub fn idmapped_mounts(root: &Path) -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        use std::os::fd::AsFd;
+        let dir = root.join(format!(".idmap-check-{}", std::process::id()));
+        if std::fs::create_dir_all(&dir).is_err() {
+            return false;
+        }
+        let ok = erofs_sys::idmap::create_userns(&[(0, 100000, 65536)], &[(0, 100000, 65536)])
+            .ok()
+            .is_some_and(|userns| erofs_sys::idmap::idmapped_clone(&dir, userns.as_fd()).is_ok());
+        let _ = std::fs::remove_dir(&dir);
+        ok
+    })
+}

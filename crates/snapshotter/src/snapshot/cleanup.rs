@@ -74,7 +74,7 @@ impl Snapshotter {
                 fs::rename(&pending, self.layout.layer(rec.id))
                     .map_err(|e| Error::io(format!("finishing the commit of {key:?}"), e))?;
                 crate::snapshot::sync_dir(&dir)?;
-                crate::integrity::set_immutable(self, &self.layout.layer(rec.id));
+                self.integrity.set_immutable(&self.layout.layer(rec.id));
             } else if rec.kind != Kind::Committed {
                 // A commit that was never recorded.
                 let _ = fs::remove_file(&pending);

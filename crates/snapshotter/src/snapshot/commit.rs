@@ -80,10 +80,7 @@ impl Snapshotter {
         let digest = if converted {
             None
         } else {
-            self.applied_digests
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id)
+            self.integrity.take_applied(id)
         };
         let recorded = self.seal_layer(&source, key, digest).and_then(|meta| {
             let usage = layer_usage(&source)?;
@@ -104,7 +101,7 @@ impl Snapshotter {
                 .map_err(|e| Error::io("putting the committed layer in place", e))
                 .and_then(|_| sync_dir(&dir))?;
         }
-        crate::integrity::set_immutable(self, &layer);
+        self.integrity.set_immutable(&layer);
         // The writable layer is no longer needed; failures here only waste space and are
         // retried at start-up.
         if let Err(e) = self.release_writable(id, block) {
@@ -164,7 +161,7 @@ impl Snapshotter {
             root_gid: root.raw.gid,
             ..Default::default()
         };
-        crate::integrity::seal(self, layer, &mut meta, digest)?;
+        self.integrity.seal(layer, &mut meta, digest)?;
         Ok(meta)
     }
 

@@ -17,6 +17,7 @@
 mod cleanup;
 mod commit;
 mod info;
+pub(crate) mod layers;
 mod locks;
 mod mounts;
 mod prepare;
@@ -31,6 +32,7 @@ pub use info::{Info, Usage};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::integrity::Integrity;
 use crate::layout::Layout;
 use crate::mount::Mounter;
 use crate::store::Store;
@@ -47,25 +49,23 @@ pub const LABEL_UIDMAPPING: &str = "containerd.io/snapshot/uidmapping";
 /// See [`LABEL_UIDMAPPING`].
 pub const LABEL_GIDMAPPING: &str = "containerd.io/snapshot/gidmapping";
 
-/// The snapshotter core.
+/// The snapshotter core. Its state is private to this module: the differ ([`crate::diff`])
+/// reaches snapshots only through the methods in [`layers`].
 #[derive(Debug)]
 pub struct Snapshotter {
-    pub(crate) cfg: Config,
-    pub(crate) layout: Layout,
-    pub(crate) store: Store,
-    pub(crate) mounter: Arc<dyn Mounter>,
-    pub(crate) locks: KeyLocks,
+    cfg: Config,
+    layout: Layout,
+    store: Store,
+    mounter: Arc<dyn Mounter>,
+    locks: KeyLocks,
     /// Serialises mounting so a layer is mounted once.
-    pub(crate) mount_lock: Mutex<()>,
+    mount_lock: Mutex<()>,
     /// Creation holds it shared between staging and recording; Cleanup holds it exclusively,
     /// so it never mistakes a directory being recorded for an orphan.
-    pub(crate) sweep_lock: RwLock<()>,
-    /// How fs-verity protects layers.
-    pub(crate) verity: crate::integrity::VerityMode,
-    pub(crate) default_size: u64,
-    /// fs-verity digests the differ computed for layers it wrote, by snapshot id, until their
-    /// Commit records them.
-    pub(crate) applied_digests: Mutex<std::collections::HashMap<u64, String>>,
+    sweep_lock: RwLock<()>,
+    /// How layers are sealed and checked.
+    integrity: Integrity,
+    default_size: u64,
 }
 
 /// Check a key or name from a request.
@@ -126,8 +126,7 @@ impl Snapshotter {
         mk(layout.root())?;
         mk(&layout.snapshots())?;
         crate::mount::probe::check_host(layout.root())?;
-        let verity = crate::integrity::fsverity_policy(&cfg, layout.root())?;
-        crate::integrity::dmverity::check_policy(cfg.snapshotter.dmverity_mode)?;
+        let integrity = Integrity::new(&cfg, layout.root())?;
         let store = Store::open(&layout.db())?;
         let s = Snapshotter {
             default_size: cfg.default_size_bytes(),
@@ -138,8 +137,7 @@ impl Snapshotter {
             locks: KeyLocks::default(),
             mount_lock: Mutex::new(()),
             sweep_lock: RwLock::new(()),
-            verity,
-            applied_digests: Mutex::new(Default::default()),
+            integrity,
         };
         s.recover()?;
         Ok(s)
@@ -157,13 +155,13 @@ impl Snapshotter {
 
     /// How fs-verity protects layers.
     pub fn verity_mode(&self) -> crate::integrity::VerityMode {
-        self.verity
+        self.integrity.verity_mode()
     }
 
     /// The capabilities to advertise to containerd.
     pub fn capabilities(&self) -> Vec<&'static str> {
         let mut caps = vec!["rebase", "only-remap-ids"];
-        if crate::integrity::idmap_supported(self.layout.root()) {
+        if crate::mount::probe::idmapped_mounts(self.layout.root()) {
             caps.push("remap-ids");
         }
         caps

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use super::Snapshotter;
 use crate::config::MountMode;
 use crate::error::{Error, Result};
-use crate::mount::Mount;
+use crate::integrity::LayerState;
 use crate::mount::spec::{BlockShape, Shape};
-use crate::store::{Kind, LayerMeta, Record};
+use crate::mount::{IdMap, Mount};
+use crate::store::{Kind, Record};
 
 impl Snapshotter {
     /// The mounts of an active snapshot or view.
@@ -44,13 +45,13 @@ impl Snapshotter {
         let host = self.cfg.mount_mode == MountMode::Host;
         if host {
             for (name, p) in parents {
-                self.ensure_layer_mounted(p.id, p.layer.as_ref(), name)?;
+                self.ensure_layer_mounted(p.id, LayerState::Committed(p.layer.as_ref()), name)?;
             }
             if own_layer.is_some() {
-                self.ensure_layer_mounted(rec.id, None, "")?;
+                self.ensure_layer_mounted(rec.id, LayerState::Applied(rec.id), "")?;
             }
         }
-        let idmap = crate::integrity::IdMap::from_labels(
+        let idmap = IdMap::from_labels(
             rec.labels.get(super::LABEL_UIDMAPPING),
             rec.labels.get(super::LABEL_GIDMAPPING),
         )?;
@@ -59,7 +60,9 @@ impl Snapshotter {
             fs: self.layout.fs(rec.id),
             work: self.layout.work(rec.id),
             own_sidecar: match &own_layer {
-                Some(_) if !host => self.sidecar_for(rec.id, "")?,
+                Some(_) if !host => self
+                    .integrity
+                    .sidecar_for(&self.layout.dmverity(rec.id), "")?,
                 _ => None,
             },
             own_layer,
@@ -76,7 +79,7 @@ impl Snapshotter {
             } else {
                 parents
                     .iter()
-                    .map(|(n, p)| self.sidecar_for(p.id, n))
+                    .map(|(n, p)| self.integrity.sidecar_for(&self.layout.dmverity(p.id), n))
                     .collect::<Result<_>>()?
             },
             block: rec.writable_size.map(|size| BlockShape {
@@ -97,19 +100,34 @@ impl Snapshotter {
     }
 
     /// Where a lower layer is seen from: its `fs` mount, or an idmapped clone of it.
-    fn lower_dir(&self, id: u64, idmap: Option<&crate::integrity::IdMap>) -> Result<PathBuf> {
+    fn lower_dir(&self, id: u64, idmap: Option<&IdMap>) -> Result<PathBuf> {
         match idmap {
             Some(m) if self.cfg.mount_mode == MountMode::Host => self.ensure_idmapped(id, m),
             _ => Ok(self.layout.fs(id)),
         }
     }
 
+    /// Host mode with id mappings: an idmapped clone of layer `id`'s mount, at
+    /// `snapshots/ID/idmap-TAG` (gone with the snapshot directory).
+    fn ensure_idmapped(&self, id: u64, map: &IdMap) -> Result<PathBuf> {
+        let target = self.layout.dir(id).join(format!("idmap-{}", map.tag()));
+        let _g = self.mount_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.mounter.is_mountpoint(&target)? {
+            return Ok(target);
+        }
+        std::fs::create_dir_all(&target)
+            .map_err(|e| Error::io(format!("creating {}", target.display()), e))?;
+        crate::mount::idmap::mount_clone(&self.layout.fs(id), &target, map)
+            .map_err(|e| e.context(format!("layer {id}")))?;
+        Ok(target)
+    }
+
     /// Mount `layer.erofs` of snapshot `id` read-only at its `fs` directory unless it is
-    /// already, verifying its integrity first.
+    /// already, through the integrity gate.
     pub(crate) fn ensure_layer_mounted(
         &self,
         id: u64,
-        meta: Option<&LayerMeta>,
+        state: LayerState<'_>,
         name: &str,
     ) -> Result<()> {
         let fs_dir = self.layout.fs(id);
@@ -124,51 +142,13 @@ impl Snapshotter {
                 layer.display()
             )));
         }
-        crate::integrity::verify_before_mount(self, id, meta, name)?;
-        let source = self.layer_source(id, name)?;
+        let verified = self.integrity.open_verified(&layer, state, name)?;
+        let source = self
+            .integrity
+            .mount_source(&verified, &self.layout.dir(id), id, name)?;
         self.mounter
             .mount_erofs(&source, &fs_dir)
             .map_err(|e| e.context(format!("layer {name:?}")))
-    }
-
-    /// What to mount for layer `id`: a dm-verity device over it when it has a tree and the
-    /// kernel can verify it, the file otherwise (refused when `dmverity_mode = "on"`).
-    fn layer_source(&self, id: u64, name: &str) -> Result<PathBuf> {
-        use crate::config::Toggle;
-        use crate::integrity::dmverity;
-        let layer = self.layout.layer(id);
-        let mode = self.cfg.snapshotter.dmverity_mode;
-        if mode == Toggle::Off {
-            return Ok(layer);
-        }
-        match dmverity::read_sidecar(&self.layout.dir(id))? {
-            Some(meta) if dmverity::supported() => dmverity::activate(
-                &layer,
-                &meta,
-                &dmverity::device_name(self.layout.root(), id),
-            ),
-            Some(_) => Ok(layer),
-            None if mode == Toggle::On => Err(Error::failed_precondition(format!(
-                "dmverity_mode is \"on\" but layer {name:?} has no dm-verity metadata ({})",
-                self.layout.dmverity(id).display()
-            ))),
-            None => Ok(layer),
-        }
-    }
-
-    /// The sidecar of layer `id` for manager-mode mounts (`X-containerd.dmverity=`).
-    fn sidecar_for(&self, id: u64, name: &str) -> Result<Option<PathBuf>> {
-        use crate::config::Toggle;
-        let p = self.layout.dmverity(id);
-        match self.cfg.snapshotter.dmverity_mode {
-            Toggle::Off => Ok(None),
-            _ if p.exists() => Ok(Some(p)),
-            Toggle::On => Err(Error::failed_precondition(format!(
-                "dm-verity mode is 'on' but .dmverity metadata not found for layer {name:?} ({})",
-                p.display()
-            ))),
-            Toggle::Auto => Ok(None),
-        }
     }
 
     /// Size-limited active snapshots: the ext4 image mounted at `fs`, with `upper` and `work`.

@@ -65,7 +65,7 @@ impl Snapshotter {
             validate_key("parent", parent)?;
         }
         validate_labels(&labels)?;
-        let idmap = crate::integrity::IdMap::from_labels(
+        let idmap = crate::mount::IdMap::from_labels(
             labels.get(LABEL_UIDMAPPING),
             labels.get(LABEL_GIDMAPPING),
         )?;

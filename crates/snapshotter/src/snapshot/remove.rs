@@ -18,10 +18,6 @@ impl Snapshotter {
             Err(e) => return Err(e.context(format!("failed to remove snapshot {key:?}"))),
         };
         crate::failpoint::hit("remove:after-db-commit");
-        self.applied_digests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&rec.id);
         if let Err(e) = self.destroy_dir(&self.layout.dir(rec.id)) {
             // The record is gone; Cleanup and the next start-up sweep the directory.
             tracing::warn!(snapshot = key, error = %e, "removing the snapshot directory");
@@ -43,13 +39,11 @@ impl Snapshotter {
                 self.mounter.unmount(&m.target)?;
             }
         }
-        if let Some(id) = self.layout.id_of(dir) {
-            crate::integrity::dmverity::deactivate(&crate::integrity::dmverity::device_name(
-                self.layout.root(),
-                id,
-            ));
+        let layer = dir.join(crate::layout::LAYER);
+        match self.layout.id_of(dir) {
+            Some(id) => self.integrity.release(id, &layer),
+            None => crate::integrity::clear_immutable(&layer),
         }
-        crate::integrity::release(&dir.join(crate::layout::LAYER));
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

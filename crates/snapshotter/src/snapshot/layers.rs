@@ -1,0 +1,283 @@
+//! What the differ ([`crate::diff`]) may do with snapshots, and nothing more: find the active
+//! snapshot a mount list belongs to and write its layer in place durably (Apply), and open
+//! the layers and upper directory two mount lists name, through the integrity gate (Compare).
+//! The differ knows media types, blobs and tar; this module knows the store, the layout,
+//! the key locks and the order in which a layer becomes durable.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use super::{Snapshotter, sync_dir};
+use crate::error::{Error, Result};
+use crate::integrity::{LayerState, VerifiedLayer, ahead};
+use crate::layout::{LAYER, LAYER_TMP, MARKER};
+use crate::mount::Mount;
+use crate::store::{Kind, Record};
+
+/// Where a layer being applied is written: the temporary file and its path, and whether its
+/// data may skip the page cache (not when it is hashed while written).
+#[derive(Debug)]
+pub(crate) struct LayerOut<'a> {
+    /// The temporary file, open for reading and writing.
+    pub file: &'a File,
+    /// Its path.
+    pub path: &'a Path,
+    /// Whether the data may be written with O_DIRECT.
+    pub direct: bool,
+}
+
+/// Where the changes of a diff come from.
+#[derive(Debug)]
+pub(crate) enum ChangeSource {
+    /// An active snapshot's upper directory (overlayfs format).
+    Dir(PathBuf),
+    /// A layer image: one the differ wrote into an active snapshot, or a view's committed
+    /// layer.
+    Layer(VerifiedLayer),
+}
+
+/// The two sides of a diff, opened.
+#[derive(Debug)]
+pub(crate) struct DiffInputs {
+    /// The changes.
+    pub upper: ChangeSource,
+    /// The lower layers, top first.
+    pub lowers: Vec<VerifiedLayer>,
+}
+
+fn not_ours(why: impl std::fmt::Display) -> Error {
+    Error::unimplemented(format!("mounts are not erofs-snapshotter snapshots: {why}"))
+}
+
+impl Snapshotter {
+    /// Which active snapshot of ours `mounts` (as returned by Prepare) belong to, or
+    /// Unimplemented so containerd falls through to the next differ.
+    fn apply_target(&self, mounts: &[Mount]) -> Result<(u64, String)> {
+        let m = mounts.last().ok_or_else(|| not_ours("no mounts"))?;
+        let kind = m.kind.rsplit('/').next().unwrap_or_default();
+        let path = if mounts[0].kind.starts_with("mkfs/") {
+            mounts[0].source.clone()
+        } else {
+            match kind {
+                "bind" | "erofs" => m.source.clone(),
+                "overlay" => m
+                    .options
+                    .iter()
+                    .find_map(|o| o.strip_prefix("upperdir="))
+                    .map(str::to_string)
+                    .ok_or_else(|| not_ours("overlay without upperdir"))?,
+                other => return Err(not_ours(format!("mount type {other:?}"))),
+            }
+        };
+        let id = self
+            .layout
+            .id_of(Path::new(&path))
+            .ok_or_else(|| not_ours("not under the snapshotter root"))?;
+        if !self.layout.dir(id).join(MARKER).exists() {
+            return Err(not_ours("no .erofslayer marker"));
+        }
+        let key = self
+            .store
+            .read(|tx| tx.id_map())?
+            .remove(&id)
+            .ok_or_else(|| not_ours("snapshot no longer exists"))?;
+        Ok((id, key))
+    }
+
+    /// Apply: write the layer of the active snapshot `mounts` describe. `write` fills the
+    /// temporary file; then the integrity trees are added, the file is fsynced, renamed to
+    /// `layer.erofs` (its dm-verity sidecar first) and the directory fsynced, all under the
+    /// snapshot's key lock. On failure nothing is left. Returns the snapshot's key and what
+    /// `write` returned.
+    pub(crate) fn write_applied_layer<T>(
+        &self,
+        mounts: &[Mount],
+        tar_index: bool,
+        write: impl FnOnce(&LayerOut<'_>) -> Result<T>,
+    ) -> Result<(String, T)> {
+        let (id, key) = self.apply_target(mounts)?;
+        let _g = self.locks.lock(&[&key]);
+        // Checked under the key lock, so a Commit racing this Apply cannot have made it a
+        // committed snapshot in between.
+        let rec = self.store.read(|tx| tx.get(&key))?;
+        if !rec.is_some_and(|r| r.id == id && r.kind == Kind::Active) {
+            return Err(not_ours("snapshot is not active"));
+        }
+        let dir = self.layout.dir(id);
+        let tmp = dir.join(LAYER_TMP);
+        let out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        // Written back to disk as it is produced, so the fsync below only waits for the tail,
+        // and hashed for its integrity trees as it is produced, so they cost little more.
+        let trees = self.integrity.ahead_trees(tar_index);
+        let (result, hashed) = crate::writeback::during(&out, || {
+            ahead::during(&out, trees, || {
+                write(&LayerOut {
+                    file: &out,
+                    path: &tmp,
+                    direct: trees == ahead::Trees::default(),
+                })
+            })
+        });
+        let sidecar = dir.join(crate::layout::DMVERITY_SIDECAR);
+        let sidecar_tmp = crate::integrity::dmverity::sidecar_tmp(&tmp);
+        let result = result.and_then(|written| {
+            // The layer is written back to disk while the integrity hashes are computed (the
+            // Merkle trees read it from the page cache), so they cost little more than the
+            // fsync that has to happen anyway. That fsync's error must not be lost: a later
+            // fsync of the same file may not report it again.
+            let digest = std::thread::scope(|sc| {
+                let early = sc.spawn(|| out.sync_data());
+                let r = self.integrity.after_apply(&tmp, tar_index, &hashed);
+                let synced = early
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
+                synced.map_err(|e| Error::io("fsync of the layer", e))?;
+                r
+            })?;
+            crate::failpoint::hit("apply:before-rename");
+            out.sync_all()
+                .map_err(|e| Error::io("fsync of the layer", e))?;
+            // The sidecar goes in place before the layer it describes; a stale one from an
+            // earlier apply goes away.
+            if sidecar_tmp.exists() {
+                fs::rename(&sidecar_tmp, &sidecar)
+                    .map_err(|e| Error::io("renaming the dm-verity sidecar", e))?;
+            } else if sidecar.exists() {
+                fs::remove_file(&sidecar)
+                    .map_err(|e| Error::io("removing a stale dm-verity sidecar", e))?;
+            }
+            fs::rename(&tmp, dir.join(LAYER)).map_err(|e| Error::io("renaming the layer", e))?;
+            sync_dir(&dir)?;
+            self.integrity.record_applied(id, digest);
+            Ok(written)
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&sidecar_tmp);
+        }
+        result.map(|w| (key, w))
+    }
+
+    /// Resolve mounts to our snapshot ids, top first: `bind` of an `fs` dir is one layer,
+    /// `overlay` lists `lowerdir` entries and may have an `upperdir`.
+    fn mount_ids(&self, mounts: &[Mount]) -> Result<(Vec<u64>, Option<u64>)> {
+        let mut lowers = Vec::new();
+        let mut upper = None;
+        let id_of = |p: &str| {
+            self.layout
+                .id_of(Path::new(p))
+                .ok_or_else(|| not_ours(format!("{p} is not under the snapshotter root")))
+        };
+        for m in mounts {
+            match m.kind.rsplit('/').next().unwrap_or_default() {
+                "bind" => {
+                    let id = id_of(&m.source)?;
+                    if m.options.iter().any(|o| o == "ro") {
+                        lowers.push(id);
+                    } else {
+                        upper = Some(id);
+                    }
+                }
+                "overlay" => {
+                    for o in &m.options {
+                        if let Some(list) = o.strip_prefix("lowerdir=") {
+                            for d in list.split(':') {
+                                lowers.push(id_of(d)?);
+                            }
+                        } else if let Some(u) = o.strip_prefix("upperdir=") {
+                            upper = Some(id_of(u)?);
+                        }
+                    }
+                }
+                other => return Err(not_ours(format!("mount type {other:?}"))),
+            }
+        }
+        Ok((lowers, upper))
+    }
+
+    /// Open the layer of a snapshot through the integrity gate.
+    fn open_layer(&self, rec: &Record, name: &str) -> Result<VerifiedLayer> {
+        let state = match rec.kind {
+            Kind::Committed => LayerState::Committed(rec.layer.as_ref()),
+            _ => LayerState::Applied(rec.id),
+        };
+        self.integrity
+            .open_verified(&self.layout.layer(rec.id), state, name)
+    }
+
+    /// Compare: the change set `upper` mounts describe and the lower layers `lower` mounts
+    /// name, opened (layers through the integrity gate).
+    pub(crate) fn diff_inputs(&self, lower: &[Mount], upper: &[Mount]) -> Result<DiffInputs> {
+        let (lower_ids, _) = self.mount_ids(lower)?;
+        let (upper_lowers, upper_id) = self.mount_ids(upper)?;
+        let live: HashMap<u64, (String, Record)> = self.store.read(|tx| {
+            let mut recs = HashMap::new();
+            for (id, key) in tx.id_map()? {
+                let rec = tx.require(&key)?;
+                recs.insert(id, (key, rec));
+            }
+            Ok(recs)
+        })?;
+        let record = |id: u64| {
+            live.get(&id)
+                .ok_or_else(|| Error::not_found(format!("snapshot {id} does not exist")))
+        };
+        let upper = match upper_id {
+            Some(id) => {
+                let (key, rec) = record(id)
+                    .map_err(|_| Error::not_found(format!("upper snapshot {id} does not exist")))?;
+                if rec.kind != Kind::Active {
+                    return Err(Error::invalid_argument(
+                        "the upper mounts are not of an active snapshot",
+                    ));
+                }
+                if self.layout.layer(id).exists() {
+                    // The differ filled this snapshot: its layer is the change set.
+                    ChangeSource::Layer(self.open_layer(rec, key)?)
+                } else if rec.writable_size.is_some() {
+                    ChangeSource::Dir(self.layout.fs(id).join("upper"))
+                } else {
+                    ChangeSource::Dir(self.layout.fs(id))
+                }
+            }
+            // A read-only view of a committed layer: its own layer is the change set.
+            None => {
+                let top = *upper_lowers
+                    .first()
+                    .ok_or_else(|| Error::invalid_argument("no upper mounts"))?;
+                let (key, rec) = record(top)?;
+                ChangeSource::Layer(self.open_layer(rec, key)?)
+            }
+        };
+        let mut lowers = Vec::with_capacity(lower_ids.len());
+        for id in lower_ids {
+            let (key, rec) = record(id)?;
+            // The read-only bind of a parentless View or Active snapshot (containerd views the
+            // empty parent "" when it diffs a base layer) is an empty directory: no layer.
+            let empty = rec.kind != Kind::Committed && rec.parent.is_none();
+            if empty && !self.layout.layer(id).exists() {
+                continue;
+            }
+            lowers.push(self.open_layer(rec, key)?);
+        }
+        Ok(DiffInputs { upper, lowers })
+    }
+
+    /// A new scratch file under `ROOT/tmp` (for diffs on their way to the content store).
+    pub(crate) fn scratch_file(&self, prefix: &str) -> Result<(PathBuf, File)> {
+        let tmp_dir = self.layout.root().join("tmp");
+        fs::create_dir_all(&tmp_dir)
+            .map_err(|e| Error::io(format!("creating {}", tmp_dir.display()), e))?;
+        let path = tmp_dir.join(format!("{prefix}{:016x}", super::rand_u64()));
+        let file = File::create(&path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        Ok((path, file))
+    }
+}
