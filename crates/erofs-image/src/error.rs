@@ -49,11 +49,7 @@ impl Error {
     /// An entry error.
     pub fn entry(path: &[u8], kind: EntryError) -> Self {
         Error::Entry {
-            path: if path.is_empty() {
-                "/".into()
-            } else {
-                String::from_utf8_lossy(path).into_owned()
-            },
+            path: crate::tar::path_for_message(path),
             kind,
         }
     }
@@ -109,6 +105,16 @@ pub enum EntryError {
     /// A file changed size while it was being copied.
     #[error("file changed while it was read")]
     ChangedWhileReading,
+    /// A budget of [`crate::builder::Limits`] exceeded.
+    #[error("{what} ({value}) exceed the limit of {limit}")]
+    Limit {
+        /// What was counted.
+        what: &'static str,
+        /// How much there was.
+        value: u64,
+        /// The limit in force.
+        limit: u64,
+    },
 }
 
 /// Where and how an image is corrupt.

@@ -7,6 +7,8 @@
 #[path = "image/common.rs"]
 mod common;
 
+#[path = "image/bombs.rs"]
+mod bombs;
 #[path = "image/dialects.rs"]
 mod dialects;
 #[path = "image/edge_cases.rs"]

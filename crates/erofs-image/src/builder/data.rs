@@ -161,6 +161,19 @@ pub(crate) fn write_file<W: Write + Seek>(
     use crate::tree::FileData;
     if let Some(map) = sparse {
         let plan = plan_chunks(map, size, opts.blkszbits());
+        // Segments spread over a huge file can make any chunking materialise far more than
+        // the archive holds: refuse before allocating the table.
+        let stored: u64 = map.iter().map(|s| s.1).sum();
+        let allowed = stored
+            .saturating_mul(2)
+            .saturating_add(opts.limits.max_sparse_overhead);
+        if plan.cost > allowed as u128 {
+            return Err(crate::error::Error::TooLarge(format!(
+                "sparse file of {size} bytes with {} segments would take {} bytes of image (chunk table and chunks), over the limit of {allowed} (twice its {stored} stored bytes plus limits.max_sparse_overhead)",
+                map.len(),
+                plan.cost
+            )));
+        }
         let chunks = write_sparse(area, &plan, map, size, |a, off, n| src.copy(a, off, n))?;
         return Ok(FileData::Chunks {
             size,
@@ -205,6 +218,8 @@ pub(crate) fn write_file<W: Write + Seek>(
 pub(crate) struct ChunkPlan {
     pub chunkbits: u8,
     pub count: u64,
+    /// Bytes of image the plan takes: chunk table plus the chunks that hold data.
+    pub cost: u128,
     /// Sorted indices of chunks that hold data.
     pub data_chunks: Vec<u64>,
 }
@@ -226,7 +241,7 @@ pub(crate) fn plan_chunks(segments: &[(u64, u64)], size: u64, blkszbits: u8) -> 
             break;
         }
     }
-    let bits = best.map_or(blkszbits, |(_, b)| b);
+    let (cost, bits) = best.unwrap_or((0, blkszbits));
     let mut data_chunks = Vec::new();
     for &(off, len) in segments {
         if len == 0 {
@@ -242,6 +257,7 @@ pub(crate) fn plan_chunks(segments: &[(u64, u64)], size: u64, blkszbits: u8) -> 
     }
     ChunkPlan {
         chunkbits: bits,
+        cost,
         count: size.div_ceil(1u64 << bits),
         data_chunks,
     }

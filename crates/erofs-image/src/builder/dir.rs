@@ -45,6 +45,7 @@ pub fn dir_to_image<W: Write + Seek>(
     let mut area = DataArea::new(output, bs, first_data_block(bs), opts.max_blocks(bs))?;
     let mut links: HashMap<(u64, u64), NodeId> = HashMap::new();
     let mut input_bytes = 0u64;
+    let mut budget = super::Budget::default();
     // Depth-first, byte-sorted, so file data lands in a deterministic order.
     let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
     while let Some((dir, rel)) = stack.pop() {
@@ -74,6 +75,7 @@ pub fn dir_to_image<W: Write + Seek>(
                 continue;
             }
             let (xattrs, xattr_len) = checked_xattrs(&rel_path, read_xattrs(&path)?)?;
+            budget.charge(&opts.limits, &rel_path, b"", &xattrs, tree.len())?;
             let body = match ft {
                 mode::S_IFDIR => {
                     subdirs.push((path.clone(), rel_path.clone()));

@@ -26,7 +26,7 @@ pub use dir::dir_to_image;
 pub use direct::DirectFile;
 pub use index::{TarIndex, tar_file_to_index_file, tar_to_index, tar_to_index_file};
 
-use crate::error::{Error, Result};
+use crate::error::{EntryError, Error, Result};
 use crate::format::{self, Superblock};
 use crate::tree::{Meta, Tree};
 use data::DataArea;
@@ -52,6 +52,89 @@ pub struct BuildOptions {
     pub oci_whiteouts: bool,
     /// Refuse to write an image larger than this.
     pub max_image_size: Option<u64>,
+    /// Budgets on what one source may make the builder hold in memory.
+    pub limits: Limits,
+}
+
+/// Budgets on what one layer may make the builder hold or do, so a few kilobytes of hostile
+/// (compressed) input cannot take the memory of a node. Each breach is an error naming the
+/// entry where it happened and the limit. The defaults are far above real images (the
+/// largest seen have about a million entries, nesting below 100 and metadata of a few
+/// hundred MB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most inodes an image may have (entries plus the directories they imply).
+    pub max_entries: u64,
+    /// Most path components of one entry (a PATH_MAX path has at most 2048).
+    pub max_depth: usize,
+    /// Most bytes of names, link targets and xattrs (names and values) in all.
+    pub max_metadata: u64,
+    /// A sparse file may take at most this many bytes of image (chunk table and the chunks
+    /// its data touches) beyond twice its stored data.
+    pub max_sparse_overhead: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_entries: 1 << 23,
+            max_depth: 2048,
+            max_metadata: 1 << 30,
+            max_sparse_overhead: 256 << 20,
+        }
+    }
+}
+
+/// What a build has used of its [`Limits`] so far.
+#[derive(Debug, Default)]
+pub(crate) struct Budget {
+    metadata: u64,
+}
+
+impl Budget {
+    /// Charge one entry (its path, link target and xattrs) and check the tree it went into.
+    pub(crate) fn charge(
+        &mut self,
+        limits: &Limits,
+        path: &[u8],
+        link: &[u8],
+        xattrs: &[crate::tree::Xattr],
+        tree_len: usize,
+    ) -> Result<()> {
+        let over = |what: &'static str, value: u64, limit: u64| {
+            Err(Error::entry(path, EntryError::Limit { what, value, limit }))
+        };
+        let depth = path.split(|&c| c == b'/').count();
+        if depth > limits.max_depth {
+            return over("path depth", depth as u64, limits.max_depth as u64);
+        }
+        let x: usize = xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        self.metadata += (path.len() + link.len() + x) as u64;
+        if self.metadata > limits.max_metadata {
+            return over("metadata bytes", self.metadata, limits.max_metadata);
+        }
+        if tree_len as u64 > limits.max_entries {
+            return over("entries", tree_len as u64, limits.max_entries);
+        }
+        Ok(())
+    }
+
+    /// Before anything of an entry is stored: its depth (checked again by [`Self::charge`]),
+    /// so implicit parents of a deep path are never created.
+    pub(crate) fn check_depth(limits: &Limits, path: &[u8]) -> Result<()> {
+        let depth = path.split(|&c| c == b'/').count();
+        if depth > limits.max_depth {
+            return Err(Error::entry(
+                path,
+                EntryError::Limit {
+                    what: "path depth",
+                    value: depth as u64,
+                    limit: limits.max_depth as u64,
+                },
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for BuildOptions {
@@ -64,6 +147,7 @@ impl Default for BuildOptions {
             all_time: false,
             oci_whiteouts: false,
             max_image_size: None,
+            limits: Limits::default(),
         }
     }
 }

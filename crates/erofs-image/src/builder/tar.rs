@@ -9,6 +9,9 @@ use crate::format::{self, mode};
 use crate::tar::{Entry, EntryKind, TarReader};
 use crate::tree::{Body, FileData, Meta, Node, Tree, Xattr, split_path, storable_xattr};
 
+/// Prefix of the xattrs overlayfs keeps for itself (with its default, non-`userxattr` mounts).
+const OVERLAY_XATTRS: &[u8] = b"trusted.overlay.";
+
 /// Produces a regular file's [`FileData`] from the reader positioned at its data. The last
 /// argument is the size of the file's inline xattr body.
 pub(crate) type FileSink<'a, R> =
@@ -39,8 +42,10 @@ pub(crate) fn read_into_tree<R: Read>(
     opts: &BuildOptions,
     file_sink: &mut FileSink<'_, R>,
 ) -> Result<()> {
+    let mut budget = super::Budget::default();
     while let Some(entry) = tar.next_entry()? {
         let path = entry.path.as_slice();
+        super::Budget::check_depth(&opts.limits, path)?;
         let (mtime, mtime_nsec) = opts.mtime(entry.mtime, entry.mtime_nsec);
         let type_bits = match entry.kind {
             EntryKind::Regular | EntryKind::Hardlink => mode::S_IFREG,
@@ -77,9 +82,25 @@ pub(crate) fn read_into_tree<R: Read>(
             }
         }
 
-        let (xattrs, xattr_len) = checked_xattrs(path, entry.xattrs.iter().cloned())?;
+        // In an OCI layer, overlayfs's own xattrs (redirect, metacopy, origin, opaque) are
+        // never the layer's to set: overlayfs would honour them on the mounted image (a
+        // redirect to another lower's directory, a metacopy without data). Opaque directories
+        // come from `.wh..wh..opq` markers instead. Compare drops them the same way.
+        let overlay_own = |k: &[u8]| opts.oci_whiteouts && k.starts_with(OVERLAY_XATTRS);
+        for (k, _) in entry.xattrs.iter().filter(|(k, _)| overlay_own(k)) {
+            tracing::warn!(entry = %String::from_utf8_lossy(path), xattr = %String::from_utf8_lossy(k), "dropping an overlayfs xattr from a layer");
+        }
+        let (xattrs, xattr_len) = checked_xattrs(
+            path,
+            entry
+                .xattrs
+                .iter()
+                .filter(|(k, _)| !overlay_own(k))
+                .cloned(),
+        )?;
         let body = match entry.kind {
             EntryKind::Hardlink => {
+                budget.charge(&opts.limits, path, &entry.link, &xattrs, tree.len())?;
                 tree.link(path, &entry.link)?;
                 continue;
             }
@@ -91,6 +112,7 @@ pub(crate) fn read_into_tree<R: Read>(
             }
             EntryKind::Fifo => Body::Special,
         };
+        budget.charge(&opts.limits, path, &entry.link, &xattrs, tree.len())?;
         tree.put(
             path,
             Node {

@@ -56,9 +56,20 @@ pub enum TarErrorKind {
     /// A symlink target longer than 4095 bytes.
     #[error("symlink target longer than 4095 bytes")]
     LinkTooLong,
-    /// An extension header (PAX, GNU long name) larger than the limit.
+    /// An extension header (PAX, GNU long name) larger than the limit, or extension headers of
+    /// one member (chained `x`, `L`, `K` headers) adding up to more than it.
     #[error("extension header of {0} bytes exceeds the limit")]
     HeaderTooLarge(u64),
+    /// PAX global headers holding more records or bytes than the limit ([`TarLimits`]).
+    #[error("PAX global headers exceed the limit of {0}")]
+    TooManyGlobals(String),
+    /// More extended attributes on one entry than the limit.
+    #[error("more than {0} extended attributes on one entry")]
+    TooManyXattrs(usize),
+    /// A size (data, file or sparse) above 2^63-1 bytes, which no filesystem stores and GNU
+    /// tar and bsdtar refuse.
+    #[error("size {0} is larger than 2^63-1 bytes")]
+    SizeTooLarge(u64),
     /// A uid or gid that does not fit in 32 bits.
     #[error("uid/gid {0} does not fit in 32 bits")]
     IdTooLarge(u64),
@@ -185,13 +196,36 @@ fn lossy(p: &[u8]) -> String {
     }
 }
 
-/// Bounds on what the reader will hold in memory for one entry.
+/// A path for an error message or a log line: hostile paths can be megabytes long, so long
+/// ones keep their start and end only.
+pub fn path_for_message(p: &[u8]) -> String {
+    const KEEP: usize = 200;
+    if p.len() <= 2 * KEEP {
+        return lossy(p);
+    }
+    format!(
+        "{}...({} bytes)...{}",
+        String::from_utf8_lossy(&p[..KEEP]),
+        p.len() - 2 * KEEP,
+        String::from_utf8_lossy(&p[p.len() - KEEP..])
+    )
+}
+
+/// Bounds on what the reader will hold in memory for one entry, and on the work one entry
+/// may cost: every breach is an error naming the entry, found in time linear in the input.
 #[derive(Debug, Clone, Copy)]
 pub struct TarLimits {
-    /// Largest PAX or GNU long-name payload.
+    /// Largest PAX or GNU long-name payload, and largest sum of the extension headers of one
+    /// member (chained `x`, `L` and `K` headers).
     pub max_extension_header: u64,
     /// Largest number of sparse segments in one file.
     pub max_sparse_segments: usize,
+    /// Largest number of distinct PAX global records in force at once (each applies to every
+    /// later entry, so their number multiplies the work per entry). Their bytes count against
+    /// `max_extension_header` too.
+    pub max_global_records: usize,
+    /// Largest number of extended attributes on one entry.
+    pub max_xattrs: usize,
 }
 
 impl Default for TarLimits {
@@ -199,9 +233,16 @@ impl Default for TarLimits {
         TarLimits {
             max_extension_header: 16 << 20,
             max_sparse_segments: 1 << 20,
+            // Real archives carry a handful (git archive: one comment).
+            max_global_records: 256,
+            // Linux lists at most 64 KiB of xattr names per file, a few thousand names.
+            max_xattrs: 4096,
         }
     }
 }
+
+/// Largest size any tar field may give (data, file or sparse size): what `off_t` holds.
+pub const MAX_SIZE: u64 = i64::MAX as u64;
 
 /// Normalise an archive path. Returns the empty path for the root (`.`, `./`).
 pub fn normalize_path(p: &[u8]) -> Result<Vec<u8>, TarErrorKind> {
@@ -242,7 +283,10 @@ pub struct TarReader<R> {
     remaining: u64,
     /// Padding after the current entry's data.
     padding: u64,
-    global: Vec<(Vec<u8>, Vec<u8>)>,
+    /// PAX global records in force, by key (a later record of a key replaces the earlier one).
+    global: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Bytes of keys and values in `global`.
+    global_bytes: u64,
     limits: TarLimits,
     current: Option<String>,
     finished: bool,
@@ -326,7 +370,8 @@ impl<R: Read> TarReader<R> {
             src_eof: false,
             remaining: 0,
             padding: 0,
-            global: Vec::new(),
+            global: Default::default(),
+            global_bytes: 0,
             limits,
             current: None,
             finished: false,
@@ -360,7 +405,7 @@ impl<R: Read> TarReader<R> {
     fn err_entry(&self, entry: &[u8], kind: TarErrorKind) -> TarError {
         TarError {
             offset: self.offset,
-            entry: Some(lossy(entry)),
+            entry: Some(path_for_message(entry)),
             kind,
         }
     }
@@ -489,6 +534,8 @@ impl<R: Read> TarReader<R> {
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
         let mut header_offset: Option<u64> = None;
+        // Extension bytes read for this member so far: chained headers share one budget.
+        let mut ext_bytes: u64 = 0;
         loop {
             let at = self.offset;
             let Some(block) = self.read_block()? else {
@@ -526,6 +573,15 @@ impl<R: Read> TarReader<R> {
                 }
             }
             let h = header::parse(&block).map_err(|k| self.err_entry(&name_hint, k))?;
+            if h.size > MAX_SIZE {
+                return Err(self.err_entry(&name_hint, TarErrorKind::SizeTooLarge(h.size)));
+            }
+            if matches!(h.typeflag, b'x' | b'X' | b'g' | b'L' | b'K') {
+                ext_bytes = ext_bytes.saturating_add(h.size);
+                if ext_bytes > self.limits.max_extension_header {
+                    return Err(self.err_entry(&name_hint, TarErrorKind::HeaderTooLarge(ext_bytes)));
+                }
+            }
             match h.typeflag {
                 b'x' | b'X' => {
                     let data = self.read_payload(h.size, &name_hint)?;
@@ -538,10 +594,32 @@ impl<R: Read> TarReader<R> {
                     let recs =
                         pax::parse_records(&data).map_err(|k| self.err_entry(&name_hint, k))?;
                     for (k, v) in recs {
-                        self.global.retain(|(gk, _)| *gk != k);
-                        if !v.is_empty() {
-                            self.global.push((k, v));
+                        if let Some(old) = self.global.remove(&k) {
+                            self.global_bytes -= (k.len() + old.len()) as u64;
                         }
+                        // An empty value deletes the record.
+                        if !v.is_empty() {
+                            self.global_bytes += (k.len() + v.len()) as u64;
+                            self.global.insert(k, v);
+                        }
+                    }
+                    if self.global.len() > self.limits.max_global_records {
+                        return Err(self.err_entry(
+                            &name_hint,
+                            TarErrorKind::TooManyGlobals(format!(
+                                "{} records",
+                                self.limits.max_global_records
+                            )),
+                        ));
+                    }
+                    if self.global_bytes > self.limits.max_extension_header {
+                        return Err(self.err_entry(
+                            &name_hint,
+                            TarErrorKind::TooManyGlobals(format!(
+                                "{} bytes",
+                                self.limits.max_extension_header
+                            )),
+                        ));
                     }
                     // A global header describes no file; it may stand alone between entries.
                     if long_name.is_none() && long_link.is_none() && local.is_empty() {
@@ -593,44 +671,46 @@ impl<R: Read> TarReader<R> {
         let mut devminor = h.devminor;
         let mut sparse = SparsePax::default();
 
-        // Global records first, then local ones override them.
-        let records: Vec<(Vec<u8>, Vec<u8>)> = self.global.iter().cloned().chain(local).collect();
+        // Global records first, then local ones override them. Borrowed, not cloned: the
+        // globals apply to every entry.
+        let records = self.global.iter().chain(local.iter().map(|(k, v)| (k, v)));
         let name_for_err = raw_name.clone();
         for (k, v) in records {
             let e = |kind| self.err_entry(&name_for_err, kind);
+            let v = v.as_slice();
             match k.as_slice() {
-                b"path" => raw_name = v,
-                b"linkpath" => raw_link = v,
-                b"size" => size = pax::parse_u64(&v, "size").map_err(e)?,
-                b"uid" => uid = pax::parse_u64(&v, "uid").map_err(e)?,
-                b"gid" => gid = pax::parse_u64(&v, "gid").map_err(e)?,
-                b"mtime" => mtime = pax::parse_time(&v).map_err(e)?,
-                b"SCHILY.devmajor" => devmajor = pax::parse_u64(&v, "devmajor").map_err(e)?,
-                b"SCHILY.devminor" => devminor = pax::parse_u64(&v, "devminor").map_err(e)?,
+                b"path" => raw_name = v.to_vec(),
+                b"linkpath" => raw_link = v.to_vec(),
+                b"size" => size = pax::parse_u64(v, "size").map_err(e)?,
+                b"uid" => uid = pax::parse_u64(v, "uid").map_err(e)?,
+                b"gid" => gid = pax::parse_u64(v, "gid").map_err(e)?,
+                b"mtime" => mtime = pax::parse_time(v).map_err(e)?,
+                b"SCHILY.devmajor" => devmajor = pax::parse_u64(v, "devmajor").map_err(e)?,
+                b"SCHILY.devminor" => devminor = pax::parse_u64(v, "devminor").map_err(e)?,
                 b"GNU.sparse.major" => {
-                    sparse.major = Some(pax::parse_u64(&v, "sparse").map_err(e)?)
+                    sparse.major = Some(pax::parse_u64(v, "sparse").map_err(e)?)
                 }
                 b"GNU.sparse.minor" => {
-                    sparse.minor = Some(pax::parse_u64(&v, "sparse").map_err(e)?)
+                    sparse.minor = Some(pax::parse_u64(v, "sparse").map_err(e)?)
                 }
-                b"GNU.sparse.name" => sparse.name = Some(v),
+                b"GNU.sparse.name" => sparse.name = Some(v.to_vec()),
                 b"GNU.sparse.realsize" | b"GNU.sparse.size" => {
-                    sparse.realsize = Some(pax::parse_u64(&v, "sparse size").map_err(e)?)
+                    sparse.realsize = Some(pax::parse_u64(v, "sparse size").map_err(e)?)
                 }
-                b"GNU.sparse.map" => sparse.map01 = Some(v),
+                b"GNU.sparse.map" => sparse.map01 = Some(v.to_vec()),
                 b"GNU.sparse.offset" => sparse
                     .offsets
-                    .push(pax::parse_u64(&v, "sparse offset").map_err(e)?),
+                    .push(pax::parse_u64(v, "sparse offset").map_err(e)?),
                 b"GNU.sparse.numbytes" => sparse
                     .lengths
-                    .push(pax::parse_u64(&v, "sparse numbytes").map_err(e)?),
+                    .push(pax::parse_u64(v, "sparse numbytes").map_err(e)?),
                 _ => {
                     if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
-                        set_xattr(&mut xattrs, name.to_vec(), v);
+                        xattrs.push((name.to_vec(), v.to_vec()));
                     } else if let Some(name) = k.strip_prefix(b"LIBARCHIVE.xattr.") {
                         let name = pax::url_decode(name).map_err(e)?;
-                        let value = pax::base64_decode(&v).map_err(e)?;
-                        set_xattr(&mut libarchive_xattrs, name, value);
+                        let value = pax::base64_decode(v).map_err(e)?;
+                        libarchive_xattrs.push((name, value));
                     }
                     // Others (uname, gname, atime, ctime, SCHILY.acl.*, comment, charset)
                     // carry nothing EROFS stores.
@@ -642,12 +722,22 @@ impl<R: Read> TarReader<R> {
         if !libarchive_xattrs.is_empty() {
             xattrs = libarchive_xattrs;
         }
+        let xattrs = last_of_each(xattrs);
+        if xattrs.len() > self.limits.max_xattrs {
+            return Err(self.err_entry(
+                &name_for_err,
+                TarErrorKind::TooManyXattrs(self.limits.max_xattrs),
+            ));
+        }
+        if size > MAX_SIZE {
+            return Err(self.err_entry(&name_for_err, TarErrorKind::SizeTooLarge(size)));
+        }
         if let Some(n) = sparse.name.take() {
             raw_name = n;
         }
         let is_dir_name = raw_name.last() == Some(&b'/');
         let path = normalize_path(&raw_name).map_err(|k| self.err_entry(&raw_name, k))?;
-        self.current = Some(lossy(&path));
+        self.current = Some(path_for_message(&path));
         let uid = u32::try_from(uid).map_err(|_| self.err(TarErrorKind::IdTooLarge(uid)))?;
         let gid = u32::try_from(gid).map_err(|_| self.err(TarErrorKind::IdTooLarge(gid)))?;
         let devmajor =
@@ -666,7 +756,7 @@ impl<R: Read> TarReader<R> {
             b'6' => EntryKind::Fifo,
             other => {
                 // Vendor extensions describe nothing a filesystem holds; skip them whole.
-                tracing::warn!(entry = %lossy(&path), typeflag = %(other as char), "skipping tar entry of unknown type");
+                tracing::warn!(entry = %path_for_message(&path), typeflag = %(other as char), "skipping tar entry of unknown type");
                 self.remaining = size;
                 self.padding = pad(size);
                 return Ok(None);
@@ -942,6 +1032,9 @@ fn parse_map_01(v: &[u8], max: usize) -> Result<Vec<(u64, u64)>, TarErrorKind> {
 
 /// Segments must be in order, not overlap, lie inside the file and add up to the stored size.
 fn validate_sparse(map: &[(u64, u64)], stored: u64, file_size: u64) -> Result<(), TarErrorKind> {
+    if file_size > MAX_SIZE {
+        return Err(TarErrorKind::SizeTooLarge(file_size));
+    }
     let mut end = 0u64;
     let mut total = 0u64;
     for &(off, len) in map {
@@ -966,9 +1059,17 @@ fn validate_sparse(map: &[(u64, u64)], stored: u64, file_size: u64) -> Result<()
     Ok(())
 }
 
-fn set_xattr(xattrs: &mut Vec<(Vec<u8>, Vec<u8>)>, name: Vec<u8>, value: Vec<u8>) {
-    xattrs.retain(|(n, _)| *n != name);
-    xattrs.push((name, value));
+/// Keep the last value of each name, in the order of those last occurrences (a later record
+/// for a name replaces the earlier one), in time linear in the number of records.
+fn last_of_each(xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut seen = std::collections::HashSet::with_capacity(xattrs.len());
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> = xattrs
+        .into_iter()
+        .rev()
+        .filter(|(n, _)| seen.insert(n.clone()))
+        .collect();
+    out.reverse();
+    out
 }
 
 fn trim_nul(v: &mut Vec<u8>) {
