@@ -96,6 +96,9 @@ pub struct DifferConfig {
     pub containerd_address: PathBuf,
     /// Namespace used for Content calls when a request carries none.
     pub default_namespace: String,
+    /// Largest `layer.erofs` Apply writes (go-units notation, binary units). Each layer is
+    /// also held to what its blob can honestly expand to (see README, "Limits").
+    pub max_layer_size: String,
 }
 
 impl Default for Config {
@@ -134,6 +137,7 @@ impl Default for DifferConfig {
             content_root: "/var/lib/containerd/io.containerd.content.v1.content".into(),
             containerd_address: "/run/containerd/containerd.sock".into(),
             default_namespace: "default".into(),
+            max_layer_size: "256GiB".into(),
         }
     }
 }
@@ -242,6 +246,11 @@ impl Config {
         if self.differ.default_namespace.is_empty() {
             return bad("differ.default_namespace", "must not be empty".into());
         }
+        match parse_size(&self.differ.max_layer_size) {
+            Ok(0) => return bad("differ.max_layer_size", "must be a size above 0".into()),
+            Ok(_) => {}
+            Err(e) => return bad("differ.max_layer_size", e),
+        }
         Ok(())
     }
 
@@ -253,6 +262,11 @@ impl Config {
     /// `default_size` in bytes (0 = unlimited).
     pub fn default_size_bytes(&self) -> u64 {
         parse_size(&self.snapshotter.default_size).unwrap_or(0)
+    }
+
+    /// `differ.max_layer_size` in bytes (validated at start-up).
+    pub fn max_layer_bytes(&self) -> u64 {
+        parse_size(&self.differ.max_layer_size).unwrap_or(256 << 30)
     }
 
     /// Whether fs-verity is wanted at all.

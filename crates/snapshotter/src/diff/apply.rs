@@ -93,9 +93,10 @@ impl Snapshotter {
         let blob = content.open(desc, namespace)?;
         match kind {
             LayerKind::Tar => {
-                let opts = MkfsOptions::parse(&self.config().differ.mkfs_options)
+                let mut opts = MkfsOptions::parse(&self.config().differ.mkfs_options)
                     .map_err(Error::invalid_argument)?
                     .build_options(&desc.digest);
+                opts.max_image_size = Some(self.layer_size_cap(desc, blob.file.as_ref()));
                 if let Some(f) = blob.file.as_ref().filter(|f| is_plain(f)) {
                     // An uncompressed layer in the content store: its digest is its diffID
                     // (containerd verified it when it was written), and its data can move
@@ -116,7 +117,7 @@ impl Snapshotter {
                         annotations: Default::default(),
                     });
                 }
-                let dec = Decompressed::new(blob.reader, BombGuard::default())
+                let dec = Decompressed::new(blob.reader, self.bomb_guard())
                     .map_err(|e| Error::io("reading the layer", e))?;
                 let mut pipe = Pipeline::start(Box::new(dec));
                 if self.config().differ.enable_tar_index {
@@ -145,8 +146,15 @@ impl Snapshotter {
             }
             LayerKind::Native { zstd } => {
                 let (digest, size) = if *zstd {
-                    let dec = zstd::stream::read::Decoder::new(blob.reader)
+                    // The same guard as tar layers: 33 KB of zstd could otherwise write a
+                    // gigabyte (a 33 MB blob a terabyte) before the checker sees it.
+                    let dec = Decompressed::new(blob.reader, self.bomb_guard())
                         .map_err(|e| Error::io("zstd", e))?;
+                    if dec.compression() != erofs_image::compression::Compression::Zstd {
+                        return Err(Error::invalid_argument(
+                            "layer of media type +zstd is not zstd-compressed",
+                        ));
+                    }
                     copy_hashing(dec, out)?
                 } else if let Some(f) = &blob.file {
                     copy_file(f, out)?;
@@ -178,6 +186,36 @@ impl Snapshotter {
                 })
             }
         }
+    }
+}
+
+impl Snapshotter {
+    /// What decompressing one layer may produce: the ratio guard, and no more than the
+    /// largest layer allowed.
+    fn bomb_guard(&self) -> BombGuard {
+        BombGuard {
+            max_output: Some(self.config().max_layer_bytes()),
+            ..BombGuard::default()
+        }
+    }
+
+    /// The largest image a tar layer may become: `differ.max_layer_size`, and at most what
+    /// its blob can honestly expand to. The uncompressed tar is the blob itself (plain) or at
+    /// most the bomb guard's ratio times it; an image needs at most 8 bytes per tar byte
+    /// (a 1-byte file takes 1 KiB of tar and, block-aligned, 4 KiB of image) plus metadata.
+    fn layer_size_cap(&self, desc: &Descriptor, plain: Option<&File>) -> u64 {
+        let cap = self.config().max_layer_bytes();
+        let Ok(blob @ 1..) = u64::try_from(desc.size) else {
+            // No size in the request: only the configured cap applies.
+            return cap;
+        };
+        let guard = BombGuard::default();
+        let tar = if plain.is_some_and(is_plain) {
+            blob
+        } else {
+            blob.saturating_mul(guard.max_ratio).max(guard.grace)
+        };
+        tar.saturating_mul(8).saturating_add(64 << 20).min(cap)
     }
 }
 

@@ -124,7 +124,7 @@ impl MkfsOptions {
             timestamp: self.timestamp,
             all_time: self.timestamp.is_some() && !self.mkfs_time,
             oci_whiteouts: true,
-            max_image_size: None,
+            ..Default::default()
         }
     }
 }
