@@ -194,6 +194,23 @@ fn start_with_container(version: Version, dir: &Path) -> Running {
         Some(version.shim().as_path()),
         "{version}"
     );
+    // The shim runs the first `runc` on its PATH: it must be the private copy.
+    let environ = fs::read(format!("/proc/{}/environ", shims[0].pid)).unwrap();
+    let path = environ
+        .split(|&b| b == 0)
+        .find_map(|e| e.strip_prefix(b"PATH="))
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let found = path
+        .iter()
+        .flat_map(|p| p.split(':'))
+        .map(|d| Path::new(d).join("runc"))
+        .find(|r| r.exists())
+        .and_then(|r| fs::canonicalize(r).ok());
+    assert_eq!(
+        found,
+        fs::canonicalize(version.runc()).ok(),
+        "{version}: shim PATH {path:?}"
+    );
     let task = running_task_pid(&ctd, &id).expect("the container runs");
     let pids = vec![ctd.pid().unwrap(), shims[0].pid, task];
     Running { ctd, id, pids }
