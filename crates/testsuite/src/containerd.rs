@@ -62,15 +62,22 @@ use rustix::mount::{MountPropagationFlags, mount_bind, mount_change};
 use crate::mounts::{self, MountInfo};
 use crate::process::{self, ProcInfo, ProcessGroupGuard};
 
+/// Environment variable naming the root where Debian 12's containerd 1.6 and
+/// runc were unpacked (default `/opt/containerd-1.6/root`; containerd, `ctr`
+/// and the shim are in `usr/bin` below it, runc in `usr/sbin`).
+pub const CONTAINERD_1_6_ROOT_ENV: &str = "TESTSUITE_CONTAINERD_1_6_ROOT";
+
 /// Environment variable naming the root where containerd 2.1 was unpacked
 /// (default `/opt/containerd-new/root`; binaries are in `usr/bin` below it).
 pub const CONTAINERD_NEW_ROOT_ENV: &str = "TESTSUITE_CONTAINERD_NEW_ROOT";
 
-/// Which containerd to run.
+/// Which containerd to run. Both are private copies unpacked by
+/// `scripts/setup`, never the host's containerd or runc.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Version {
-    /// Debian 12's containerd 1.6 (`/usr/bin/containerd`, `/usr/bin/ctr`, and
-    /// the Debian `/usr/bin/containerd-shim-runc-v2`). Config `version = 2`.
+    /// Debian 12's containerd 1.6, unpacked with Debian 12's runc under
+    /// `/opt/containerd-1.6/root` (its own `ctr` and
+    /// `containerd-shim-runc-v2`). Config `version = 2`.
     V1_6,
     /// containerd 2.1 from Debian sid, unpacked under `/opt/containerd-new/root`
     /// with its own `containerd-shim-runc-v2`. Config `version = 3`.
@@ -81,17 +88,20 @@ impl Version {
     /// Both versions, oldest first.
     pub const ALL: [Version; 2] = [Version::V1_6, Version::V2_1];
 
+    /// The root this version was unpacked into.
+    fn root(self) -> PathBuf {
+        let (env, default) = match self {
+            Version::V1_6 => (CONTAINERD_1_6_ROOT_ENV, "/opt/containerd-1.6/root"),
+            Version::V2_1 => (CONTAINERD_NEW_ROOT_ENV, "/opt/containerd-new/root"),
+        };
+        std::env::var_os(env)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(default))
+    }
+
     /// Directory holding `containerd`, `ctr` and `containerd-shim-runc-v2`.
     pub fn bin_dir(self) -> PathBuf {
-        match self {
-            Version::V1_6 => PathBuf::from("/usr/bin"),
-            Version::V2_1 => {
-                let root = std::env::var_os(CONTAINERD_NEW_ROOT_ENV)
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("/opt/containerd-new/root"));
-                root.join("usr/bin")
-            }
-        }
+        self.root().join("usr/bin")
     }
 
     /// The `containerd` binary.
@@ -109,13 +119,24 @@ impl Version {
         self.bin_dir().join("containerd-shim-runc-v2")
     }
 
+    /// The `runc` both versions' shims run: Debian 12's, unpacked next to
+    /// containerd 1.6 (2.1 from sid has none of its own). The shims find it
+    /// on `PATH` (no `BinaryName` in the runtime options).
+    pub fn runc(self) -> PathBuf {
+        Version::V1_6.root().join("usr/sbin/runc")
+    }
+
     /// `PATH` for containerd and its shims: this version's binary directory
-    /// first, then the system directories (for `runc`).
+    /// first, then the private runc's, then the system directories (mount,
+    /// unshare, mkfs.erofs...). A host `runc` or shim comes after ours.
     pub fn path_env(self) -> String {
-        match self {
-            Version::V1_6 => "/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
-            Version::V2_1 => format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", self.bin_dir().display()),
-        }
+        let runc = self.runc();
+        let runc_dir = runc.parent().unwrap_or(Path::new("/usr/sbin"));
+        format!(
+            "{}:{}:/usr/sbin:/usr/bin:/sbin:/bin",
+            self.bin_dir().display(),
+            runc_dir.display()
+        )
     }
 
     /// The `version` of the config file format this containerd reads.
@@ -148,7 +169,10 @@ impl Version {
 
     /// Whether the binaries are installed.
     pub fn available(self) -> bool {
-        self.containerd().is_file() && self.ctr().is_file() && self.shim().is_file()
+        self.containerd().is_file()
+            && self.ctr().is_file()
+            && self.shim().is_file()
+            && self.runc().is_file()
     }
 }
 
@@ -605,10 +629,11 @@ impl Containerd {
         let v = opts.version;
         if !v.available() {
             bail!(
-                "{v} is not installed ({}, {}, {}); run scripts/setup",
+                "{v} is not installed ({}, {}, {}, {}); run scripts/setup",
                 v.containerd().display(),
                 v.ctr().display(),
-                v.shim().display()
+                v.shim().display(),
+                v.runc().display()
             );
         }
         let parent = opts.tmp_parent.clone().unwrap_or_else(std::env::temp_dir);
