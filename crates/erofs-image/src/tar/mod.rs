@@ -687,12 +687,8 @@ impl<R: Read> TarReader<R> {
                 b"mtime" => mtime = pax::parse_time(v).map_err(e)?,
                 b"SCHILY.devmajor" => devmajor = pax::parse_u64(v, "devmajor").map_err(e)?,
                 b"SCHILY.devminor" => devminor = pax::parse_u64(v, "devminor").map_err(e)?,
-                b"GNU.sparse.major" => {
-                    sparse.major = Some(pax::parse_u64(v, "sparse").map_err(e)?)
-                }
-                b"GNU.sparse.minor" => {
-                    sparse.minor = Some(pax::parse_u64(v, "sparse").map_err(e)?)
-                }
+                b"GNU.sparse.major" => sparse.major = Some(pax::parse_u64(v, "sparse").map_err(e)?),
+                b"GNU.sparse.minor" => sparse.minor = Some(pax::parse_u64(v, "sparse").map_err(e)?),
                 b"GNU.sparse.name" => sparse.name = Some(v.to_vec()),
                 b"GNU.sparse.realsize" | b"GNU.sparse.size" => {
                     sparse.realsize = Some(pax::parse_u64(v, "sparse size").map_err(e)?)

@@ -55,8 +55,28 @@ impl Snapshotter {
 
     /// After a crash: sweep orphans, drop half-written layers, finish interrupted commits
     /// (empty upper directories of committed snapshots).
+    /// At start-up, before any request: diffs on their way to the content store live in
+    /// `ROOT/tmp` only while a Compare runs, so whatever a crash left there is garbage.
+    fn sweep_scratch(&self) -> Result<()> {
+        let dir = self.layout.root().join("tmp");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
+        };
+        for e in entries {
+            let e = e.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+            tracing::info!(file = %e.path().display(), "removing a diff left by a crash");
+            if let Err(err) = fs::remove_file(e.path()) {
+                tracing::warn!(file = %e.path().display(), error = %err, "removing a leftover diff");
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn recover(&self) -> Result<()> {
         self.sweep()?;
+        self.sweep_scratch()?;
         let all = self.store.read(|tx| tx.all())?;
         for (key, rec) in all {
             let dir = self.layout.dir(rec.id);

@@ -122,6 +122,9 @@ impl Snapshotter {
                 )
             })?;
             moved_to = Some(dir);
+            // The directory's new name is durable before the record that points at it: a
+            // power loss after the commit must not leave a record without its directory.
+            sync_dir(&self.layout.snapshots())?;
             crate::failpoint::hit("prepare:before-db-commit");
             Ok((rec, parents, owner))
         });
@@ -134,7 +137,6 @@ impl Snapshotter {
         };
         drop(sweep);
         crate::failpoint::hit("prepare:after-db-commit");
-        sync_dir(&self.layout.snapshots())?;
         let mounted = if writable.is_some() && kind == Kind::Active {
             self.ensure_writable_mounted(rec.id, owner)
         } else {
