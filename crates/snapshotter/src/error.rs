@@ -25,6 +25,10 @@ pub enum ErrorKind {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An error of the snapshotter core.
+///
+/// [`Error::context`] wraps an error instead of flattening it, so the original (an
+/// `io::Error`, an `erofs_image::Error`, a metadata-store error) stays reachable through
+/// [`std::error::Error::source`] and [`Error::kind`] stays the kind of the innermost failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -36,12 +40,18 @@ pub enum Error {
         /// What happened.
         message: String,
     },
-    /// The metadata store failed.
+    /// The metadata store is inconsistent (a bad record, a loop in a parent chain).
     #[error("metadata store: {0}")]
     Store(String),
+    /// The metadata database failed.
+    #[error("metadata store: {0}")]
+    Database(#[source] redb::Error),
     /// An I/O error with what was being done.
     #[error("{context}: {source}")]
     Io {
+        /// The class: [`ErrorKind::Internal`] unless the caller knows better (a layer blob
+        /// that cannot be read is the request's fault, not ours).
+        kind: ErrorKind,
         /// What was being done.
         context: String,
         /// The error.
@@ -49,8 +59,17 @@ pub enum Error {
         source: io::Error,
     },
     /// Building or reading an EROFS image failed.
-    #[error(transparent)]
-    Image(#[from] erofs_image::Error),
+    #[error("{0}")]
+    Image(#[source] erofs_image::Error),
+    /// An error with what was being done when it happened.
+    #[error("{context}: {source}")]
+    Context {
+        /// What was being done.
+        context: String,
+        /// The error (its kind is this error's kind).
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 macro_rules! ctor {
@@ -74,9 +93,16 @@ impl Error {
     ctor!(unavailable, Unavailable);
     ctor!(internal, Internal);
 
-    /// An I/O error with context.
+    /// An I/O error with context, of kind [`ErrorKind::Internal`].
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::io_as(ErrorKind::Internal, context, source)
+    }
+
+    /// An I/O error with context and a kind (e.g. `InvalidArgument` for a corrupt layer
+    /// stream).
+    pub fn io_as(kind: ErrorKind, context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
+            kind,
             context: context.into(),
             source,
         }
@@ -86,7 +112,9 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Kind { kind, .. } => *kind,
-            Error::Store(_) | Error::Io { .. } => ErrorKind::Internal,
+            Error::Store(_) | Error::Database(_) => ErrorKind::Internal,
+            Error::Io { kind, .. } => *kind,
+            Error::Context { source, .. } => source.kind(),
             Error::Image(e) => match e {
                 erofs_image::Error::Tar(_)
                 | erofs_image::Error::Entry { .. }
@@ -98,26 +126,34 @@ impl Error {
         }
     }
 
-    /// Prefix the message with context, keeping the kind.
+    /// Say what was being done: the message becomes "what: message", the kind stays, and
+    /// this error becomes the [`source`](std::error::Error::source) of the result.
     pub fn context(self, what: impl std::fmt::Display) -> Self {
-        Error::Kind {
-            kind: self.kind(),
-            message: format!("{what}: {self}"),
+        Error::Context {
+            context: what.to_string(),
+            source: Box::new(self),
         }
+    }
+}
+
+impl From<erofs_image::Error> for Error {
+    fn from(e: erofs_image::Error) -> Self {
+        Error::Image(e)
     }
 }
 
 impl From<redb::Error> for Error {
     fn from(e: redb::Error) -> Self {
-        Error::Store(e.to_string())
+        Error::Database(e)
     }
 }
 
+// redb's specific errors all convert into `redb::Error` with the same message.
 macro_rules! store_err {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
             fn from(e: $t) -> Self {
-                Error::Store(e.to_string())
+                Error::Database(e.into())
             }
         }
     )*};
@@ -129,3 +165,90 @@ store_err!(
     redb::StorageError,
     redb::CommitError
 );
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    /// The errors of a chain, outermost first, as their messages.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        std::iter::successors(Some(e), |e| e.source())
+            .map(|e| e.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn context_keeps_kind_message_and_source() {
+        let inner = Error::not_found("snapshot \"a\"");
+        let e = inner.context("preparing \"b\"").context("request");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(e.to_string(), "request: preparing \"b\": snapshot \"a\"");
+        assert_eq!(
+            chain(&e),
+            [
+                "request: preparing \"b\": snapshot \"a\"",
+                "preparing \"b\": snapshot \"a\"",
+                "snapshot \"a\"",
+            ]
+        );
+        let root = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+            .last()
+            .unwrap();
+        assert!(matches!(
+            root.downcast_ref::<Error>(),
+            Some(Error::Kind {
+                kind: ErrorKind::NotFound,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn io_errors_stay_typed_under_context() {
+        let io = io::Error::new(io::ErrorKind::PermissionDenied, "denied");
+        let e = Error::io_as(ErrorKind::InvalidArgument, "reading the layer", io)
+            .context("applying sha256:x");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(
+            e.to_string(),
+            "applying sha256:x: reading the layer: denied"
+        );
+        let found = std::iter::successors(e.source(), |e| e.source())
+            .find_map(|e| e.downcast_ref::<io::Error>())
+            .expect("the io::Error is in the chain");
+        assert_eq!(found.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            Error::io("x", io::Error::other("y")).kind(),
+            ErrorKind::Internal
+        );
+    }
+
+    #[test]
+    fn image_errors_are_sources_not_strings() {
+        let img = erofs_image::Error::Unsupported("chunked files".into());
+        let e = Error::from(img).context("opening layer 3");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(e.to_string(), "opening layer 3: unsupported: chunked files");
+        let found = std::iter::successors(e.source(), |e| e.source())
+            .find_map(|e| e.downcast_ref::<erofs_image::Error>())
+            .expect("the erofs_image::Error is in the chain");
+        assert!(matches!(found, erofs_image::Error::Unsupported(_)));
+    }
+
+    #[test]
+    fn database_errors_keep_redb_error() {
+        let e = Error::from(redb::StorageError::Corrupted("bad page".into())).context("listing");
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert!(
+            e.to_string().starts_with("listing: metadata store: "),
+            "{e}"
+        );
+        assert!(e.to_string().contains("bad page"), "{e}");
+        assert!(
+            std::iter::successors(e.source(), |e| e.source())
+                .any(|e| e.downcast_ref::<redb::Error>().is_some())
+        );
+    }
+}

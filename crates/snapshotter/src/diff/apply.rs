@@ -252,9 +252,9 @@ impl Snapshotter {
                         erofs_image::tar_to_image(&mut pipe, out, &opts)?;
                     }
                 }
-                let sum = pipe
-                    .finish()
-                    .map_err(|e| Error::invalid_argument(format!("reading the layer: {e}")))?;
+                let sum = pipe.finish().map_err(|e| {
+                    Error::io_as(ErrorKind::InvalidArgument, "reading the layer", e)
+                })?;
                 Ok(Descriptor {
                     media_type: MEDIA_TYPE_TAR.into(),
                     digest: sum.digest,
@@ -319,7 +319,13 @@ fn copy_hashing(mut r: impl Read, mut out: &File) -> Result<(String, u64)> {
             Ok(0) => break,
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::invalid_argument(format!("reading the layer: {e}"))),
+            Err(e) => {
+                return Err(Error::io_as(
+                    ErrorKind::InvalidArgument,
+                    "reading the layer",
+                    e,
+                ));
+            }
         };
         h.update(&buf[..k]);
         out.write_all(&buf[..k])
