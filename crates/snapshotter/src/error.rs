@@ -29,11 +29,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// [`Error::context`] wraps an error instead of flattening it, so the original (an
 /// `io::Error`, an `erofs_image::Error`, a metadata-store error) stays reachable through
 /// [`std::error::Error::source`] and [`Error::kind`] stays the kind of the innermost failure.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// A classified failure with its message.
-    #[error("{message}")]
     Kind {
         /// The class.
         kind: ErrorKind,
@@ -41,13 +40,10 @@ pub enum Error {
         message: String,
     },
     /// The metadata store is inconsistent (a bad record, a loop in a parent chain).
-    #[error("metadata store: {0}")]
     Store(String),
     /// The metadata database failed.
-    #[error("metadata store: {0}")]
-    Database(#[source] redb::Error),
+    Database(redb::Error),
     /// An I/O error with what was being done.
-    #[error("{context}: {source}")]
     Io {
         /// The class: [`ErrorKind::Internal`] unless the caller knows better (a layer blob
         /// that cannot be read is the request's fault, not ours).
@@ -55,21 +51,46 @@ pub enum Error {
         /// What was being done.
         context: String,
         /// The error.
-        #[source]
         source: io::Error,
     },
     /// Building or reading an EROFS image failed.
-    #[error("{0}")]
-    Image(#[source] erofs_image::Error),
+    Image(erofs_image::Error),
     /// An error with what was being done when it happened.
-    #[error("{context}: {source}")]
     Context {
         /// What was being done.
         context: String,
         /// The error (its kind is this error's kind).
-        #[source]
         source: Box<Error>,
     },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Kind { message, .. } => f.write_str(message),
+            Error::Store(m) => write!(f, "metadata store: {m}"),
+            Error::Database(e) => write!(f, "metadata store: {e}"),
+            Error::Io {
+                context, source, ..
+            } => write!(f, "{context}: {source}"),
+            Error::Image(e) => e.fmt(f),
+            Error::Context { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+// Written out rather than derived: the source of a `Context` must be the inner `Error`
+// itself (so a walk of the chain can downcast it), not the `Box` around it.
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Kind { .. } | Error::Store(_) => None,
+            Error::Database(e) => Some(e),
+            Error::Io { source, .. } => Some(source),
+            Error::Image(e) => Some(e),
+            Error::Context { source, .. } => Some(&**source),
+        }
+    }
 }
 
 macro_rules! ctor {
@@ -168,15 +189,18 @@ store_err!(
 
 #[cfg(test)]
 mod tests {
-    use std::error::Error as _;
-
     use super::*;
 
-    /// The errors of a chain, outermost first, as their messages.
+    /// The errors of a chain, outermost first.
+    fn sources<'a>(
+        e: &'a (dyn std::error::Error + 'static),
+    ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+        std::iter::successors(Some(e), |&e| e.source())
+    }
+
+    /// The messages of a chain, outermost first.
     fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
-        std::iter::successors(Some(e), |e| e.source())
-            .map(|e| e.to_string())
-            .collect()
+        sources(e).map(|e| e.to_string()).collect()
     }
 
     #[test]
@@ -193,9 +217,7 @@ mod tests {
                 "snapshot \"a\"",
             ]
         );
-        let root = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-            .last()
-            .unwrap();
+        let root = sources(&e).last().unwrap();
         assert!(matches!(
             root.downcast_ref::<Error>(),
             Some(Error::Kind {
@@ -215,7 +237,7 @@ mod tests {
             e.to_string(),
             "applying sha256:x: reading the layer: denied"
         );
-        let found = std::iter::successors(e.source(), |e| e.source())
+        let found = sources(&e)
             .find_map(|e| e.downcast_ref::<io::Error>())
             .expect("the io::Error is in the chain");
         assert_eq!(found.kind(), io::ErrorKind::PermissionDenied);
@@ -231,7 +253,7 @@ mod tests {
         let e = Error::from(img).context("opening layer 3");
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
         assert_eq!(e.to_string(), "opening layer 3: unsupported: chunked files");
-        let found = std::iter::successors(e.source(), |e| e.source())
+        let found = sources(&e)
             .find_map(|e| e.downcast_ref::<erofs_image::Error>())
             .expect("the erofs_image::Error is in the chain");
         assert!(matches!(found, erofs_image::Error::Unsupported(_)));
@@ -246,9 +268,6 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("bad page"), "{e}");
-        assert!(
-            std::iter::successors(e.source(), |e| e.source())
-                .any(|e| e.downcast_ref::<redb::Error>().is_some())
-        );
+        assert!(sources(&e).any(|e| e.downcast_ref::<redb::Error>().is_some()));
     }
 }
