@@ -5,10 +5,11 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use erofs_image::compression::{BombGuard, Decompressed};
+use erofs_image::compression::{BombGuard, Compression, Decompressed};
 use sha2::{Digest, Sha256};
 
 use super::content::{ContentSource, Descriptor};
+use super::media_type::{LayerType, MEDIA_TYPE_EROFS, MEDIA_TYPE_TAR, layer_type};
 use super::mkfs::MkfsOptions;
 use super::pipeline::Pipeline;
 use crate::error::{Error, ErrorKind, Result};
@@ -16,50 +17,6 @@ use crate::layout::{LAYER, LAYER_TMP, MARKER};
 use crate::mount::Mount;
 use crate::snapshot::{Snapshotter, sync_dir};
 use crate::store::Kind;
-
-/// The media type of an uncompressed OCI layer (what Apply returns for tar layers).
-pub const MEDIA_TYPE_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-/// Native EROFS layers.
-pub const MEDIA_TYPE_EROFS: &str = "application/vnd.erofs.layer.v1";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum LayerKind {
-    Tar,
-    /// A ready EROFS image, possibly zstd-compressed.
-    Native {
-        zstd: bool,
-    },
-}
-
-fn classify(media_type: &str) -> Result<LayerKind> {
-    if let Some(rest) = media_type.strip_prefix(MEDIA_TYPE_EROFS) {
-        return match rest {
-            "" => Ok(LayerKind::Native { zstd: false }),
-            "+zstd" => Ok(LayerKind::Native { zstd: true }),
-            other => Err(Error::invalid_argument(format!(
-                "unsupported erofs layer suffix {other:?}"
-            ))),
-        };
-    }
-    const TARS: [&str; 4] = [
-        "application/vnd.oci.image.layer.v1.tar",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar",
-        "application/vnd.docker.image.rootfs.diff.tar",
-        "application/vnd.docker.image.rootfs.foreign.diff.tar",
-    ];
-    for t in TARS {
-        if let Some(rest) = media_type.strip_prefix(t)
-            && matches!(rest, "" | "+gzip" | "+zstd" | ".gzip" | ".zstd")
-        {
-            return Ok(LayerKind::Tar);
-        }
-    }
-    // Encrypted layers and unknown types: let containerd try the next differ, which may have
-    // the stream processors they need.
-    Err(Error::unimplemented(format!(
-        "media type {media_type:?} is not handled by the EROFS differ"
-    )))
-}
 
 /// Where Apply writes a layer: the temporary file, its path, and whether the data may skip
 /// the page cache.
@@ -122,7 +79,7 @@ impl Snapshotter {
         content: &dyn ContentSource,
         namespace: &str,
     ) -> Result<Descriptor> {
-        let kind = classify(&desc.media_type)?;
+        let kind = layer_type(&desc.media_type)?;
         super::content::parse_digest(&desc.digest)?;
         let (id, key) = self.apply_target(mounts)?;
         let _g = self.locks.lock(&[&key]);
@@ -135,7 +92,7 @@ impl Snapshotter {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-        let tar_index = kind == LayerKind::Tar && self.cfg.differ.enable_tar_index;
+        let tar_index = matches!(kind, LayerType::Tar(_)) && self.cfg.differ.enable_tar_index;
         // Written back to disk as it is produced, so the fsync below only waits for the tail,
         // and hashed for its integrity trees as it is produced, so they cost little more.
         let trees = crate::integrity::ahead_trees(self, tar_index);
@@ -202,7 +159,7 @@ impl Snapshotter {
 
     fn write_layer(
         &self,
-        kind: &LayerKind,
+        kind: &LayerType,
         desc: &Descriptor,
         target: &LayerOut<'_>,
         content: &dyn ContentSource,
@@ -211,9 +168,9 @@ impl Snapshotter {
         let (out, tmp) = (target.file, target.path);
         let blob = content.open(desc, namespace)?;
         match kind {
-            LayerKind::Tar => {
+            LayerType::Tar(_) => {
                 let opts = MkfsOptions::parse(&self.cfg.differ.mkfs_options)
-                    .map_err(Error::invalid_argument)?
+                    .map_err(|e| Error::invalid_argument(format!("differ.mkfs_options: {e}")))?
                     .build_options(&desc.digest);
                 if let Some(f) = blob.file.as_ref().filter(|f| is_plain(f)) {
                     // An uncompressed layer in the content store: its digest is its diffID
@@ -262,8 +219,8 @@ impl Snapshotter {
                     annotations: Default::default(),
                 })
             }
-            LayerKind::Native { zstd } => {
-                let (digest, size) = if *zstd {
+            LayerType::Erofs(compression) => {
+                let (digest, size) = if *compression == Compression::Zstd {
                     let dec = zstd::stream::read::Decoder::new(blob.reader)
                         .map_err(|e| Error::io("zstd", e))?;
                     copy_hashing(dec, out)?
@@ -370,48 +327,4 @@ fn copy_file(src: &File, dst: &File) -> Result<()> {
 /// Whether an error means "not for this differ".
 pub fn is_unimplemented(e: &Error) -> bool {
     e.kind() == ErrorKind::Unimplemented
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn media_types() {
-        for t in [
-            "application/vnd.oci.image.layer.v1.tar",
-            "application/vnd.oci.image.layer.v1.tar+gzip",
-            "application/vnd.oci.image.layer.v1.tar+zstd",
-            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-            "application/vnd.docker.image.rootfs.diff.tar.gzip",
-            "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-            "application/vnd.docker.image.rootfs.diff.tar",
-        ] {
-            assert_eq!(classify(t).unwrap(), LayerKind::Tar, "{t}");
-        }
-        assert_eq!(
-            classify("application/vnd.erofs.layer.v1").unwrap(),
-            LayerKind::Native { zstd: false }
-        );
-        assert_eq!(
-            classify("application/vnd.erofs.layer.v1+zstd").unwrap(),
-            LayerKind::Native { zstd: true }
-        );
-        assert_eq!(
-            classify("application/vnd.erofs.layer.v1+lz4")
-                .unwrap_err()
-                .kind(),
-            ErrorKind::InvalidArgument
-        );
-        assert_eq!(
-            classify("application/vnd.oci.image.layer.v1.tar+gzip+encrypted")
-                .unwrap_err()
-                .kind(),
-            ErrorKind::Unimplemented
-        );
-        assert_eq!(
-            classify("text/plain").unwrap_err().kind(),
-            ErrorKind::Unimplemented
-        );
-    }
 }
