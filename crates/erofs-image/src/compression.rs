@@ -1,7 +1,8 @@
-//! Layer compression: detect gzip or zstd by magic bytes and decompress as a stream, with a
-//! guard against decompression bombs.
+//! Layer compression: the one [`Compression`] type of the workspace. Detect gzip or zstd by
+//! magic bytes and decompress as a stream, with a guard against decompression bombs, or
+//! compress a stream ([`Encoder`]).
 
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,6 +18,48 @@ pub enum Compression {
 }
 
 impl Compression {
+    /// All three.
+    pub const ALL: [Compression; 3] = [Compression::None, Compression::Gzip, Compression::Zstd];
+
+    /// The usual name (`gzip`, `zstd`: the suffix of media types and file names); `None` for
+    /// an uncompressed stream.
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Compression::None => None,
+            Compression::Gzip => Some("gzip"),
+            Compression::Zstd => Some("zstd"),
+        }
+    }
+
+    /// The compression a name (as [`Compression::name`] gives it) stands for.
+    pub fn from_name(name: &str) -> Option<Compression> {
+        match name {
+            "gzip" => Some(Compression::Gzip),
+            "zstd" => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+
+    /// An encoder that writes the compressed form of its input into `out`, at the levels the
+    /// `gzip` and `zstd` tools use by default (6 and 3). Call [`Encoder::finish`] at the end.
+    pub fn encoder<W: Write>(self, out: W) -> io::Result<Encoder<W>> {
+        Ok(Encoder(match self {
+            Compression::None => EncoderKind::None(out),
+            Compression::Gzip => EncoderKind::Gzip(flate2::write::GzEncoder::new(
+                out,
+                flate2::Compression::default(),
+            )),
+            Compression::Zstd => EncoderKind::Zstd(zstd::stream::write::Encoder::new(out, 3)?),
+        }))
+    }
+
+    /// Compress a whole buffer (a copy of it for [`Compression::None`]).
+    pub fn compress(self, data: &[u8]) -> io::Result<Vec<u8>> {
+        let mut e = self.encoder(Vec::with_capacity(data.len() / 2))?;
+        e.write_all(data)?;
+        e.finish()
+    }
+
     /// Identify a stream from its first bytes.
     pub fn detect(head: &[u8]) -> Compression {
         if head.starts_with(&[0x1f, 0x8b]) {
@@ -25,6 +68,59 @@ impl Compression {
             Compression::Zstd
         } else {
             Compression::None
+        }
+    }
+}
+
+/// A compressing writer (see [`Compression::encoder`]).
+pub struct Encoder<W: Write>(EncoderKind<W>);
+
+enum EncoderKind<W: Write> {
+    None(W),
+    Gzip(flate2::write::GzEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+impl<W: Write> std::fmt::Debug for Encoder<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Encoder").field(&self.compression()).finish()
+    }
+}
+
+impl<W: Write> Encoder<W> {
+    /// The compression it writes.
+    pub fn compression(&self) -> Compression {
+        match self.0 {
+            EncoderKind::None(_) => Compression::None,
+            EncoderKind::Gzip(_) => Compression::Gzip,
+            EncoderKind::Zstd(_) => Compression::Zstd,
+        }
+    }
+
+    /// End the compressed stream (gzip trailer, last zstd frame); the writer underneath.
+    pub fn finish(self) -> io::Result<W> {
+        match self.0 {
+            EncoderKind::None(w) => Ok(w),
+            EncoderKind::Gzip(g) => g.finish(),
+            EncoderKind::Zstd(z) => z.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            EncoderKind::None(w) => w.write(b),
+            EncoderKind::Gzip(g) => g.write(b),
+            EncoderKind::Zstd(z) => z.write(b),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.0 {
+            EncoderKind::None(w) => w.flush(),
+            EncoderKind::Gzip(g) => g.flush(),
+            EncoderKind::Zstd(z) => z.flush(),
         }
     }
 }
@@ -193,6 +289,25 @@ mod tests {
             d.read_to_end(&mut out).unwrap();
             assert_eq!(out, plain);
         }
+    }
+
+    #[test]
+    fn encodes_what_it_detects() {
+        let plain = b"layer bytes ".repeat(5000);
+        for c in Compression::ALL {
+            let packed = c.compress(&plain).unwrap();
+            assert_eq!(Compression::detect(&packed), c);
+            let mut d =
+                Decompressed::new(std::io::Cursor::new(packed), BombGuard::default()).unwrap();
+            let mut out = Vec::new();
+            d.read_to_end(&mut out).unwrap();
+            assert_eq!(out, plain, "{c:?}");
+            assert_eq!(
+                c.name().and_then(Compression::from_name),
+                c.name().map(|_| c)
+            );
+        }
+        assert_eq!(Compression::from_name("xz"), None);
     }
 
     #[test]

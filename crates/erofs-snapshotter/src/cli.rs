@@ -79,23 +79,29 @@ pub struct MkfsArgs {
     /// and opaque directories, as container layers need.
     #[arg(long)]
     pub aufs: bool,
+    // The mkfs.erofs options below are taken as given and checked by the library's parser
+    // (snapshotter::diff::MkfsOptions), the one the differ's `mkfs_options` go through too.
     /// Extended options, comma-separated: `inline_data` (default) or `noinline_data` /
     /// `^inline_data` (keep regular-file data block-aligned, as containerd asks).
     #[arg(short = 'E', value_name = "OPTS")]
     pub extended: Vec<String>,
     /// Image timestamp in seconds. Without --mkfs-time every inode gets this mtime.
     #[arg(short = 'T', value_name = "SECONDS", allow_hyphen_values = true)]
-    pub timestamp: Option<i64>,
+    pub timestamp: Option<String>,
+    /// With -T, every inode gets the timestamp (the default; the last of --all-time and
+    /// --mkfs-time counts).
+    #[arg(long, overrides_with = "mkfs_time")]
+    pub all_time: bool,
     /// With -T, use the timestamp only for the image and synthesized directories; keep the
     /// files' own mtimes.
-    #[arg(long)]
+    #[arg(long, overrides_with = "all_time")]
     pub mkfs_time: bool,
     /// Filesystem UUID: a UUID, `clear` (all zeros) or `random` (the default).
     #[arg(short = 'U', value_name = "UUID")]
     pub uuid: Option<String>,
-    /// Block size of full images (512, 1024, 2048 or 4096).
-    #[arg(short = 'b', value_name = "BYTES", default_value_t = 4096)]
-    pub block_size: u32,
+    /// Block size of full images (512, 1024, 2048 or 4096; default 4096).
+    #[arg(short = 'b', value_name = "BYTES")]
+    pub block_size: Option<String>,
     /// Data order (accepted for mkfs.erofs compatibility; data is always in input order).
     #[arg(long, value_name = "none|path")]
     pub sort: Option<String>,

@@ -205,6 +205,10 @@ fn options_are_checked_by_name() {
         (vec!["-U", "not-a-uuid"], "not-a-uuid"),
         (vec!["-b", "3000"], "3000"),
         (vec!["--sort=random"], "random"),
+        // The library's rules (the differ's mkfs_options share them), as mkfs.erofs has them.
+        (vec!["-E,noinline_data"], "unsupported extended option"),
+        (vec!["-T", "-1"], "-1"),
+        (vec!["-U", "00112233445566778899aabbccddeeff"], "00112233"),
     ] {
         let mut a = vec!["mkfs", "-q", "--tar=f"];
         a.extend(args.iter().copied());
@@ -235,6 +239,34 @@ fn options_are_checked_by_name() {
         assert!(o.status.success(), "{}", text(&o));
     }
     assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+}
+
+/// Of `--all-time` and `--mkfs-time` the last one counts, as in mkfs.erofs; `--sort=path` and
+/// a trailing comma in `-E` are taken.
+#[test]
+fn time_flags_last_one_wins() {
+    let t = tempfile::tempdir().unwrap();
+    let tar = t.path().join("l.tar");
+    let mut w = TarWriter::new(fs::File::create(&tar).unwrap());
+    let mut e = Entry::new("f", EntryKind::Regular);
+    e.mtime = 1_000_000;
+    w.append_bytes(&e, b"x\n").unwrap();
+    w.finish().unwrap();
+    let build = |name: &str, flags: &[&str]| {
+        let img = t.path().join(name);
+        let mut a = vec!["mkfs", "-q", "--tar=f", "-T5", "-Uclear"];
+        a.extend(flags);
+        a.extend([img.to_str().unwrap(), tar.to_str().unwrap()]);
+        let o = run(&a);
+        assert!(o.status.success(), "{flags:?}: {}", text(&o));
+        fs::read(img).unwrap()
+    };
+    let all = build("all.erofs", &[]);
+    let mkfs = build("mkfs.erofs", &["--mkfs-time"]);
+    assert_ne!(all, mkfs);
+    assert_eq!(build("a.erofs", &["--mkfs-time", "--all-time"]), all);
+    assert_eq!(build("b.erofs", &["--all-time", "--mkfs-time"]), mkfs);
+    assert_eq!(build("c.erofs", &["--sort=path", "-Einline_data,"]), all);
 }
 
 #[test]

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::content::GrpcContent;
 use crate::convert;
+use crate::request::{Method, traced};
 use crate::status::{blocking, from_core, missing};
 
 /// The service.
@@ -76,14 +77,28 @@ impl Diff for DiffService {
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let ns = self.namespace(&req);
         let r = req.into_inner();
-        let d = desc_from(r.diff.ok_or_else(|| missing("diff"))?);
-        let mounts: Vec<snapshotter::Mount> =
-            r.mounts.into_iter().map(convert::mount_from).collect();
+        let (digest, media_type) = r
+            .diff
+            .as_ref()
+            .map(|d| (d.digest.as_str(), d.media_type.as_str()))
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            "apply",
+            digest = %digest,
+            media_type = %media_type,
+            namespace = %ns
+        );
         let (core, content) = (self.core.clone(), self.content.clone());
-        let applied = blocking(move || core.apply(&d, &mounts, &*content, &ns)).await?;
-        Ok(Response::new(pb::ApplyResponse {
-            applied: Some(desc(applied)),
-        }))
+        traced(span, Method::Change, async move {
+            let d = desc_from(r.diff.ok_or_else(|| missing("diff"))?);
+            let mounts: Vec<snapshotter::Mount> =
+                r.mounts.into_iter().map(convert::mount_from).collect();
+            let applied = blocking(move || core.apply(&d, &mounts, &*content, &ns)).await?;
+            Ok(Response::new(pb::ApplyResponse {
+                applied: Some(desc(applied)),
+            }))
+        })
+        .await
     }
 
     async fn diff(
@@ -97,43 +112,57 @@ impl Diff for DiffService {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let r = req.into_inner();
-        let lower: Vec<snapshotter::Mount> = r.left.into_iter().map(convert::mount_from).collect();
-        let upper: Vec<snapshotter::Mount> = r.right.into_iter().map(convert::mount_from).collect();
-        let epoch = r.source_date_epoch.map(|t| snapshotter::store::Timestamp {
-            secs: t.seconds,
-            nanos: t.nanos.max(0) as u32,
-        });
-        let media_type = r.media_type.clone();
+        // The digest is known only at the end; it is recorded into the span then.
+        let span = tracing::info_span!(
+            "diff",
+            media_type = %r.media_type,
+            namespace = %ns,
+            digest = tracing::field::Empty
+        );
         let core = self.core.clone();
-        let blob = blocking(move || core.compare(&lower, &upper, &media_type, epoch)).await?;
-        let reference = if r.r#ref.is_empty() {
-            format!(
-                "erofs-diff-{:x}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos()
-            )
-        } else {
-            r.r#ref
-        };
-        let channel = self.containerd.channel().map_err(from_core)?;
-        let lease = match lease {
-            Some(l) => l,
-            None => crate::lease::expiring(channel.clone(), &ns, crate::lease::DIFF_LEASE_TTL)
+        let containerd = self.containerd.clone();
+        traced(span, Method::Change, async move {
+            let lower: Vec<snapshotter::Mount> =
+                r.left.into_iter().map(convert::mount_from).collect();
+            let upper: Vec<snapshotter::Mount> =
+                r.right.into_iter().map(convert::mount_from).collect();
+            let epoch = r.source_date_epoch.map(|t| snapshotter::store::Timestamp {
+                secs: t.seconds,
+                nanos: t.nanos.max(0) as u32,
+            });
+            let media_type = r.media_type.clone();
+            let blob = blocking(move || core.compare(&lower, &upper, &media_type, epoch)).await?;
+            tracing::Span::current().record("digest", blob.digest.as_str());
+            let reference = if r.r#ref.is_empty() {
+                format!(
+                    "erofs-diff-{:x}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_nanos()
+                )
+            } else {
+                r.r#ref
+            };
+            let channel = containerd.channel().map_err(from_core)?;
+            let lease = match lease {
+                Some(l) => l,
+                None => crate::lease::expiring(channel.clone(), &ns, crate::lease::DIFF_LEASE_TTL)
+                    .await
+                    .map_err(from_core)?,
+            };
+            crate::content::upload(channel, &ns, Some(&lease), &reference, &blob, r.labels)
                 .await
-                .map_err(from_core)?,
-        };
-        crate::content::upload(channel, &ns, Some(&lease), &reference, &blob, r.labels)
-            .await
-            .map_err(from_core)?;
-        Ok(Response::new(pb::DiffResponse {
-            diff: Some(types::Descriptor {
-                media_type: blob.media_type.clone(),
-                digest: blob.digest.clone(),
-                size: blob.size as i64,
-                annotations: Default::default(),
-            }),
-        }))
+                .map_err(from_core)?;
+            Ok(Response::new(pb::DiffResponse {
+                diff: Some(types::Descriptor {
+                    media_type: blob.media_type.clone(),
+                    digest: blob.digest.clone(),
+                    size: blob.size as i64,
+                    annotations: Default::default(),
+                }),
+            }))
+        })
+        .await
     }
 }

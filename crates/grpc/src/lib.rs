@@ -2,12 +2,14 @@
 //! a Unix socket, and clients of containerd's `Content` and `Leases` services for the differ.
 //!
 //! Every method converts the request, calls the core on a blocking thread, maps the error to
-//! the status code containerd expects, and converts the reply. There is no logic here.
+//! the status code containerd expects, and converts the reply, inside one tracing span per
+//! request ([`request`]). There is no logic here.
 
 pub mod content;
 pub mod convert;
 pub mod diff;
 pub mod lease;
+pub mod request;
 pub mod serve;
 pub mod snapshots;
 pub mod status;

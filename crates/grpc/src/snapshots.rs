@@ -10,6 +10,7 @@ use snapshotter::Snapshotter;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
+use crate::request::{Method, traced};
 use crate::status::{blocking, missing};
 
 /// containerd's reference server streams List in batches of this many.
@@ -39,12 +40,17 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = req.into_inner();
+        let span = tracing::info_span!("prepare", key = %r.key, parent = %r.parent);
         let core = self.core.clone();
-        let m = blocking(move || core.prepare(&r.key, &r.parent, r.labels.into_iter().collect()))
-            .await?;
-        Ok(Response::new(pb::PrepareSnapshotResponse {
-            mounts: mounts(m),
-        }))
+        traced(span, Method::Change, async move {
+            let m =
+                blocking(move || core.prepare(&r.key, &r.parent, r.labels.into_iter().collect()))
+                    .await?;
+            Ok(Response::new(pb::PrepareSnapshotResponse {
+                mounts: mounts(m),
+            }))
+        })
+        .await
     }
 
     async fn view(
@@ -52,12 +58,16 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::ViewSnapshotRequest>,
     ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
         let r = req.into_inner();
+        let span = tracing::info_span!("view", key = %r.key, parent = %r.parent);
         let core = self.core.clone();
-        let m =
-            blocking(move || core.view(&r.key, &r.parent, r.labels.into_iter().collect())).await?;
-        Ok(Response::new(pb::ViewSnapshotResponse {
-            mounts: mounts(m),
-        }))
+        traced(span, Method::Change, async move {
+            let m = blocking(move || core.view(&r.key, &r.parent, r.labels.into_iter().collect()))
+                .await?;
+            Ok(Response::new(pb::ViewSnapshotResponse {
+                mounts: mounts(m),
+            }))
+        })
+        .await
     }
 
     async fn mounts(
@@ -65,9 +75,13 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::MountsRequest>,
     ) -> Result<Response<pb::MountsResponse>, Status> {
         let r = req.into_inner();
+        let span = tracing::debug_span!("mounts", key = %r.key);
         let core = self.core.clone();
-        let m = blocking(move || core.mounts(&r.key)).await?;
-        Ok(Response::new(pb::MountsResponse { mounts: mounts(m) }))
+        traced(span, Method::Query, async move {
+            let m = blocking(move || core.mounts(&r.key)).await?;
+            Ok(Response::new(pb::MountsResponse { mounts: mounts(m) }))
+        })
+        .await
     }
 
     async fn commit(
@@ -75,10 +89,16 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
+        let span = tracing::info_span!("commit", name = %r.name, key = %r.key);
         let core = self.core.clone();
-        blocking(move || core.commit(&r.name, &r.key, r.labels.into_iter().collect(), &r.parent))
+        traced(span, Method::Change, async move {
+            blocking(move || {
+                core.commit(&r.name, &r.key, r.labels.into_iter().collect(), &r.parent)
+            })
             .await?;
-        Ok(Response::new(()))
+            Ok(Response::new(()))
+        })
+        .await
     }
 
     async fn remove(
@@ -86,9 +106,13 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
+        let span = tracing::info_span!("remove", key = %r.key);
         let core = self.core.clone();
-        blocking(move || core.remove(&r.key)).await?;
-        Ok(Response::new(()))
+        traced(span, Method::Change, async move {
+            blocking(move || core.remove(&r.key)).await?;
+            Ok(Response::new(()))
+        })
+        .await
     }
 
     async fn stat(
@@ -96,11 +120,15 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::StatSnapshotRequest>,
     ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
         let r = req.into_inner();
+        let span = tracing::debug_span!("stat", key = %r.key);
         let core = self.core.clone();
-        let i = blocking(move || core.stat(&r.key)).await?;
-        Ok(Response::new(pb::StatSnapshotResponse {
-            info: Some(convert::info(i)),
-        }))
+        traced(span, Method::Query, async move {
+            let i = blocking(move || core.stat(&r.key)).await?;
+            Ok(Response::new(pb::StatSnapshotResponse {
+                info: Some(convert::info(i)),
+            }))
+        })
+        .await
     }
 
     async fn update(
@@ -108,13 +136,18 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::UpdateSnapshotRequest>,
     ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let info = r.info.ok_or_else(|| missing("info"))?;
-        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let key = r.info.as_ref().map(|i| i.name.as_str()).unwrap_or_default();
+        let span = tracing::info_span!("update", key = %key);
         let core = self.core.clone();
-        let i = blocking(move || core.update(convert::info_from(info), &paths)).await?;
-        Ok(Response::new(pb::UpdateSnapshotResponse {
-            info: Some(convert::info(i)),
-        }))
+        traced(span, Method::Change, async move {
+            let info = r.info.ok_or_else(|| missing("info"))?;
+            let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+            let i = blocking(move || core.update(convert::info_from(info), &paths)).await?;
+            Ok(Response::new(pb::UpdateSnapshotResponse {
+                info: Some(convert::info(i)),
+            }))
+        })
+        .await
     }
 
     type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>>;
@@ -124,16 +157,21 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
         let r = req.into_inner();
+        let span = tracing::debug_span!("list", filters = ?r.filters);
         let core = self.core.clone();
-        let infos = blocking(move || core.list(&r.filters)).await?;
-        let mut batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = Vec::new();
-        let mut it = infos.into_iter().map(convert::info).peekable();
-        while it.peek().is_some() {
-            batches.push(Ok(pb::ListSnapshotsResponse {
-                info: it.by_ref().take(LIST_BATCH).collect(),
-            }));
-        }
-        Ok(Response::new(Box::pin(futures::stream::iter(batches))))
+        traced(span, Method::Query, async move {
+            let infos = blocking(move || core.list(&r.filters)).await?;
+            let mut batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = Vec::new();
+            let mut it = infos.into_iter().map(convert::info).peekable();
+            while it.peek().is_some() {
+                batches.push(Ok(pb::ListSnapshotsResponse {
+                    info: it.by_ref().take(LIST_BATCH).collect(),
+                }));
+            }
+            let stream: Self::ListStream = Box::pin(futures::stream::iter(batches));
+            Ok(Response::new(stream))
+        })
+        .await
     }
 
     async fn usage(
@@ -141,17 +179,25 @@ impl Snapshots for SnapshotsService {
         req: Request<pb::UsageRequest>,
     ) -> Result<Response<pb::UsageResponse>, Status> {
         let r = req.into_inner();
+        let span = tracing::debug_span!("usage", key = %r.key);
         let core = self.core.clone();
-        let u = blocking(move || core.usage(&r.key)).await?;
-        Ok(Response::new(pb::UsageResponse {
-            size: u.size as i64,
-            inodes: u.inodes as i64,
-        }))
+        traced(span, Method::Query, async move {
+            let u = blocking(move || core.usage(&r.key)).await?;
+            Ok(Response::new(pb::UsageResponse {
+                size: u.size as i64,
+                inodes: u.inodes as i64,
+            }))
+        })
+        .await
     }
 
     async fn cleanup(&self, _req: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
+        let span = tracing::info_span!("cleanup");
         let core = self.core.clone();
-        blocking(move || core.cleanup()).await?;
-        Ok(Response::new(()))
+        traced(span, Method::Change, async move {
+            blocking(move || core.cleanup()).await?;
+            Ok(Response::new(()))
+        })
+        .await
     }
 }

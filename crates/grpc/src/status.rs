@@ -15,11 +15,7 @@ pub fn from_core(e: Error) -> Status {
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::Internal => Code::Internal,
     };
-    if code == Code::Internal {
-        tracing::error!(error = %e, "request failed");
-    } else {
-        tracing::debug!(error = %e, ?code, "request refused");
-    }
+    // Logged once, with the code and the duration, where the request ends (crate::request).
     Status::new(code, e.to_string())
 }
 
@@ -33,11 +29,12 @@ pub fn join_error(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("request task failed: {e}"))
 }
 
-/// Run `f` on the blocking pool and map its error.
+/// Run `f` on the blocking pool, inside the current (request) span, and map its error.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> snapshotter::Result<T> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(join_error)?
         .map_err(from_core)

@@ -240,8 +240,8 @@ impl Config {
                 );
             }
         }
-        if let Err(e) = crate::diff::MkfsOptions::parse(&self.differ.mkfs_options) {
-            return bad("differ.mkfs_options", e);
+        if let Err(e) = crate::mkfs::MkfsOptions::parse(&self.differ.mkfs_options) {
+            return bad("differ.mkfs_options", e.to_string());
         }
         if self.differ.default_namespace.is_empty() {
             return bad("differ.default_namespace", "must not be empty".into());

@@ -25,32 +25,72 @@ pub enum ErrorKind {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An error of the snapshotter core.
-#[derive(Debug, thiserror::Error)]
+///
+/// [`Error::context`] wraps an error instead of flattening it, so the original (an
+/// `io::Error`, an `erofs_image::Error`, a metadata-store error) stays reachable through
+/// [`std::error::Error::source`] and [`Error::kind`] stays the kind of the innermost failure.
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// A classified failure with its message.
-    #[error("{message}")]
     Kind {
         /// The class.
         kind: ErrorKind,
         /// What happened.
         message: String,
     },
-    /// The metadata store failed.
-    #[error("metadata store: {0}")]
+    /// The metadata store is inconsistent (a bad record, a loop in a parent chain).
     Store(String),
+    /// The metadata database failed.
+    Database(redb::Error),
     /// An I/O error with what was being done.
-    #[error("{context}: {source}")]
     Io {
+        /// The class: [`ErrorKind::Internal`] unless the caller knows better (a layer blob
+        /// that cannot be read is the request's fault, not ours).
+        kind: ErrorKind,
         /// What was being done.
         context: String,
         /// The error.
-        #[source]
         source: io::Error,
     },
     /// Building or reading an EROFS image failed.
-    #[error(transparent)]
-    Image(#[from] erofs_image::Error),
+    Image(erofs_image::Error),
+    /// An error with what was being done when it happened.
+    Context {
+        /// What was being done.
+        context: String,
+        /// The error (its kind is this error's kind).
+        source: Box<Error>,
+    },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Kind { message, .. } => f.write_str(message),
+            Error::Store(m) => write!(f, "metadata store: {m}"),
+            Error::Database(e) => write!(f, "metadata store: {e}"),
+            Error::Io {
+                context, source, ..
+            } => write!(f, "{context}: {source}"),
+            Error::Image(e) => e.fmt(f),
+            Error::Context { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+// Written out rather than derived: the source of a `Context` must be the inner `Error`
+// itself (so a walk of the chain can downcast it), not the `Box` around it.
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Kind { .. } | Error::Store(_) => None,
+            Error::Database(e) => Some(e),
+            Error::Io { source, .. } => Some(source),
+            Error::Image(e) => Some(e),
+            Error::Context { source, .. } => Some(&**source),
+        }
+    }
 }
 
 macro_rules! ctor {
@@ -74,9 +114,16 @@ impl Error {
     ctor!(unavailable, Unavailable);
     ctor!(internal, Internal);
 
-    /// An I/O error with context.
+    /// An I/O error with context, of kind [`ErrorKind::Internal`].
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::io_as(ErrorKind::Internal, context, source)
+    }
+
+    /// An I/O error with context and a kind (e.g. `InvalidArgument` for a corrupt layer
+    /// stream).
+    pub fn io_as(kind: ErrorKind, context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
+            kind,
             context: context.into(),
             source,
         }
@@ -86,7 +133,9 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Kind { kind, .. } => *kind,
-            Error::Store(_) | Error::Io { .. } => ErrorKind::Internal,
+            Error::Store(_) | Error::Database(_) => ErrorKind::Internal,
+            Error::Io { kind, .. } => *kind,
+            Error::Context { source, .. } => source.kind(),
             Error::Image(e) => match e {
                 erofs_image::Error::Tar(_)
                 | erofs_image::Error::Entry { .. }
@@ -98,26 +147,34 @@ impl Error {
         }
     }
 
-    /// Prefix the message with context, keeping the kind.
+    /// Say what was being done: the message becomes "what: message", the kind stays, and
+    /// this error becomes the [`source`](std::error::Error::source) of the result.
     pub fn context(self, what: impl std::fmt::Display) -> Self {
-        Error::Kind {
-            kind: self.kind(),
-            message: format!("{what}: {self}"),
+        Error::Context {
+            context: what.to_string(),
+            source: Box::new(self),
         }
+    }
+}
+
+impl From<erofs_image::Error> for Error {
+    fn from(e: erofs_image::Error) -> Self {
+        Error::Image(e)
     }
 }
 
 impl From<redb::Error> for Error {
     fn from(e: redb::Error) -> Self {
-        Error::Store(e.to_string())
+        Error::Database(e)
     }
 }
 
+// redb's specific errors all convert into `redb::Error` with the same message.
 macro_rules! store_err {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
             fn from(e: $t) -> Self {
-                Error::Store(e.to_string())
+                Error::Database(e.into())
             }
         }
     )*};
@@ -129,3 +186,88 @@ store_err!(
     redb::StorageError,
     redb::CommitError
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The errors of a chain, outermost first.
+    fn sources<'a>(
+        e: &'a (dyn std::error::Error + 'static),
+    ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+        std::iter::successors(Some(e), |&e| e.source())
+    }
+
+    /// The messages of a chain, outermost first.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        sources(e).map(|e| e.to_string()).collect()
+    }
+
+    #[test]
+    fn context_keeps_kind_message_and_source() {
+        let inner = Error::not_found("snapshot \"a\"");
+        let e = inner.context("preparing \"b\"").context("request");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(e.to_string(), "request: preparing \"b\": snapshot \"a\"");
+        assert_eq!(
+            chain(&e),
+            [
+                "request: preparing \"b\": snapshot \"a\"",
+                "preparing \"b\": snapshot \"a\"",
+                "snapshot \"a\"",
+            ]
+        );
+        let root = sources(&e).last().unwrap();
+        assert!(matches!(
+            root.downcast_ref::<Error>(),
+            Some(Error::Kind {
+                kind: ErrorKind::NotFound,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn io_errors_stay_typed_under_context() {
+        let io = io::Error::new(io::ErrorKind::PermissionDenied, "denied");
+        let e = Error::io_as(ErrorKind::InvalidArgument, "reading the layer", io)
+            .context("applying sha256:x");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(
+            e.to_string(),
+            "applying sha256:x: reading the layer: denied"
+        );
+        let found = sources(&e)
+            .find_map(|e| e.downcast_ref::<io::Error>())
+            .expect("the io::Error is in the chain");
+        assert_eq!(found.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            Error::io("x", io::Error::other("y")).kind(),
+            ErrorKind::Internal
+        );
+    }
+
+    #[test]
+    fn image_errors_are_sources_not_strings() {
+        let img = erofs_image::Error::Unsupported("chunked files".into());
+        let e = Error::from(img).context("opening layer 3");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(e.to_string(), "opening layer 3: unsupported: chunked files");
+        let found = sources(&e)
+            .find_map(|e| e.downcast_ref::<erofs_image::Error>())
+            .expect("the erofs_image::Error is in the chain");
+        assert!(matches!(found, erofs_image::Error::Unsupported(_)));
+    }
+
+    #[test]
+    fn database_errors_keep_redb_error() {
+        let e = Error::from(redb::StorageError::Corrupted("bad page".into())).context("listing");
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert!(
+            e.to_string().starts_with("listing: metadata store: "),
+            "{e}"
+        );
+        assert!(e.to_string().contains("bad page"), "{e}");
+        assert!(sources(&e).any(|e| e.downcast_ref::<redb::Error>().is_some()));
+    }
+}

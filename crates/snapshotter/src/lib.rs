@@ -10,6 +10,7 @@ pub mod failpoint;
 pub mod filter;
 pub mod integrity;
 pub mod layout;
+pub mod mkfs;
 pub mod mount;
 pub mod snapshot;
 pub mod store;

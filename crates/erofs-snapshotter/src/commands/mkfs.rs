@@ -7,54 +7,38 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use erofs_image::compression::{BombGuard, Decompressed};
+use erofs_image::compression::{BombGuard, Compression, Decompressed};
 use erofs_image::{BuildOptions, Summary};
 use indicatif::{ProgressBar, ProgressStyle};
+use snapshotter::diff::{MkfsOption, MkfsOptions};
 
 use crate::cli::{MkfsArgs, TarMode};
 use crate::output::PendingFile;
 
-/// Parse `-U`: a UUID, `clear` or `random`.
-pub fn parse_uuid(s: Option<&str>) -> anyhow::Result<[u8; 16]> {
-    Ok(match s {
-        None | Some("random") => *uuid::Uuid::new_v4().as_bytes(),
-        Some("clear") => [0; 16],
-        Some(u) => *uuid::Uuid::parse_str(u)
-            .with_context(|| format!("invalid UUID {u:?} (expected a UUID, `clear` or `random`)"))?
-            .as_bytes(),
-    })
-}
-
+/// The build options `a` asks for: mkfs.erofs's defaults (inline data, a random UUID), then
+/// the options, through the same parser as the differ's `mkfs_options`.
 fn options(a: &MkfsArgs) -> anyhow::Result<BuildOptions> {
+    let mut mkfs = MkfsOptions::default();
+    let given = [
+        a.block_size.as_deref().map(MkfsOption::BlockSize),
+        a.timestamp.as_deref().map(MkfsOption::Timestamp),
+        // clap keeps only the last of the two.
+        a.all_time.then_some(MkfsOption::AllTime),
+        a.mkfs_time.then_some(MkfsOption::MkfsTime),
+        a.uuid.as_deref().map(MkfsOption::Uuid),
+        a.sort.as_deref().map(MkfsOption::Sort),
+        a.aufs.then_some(MkfsOption::Aufs),
+    ];
+    let extended = a.extended.iter().map(|e| MkfsOption::Extended(e));
+    for opt in given.into_iter().flatten().chain(extended) {
+        mkfs.set(opt)?;
+    }
     let mut opts = BuildOptions {
-        block_size: a.block_size,
-        timestamp: a.timestamp,
-        all_time: a.timestamp.is_some() && !a.mkfs_time,
-        oci_whiteouts: a.aufs,
+        uuid: *uuid::Uuid::new_v4().as_bytes(),
         max_image_size: a.max_size,
-        uuid: parse_uuid(a.uuid.as_deref())?,
         ..Default::default()
     };
-    for e in a
-        .extended
-        .iter()
-        .flat_map(|s| s.split(','))
-        .filter(|s| !s.is_empty())
-    {
-        match e {
-            "inline_data" => opts.inline_data = true,
-            "noinline_data" | "^inline_data" => opts.inline_data = false,
-            other => bail!(
-                "unsupported extended option -E{other} (supported: inline_data, noinline_data)"
-            ),
-        }
-    }
-    if let Some(s) = &a.sort
-        && s != "none"
-        && s != "path"
-    {
-        bail!("unsupported --sort={s} (supported: none, path)");
-    }
+    mkfs.apply(&mut opts);
     opts.validate()?;
     Ok(opts)
 }
@@ -101,8 +85,7 @@ fn plain_file(source: &Path) -> bool {
     }
     let mut head = [0u8; 4];
     let n = f.read_at(&mut head, 0).unwrap_or(0);
-    erofs_image::compression::Compression::detect(&head[..n])
-        == erofs_image::compression::Compression::None
+    Compression::detect(&head[..n]) == Compression::None
 }
 
 /// Open a tar source (`-` = stdin), decompressing gzip or zstd.

@@ -41,7 +41,7 @@ impl Layer {
     pub fn oci(tar: &[u8], c: Compression) -> Result<Layer> {
         Ok(Layer {
             blob: c.compress(tar)?,
-            media_type: c.media_type().into(),
+            media_type: testsuite::oci::media_type(c).into(),
             diff_id: sha256_digest(tar),
         })
     }

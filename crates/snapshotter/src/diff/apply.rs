@@ -4,60 +4,17 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 
-use erofs_image::compression::{BombGuard, Decompressed};
+use erofs_image::compression::{BombGuard, Compression, Decompressed};
 use sha2::{Digest, Sha256};
 
 use super::content::{ContentSource, Descriptor};
-use super::mkfs::MkfsOptions;
+use super::media_type::{LayerType, MEDIA_TYPE_EROFS, MEDIA_TYPE_TAR, layer_type};
 use super::pipeline::Pipeline;
 use crate::error::{Error, ErrorKind, Result};
+use crate::mkfs::MkfsOptions;
 use crate::mount::Mount;
 use crate::snapshot::Snapshotter;
 use crate::snapshot::layers::LayerOut;
-
-/// The media type of an uncompressed OCI layer (what Apply returns for tar layers).
-pub const MEDIA_TYPE_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-/// Native EROFS layers.
-pub const MEDIA_TYPE_EROFS: &str = "application/vnd.erofs.layer.v1";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum LayerKind {
-    Tar,
-    /// A ready EROFS image, possibly zstd-compressed.
-    Native {
-        zstd: bool,
-    },
-}
-
-fn classify(media_type: &str) -> Result<LayerKind> {
-    if let Some(rest) = media_type.strip_prefix(MEDIA_TYPE_EROFS) {
-        return match rest {
-            "" => Ok(LayerKind::Native { zstd: false }),
-            "+zstd" => Ok(LayerKind::Native { zstd: true }),
-            other => Err(Error::invalid_argument(format!(
-                "unsupported erofs layer suffix {other:?}"
-            ))),
-        };
-    }
-    const TARS: [&str; 4] = [
-        "application/vnd.oci.image.layer.v1.tar",
-        "application/vnd.oci.image.layer.nondistributable.v1.tar",
-        "application/vnd.docker.image.rootfs.diff.tar",
-        "application/vnd.docker.image.rootfs.foreign.diff.tar",
-    ];
-    for t in TARS {
-        if let Some(rest) = media_type.strip_prefix(t)
-            && matches!(rest, "" | "+gzip" | "+zstd" | ".gzip" | ".zstd")
-        {
-            return Ok(LayerKind::Tar);
-        }
-    }
-    // Encrypted layers and unknown types: let containerd try the next differ, which may have
-    // the stream processors they need.
-    Err(Error::unimplemented(format!(
-        "media type {media_type:?} is not handled by the EROFS differ"
-    )))
-}
 
 impl Snapshotter {
     /// Apply layer `desc` onto the active snapshot `mounts` describe: write `layer.erofs`
@@ -69,9 +26,9 @@ impl Snapshotter {
         content: &dyn ContentSource,
         namespace: &str,
     ) -> Result<Descriptor> {
-        let kind = classify(&desc.media_type)?;
+        let kind = layer_type(&desc.media_type)?;
         super::content::parse_digest(&desc.digest)?;
-        let tar_index = kind == LayerKind::Tar && self.config().differ.enable_tar_index;
+        let tar_index = matches!(kind, LayerType::Tar(_)) && self.config().differ.enable_tar_index;
         let (key, applied) = self
             .write_applied_layer(mounts, tar_index, |out| {
                 self.write_layer(&kind, desc, out, content, namespace)
@@ -83,7 +40,7 @@ impl Snapshotter {
 
     fn write_layer(
         &self,
-        kind: &LayerKind,
+        kind: &LayerType,
         desc: &Descriptor,
         target: &LayerOut<'_>,
         content: &dyn ContentSource,
@@ -92,9 +49,9 @@ impl Snapshotter {
         let (out, tmp) = (target.file, target.path);
         let blob = content.open(desc, namespace)?;
         match kind {
-            LayerKind::Tar => {
+            LayerType::Tar(_) => {
                 let mut opts = MkfsOptions::parse(&self.config().differ.mkfs_options)
-                    .map_err(Error::invalid_argument)?
+                    .map_err(|e| Error::invalid_argument(format!("differ.mkfs_options: {e}")))?
                     .build_options(&desc.digest);
                 opts.max_image_size = Some(self.layer_size_cap(desc, blob.file.as_ref()));
                 if let Some(f) = blob.file.as_ref().filter(|f| is_plain(f)) {
@@ -134,9 +91,9 @@ impl Snapshotter {
                         erofs_image::tar_to_image(&mut pipe, out, &opts)?;
                     }
                 }
-                let sum = pipe
-                    .finish()
-                    .map_err(|e| Error::invalid_argument(format!("reading the layer: {e}")))?;
+                let sum = pipe.finish().map_err(|e| {
+                    Error::io_as(ErrorKind::InvalidArgument, "reading the layer", e)
+                })?;
                 Ok(Descriptor {
                     media_type: MEDIA_TYPE_TAR.into(),
                     digest: sum.digest,
@@ -144,13 +101,13 @@ impl Snapshotter {
                     annotations: Default::default(),
                 })
             }
-            LayerKind::Native { zstd } => {
-                let (digest, size) = if *zstd {
+            LayerType::Erofs(compression) => {
+                let (digest, size) = if *compression == Compression::Zstd {
                     // The same guard as tar layers: 33 KB of zstd could otherwise write a
                     // gigabyte (a 33 MB blob a terabyte) before the checker sees it.
                     let dec = Decompressed::new(blob.reader, self.bomb_guard())
                         .map_err(|e| Error::io("zstd", e))?;
-                    if dec.compression() != erofs_image::compression::Compression::Zstd {
+                    if dec.compression() != Compression::Zstd {
                         return Err(Error::invalid_argument(
                             "layer of media type +zstd is not zstd-compressed",
                         ));
@@ -238,7 +195,13 @@ fn copy_hashing(mut r: impl Read, mut out: &File) -> Result<(String, u64)> {
             Ok(0) => break,
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::invalid_argument(format!("reading the layer: {e}"))),
+            Err(e) => {
+                return Err(Error::io_as(
+                    ErrorKind::InvalidArgument,
+                    "reading the layer",
+                    e,
+                ));
+            }
         };
         h.update(&buf[..k]);
         out.write_all(&buf[..k])
@@ -283,48 +246,4 @@ fn copy_file(src: &File, dst: &File) -> Result<()> {
 /// Whether an error means "not for this differ".
 pub fn is_unimplemented(e: &Error) -> bool {
     e.kind() == ErrorKind::Unimplemented
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn media_types() {
-        for t in [
-            "application/vnd.oci.image.layer.v1.tar",
-            "application/vnd.oci.image.layer.v1.tar+gzip",
-            "application/vnd.oci.image.layer.v1.tar+zstd",
-            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-            "application/vnd.docker.image.rootfs.diff.tar.gzip",
-            "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-            "application/vnd.docker.image.rootfs.diff.tar",
-        ] {
-            assert_eq!(classify(t).unwrap(), LayerKind::Tar, "{t}");
-        }
-        assert_eq!(
-            classify("application/vnd.erofs.layer.v1").unwrap(),
-            LayerKind::Native { zstd: false }
-        );
-        assert_eq!(
-            classify("application/vnd.erofs.layer.v1+zstd").unwrap(),
-            LayerKind::Native { zstd: true }
-        );
-        assert_eq!(
-            classify("application/vnd.erofs.layer.v1+lz4")
-                .unwrap_err()
-                .kind(),
-            ErrorKind::InvalidArgument
-        );
-        assert_eq!(
-            classify("application/vnd.oci.image.layer.v1.tar+gzip+encrypted")
-                .unwrap_err()
-                .kind(),
-            ErrorKind::Unimplemented
-        );
-        assert_eq!(
-            classify("text/plain").unwrap_err().kind(),
-            ErrorKind::Unimplemented
-        );
-    }
 }

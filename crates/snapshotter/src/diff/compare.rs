@@ -30,39 +30,6 @@ use crate::store::Timestamp;
 
 const OPAQUE: &[u8] = b"trusted.overlay.opaque";
 
-/// Layer compression of a diff.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiffCompression {
-    /// Plain tar.
-    None,
-    /// gzip.
-    Gzip,
-    /// zstd.
-    Zstd,
-}
-
-impl DiffCompression {
-    /// From an OCI layer media type; Unimplemented for others (containerd's rule).
-    pub fn from_media_type(mt: &str) -> Result<(Self, String)> {
-        let mt = if mt.is_empty() {
-            "application/vnd.oci.image.layer.v1.tar+gzip"
-        } else {
-            mt
-        };
-        let c = match mt {
-            "application/vnd.oci.image.layer.v1.tar" => DiffCompression::None,
-            "application/vnd.oci.image.layer.v1.tar+gzip" => DiffCompression::Gzip,
-            "application/vnd.oci.image.layer.v1.tar+zstd" => DiffCompression::Zstd,
-            other => {
-                return Err(Error::unimplemented(format!(
-                    "diff media type {other:?} is not supported"
-                )));
-            }
-        };
-        Ok((c, mt.to_string()))
-    }
-}
-
 /// A diff written to a temporary file, ready to be stored in containerd's content store.
 #[derive(Debug)]
 pub struct DiffBlob {
@@ -197,7 +164,7 @@ impl Snapshotter {
         media_type: &str,
         source_date_epoch: Option<Timestamp>,
     ) -> Result<DiffBlob> {
-        let (compression, media_type) = DiffCompression::from_media_type(media_type)?;
+        let (compression, media_type) = super::media_type::diff_compression(media_type)?;
         let inputs = self.diff_inputs(lower, upper)?;
         let open = |l: VerifiedLayer| Image::open(l.into_file()).map_err(Error::from);
         let upper_side = match inputs.upper {
@@ -234,7 +201,9 @@ impl Snapshotter {
             size: 0,
             uncompressed: String::new(),
         };
-        let compressor = Compressor::new(compression, hashing(io::BufWriter::new(file)))?;
+        let compressor = compression
+            .encoder(hashing(io::BufWriter::new(file)))
+            .map_err(|e| Error::io("starting the diff's compression", e))?;
         let tar = write_tar(
             hashing(compressor),
             &changes,
@@ -262,55 +231,6 @@ fn hashing<W: Write>(inner: W) -> HashWriter<W> {
         inner,
         h: Sha256::new(),
         n: 0,
-    }
-}
-
-/// The diff's compression stage.
-enum Compressor<W: Write> {
-    None(W),
-    Gzip(flate2::write::GzEncoder<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
-}
-
-impl<W: Write> Compressor<W> {
-    fn new(c: DiffCompression, out: W) -> Result<Self> {
-        Ok(match c {
-            DiffCompression::None => Compressor::None(out),
-            DiffCompression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(
-                out,
-                flate2::Compression::default(),
-            )),
-            DiffCompression::Zstd => Compressor::Zstd(
-                zstd::stream::write::Encoder::new(out, 3).map_err(|e| Error::io("zstd", e))?,
-            ),
-        })
-    }
-
-    /// End the compressed stream; the writer underneath.
-    fn finish(self) -> io::Result<W> {
-        match self {
-            Compressor::None(w) => Ok(w),
-            Compressor::Gzip(g) => g.finish(),
-            Compressor::Zstd(z) => z.finish(),
-        }
-    }
-}
-
-impl<W: Write> Write for Compressor<W> {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        match self {
-            Compressor::None(w) => w.write(b),
-            Compressor::Gzip(g) => g.write(b),
-            Compressor::Zstd(z) => z.write(b),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Compressor::None(w) => w.flush(),
-            Compressor::Gzip(g) => g.flush(),
-            Compressor::Zstd(z) => z.flush(),
-        }
     }
 }
 

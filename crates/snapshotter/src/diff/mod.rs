@@ -3,11 +3,15 @@
 mod apply;
 mod compare;
 mod content;
-mod mkfs;
+mod media_type;
 mod pipeline;
 
-pub use apply::{MEDIA_TYPE_EROFS, MEDIA_TYPE_TAR, is_unimplemented};
-pub use compare::{DiffBlob, DiffCompression};
+/// The differ's `mkfs_options` (also validated with the config, hence a module of its own).
+pub use crate::mkfs::{MkfsOption, MkfsOptionError, MkfsOptions, UuidChoice};
+pub use apply::is_unimplemented;
+pub use compare::DiffBlob;
 pub use content::{Blob, ContentSource, Descriptor, DirContent, Fallback, parse_digest};
-pub use mkfs::{MkfsOptions, UuidChoice};
+pub use media_type::{
+    LayerType, MEDIA_TYPE_EROFS, MEDIA_TYPE_TAR, diff_compression, layer_type, oci_tar,
+};
 pub use pipeline::{Pipeline, StreamSummary};

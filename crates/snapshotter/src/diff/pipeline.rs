@@ -27,7 +27,10 @@ pub struct Pipeline {
     cur: Vec<u8>,
     pos: usize,
     done: bool,
-    handle: Option<JoinHandle<io::Result<()>>>,
+    /// The kind of the error already handed to the consumer: later reads fail too, instead of
+    /// looking like the end of the stream.
+    failed: Option<io::ErrorKind>,
+    handle: Option<JoinHandle<()>>,
     recycle: SyncSender<Vec<u8>>,
     hasher: Sha256,
     size: u64,
@@ -60,9 +63,9 @@ impl Pipeline {
                             Ok(k) => n += k,
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                             Err(e) => {
-                                let msg = e.to_string();
-                                let _ = tx.send(Err(io::Error::new(e.kind(), msg)));
-                                return Err(e);
+                                // The consumer gets the error itself (its source chain too).
+                                let _ = tx.send(Err(e));
+                                return;
                             }
                         }
                     }
@@ -75,7 +78,6 @@ impl Pipeline {
                         break;
                     }
                 }
-                Ok(())
             })
             .expect("spawning the decompression thread");
         Pipeline {
@@ -83,6 +85,7 @@ impl Pipeline {
             cur: Vec::new(),
             pos: 0,
             done: false,
+            failed: None,
             handle: Some(handle),
             recycle,
             hasher: Sha256::new(),
@@ -103,7 +106,7 @@ impl Pipeline {
         };
         drop(self);
         h.join()
-            .map_err(|_| io::Error::other("decompression thread panicked"))??;
+            .map_err(|_| io::Error::other("decompression thread panicked"))?;
         Ok(summary)
     }
 }
@@ -111,6 +114,9 @@ impl Pipeline {
 impl Read for Pipeline {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.cur.len() {
+            if let Some(kind) = self.failed {
+                return Err(io::Error::new(kind, "the layer stream failed earlier"));
+            }
             if self.done {
                 return Ok(0);
             }
@@ -123,7 +129,10 @@ impl Read for Pipeline {
                     let _ = self.recycle.try_send(old);
                     self.pos = 0;
                 }
-                Ok(Err(e)) => return Err(e),
+                Ok(Err(e)) => {
+                    self.failed = Some(e.kind());
+                    return Err(e);
+                }
                 Err(_) => {
                     self.done = true;
                     return Ok(0);
@@ -167,5 +176,11 @@ mod tests {
         let mut p = Pipeline::start(Box::new(Fail));
         let e = p.read(&mut [0u8; 10]).unwrap_err();
         assert!(e.to_string().contains("corrupt gzip"));
+        // The original error, not a copy of its message.
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.get_ref().is_some());
+        // Neither a later read nor finish() takes the failure for the end of the stream.
+        assert!(p.read(&mut [0u8; 10]).is_err());
+        assert!(p.finish().is_err());
     }
 }
