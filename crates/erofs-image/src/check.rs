@@ -394,6 +394,15 @@ impl Checker<'_> {
                 );
             }
         }
+        // The kernel keeps i_size in a signed loff_t: above 2^63-1 it is negative there.
+        if inode.size() > i64::MAX as u64 {
+            self.err(
+                nid,
+                path,
+                format!("size {} is larger than 2^63-1 bytes", inode.size()),
+            );
+            return;
+        }
         match inode.file_type() {
             mode::S_IFREG => {
                 self.report.files += 1;

@@ -359,3 +359,39 @@ fn overlay_xattrs_from_a_layer_are_dropped() {
         ]
     );
 }
+
+/// An image whose inode claims 2^64-1 bytes (once built, and passed by the checker): the
+/// checker reports it.
+#[test]
+fn checker_reports_sizes_past_i64_max() {
+    let mut h: [u8; 512] = header(b"f", b'0', 4).try_into().unwrap();
+    // A per-file mtime makes the builder use an extended inode, whose i_size is 64-bit.
+    h[136..147].copy_from_slice(b"00000012345");
+    checksum(&mut h);
+    let mut t = h.to_vec();
+    t.extend_from_slice(b"data");
+    t.resize(1024, 0);
+    let mut img = Cursor::new(Vec::new());
+    // Data in a block of its own, not inline (containerd's -Enoinline_data).
+    let opts = BuildOptions {
+        inline_data: false,
+        ..oci_opts()
+    };
+    erofs_image::tar_to_image(&end(t)[..], &mut img, &opts).unwrap();
+    let mut bytes = img.into_inner();
+    let (pos, isize) = {
+        let im = Image::open(bytes.clone()).unwrap();
+        let f = im.resolve(b"f").unwrap();
+        (f.pos as usize, f.raw.inode_size())
+    };
+    assert_eq!(isize, 64, "expected an extended inode");
+    assert!(erofs_image::check::check_image(bytes.clone(), Vec::new()).is_ok());
+    bytes[pos + 8..pos + 16].copy_from_slice(&u64::MAX.to_le_bytes());
+    let report = erofs_image::check::check_image(bytes, Vec::new());
+    assert!(!report.is_ok());
+    let all: Vec<String> = report.findings.iter().map(|f| f.to_string()).collect();
+    assert!(
+        all.iter().any(|f| f.contains("larger than 2^63-1")),
+        "{all:?}"
+    );
+}
