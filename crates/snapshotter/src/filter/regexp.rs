@@ -47,8 +47,9 @@ pub(super) const MAX_NESTING: usize = 100;
 /// Largest count in `{n,m}`, as in Go.
 const MAX_REPEAT: u32 = 1000;
 /// Largest compiled program the crate may build for one expression, in
-/// bytes of heap.
-const SIZE_LIMIT: usize = 1 << 20;
+/// bytes of heap. Compiling takes time in proportion, so this also bounds
+/// the CPU a request can spend on compiling (tens of ms at most here).
+const SIZE_LIMIT: usize = 256 << 10;
 /// Largest lazy DFA cache per expression (and thread), in bytes.
 const DFA_SIZE_LIMIT: usize = 1 << 20;
 /// The crate's nesting limit on the translated pattern: groups, repetitions
