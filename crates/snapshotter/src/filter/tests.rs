@@ -1177,3 +1177,60 @@ fn regex_pathological_inputs_are_fast() {
     assert!(!re("x{100}").is_match(&text));
     assert!(start.elapsed() < std::time::Duration::from_secs(20));
 }
+
+/// Where Go's syntax and the `regex` crate's differ (see `regexp.rs`), the
+/// result is Go's.
+#[test]
+fn go_meaning_where_the_dialects_differ() {
+    let cases: &[(&str, &str, bool)] = &[
+        // ASCII Perl classes and word boundaries.
+        (r"^\w$", "é", false),
+        (r"^\d$", "٣", false),
+        (r"^\s$", "\u{B}", false),
+        (r"^\s$", "\u{A0}", false),
+        (r"^\W$", "é", true),
+        (r"\bé", "é", false),
+        (r"a\b", "aé", true),
+        // Escaped punctuation is literal, whatever the crate makes of it.
+        (r"^\<a\>$", "<a>", true),
+        (r"^a\ b$", "a b", true),
+        (r"^\#\&\~\-$", "#&~-", true),
+        // Class members the crate reads as nesting or set operations.
+        ("^[a&&b]+$", "a&&b", true),
+        ("^[+--]+$", "+,-", true),
+        ("^[a~~b]+$", "~", true),
+        ("^[[x]]$", "[]", true),
+        ("^[[x]]$", "x]", true),
+        // Literal braces.
+        ("^a{,2}$", "a{,2}", true),
+        ("^a{1,x}$", "a{1,x}", true),
+        ("^}$", "}", true),
+        (r"a\b{start}$", "a{start}", true),
+        // Octal escapes.
+        (r"^\0\12$", "\0\n", true),
+        // Flag spellings the crate rejects.
+        ("(?ii)^A$", "a", true),
+        ("(?i-i)^A$", "a", false),
+        ("(?is-s)^A.$", "a\n", false),
+        // A repetition after a flag setting or an empty quote repeats the
+        // atom before it.
+        ("^a(?i)*$", "aaa", true),
+        ("^a(?i)*$", "A", false),
+        ("^a*\\Q\\E*$", "aaa", true),
+        ("^(?:a|b)(?i)+c$", "abC", true),
+        // Named groups with names the crate rejects.
+        ("^(?P<1x>a)(?<_>b)$", "ab", true),
+        // An empty class never matches.
+        (r"[^\x00-\x{10FFFF}]", "abc", false),
+        // Flags scoped to the group, across alternatives.
+        ("(?i)a|b", "B", true),
+        ("^(?:(?i)a)a$", "Aa", true),
+        ("^(?:(?i)a)a$", "AA", false),
+    ];
+    for &(pattern, text, want) in cases {
+        assert_eq!(re(pattern).is_match(text), want, "{pattern:?} on {text:?}");
+    }
+    for pattern in ["(?x)a", "(?u)a", "(?R)a", r"\e", r"\u0041", "a{2}{3}"] {
+        assert!(regexp::Regex::new(pattern).is_err(), "{pattern:?} compiled");
+    }
+}
