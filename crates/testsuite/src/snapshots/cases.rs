@@ -324,8 +324,7 @@ pub async fn prepare_view_failing<S: SnapshotterUnderTest>(env: &mut S) -> Resul
 }
 
 /// upstream's `baseTestSnapshots`: c1, c2(c1), a1(c2), a2, v1(c2), v2.
-async fn base_test_snapshots<S: SnapshotterUnderTest>(env: &S) -> Result<()> {
-    let sn = &*env;
+async fn base_test_snapshots<S: SnapshotterUnderTest>(sn: &S) -> Result<()> {
     sn.prepare("c1-a", "").await?;
     sn.commit("c1", "c1-a").await?;
     sn.prepare("c2-a", "c1").await?;
