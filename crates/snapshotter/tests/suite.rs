@@ -11,7 +11,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::services::snapshots::v1 as pb;
@@ -21,7 +20,7 @@ use snapshotter::mount::{MountEvent, Mounter, RecordingMounter};
 use snapshotter::{Config, Snapshotter};
 use testsuite::client::Labels;
 use testsuite::rootfs::{Mounted, parse_overlay};
-use testsuite::snapshots::{Mode, SnapshotterUnderTest};
+use testsuite::snapshots::{Mode, Scratch, SnapshotterUnderTest};
 use tonic::Status;
 
 testsuite::snapshotter_suite!(run);
@@ -29,12 +28,13 @@ testsuite::snapshotter_suite!(run);
 /// The core on a fresh root under `$TMPDIR`, and the recorder it mounts with.
 #[derive(Debug)]
 struct InProcess {
-    base: tempfile::TempDir,
+    /// Held for its Drop, which deletes the root and the scratch directories.
+    _base: tempfile::TempDir,
     mode: Mode,
     cfg: Config,
     sn: Option<Snapshotter>,
     rec: Arc<RecordingMounter>,
-    seq: AtomicU32,
+    scratch: Scratch,
 }
 
 /// Runs a case on a fresh [`InProcess`], then checks the recorder's log once more.
@@ -72,13 +72,14 @@ impl InProcess {
         let cfg = Config::parse(&toml)?;
         let rec = Arc::new(RecordingMounter::new());
         let sn = Snapshotter::open(cfg.clone(), rec.clone())?;
+        let scratch = Scratch::new(base.path().join("work"));
         Ok(InProcess {
-            base,
+            _base: base,
             mode,
             cfg,
             sn: Some(sn),
             rec,
-            seq: AtomicU32::new(0),
+            scratch,
         })
     }
 
@@ -288,17 +289,11 @@ impl SnapshotterUnderTest for InProcess {
     }
 
     fn key(&self, name: &str) -> String {
-        format!(
-            "testsuite/{}/{name}",
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        )
+        self.scratch.key(name)
     }
 
     fn new_dir(&self, prefix: &str) -> Result<PathBuf> {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let d = self.base.path().join("work").join(format!("{prefix}-{n}"));
-        std::fs::create_dir_all(&d)?;
-        Ok(d)
+        self.scratch.new_dir(prefix)
     }
 
     /// Close and reopen on the same root; the recorder keeps its mounts, as the kernel keeps

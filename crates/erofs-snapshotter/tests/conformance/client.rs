@@ -12,7 +12,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -23,8 +22,8 @@ use testsuite::daemon;
 use testsuite::mounts::unmount_all_under;
 use testsuite::process::ProcessGroupGuard;
 use testsuite::rootfs::{Mounted, mount_all};
-use testsuite::snapshots::SnapshotterUnderTest;
 pub use testsuite::snapshots::{Mode, default_labels};
+use testsuite::snapshots::{Scratch, SnapshotterUnderTest};
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
@@ -60,7 +59,7 @@ pub struct Env {
     /// The client (replaced on every daemon start).
     pub sn: Client,
     daemon: Option<ProcessGroupGuard>,
-    seq: AtomicU32,
+    scratch: Scratch,
     reported: bool,
 }
 
@@ -137,6 +136,7 @@ impl Env {
         toml.push_str(mode.config_toml());
         fs::write(&config, toml)?;
         let sn = client(Endpoint::try_from("http://[::]:50051")?.connect_lazy());
+        let scratch = Scratch::new(&work);
         Ok(Env {
             base,
             root,
@@ -147,7 +147,7 @@ impl Env {
             mode,
             sn,
             daemon: None,
-            seq: AtomicU32::new(0),
+            scratch,
             reported: false,
         })
     }
@@ -319,17 +319,11 @@ impl SnapshotterUnderTest for Env {
     }
 
     fn key(&self, name: &str) -> String {
-        format!(
-            "testsuite/{}/{name}",
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        )
+        self.scratch.key(name)
     }
 
     fn new_dir(&self, prefix: &str) -> Result<PathBuf> {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let d = self.work.join(format!("{prefix}-{n}"));
-        fs::create_dir_all(&d)?;
-        Ok(d)
+        self.scratch.new_dir(prefix)
     }
 
     async fn restart(&mut self) -> Result<()> {

@@ -21,6 +21,7 @@ pub mod fstest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -72,6 +73,40 @@ pub fn kind(i: &pb::Info) -> pb::Kind {
 pub fn time(t: &Option<prost_types::Timestamp>) -> SystemTime {
     let t = t.unwrap_or_default();
     UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32)
+}
+
+/// The keys and scratch directories a [`SnapshotterUnderTest`] hands out, numbered from one
+/// counter so every name in a case is unique.
+#[derive(Debug)]
+pub struct Scratch {
+    dir: PathBuf,
+    seq: AtomicU32,
+}
+
+impl Scratch {
+    /// Scratch directories go below `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Scratch {
+        Scratch {
+            dir: dir.into(),
+            seq: AtomicU32::new(0),
+        }
+    }
+
+    /// See [`SnapshotterUnderTest::key`].
+    pub fn key(&self, name: &str) -> String {
+        format!(
+            "testsuite/{}/{name}",
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// See [`SnapshotterUnderTest::new_dir`].
+    pub fn new_dir(&self, prefix: &str) -> Result<PathBuf> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let d = self.dir.join(format!("{prefix}-{n}"));
+        fs::create_dir_all(&d)?;
+        Ok(d)
+    }
 }
 
 /// A snapshotter and the world it lives in (a root directory, a scratch area), as the cases
