@@ -2,17 +2,18 @@
 //! real daemon (`erofs-snapshotter serve --config FILE`) over its Unix socket, with every
 //! returned mount performed for real. Needs root, erofs and overlayfs.
 //!
-//! - [`cases`]: containerd's `core/snapshots/testsuite` cases, plain and with quota.
+//! - `cases`: containerd's `core/snapshots/testsuite` cases ([`testsuite::snapshots`]), plain
+//!   and with quota, over the socket; the same list runs in process in `snapshotter`'s
+//!   `tests/suite.rs`.
 //! - [`badinput`]: hostile keys and labels, races, rebase, gRPC error codes.
 //! - [`faults`]: crash points (`EROFS_SNAPSHOTTER_CRASH_AT`) and `kill -9` during Commit.
 
 #[path = "conformance/badinput.rs"]
 mod badinput;
-#[path = "conformance/cases.rs"]
-mod cases;
+mod cases {
+    testsuite::snapshotter_suite!(crate::client::run);
+}
 #[path = "conformance/client.rs"]
 mod client;
 #[path = "conformance/faults.rs"]
 mod faults;
-#[path = "conformance/fstest.rs"]
-mod fstest;

@@ -13,10 +13,12 @@
 //! - [`client`]: a gRPC client of a daemon's Snapshots and Diff services.
 //! - [`rootfs`]: performing a snapshotter's host-mode mount list (`bind`,
 //!   `overlay`) on a directory, as containerd does, and parsing overlay options.
+//! - [`snapshots`]: containerd's snapshotter conformance cases, generic over the
+//!   snapshotter under test (over the socket, or in process without root).
 //! - [`process`] and [`mounts`]: process groups, command deadlines, `/proc`
 //!   scans and mount table helpers used by the above.
 //!
-//! Everything needs root, and everything a type creates is removed when it is
+//! Everything but [`snapshots`] with an in-process snapshotter needs root, and everything a type creates is removed when it is
 //! dropped.
 //!
 //! ```no_run
@@ -47,6 +49,7 @@ pub mod oci;
 pub mod process;
 pub mod registry;
 pub mod rootfs;
+pub mod snapshots;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};

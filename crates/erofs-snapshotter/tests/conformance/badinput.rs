@@ -11,9 +11,10 @@ use containerd_api::containerd::services::snapshots::v1 as pb;
 use testsuite::client::{expect_code, labels};
 use tonic::Code;
 
-use crate::cases::{check_snapshot, create_snapshot, flat_with};
-use crate::client::{Env, Mode, default_labels, kind, list_dir, run};
-use crate::fstest::{self, Op, file};
+use crate::client::{Env, run};
+use testsuite::snapshots::cases::{check_snapshot, create_snapshot, flat_with};
+use testsuite::snapshots::fstest::{self, Op, file};
+use testsuite::snapshots::{Mode, SnapshotterUnderTest, default_labels, kind, list_dir};
 
 macro_rules! plain {
     ($($name:ident => $f:path;)*) => {$(
@@ -582,7 +583,7 @@ async fn concurrent_prepare_case(env: &mut Env) -> Result<()> {
     let mut uppers = BTreeSet::new();
     for t in tasks {
         let m = t.await?.context("concurrent Prepare of distinct keys")?;
-        uppers.insert(crate::client::mount_dirs(&m)?.0);
+        uppers.insert(testsuite::snapshots::mount_dirs(&m)?.0);
     }
     ensure!(uppers.len() == 16, "distinct keys share upper directories");
     ensure!(root_is_clean(env)? == 18);

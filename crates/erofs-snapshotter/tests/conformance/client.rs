@@ -9,48 +9,28 @@
 //! the daemon log tail is printed (and with `ECT_KEEP=1` in the environment the directory
 //! of a failed test is kept, its mounts detached).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use containerd_api::containerd::services::snapshots::v1 as pb;
 use containerd_api::containerd::types::Mount;
-use testsuite::client::{Client, Labels, connect, labels};
+use testsuite::client::{Client, Labels, connect};
 use testsuite::daemon;
 use testsuite::mounts::unmount_all_under;
 use testsuite::process::ProcessGroupGuard;
-use testsuite::rootfs::{Mounted, mount_all, parse_overlay};
+use testsuite::rootfs::{Mounted, mount_all};
+pub use testsuite::snapshots::{Mode, default_labels};
+use testsuite::snapshots::{Scratch, SnapshotterUnderTest};
+use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
 /// The daemon binary.
 pub const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
 /// The crash-point variable of the core (`snapshotter::failpoint::ENV`).
 pub const CRASH_ENV: &str = "EROFS_SNAPSHOTTER_CRASH_AT";
-/// containerd's GC root label, set on everything like upstream's suite does.
-pub const GC_ROOT: &str = "containerd.io/gc.root";
-
-/// Daemon configuration flavour: the suite runs in both, like upstream's `TestErofs` and
-/// `TestErofsWithQuota`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Plain upper directories.
-    Plain,
-    /// `[snapshotter] default_size = "64MB"`: an ext4 image per active snapshot.
-    Quota,
-}
-
-/// The default label set of the suite (a GC root, like upstream's `opt`).
-pub fn default_labels() -> Labels {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    labels(&[(GC_ROOT, &now.to_string())])
-}
 
 /// A client of the daemon on `ch` as the suite uses it: named `erofs-rs`, a 300 s deadline per
 /// call, [`default_labels`] unless given others.
@@ -58,17 +38,6 @@ fn client(ch: Channel) -> Client {
     Client::new(ch, "erofs-rs")
         .with_timeout(Duration::from_secs(300))
         .with_default_labels(default_labels)
-}
-
-/// The kind of an info.
-pub fn kind(i: &pb::Info) -> pb::Kind {
-    pb::Kind::try_from(i.kind).unwrap_or(pb::Kind::Unknown)
-}
-
-/// A prost timestamp as a `SystemTime`.
-pub fn time(t: &Option<prost_types::Timestamp>) -> SystemTime {
-    let t = t.unwrap_or_default();
-    UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos as u32)
 }
 
 /// A test's world: directory, daemon, client.
@@ -90,7 +59,7 @@ pub struct Env {
     /// The client (replaced on every daemon start).
     pub sn: Client,
     daemon: Option<ProcessGroupGuard>,
-    seq: AtomicU32,
+    scratch: Scratch,
     reported: bool,
 }
 
@@ -164,11 +133,10 @@ impl Env {
             root.display().to_string(),
             socket.display().to_string()
         );
-        if mode == Mode::Quota {
-            toml.push_str("[snapshotter]\ndefault_size = \"64MB\"\n");
-        }
+        toml.push_str(mode.config_toml());
         fs::write(&config, toml)?;
         let sn = client(Endpoint::try_from("http://[::]:50051")?.connect_lazy());
+        let scratch = Scratch::new(&work);
         Ok(Env {
             base,
             root,
@@ -179,14 +147,9 @@ impl Env {
             mode,
             sn,
             daemon: None,
-            seq: AtomicU32::new(0),
+            scratch,
             reported: false,
         })
-    }
-
-    /// `ROOT/snapshots`.
-    pub fn snapshots_dir(&self) -> PathBuf {
-        self.root.join("snapshots")
     }
 
     /// Starts the daemon (none may be running), with `crash_at` as the crash point, and
@@ -249,53 +212,11 @@ impl Env {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// A containerd-like backend key (`testsuite/N/name`: namespace, sequence, user key).
-    pub fn key(&self, name: &str) -> String {
-        format!(
-            "testsuite/{}/{name}",
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
-    /// A fresh directory under `work/`.
-    pub fn new_dir(&self, prefix: &str) -> Result<PathBuf> {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let d = self.work.join(format!("{prefix}-{n}"));
-        fs::create_dir_all(&d)?;
-        Ok(d)
-    }
-
-    /// Performs `mounts` on a fresh directory under `work/` named after `prefix`.
+    /// Performs `mounts` on a fresh directory under `work/` named after `prefix` (always
+    /// for real: the daemon runs as root).
     pub fn mount(&self, mounts: &[Mount], prefix: &str) -> Result<Mounted> {
         let target = self.new_dir(prefix)?;
         mount_all(mounts, &target)
-    }
-
-    /// The numeric snapshot directories and the other entries of `ROOT/snapshots`.
-    pub fn snapshot_dirs(&self) -> Result<(BTreeSet<u64>, Vec<String>)> {
-        let mut ids = BTreeSet::new();
-        let mut other = Vec::new();
-        for e in fs::read_dir(self.snapshots_dir())? {
-            let name = e?.file_name().to_string_lossy().into_owned();
-            match name.parse::<u64>() {
-                Ok(id) => {
-                    ids.insert(id);
-                }
-                Err(_) => other.push(name),
-            }
-        }
-        Ok((ids, other))
-    }
-
-    /// `ROOT/snapshots/ID`.
-    pub fn snapshot_dir(&self, id: u64) -> PathBuf {
-        self.snapshots_dir().join(id.to_string())
-    }
-
-    /// The snapshot id a path under `ROOT/snapshots/ID/...` belongs to.
-    pub fn id_of(&self, path: &Path) -> Option<u64> {
-        let rest = path.strip_prefix(self.snapshots_dir()).ok()?;
-        rest.components().next()?.as_os_str().to_str()?.parse().ok()
     }
 }
 
@@ -323,39 +244,97 @@ impl Drop for Env {
     }
 }
 
-/// Whether a mount list gives a writable root.
-pub fn is_writable(mounts: &[Mount]) -> bool {
-    mounts.last().is_some_and(|m| match m.r#type.as_str() {
-        "bind" => m.options.iter().any(|o| o == "rw") && !m.options.iter().any(|o| o == "ro"),
-        "overlay" => m.options.iter().any(|o| o.starts_with("upperdir=")),
-        _ => false,
-    })
-}
-
-/// Where a mount list's snapshot dirs are: for a bind, its source; for an overlay, its upper
-/// (if any) and lowers. Returns (own/upper dir, lower dirs).
-pub fn mount_dirs(mounts: &[Mount]) -> Result<(Option<PathBuf>, Vec<PathBuf>)> {
-    ensure!(mounts.len() == 1, "expected one mount, got {mounts:?}");
-    let m = &mounts[0];
-    match m.r#type.as_str() {
-        "bind" => Ok((Some(PathBuf::from(&m.source)), Vec::new())),
-        "overlay" => {
-            let o = parse_overlay(m)?;
-            Ok((o.upper, o.lowers))
-        }
-        t => bail!("unexpected mount type {t}"),
+/// The daemon over its socket, every mount performed for real.
+impl SnapshotterUnderTest for Env {
+    async fn prepare_with(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, Status> {
+        self.sn.prepare_with(key, parent, labels).await
     }
-}
 
-/// A `BTreeMap` of a directory's entries: name → is_dir.
-pub fn list_dir(dir: &Path) -> Result<BTreeMap<String, bool>> {
-    let mut out = BTreeMap::new();
-    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let e = e?;
-        out.insert(
-            e.file_name().to_string_lossy().into_owned(),
-            e.file_type()?.is_dir(),
-        );
+    async fn view_with(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, Status> {
+        self.sn.view_with(key, parent, labels).await
     }
-    Ok(out)
+
+    async fn mounts(&self, key: &str) -> Result<Vec<Mount>, Status> {
+        self.sn.mounts(key).await
+    }
+
+    async fn commit_with(
+        &self,
+        name: &str,
+        key: &str,
+        labels: Labels,
+        parent: &str,
+    ) -> Result<(), Status> {
+        self.sn.commit_with(name, key, labels, parent).await
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), Status> {
+        self.sn.remove(key).await
+    }
+
+    async fn stat(&self, key: &str) -> Result<pb::Info, Status> {
+        self.sn.stat(key).await
+    }
+
+    async fn update(&self, info: pb::Info, paths: &[&str]) -> Result<pb::Info, Status> {
+        self.sn.update(info, paths).await
+    }
+
+    async fn list(&self, filters: &[&str]) -> Result<Vec<pb::Info>, Status> {
+        self.sn.list(filters).await
+    }
+
+    async fn walk(
+        &self,
+        filters: &[&str],
+        f: impl AsyncFnMut(pb::Info) -> Result<()>,
+    ) -> Result<Option<usize>> {
+        self.sn.walk(filters, f).await.map(Some)
+    }
+
+    async fn usage(&self, key: &str) -> Result<(i64, i64), Status> {
+        self.sn.usage(key).await
+    }
+
+    async fn cleanup(&self) -> Result<(), Status> {
+        self.sn.cleanup().await
+    }
+
+    fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    fn key(&self, name: &str) -> String {
+        self.scratch.key(name)
+    }
+
+    fn new_dir(&self, prefix: &str) -> Result<PathBuf> {
+        self.scratch.new_dir(prefix)
+    }
+
+    async fn restart(&mut self) -> Result<()> {
+        Env::restart(self).await
+    }
+
+    fn can_mount(&self) -> bool {
+        true
+    }
+
+    fn mount(&self, mounts: &[Mount], prefix: &str) -> Result<Option<Mounted>> {
+        Env::mount(self, mounts, prefix).map(Some)
+    }
 }

@@ -20,9 +20,12 @@ use testsuite::client::{expect_code, labels};
 use testsuite::mounts::self_mounts_under;
 use tonic::Code;
 
-use crate::cases::{check_snapshot, create_snapshot, flat_with};
-use crate::client::{Env, Mode, default_labels, is_writable, kind, mount_dirs, run};
-use crate::fstest::{self, Op, dir, file};
+use crate::client::{Env, run};
+use testsuite::snapshots::cases::{check_snapshot, create_snapshot, flat_with};
+use testsuite::snapshots::fstest::{self, Op, dir, file};
+use testsuite::snapshots::{
+    Mode, SnapshotterUnderTest, default_labels, is_writable, kind, mount_dirs,
+};
 
 macro_rules! both {
     ($($plain:ident, $quota:ident => $f:expr;)*) => {$(

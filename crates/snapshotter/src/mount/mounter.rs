@@ -6,7 +6,7 @@
 //! autoclear, so the device goes away with the mount). The new mount API is used so no option
 //! string limit applies.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
@@ -21,6 +21,15 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     fn unmount(&self, target: &Path) -> Result<()>;
     /// Whether `path` is a mount point.
     fn is_mountpoint(&self, path: &Path) -> Result<bool>;
+    /// The mount points at or below `dir`, deepest first (the order to unmount them in).
+    /// The kernel's table by default, so mounts made outside the mounter count too.
+    fn mounts_under(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        Ok(super::table::under(dir)
+            .map_err(|e| Error::io("reading the mount table", e))?
+            .into_iter()
+            .map(|m| m.target)
+            .collect())
+    }
 }
 
 /// The real kernel.

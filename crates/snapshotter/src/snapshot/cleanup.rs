@@ -39,15 +39,13 @@ impl Snapshotter {
         }
         // Mounts left on directories that no longer exist or belong to no record.
         let snapshots = self.layout.snapshots();
-        for m in crate::mount::table::under(&snapshots)
-            .map_err(|e| Error::io("reading the mount table", e))?
-        {
+        for target in self.mounter.mounts_under(&snapshots)? {
             if self
                 .layout
-                .id_of(&m.target)
+                .id_of(&target)
                 .is_none_or(|id| !live.contains_key(&id))
             {
-                let _ = self.mounter.unmount(&m.target);
+                let _ = self.mounter.unmount(&target);
             }
         }
         Ok(())

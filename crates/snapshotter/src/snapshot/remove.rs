@@ -33,10 +33,8 @@ impl Snapshotter {
         }
         {
             let _g = self.mount_lock.lock().unwrap_or_else(|p| p.into_inner());
-            for m in crate::mount::table::under(dir)
-                .map_err(|e| crate::error::Error::io("reading the mount table", e))?
-            {
-                self.mounter.unmount(&m.target)?;
+            for target in self.mounter.mounts_under(dir)? {
+                self.mounter.unmount(&target)?;
             }
         }
         let layer = dir.join(crate::layout::LAYER);

@@ -1,9 +1,10 @@
-//! containerd's snapshotter conformance suite (`core/snapshots/testsuite`), case by case,
-//! against the daemon over gRPC, with every returned mount performed for real.
+//! The cases of containerd's snapshotter conformance suite (`core/snapshots/testsuite`),
+//! one function each, generic over the snapshotter under test.
 //!
-//! Each case runs twice: plain (`case`) and with `default_size = "64MB"` (`case_quota`,
-//! upstream's `TestErofsWithQuota`). Keys look like containerd's backend keys
-//! (`testsuite/N/name`), so they contain `/`.
+//! Each case runs twice: plain and with `default_size = "64MB"` (upstream's
+//! `TestErofsWithQuota`). Keys look like containerd's backend keys (`testsuite/N/name`), so
+//! they contain `/`. File content is written and checked only through real mounts
+//! ([`SnapshotterUnderTest::mount`] answering `Some`); everything else runs everywhere.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -14,82 +15,53 @@ use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::services::snapshots::v1 as pb;
 use tonic::Code;
 
-use testsuite::client::{expect_code, labels};
-use testsuite::rootfs::{mount_all, parse_overlay};
-
-use crate::client::{Env, GC_ROOT, Mode, default_labels, kind, run, time};
-use crate::fstest::{self, Op, dir, file, link, remove_all};
-
-macro_rules! both {
-    ($($plain:ident, $quota:ident => $f:path;)*) => {$(
-        #[test]
-        fn $plain() {
-            run(Mode::Plain, $f)
-        }
-        #[test]
-        fn $quota() {
-            run(Mode::Quota, $f)
-        }
-    )*};
-}
-
-both! {
-    basic, basic_quota => basic_case;
-    stat_active, stat_active_quota => stat_active_case;
-    stat_committed, stat_committed_quota => stat_committed_case;
-    transitivity, transitivity_quota => transitivity_case;
-    prepare_view_failing, prepare_view_failing_quota => prepare_view_failing_case;
-    update, update_quota => update_case;
-    remove, remove_quota => remove_case;
-    walk, walk_quota => walk_case;
-    layer_file_update, layer_file_update_quota => layer_file_update_case;
-    remove_directory_in_lower_layer, remove_directory_in_lower_layer_quota => remove_directory_in_lower_layer_case;
-    chown, chown_quota => chown_case;
-    directory_permission_on_commit, directory_permission_on_commit_quota => directory_permission_on_commit_case;
-    remove_intermediate_snapshot, remove_intermediate_snapshot_quota => remove_intermediate_snapshot_case;
-    deleted_files_in_child_snapshot, deleted_files_in_child_snapshot_quota => deleted_files_in_child_snapshot_case;
-    move_file_from_lower_layer, move_file_from_lower_layer_quota => move_file_from_lower_layer_case;
-    view_readonly, view_readonly_quota => view_readonly_case;
-    stat_in_walk, stat_in_walk_quota => stat_in_walk_case;
-    close_twice, close_twice_quota => close_twice_case;
-    root_permission, root_permission_quota => root_permission_case;
-    rename, rename_quota => rename_case;
-    layers_128_mount, layers_128_mount_quota => layers_128_mount_case;
-    special_files, special_files_quota => special_files_case;
-}
+use super::fstest::{self, Op, dir, file, link, remove_all};
+use super::{GC_ROOT, SnapshotterUnderTest, default_labels, is_writable, kind, time};
+use crate::client::{expect_code, labels};
+use crate::rootfs::parse_overlay;
 
 /// Prepare on `parent`, mount, apply `ops`, unmount, commit; returns the committed name.
-pub async fn create_snapshot(env: &Env, parent: &str, ops: &[Op]) -> Result<String> {
+pub async fn create_snapshot<S: SnapshotterUnderTest>(
+    env: &S,
+    parent: &str,
+    ops: &[Op],
+) -> Result<String> {
     let name = env.key("layer");
     let prepare = format!("{name}-prepare");
     let m = env
-        .sn
         .prepare(&prepare, parent)
         .await
         .with_context(|| format!("prepare {prepare:?} on {parent:?}"))?;
-    let mnt = env.mount(&m, "prepare")?;
-    fstest::apply(mnt.path(), ops)?;
-    mnt.unmount()?;
-    env.sn
-        .commit(&name, &prepare)
+    if let Some(mnt) = env.mount(&m, "prepare")? {
+        fstest::apply(mnt.path(), ops)?;
+        mnt.unmount()?;
+    }
+    env.commit(&name, &prepare)
         .await
         .with_context(|| format!("commit {prepare:?} as {name:?}"))?;
     Ok(name)
 }
 
 /// View `name`, mount it, compare with `flat`, unmount, remove the view.
-pub async fn check_snapshot(env: &Env, name: &str, flat: &Path) -> Result<()> {
+pub async fn check_snapshot<S: SnapshotterUnderTest>(
+    env: &S,
+    name: &str,
+    flat: &Path,
+) -> Result<()> {
     let view = format!("{name}-view");
     let m = env
-        .sn
         .view(&view, name)
         .await
         .with_context(|| format!("view of {name:?}"))?;
-    let mnt = env.mount(&m, "check")?;
-    let r = fstest::check_equal(flat, mnt.path());
-    mnt.unmount()?;
-    env.sn
-        .remove(&view)
+    let r = match env.mount(&m, "check")? {
+        Some(mnt) => {
+            let r = fstest::check_equal(flat, mnt.path());
+            mnt.unmount()?;
+            r
+        }
+        None => Ok(()),
+    };
+    env.remove(&view)
         .await
         .with_context(|| format!("remove view {view:?}"))?;
     r
@@ -97,7 +69,10 @@ pub async fn check_snapshot(env: &Env, name: &str, flat: &Path) -> Result<()> {
 
 /// upstream's `checkSnapshots`: a chain of layers from `appliers`, each checked through a
 /// fresh view against one flat directory with the same changes.
-pub async fn check_snapshots(env: &Env, appliers: &[Vec<Op>]) -> Result<Vec<String>> {
+pub async fn check_snapshots<S: SnapshotterUnderTest>(
+    env: &S,
+    appliers: &[Vec<Op>],
+) -> Result<Vec<String>> {
     let flat = env.new_dir("flat")?;
     let mut parent = String::new();
     let mut names = Vec::new();
@@ -105,7 +80,10 @@ pub async fn check_snapshots(env: &Env, appliers: &[Vec<Op>]) -> Result<Vec<Stri
         let s = create_snapshot(env, &parent, a)
             .await
             .with_context(|| format!("creating snapshot {}", i + 1))?;
-        fstest::apply(&flat, a)?;
+        // The reference tree only serves content checks (and may need root: chown, mknod).
+        if env.can_mount() {
+            fstest::apply(&flat, a)?;
+        }
         check_snapshot(env, &s, &flat)
             .await
             .with_context(|| format!("snapshot check failed on snapshot {}", i + 1))?;
@@ -116,7 +94,7 @@ pub async fn check_snapshots(env: &Env, appliers: &[Vec<Op>]) -> Result<Vec<Stri
 }
 
 /// A flat directory with `ops` applied.
-pub fn flat_with(env: &Env, ops: &[&[Op]]) -> Result<std::path::PathBuf> {
+pub fn flat_with<S: SnapshotterUnderTest>(env: &S, ops: &[&[Op]]) -> Result<std::path::PathBuf> {
     let d = env.new_dir("flat")?;
     for o in ops {
         fstest::apply(&d, o)?;
@@ -124,7 +102,8 @@ pub fn flat_with(env: &Env, ops: &[&[Op]]) -> Result<std::path::PathBuf> {
     Ok(d)
 }
 
-async fn basic_case(env: &mut Env) -> Result<()> {
+/// Upstream's `Basic` case.
+pub async fn basic<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let initial = vec![
         file("/foo", b"foo\n", 0o777),
         dir("/a", 0o755),
@@ -136,13 +115,14 @@ async fn basic_case(env: &mut Env) -> Result<()> {
         file("/foo", b"bar\n", 0o777),
         remove_all("/a/b"),
     ];
-    let sn = &env.sn;
+    let sn = &*env;
     let preparing = env.key("preparing");
     let m = sn.prepare(&preparing, "").await?;
     ensure!(!m.is_empty(), "expected mounts to have entries");
-    let mnt = env.mount(&m, "preparing")?;
-    fstest::apply(mnt.path(), &initial)?;
-    mnt.unmount()?;
+    if let Some(mnt) = env.mount(&m, "preparing")? {
+        fstest::apply(mnt.path(), &initial)?;
+        mnt.unmount()?;
+    }
 
     let committed = env.key("committed");
     sn.commit(&committed, &preparing).await?;
@@ -157,10 +137,11 @@ async fn basic_case(env: &mut Env) -> Result<()> {
 
     let next = env.key("nextlayer");
     let m = sn.prepare(&next, &committed).await?;
-    let mnt = env.mount(&m, "next")?;
-    fstest::check_equal(&flat_with(env, &[&initial])?, mnt.path())?;
-    fstest::apply(mnt.path(), &diff)?;
-    mnt.unmount()?;
+    if let Some(mnt) = env.mount(&m, "next")? {
+        fstest::check_equal(&flat_with(env, &[&initial])?, mnt.path())?;
+        fstest::apply(mnt.path(), &diff)?;
+        mnt.unmount()?;
+    }
 
     let ni = sn.stat(&next).await?;
     ensure!(ni.parent == committed, "active parent {:?}", ni.parent);
@@ -191,9 +172,10 @@ async fn basic_case(env: &mut Env) -> Result<()> {
 
     let nextnext = env.key("nextnextlayer");
     let m = sn.view(&nextnext, &next_committed).await?;
-    let mnt = env.mount(&m, "nextnext")?;
-    fstest::check_equal(&flat_with(env, &[&initial, &diff])?, mnt.path())?;
-    mnt.unmount()?;
+    if let Some(mnt) = env.mount(&m, "nextnext")? {
+        fstest::check_equal(&flat_with(env, &[&initial, &diff])?, mnt.path())?;
+        mnt.unmount()?;
+    }
     sn.remove(&nextnext).await?;
 
     let st = expect_code(
@@ -217,99 +199,118 @@ async fn basic_case(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-async fn stat_active_case(env: &mut Env) -> Result<()> {
+/// Upstream's `StatActive` case.
+pub async fn stat_active<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let preparing = env.key("preparing");
-    let m = env.sn.prepare(&preparing, "").await?;
+    let m = env.prepare(&preparing, "").await?;
     ensure!(!m.is_empty());
     let mnt = env.mount(&m, "preparing")?;
-    std::fs::write(mnt.path().join("foo"), "foo\n")?;
-    let si = env.sn.stat(&preparing).await?;
+    if let Some(mnt) = &mnt {
+        std::fs::write(mnt.path().join("foo"), "foo\n")?;
+    }
+    let si = env.stat(&preparing).await?;
     ensure!(si.name == preparing, "name {:?}", si.name);
     ensure!(kind(&si) == pb::Kind::Active, "kind {:?}", kind(&si));
     ensure!(si.parent.is_empty(), "parent {:?}", si.parent);
-    mnt.unmount()
+    mnt.map_or(Ok(()), |m| m.unmount())
 }
 
-async fn stat_committed_case(env: &mut Env) -> Result<()> {
+/// Upstream's `StatCommitted` case.
+pub async fn stat_committed<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let preparing = env.key("preparing");
-    let m = env.sn.prepare(&preparing, "").await?;
-    let mnt = env.mount(&m, "preparing")?;
-    std::fs::write(mnt.path().join("foo"), "foo\n")?;
-    mnt.unmount()?;
+    let m = env.prepare(&preparing, "").await?;
+    if let Some(mnt) = env.mount(&m, "preparing")? {
+        std::fs::write(mnt.path().join("foo"), "foo\n")?;
+        mnt.unmount()?;
+    }
     let committed = env.key("committed");
-    env.sn.commit(&committed, &preparing).await?;
-    let si = env.sn.stat(&committed).await?;
+    env.commit(&committed, &preparing).await?;
+    let si = env.stat(&committed).await?;
     ensure!(si.name == committed, "name {:?}", si.name);
     ensure!(kind(&si) == pb::Kind::Committed, "kind {:?}", kind(&si));
     ensure!(si.parent.is_empty(), "parent {:?}", si.parent);
     Ok(())
 }
 
-async fn prepare_mount_write(env: &Env, key: &str, parent: &str, content: &str) -> Result<()> {
-    let m = env.sn.prepare(key, parent).await?;
+async fn prepare_mount_write<S: SnapshotterUnderTest>(
+    env: &S,
+    key: &str,
+    parent: &str,
+    content: &str,
+) -> Result<()> {
+    let m = env.prepare(key, parent).await?;
     ensure!(!m.is_empty(), "expected mounts to have entries");
-    let mnt = env.mount(&m, "p")?;
-    std::fs::write(mnt.path().join("foo"), content)?;
-    mnt.unmount()
+    match env.mount(&m, "p")? {
+        Some(mnt) => {
+            std::fs::write(mnt.path().join("foo"), content)?;
+            mnt.unmount()
+        }
+        None => Ok(()),
+    }
 }
 
-async fn transitivity_case(env: &mut Env) -> Result<()> {
+/// Upstream's `Transitivity` case.
+pub async fn transitivity<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let preparing = env.key("preparing");
     prepare_mount_write(env, &preparing, "", "foo\n").await?;
     let snap_a = env.key("snapA");
-    env.sn.commit(&snap_a, &preparing).await?;
+    env.commit(&snap_a, &preparing).await?;
     let next = env.key("next");
     prepare_mount_write(env, &next, &snap_a, "foo bar\n").await?;
     let snap_b = env.key("snapB");
-    env.sn.commit(&snap_b, &next).await?;
-    let si_a = env.sn.stat(&snap_a).await?;
-    let si_b = env.sn.stat(&snap_b).await?;
-    let si_parent_b = env.sn.stat(&si_b.parent).await?;
+    env.commit(&snap_b, &next).await?;
+    let si_a = env.stat(&snap_a).await?;
+    let si_b = env.stat(&snap_b).await?;
+    let si_parent_b = env.stat(&si_b.parent).await?;
     ensure!(si_a.parent.is_empty());
     ensure!(si_b.parent == snap_a, "B's parent {:?}", si_b.parent);
     ensure!(si_parent_b.parent.is_empty());
     // The chain is also what B's view shows.
     let v = env.key("view");
-    let m = env.sn.view(&v, &snap_b).await?;
-    let mnt = env.mount(&m, "v")?;
-    ensure!(std::fs::read_to_string(mnt.path().join("foo"))? == "foo bar\n");
-    mnt.unmount()?;
+    let m = env.view(&v, &snap_b).await?;
+    if let Some(mnt) = env.mount(&m, "v")? {
+        ensure!(std::fs::read_to_string(mnt.path().join("foo"))? == "foo bar\n");
+        mnt.unmount()?;
+    }
     Ok(())
 }
 
-async fn prepare_view_failing_case(env: &mut Env) -> Result<()> {
+/// Upstream's `PrepareViewFailing` case.
+pub async fn prepare_view_failing<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let preparing = env.key("preparing");
-    let m = env.sn.prepare(&preparing, "").await?;
-    env.mount(&m, "p")?.unmount()?;
+    let m = env.prepare(&preparing, "").await?;
+    if let Some(mnt) = env.mount(&m, "p")? {
+        mnt.unmount()?;
+    }
     let snap_a = env.key("snapA");
-    env.sn.commit(&snap_a, &preparing).await?;
+    env.commit(&snap_a, &preparing).await?;
 
     let new_layer = env.key("newlayer");
-    env.sn.prepare(&new_layer, &snap_a).await?;
+    env.prepare(&new_layer, &snap_a).await?;
     expect_code(
-        env.sn.view(&new_layer, &snap_a).await,
+        env.view(&new_layer, &snap_a).await,
         Code::AlreadyExists,
         "view with the key of an active snapshot",
     )?;
 
     let prep_layer = env.key("prepLayer");
-    env.sn.prepare(&prep_layer, &snap_a).await?;
+    env.prepare(&prep_layer, &snap_a).await?;
     expect_code(
-        env.sn.prepare(&prep_layer, &snap_a).await,
+        env.prepare(&prep_layer, &snap_a).await,
         Code::AlreadyExists,
         "second prepare with the same key",
     )?;
 
     let view_layer = env.key("viewLayer");
-    env.sn.view(&view_layer, &snap_a).await?;
+    env.view(&view_layer, &snap_a).await?;
     expect_code(
-        env.sn.view(&view_layer, &snap_a).await,
+        env.view(&view_layer, &snap_a).await,
         Code::AlreadyExists,
         "second view with the same key",
     )?;
     // A committed name is taken too.
     expect_code(
-        env.sn.prepare(&snap_a, "").await,
+        env.prepare(&snap_a, "").await,
         Code::AlreadyExists,
         "prepare with a committed name",
     )?;
@@ -323,8 +324,7 @@ async fn prepare_view_failing_case(env: &mut Env) -> Result<()> {
 }
 
 /// upstream's `baseTestSnapshots`: c1, c2(c1), a1(c2), a2, v1(c2), v2.
-async fn base_test_snapshots(env: &Env) -> Result<()> {
-    let sn = &env.sn;
+async fn base_test_snapshots<S: SnapshotterUnderTest>(sn: &S) -> Result<()> {
     sn.prepare("c1-a", "").await?;
     sn.commit("c1", "c1-a").await?;
     sn.prepare("c2-a", "c1").await?;
@@ -353,8 +353,9 @@ fn assert_labels(
     Ok(())
 }
 
-async fn update_case(env: &mut Env) -> Result<()> {
-    let sn = &env.sn;
+/// Upstream's `Update` case.
+pub async fn update<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
+    let sn = &*env;
     let t1 = SystemTime::now();
     base_test_snapshots(env).await?;
     let t2 = SystemTime::now();
@@ -452,8 +453,9 @@ async fn update_case(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-async fn remove_case(env: &mut Env) -> Result<()> {
-    let sn = &env.sn;
+/// Upstream's `Remove` case.
+pub async fn remove<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
+    let sn = &*env;
     sn.prepare("committed-a", "").await?;
     sn.commit("committed-1", "committed-a").await?;
     sn.prepare("reuse-1", "committed-1").await?;
@@ -475,8 +477,9 @@ async fn remove_case(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-async fn walk_case(env: &mut Env) -> Result<()> {
-    let sn = &env.sn;
+/// Upstream's `Walk` case.
+pub async fn walk<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
+    let sn = &*env;
     let opt = || labels(&[(GC_ROOT, "check-walk")]);
     let with_l = |l: &str| labels(&[("l", l), (GC_ROOT, "check-walk")]);
     sn.prepare_with("a-np", "", opt()).await?;
@@ -549,7 +552,8 @@ async fn walk_case(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-async fn layer_file_update_case(env: &mut Env) -> Result<()> {
+/// Upstream's `LayerFileUpdate` case.
+pub async fn layer_file_update<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let l1 = vec![
         dir("/etc", 0o700),
         file("/etc/hosts", b"mydomain 10.0.0.1", 0o644),
@@ -575,7 +579,8 @@ async fn layer_file_update_case(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-async fn remove_directory_in_lower_layer_case(env: &mut Env) -> Result<()> {
+/// Upstream's `RemoveDirectoryInLowerLayer` case.
+pub async fn remove_directory_in_lower_layer<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let l1 = vec![dir("/lib", 0o700), file("/lib/hidden", b"", 0o644)];
     let l2 = vec![
         remove_all("/lib"),
@@ -586,7 +591,8 @@ async fn remove_directory_in_lower_layer_case(env: &mut Env) -> Result<()> {
     check_snapshots(env, &[l1, l2, l3]).await.map(|_| ())
 }
 
-async fn chown_case(env: &mut Env) -> Result<()> {
+/// Upstream's `Chown` case.
+pub async fn chown<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let l1 = vec![
         dir("/opt", 0o700),
         dir("/opt/a", 0o700),
@@ -602,7 +608,8 @@ async fn chown_case(env: &mut Env) -> Result<()> {
     check_snapshots(env, &[l1, l2]).await.map(|_| ())
 }
 
-async fn directory_permission_on_commit_case(env: &mut Env) -> Result<()> {
+/// Upstream's `DirectoryPermissionOnCommit` case.
+pub async fn directory_permission_on_commit<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let l1 = vec![
         dir("/dir1", 0o700),
         dir("/dir2", 0o700),
@@ -633,11 +640,14 @@ async fn directory_permission_on_commit_case(env: &mut Env) -> Result<()> {
     check_snapshots(env, &[l1, l2, l3]).await.map(|_| ())
 }
 
-async fn remove_intermediate_snapshot_case(env: &mut Env) -> Result<()> {
-    let sn = &env.sn;
+/// Upstream's `RemoveIntermediateSnapshot` case.
+pub async fn remove_intermediate_snapshot<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
+    let sn = &*env;
     let base = env.key("base");
     let m = sn.prepare(&base, "").await?;
-    env.mount(&m, "base")?.unmount()?;
+    if let Some(mnt) = env.mount(&m, "base")? {
+        mnt.unmount()?;
+    }
     let committed_base = env.key("committed-base");
     sn.commit(&committed_base, &base).await?;
     let intermediate = env.key("intermediate");
@@ -667,7 +677,8 @@ async fn remove_intermediate_snapshot_case(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-async fn deleted_files_in_child_snapshot_case(env: &mut Env) -> Result<()> {
+/// Upstream's `DeletedFilesInChildSnapshot` case.
+pub async fn deleted_files_in_child_snapshot<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let l1 = vec![
         file("/foo", b"foo\n", 0o777),
         file("/foobar", b"foobar\n", 0o777),
@@ -677,7 +688,8 @@ async fn deleted_files_in_child_snapshot_case(env: &mut Env) -> Result<()> {
     check_snapshots(env, &[l1, l2, l3]).await.map(|_| ())
 }
 
-async fn move_file_from_lower_layer_case(env: &mut Env) -> Result<()> {
+/// Upstream's `MoveFileFromLowerLayer` case.
+pub async fn move_file_from_lower_layer<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let l1 = vec![
         dir("/dir1", 0o700),
         file("/dir1/f1", b"Hello", 0o644),
@@ -694,6 +706,21 @@ async fn move_file_from_lower_layer_case(env: &mut Env) -> Result<()> {
     check_snapshots(env, &[l1, l2]).await.map(|_| ())
 }
 
+/// A view's mounts are read-only by their options and, mounted, by a failing write.
+fn expect_read_only<S: SnapshotterUnderTest>(
+    env: &S,
+    m: &[containerd_api::containerd::types::Mount],
+    what: &str,
+) -> Result<()> {
+    ensure!(!is_writable(m), "{what}: writable mounts {m:?}");
+    let Some(mnt) = env.mount(m, "view")? else {
+        return Ok(());
+    };
+    let r = expect_write_fails(mnt.path(), what);
+    mnt.unmount()?;
+    r
+}
+
 fn expect_write_fails(root: &Path, what: &str) -> Result<()> {
     let testfile = root.join("testfile");
     match std::fs::write(&testfile, "testcontent") {
@@ -708,19 +735,17 @@ fn expect_write_fails(root: &Path, what: &str) -> Result<()> {
     }
 }
 
-async fn view_readonly_case(env: &mut Env) -> Result<()> {
-    let sn = &env.sn;
+/// Upstream's `ViewReadonly` case.
+pub async fn view_readonly<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
+    let sn = &*env;
     let preparing = env.key("preparing");
     sn.prepare(&preparing, "").await?;
     let committed = env.key("committed");
     sn.commit(&committed, &preparing).await?;
     let view = env.key("view");
     let m = sn.view(&view, &committed).await?;
-    // Checking the options is not enough (containerd#1368): mount for real.
-    let mnt = env.mount(&m, "view-mount")?;
-    let r = expect_write_fails(mnt.path(), "view of one layer");
-    mnt.unmount()?;
-    r?;
+    // Checking the options is not enough (containerd#1368): mount for real where possible.
+    expect_read_only(env, &m, "view of one layer")?;
     sn.remove(&view).await?;
 
     // A view of two layers (an overlay without upper) and a view of nothing.
@@ -731,10 +756,7 @@ async fn view_readonly_case(env: &mut Env) -> Result<()> {
     ] {
         let v = env.key("view2");
         let m = sn.view(&v, parent).await?;
-        let mnt = env.mount(&m, "view2")?;
-        let r = expect_write_fails(mnt.path(), what);
-        mnt.unmount()?;
-        r?;
+        expect_read_only(env, &m, what)?;
         sn.remove(&v).await?;
     }
     sn.remove(&second).await?;
@@ -742,8 +764,9 @@ async fn view_readonly_case(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-async fn stat_in_walk_case(env: &mut Env) -> Result<()> {
-    let sn = &env.sn;
+/// Upstream's `StatInWalk` case.
+pub async fn stat_in_walk<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
+    let sn = &*env;
     let prefix = "stats-in-walk-";
     let c1 = format!("{prefix}c1");
     let c2 = format!("{prefix}c2");
@@ -771,27 +794,30 @@ async fn stat_in_walk_case(env: &mut Env) -> Result<()> {
         })
         .await?;
     ensure!(checked == 4, "checked {checked} snapshots, expected 4");
-    ensure!(batches >= 2, "expected several List batches, got {batches}");
+    if let Some(batches) = batches {
+        ensure!(batches >= 2, "expected several List batches, got {batches}");
+    }
     Ok(())
 }
 
-async fn close_twice_case(env: &mut Env) -> Result<()> {
+/// Upstream's `CloseTwice` case.
+pub async fn close_twice<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     // Upstream closes the snapshotter twice. A daemon's close is its shutdown: stop it
     // gracefully twice (a restart in between) and check the state is intact each time.
     let n = env.key("closeTwice");
     let prepare = format!("{n}-prepare");
-    env.sn.prepare(&prepare, "").await?;
-    env.sn.commit(&n, &prepare).await?;
-    env.sn.remove(&n).await?;
+    env.prepare(&prepare, "").await?;
+    env.commit(&n, &prepare).await?;
+    env.remove(&n).await?;
     let kept = create_snapshot(env, "", &[file("kept", b"still here\n", 0o640)]).await?;
     let active = env.key("active");
-    env.sn.prepare(&active, &kept).await?;
-    let before = env.sn.list(&[]).await?;
+    env.prepare(&active, &kept).await?;
+    let before = env.list(&[]).await?;
     for round in 0..2 {
         env.restart()
             .await
             .with_context(|| format!("restart {round}"))?;
-        let after = env.sn.list(&[]).await?;
+        let after = env.list(&[]).await?;
         ensure!(
             after == before,
             "round {round}: state changed: {before:?} -> {after:?}"
@@ -799,24 +825,38 @@ async fn close_twice_case(env: &mut Env) -> Result<()> {
     }
     let flat = flat_with(env, &[&[file("kept", b"still here\n", 0o640)]])?;
     check_snapshot(env, &kept, &flat).await?;
-    let m = env.sn.mounts(&active).await?;
-    let mnt = env.mount(&m, "active")?;
-    fstest::check_equal(&flat, mnt.path())?;
-    mnt.unmount()?;
+    let m = env.mounts(&active).await?;
+    if let Some(mnt) = env.mount(&m, "active")? {
+        fstest::check_equal(&flat, mnt.path())?;
+        mnt.unmount()?;
+    }
     Ok(())
 }
 
-async fn root_permission_case(env: &mut Env) -> Result<()> {
+/// Upstream's `RootPermission` case.
+pub async fn root_permission<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let preparing = env.key("preparing");
-    let m = env.sn.prepare(&preparing, "").await?;
-    let mnt = env.mount(&m, "preparing")?;
-    let mode = std::fs::metadata(mnt.path())?.permissions().mode() & 0o777;
-    mnt.unmount()?;
+    let m = env.prepare(&preparing, "").await?;
+    let mode = match env.mount(&m, "preparing")? {
+        Some(mnt) => {
+            let mode = std::fs::metadata(mnt.path())?.permissions().mode() & 0o777;
+            mnt.unmount()?;
+            mode
+        }
+        // Without mounting: the directory a parentless active snapshot binds.
+        None => {
+            let (Some(own), _) = super::mount_dirs(&m)? else {
+                bail!("no writable directory in {m:?}");
+            };
+            std::fs::metadata(own)?.permissions().mode() & 0o777
+        }
+    };
     ensure!(mode == 0o755, "expected 0755, got {mode:o}");
     Ok(())
 }
 
-async fn rename_case(env: &mut Env) -> Result<()> {
+/// Upstream's `Rename` case.
+pub async fn rename<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let l1 = vec![
         dir("/dir1", 0o700),
         dir("/somefiles", 0o700),
@@ -833,8 +873,9 @@ async fn rename_case(env: &mut Env) -> Result<()> {
     check_snapshots(env, &[l1, l2]).await.map(|_| ())
 }
 
-async fn layers_128_mount_case(env: &mut Env) -> Result<()> {
-    let sn = &env.sn;
+/// Upstream's `Layers128Mount` case.
+pub async fn layers_128_mount<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
+    let sn = &*env;
     let mut appliers = vec![vec![
         file("/bottom", b"way at the bottom\n", 0o777),
         file("/overwriteme", b"FIRST!\n", 0o777),
@@ -859,14 +900,20 @@ async fn layers_128_mount_case(env: &mut Env) -> Result<()> {
             .prepare(&preparing, &parent)
             .await
             .with_context(|| format!("[layer {i}] prepare"))?;
-        let mnt = env.mount(&m, "prepare")?;
-        fstest::check_equal(&flat, mnt.path())
-            .with_context(|| format!("[layer {i}] preparing differs from flat before apply"))?;
-        fstest::apply(&flat, a)?;
-        fstest::apply(mnt.path(), a)?;
-        fstest::check_equal(&flat, mnt.path())
-            .with_context(|| format!("[layer {i}] preparing differs from flat after apply"))?;
-        mnt.unmount()?;
+        ensure!(
+            super::mount_dirs(&m)?.1.len() == i,
+            "[layer {i}] {} lower dirs",
+            super::mount_dirs(&m)?.1.len()
+        );
+        if let Some(mnt) = env.mount(&m, "prepare")? {
+            fstest::check_equal(&flat, mnt.path())
+                .with_context(|| format!("[layer {i}] preparing differs from flat before apply"))?;
+            fstest::apply(&flat, a)?;
+            fstest::apply(mnt.path(), a)?;
+            fstest::check_equal(&flat, mnt.path())
+                .with_context(|| format!("[layer {i}] preparing differs from flat after apply"))?;
+            mnt.unmount()?;
+        }
         let committed = env.key(&format!("committed-{i}"));
         sn.commit(&committed, &preparing)
             .await
@@ -882,16 +929,17 @@ async fn layers_128_mount_case(env: &mut Env) -> Result<()> {
         let o = parse_overlay(m0)?;
         ensure!(o.lowers.len() == 128, "{} lowers", o.lowers.len());
     }
-    let mnt = mount_all(&m, &env.new_dir("fullview")?)?;
-    fstest::check_equal(&flat, mnt.path()).context("fullview should equal flat")?;
-    mnt.unmount()?;
+    if let Some(mnt) = env.mount(&m, "fullview")? {
+        fstest::check_equal(&flat, mnt.path()).context("fullview should equal flat")?;
+        mnt.unmount()?;
+    }
     Ok(())
 }
 
 /// Not in upstream's list: the metadata a layer must keep that the cases above do not
 /// exercise (setuid/setgid/sticky, symlinks, devices, fifos, xattrs, hard links), changed
 /// again in a second layer.
-async fn special_files_case(env: &mut Env) -> Result<()> {
+pub async fn special_files<S: SnapshotterUnderTest>(env: &mut S) -> Result<()> {
     let l1 = vec![
         dir("/bin", 0o755),
         file("/bin/su", b"#!/bin/true\n", 0o4755),
