@@ -1,0 +1,96 @@
+//! The core's safety gates, in process with a recording mounter (no root): every read of a
+//! layer image goes through the integrity check, and start-up sweeps what crashes leave.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use snapshotter::error::ErrorKind;
+use snapshotter::mount::RecordingMounter;
+use snapshotter::{Config, Snapshotter};
+
+struct Root {
+    dir: tempfile::TempDir,
+    cfg: Config,
+}
+
+impl Root {
+    fn new(extra: &str) -> Root {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "root_path = {:?}\naddress = {:?}\n{extra}",
+            dir.path().join("root").display().to_string(),
+            dir.path().join("unused.sock").display().to_string(),
+        );
+        let cfg = Config::parse(&toml).unwrap();
+        Root { dir, cfg }
+    }
+
+    fn open(&self) -> Snapshotter {
+        Snapshotter::open(self.cfg.clone(), Arc::new(RecordingMounter::new())).unwrap()
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+}
+
+/// Commit a layer holding `files` as `name` (on `parent`); returns its directory.
+fn layer(s: &Snapshotter, name: &str, parent: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    let key = format!("{name}-active");
+    let mounts = s.prepare(&key, parent, BTreeMap::new()).unwrap();
+    // Host mode: a bind of the upper dir (no parent) or an overlay naming it.
+    let upper = mounts[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(&mounts[0].source));
+    for (p, data) in files {
+        let f = upper.join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, data).unwrap();
+    }
+    s.commit(name, &key, BTreeMap::new(), "").unwrap();
+    upper.parent().unwrap().to_path_buf()
+}
+
+/// Compare reads committed layers through the same check as a mount: a layer swapped for
+/// another valid image after its commit is refused, naming it, instead of being diffed.
+#[test]
+fn compare_refuses_a_replaced_layer() {
+    let root = Root::new("[snapshotter]\nenable_fsverity = true\n");
+    let s = root.open();
+    let l1 = layer(&s, "l1", "", &[("etc/one", b"one\n")]);
+    let l2 = layer(&s, "l2", "", &[("etc/two", b"something else\n")]);
+    let view = s.view("v1", "l1", BTreeMap::new()).unwrap();
+    let blob = s.compare(&[], &view, "", None).unwrap();
+    assert!(blob.size > 0);
+    drop(blob);
+
+    // The swap attack: l1's file replaced by l2's (a valid image, another digest).
+    let victim: &Path = &l1.join("layer.erofs");
+    std::fs::remove_file(victim).unwrap();
+    std::fs::copy(l2.join("layer.erofs"), victim).unwrap();
+    let e = s.compare(&[], &view, "", None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("l1"), "names the layer: {e}");
+    // Diffs that do not read it still work.
+    let view2 = s.view("v2", "l2", BTreeMap::new()).unwrap();
+    let lower = s.view("v3", "l2", BTreeMap::new()).unwrap();
+    s.compare(&lower, &view2, "", None).unwrap();
+}
+
+/// Diffs in `ROOT/tmp` exist only while a Compare runs: whatever a crash left there is
+/// removed when the snapshotter opens.
+#[test]
+fn start_up_sweeps_leftover_diffs() {
+    let root = Root::new("");
+    drop(root.open());
+    let tmp = root.root().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("diff-00000000deadbeef"), vec![7u8; 4096]).unwrap();
+    let s = root.open();
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    drop(s);
+}
