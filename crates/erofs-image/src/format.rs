@@ -1,9 +1,11 @@
 //! On-disk EROFS structures and constants.
 //!
-//! Everything here is little-endian and position-independent: encoders write into a caller's
-//! buffer, decoders take a byte slice of exactly the structure's size. Enum-like fields stay raw
-//! integers and are interpreted by the reader, so bytes from an image are never trusted to be a
-//! valid enum.
+//! Everything here is little-endian and position-independent. Each on-disk structure is laid
+//! out once, as a `#[repr(C)]` struct of little-endian fields in a private `disk` module
+//! (`zerocopy`, sizes checked at compile time); the public types are their native views, with
+//! encoders writing into a caller's buffer and decoders taking fixed-size arrays or returning
+//! `None` for short slices. Enum-like fields stay raw integers and are interpreted by the
+//! reader, so bytes from an image are never trusted to be a valid enum.
 //!
 //! Only the uncompressed subset is written (flat, inline and chunk-based layouts, a device table
 //! for tar-index images), which keeps full images mountable by kernels from 5.16 and tar-index
@@ -224,26 +226,141 @@ pub fn decode_rdev(rdev: u32) -> (u32, u32) {
     (major, minor)
 }
 
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
+/// The on-disk layouts, each defined once: little-endian fields at their offsets, read and
+/// written without offsets spelled out (`zerocopy`). The public structures above them are
+/// the widened, native-endian views the builder and the reader work with.
+mod disk {
+    use zerocopy::little_endian::{U16, U32, U64};
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+    /// `struct erofs_super_block` (the base 128 bytes).
+    #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Default)]
+    #[repr(C)]
+    pub(super) struct Superblock {
+        pub magic: U32,
+        pub checksum: U32,
+        pub feature_compat: U32,
+        pub blkszbits: u8,
+        pub sb_extslots: u8,
+        pub root_nid: U16,
+        pub inos: U64,
+        pub epoch: U64,
+        pub fixed_nsec: U32,
+        pub blocks: U32,
+        pub meta_blkaddr: U32,
+        pub xattr_blkaddr: U32,
+        pub uuid: [u8; 16],
+        pub volume_name: [u8; 16],
+        pub feature_incompat: U32,
+        pub u1: U16,
+        pub extra_devices: U16,
+        pub devt_slotoff: U16,
+        pub dirblkbits: u8,
+        pub xattr_prefix_count: u8,
+        pub xattr_prefix_start: U32,
+        pub packed_nid: U64,
+        pub xattr_filter_reserved: u8,
+        pub reserved: [u8; 3],
+        pub build_time: U32,
+        pub reserved2: [u8; 16],
+    }
+
+    /// `struct erofs_deviceslot`.
+    #[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+    #[repr(C)]
+    pub(super) struct DeviceSlot {
+        pub tag: [u8; 64],
+        pub blocks: U32,
+        pub uniaddr: U32,
+        pub reserved: [u8; 56],
+    }
+
+    /// `struct erofs_inode_compact`.
+    #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Default)]
+    #[repr(C)]
+    pub(super) struct CompactInode {
+        pub format: U16,
+        pub xattr_icount: U16,
+        pub mode: U16,
+        pub nlink: U16,
+        pub size: U32,
+        pub mtime: U32,
+        pub i_u: U32,
+        pub ino: U32,
+        pub uid: U16,
+        pub gid: U16,
+        pub reserved: [u8; 4],
+    }
+
+    /// `struct erofs_inode_extended`.
+    #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Default)]
+    #[repr(C)]
+    pub(super) struct ExtendedInode {
+        pub format: U16,
+        pub xattr_icount: U16,
+        pub mode: U16,
+        pub reserved: U16,
+        pub size: U64,
+        pub i_u: U32,
+        pub ino: U32,
+        pub uid: U32,
+        pub gid: U32,
+        pub mtime: U64,
+        pub mtime_nsec: U32,
+        pub nlink: U32,
+        pub reserved2: [u8; 16],
+    }
+
+    /// `struct erofs_dirent`.
+    #[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+    #[repr(C)]
+    pub(super) struct Dirent {
+        pub nid: U64,
+        pub nameoff: U16,
+        pub file_type: u8,
+        pub reserved: u8,
+    }
+
+    /// `struct erofs_inode_chunk_index`.
+    #[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+    #[repr(C)]
+    pub(super) struct ChunkIndex {
+        pub startblk_hi: U16,
+        pub device_id: U16,
+        pub startblk_lo: U32,
+    }
+
+    /// `struct erofs_xattr_ibody_header`.
+    #[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+    #[repr(C)]
+    pub(super) struct XattrIbodyHeader {
+        pub name_filter: U32,
+        pub shared_count: u8,
+        pub reserved: [u8; 7],
+    }
+
+    /// `struct erofs_xattr_entry` (the name and the value follow it).
+    #[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+    #[repr(C)]
+    pub(super) struct XattrEntry {
+        pub name_len: u8,
+        pub name_index: u8,
+        pub value_size: U16,
+    }
+
+    const _: () = assert!(size_of::<Superblock>() == super::SUPERBLOCK_SIZE);
+    const _: () = assert!(size_of::<DeviceSlot>() == super::DEVICE_SLOT_SIZE);
+    const _: () = assert!(size_of::<CompactInode>() == super::COMPACT_INODE_SIZE);
+    const _: () = assert!(size_of::<ExtendedInode>() == super::EXTENDED_INODE_SIZE);
+    const _: () = assert!(size_of::<Dirent>() == super::DIRENT_SIZE);
+    const _: () = assert!(size_of::<ChunkIndex>() == super::CHUNK_INDEX_SIZE);
+    const _: () = assert!(size_of::<XattrIbodyHeader>() == super::XATTR_IBODY_HEADER_SIZE);
+    const _: () = assert!(size_of::<XattrEntry>() == super::XATTR_ENTRY_SIZE);
+    // Alignment 1 everywhere: structures are read from any offset of a block.
+    const _: () = assert!(align_of::<Superblock>() == 1 && align_of::<ExtendedInode>() == 1);
 }
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn le64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(a)
-}
-fn put16(b: &mut [u8], o: usize, v: u16) {
-    b[o..o + 2].copy_from_slice(&v.to_le_bytes());
-}
-fn put32(b: &mut [u8], o: usize, v: u32) {
-    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
-}
-fn put64(b: &mut [u8], o: usize, v: u64) {
-    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
-}
+
+use zerocopy::{FromBytes, IntoBytes};
 
 /// The base (128-byte) superblock.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -301,65 +418,64 @@ pub struct Superblock {
 impl Superblock {
     /// Serialize into exactly [`SUPERBLOCK_SIZE`] bytes.
     pub fn encode(&self) -> [u8; SUPERBLOCK_SIZE] {
-        let mut b = [0u8; SUPERBLOCK_SIZE];
-        put32(&mut b, 0, self.magic);
-        put32(&mut b, 4, self.checksum);
-        put32(&mut b, 8, self.feature_compat);
-        b[12] = self.blkszbits;
-        b[13] = self.sb_extslots;
-        put16(&mut b, 14, self.root_nid);
-        put64(&mut b, 16, self.inos);
-        put64(&mut b, 24, self.epoch);
-        put32(&mut b, 32, self.fixed_nsec);
-        put32(&mut b, 36, self.blocks);
-        put32(&mut b, 40, self.meta_blkaddr);
-        put32(&mut b, 44, self.xattr_blkaddr);
-        b[48..64].copy_from_slice(&self.uuid);
-        b[64..80].copy_from_slice(&self.volume_name);
-        put32(&mut b, 80, self.feature_incompat);
-        put16(&mut b, 84, self.u1);
-        put16(&mut b, 86, self.extra_devices);
-        put16(&mut b, 88, self.devt_slotoff);
-        b[90] = self.dirblkbits;
-        b[91] = self.xattr_prefix_count;
-        put32(&mut b, 92, self.xattr_prefix_start);
-        put64(&mut b, 96, self.packed_nid);
-        b[104] = self.xattr_filter_reserved;
-        put32(&mut b, 108, self.build_time);
-        b
+        let d = disk::Superblock {
+            magic: self.magic.into(),
+            checksum: self.checksum.into(),
+            feature_compat: self.feature_compat.into(),
+            blkszbits: self.blkszbits,
+            sb_extslots: self.sb_extslots,
+            root_nid: self.root_nid.into(),
+            inos: self.inos.into(),
+            epoch: self.epoch.into(),
+            fixed_nsec: self.fixed_nsec.into(),
+            blocks: self.blocks.into(),
+            meta_blkaddr: self.meta_blkaddr.into(),
+            xattr_blkaddr: self.xattr_blkaddr.into(),
+            uuid: self.uuid,
+            volume_name: self.volume_name,
+            feature_incompat: self.feature_incompat.into(),
+            u1: self.u1.into(),
+            extra_devices: self.extra_devices.into(),
+            devt_slotoff: self.devt_slotoff.into(),
+            dirblkbits: self.dirblkbits,
+            xattr_prefix_count: self.xattr_prefix_count,
+            xattr_prefix_start: self.xattr_prefix_start.into(),
+            packed_nid: self.packed_nid.into(),
+            xattr_filter_reserved: self.xattr_filter_reserved,
+            build_time: self.build_time.into(),
+            ..Default::default()
+        };
+        zerocopy::transmute!(d)
     }
 
     /// Parse the base superblock from exactly [`SUPERBLOCK_SIZE`] bytes. No validation.
     pub fn decode(b: &[u8; SUPERBLOCK_SIZE]) -> Self {
-        let mut uuid = [0u8; 16];
-        uuid.copy_from_slice(&b[48..64]);
-        let mut volume_name = [0u8; 16];
-        volume_name.copy_from_slice(&b[64..80]);
+        let d: disk::Superblock = zerocopy::transmute!(*b);
         Superblock {
-            magic: le32(b, 0),
-            checksum: le32(b, 4),
-            feature_compat: le32(b, 8),
-            blkszbits: b[12],
-            sb_extslots: b[13],
-            root_nid: le16(b, 14),
-            inos: le64(b, 16),
-            epoch: le64(b, 24),
-            fixed_nsec: le32(b, 32),
-            blocks: le32(b, 36),
-            meta_blkaddr: le32(b, 40),
-            xattr_blkaddr: le32(b, 44),
-            uuid,
-            volume_name,
-            feature_incompat: le32(b, 80),
-            u1: le16(b, 84),
-            extra_devices: le16(b, 86),
-            devt_slotoff: le16(b, 88),
-            dirblkbits: b[90],
-            xattr_prefix_count: b[91],
-            xattr_prefix_start: le32(b, 92),
-            packed_nid: le64(b, 96),
-            xattr_filter_reserved: b[104],
-            build_time: le32(b, 108),
+            magic: d.magic.get(),
+            checksum: d.checksum.get(),
+            feature_compat: d.feature_compat.get(),
+            blkszbits: d.blkszbits,
+            sb_extslots: d.sb_extslots,
+            root_nid: d.root_nid.get(),
+            inos: d.inos.get(),
+            epoch: d.epoch.get(),
+            fixed_nsec: d.fixed_nsec.get(),
+            blocks: d.blocks.get(),
+            meta_blkaddr: d.meta_blkaddr.get(),
+            xattr_blkaddr: d.xattr_blkaddr.get(),
+            uuid: d.uuid,
+            volume_name: d.volume_name,
+            feature_incompat: d.feature_incompat.get(),
+            u1: d.u1.get(),
+            extra_devices: d.extra_devices.get(),
+            devt_slotoff: d.devt_slotoff.get(),
+            dirblkbits: d.dirblkbits,
+            xattr_prefix_count: d.xattr_prefix_count,
+            xattr_prefix_start: d.xattr_prefix_start.get(),
+            packed_nid: d.packed_nid.get(),
+            xattr_filter_reserved: d.xattr_filter_reserved,
+            build_time: d.build_time.get(),
         }
     }
 }
@@ -397,20 +513,20 @@ pub struct DeviceSlot {
 impl DeviceSlot {
     /// Serialize into [`DEVICE_SLOT_SIZE`] bytes.
     pub fn encode(&self) -> [u8; DEVICE_SLOT_SIZE] {
-        let mut b = [0u8; DEVICE_SLOT_SIZE];
-        b[..64].copy_from_slice(&self.tag);
-        put32(&mut b, 64, self.blocks);
-        put32(&mut b, 68, self.uniaddr);
-        b
+        zerocopy::transmute!(disk::DeviceSlot {
+            tag: self.tag,
+            blocks: self.blocks.into(),
+            uniaddr: self.uniaddr.into(),
+            reserved: [0; 56],
+        })
     }
     /// Parse a slot.
     pub fn decode(b: &[u8; DEVICE_SLOT_SIZE]) -> Self {
-        let mut tag = [0u8; 64];
-        tag.copy_from_slice(&b[..64]);
+        let d: disk::DeviceSlot = zerocopy::transmute!(*b);
         DeviceSlot {
-            tag,
-            blocks: le32(b, 64),
-            uniaddr: le32(b, 68),
+            tag: d.tag,
+            blocks: d.blocks.get(),
+            uniaddr: d.uniaddr.get(),
         }
     }
 }
@@ -466,47 +582,57 @@ impl RawInode {
         xattr_ibody_size(self.xattr_icount)
     }
 
-    /// Serialize. The caller has chosen the version in `format` and checked that the fields fit.
+    /// Serialize into the first [`inode_size`](Self::inode_size) bytes of `out`. The caller
+    /// has chosen the version in `format` and checked that the fields fit.
     pub fn encode(&self, out: &mut [u8]) {
-        put16(out, 0, self.format);
-        put16(out, 2, self.xattr_icount);
-        put16(out, 4, self.mode);
         if self.is_extended() {
-            put16(out, 6, 0);
-            put64(out, 8, self.size);
-            put32(out, 16, self.i_u);
-            put32(out, 20, self.ino);
-            put32(out, 24, self.uid);
-            put32(out, 28, self.gid);
-            put64(out, 32, self.mtime);
-            put32(out, 40, self.mtime_nsec);
-            put32(out, 44, self.nlink);
-            out[48..64].fill(0);
+            let d = disk::ExtendedInode {
+                format: self.format.into(),
+                xattr_icount: self.xattr_icount.into(),
+                mode: self.mode.into(),
+                size: self.size.into(),
+                i_u: self.i_u.into(),
+                ino: self.ino.into(),
+                uid: self.uid.into(),
+                gid: self.gid.into(),
+                mtime: self.mtime.into(),
+                mtime_nsec: self.mtime_nsec.into(),
+                nlink: self.nlink.into(),
+                ..Default::default()
+            };
+            out[..EXTENDED_INODE_SIZE].copy_from_slice(d.as_bytes());
         } else {
-            put16(out, 6, self.nlink as u16);
-            put32(out, 8, self.size as u32);
-            put32(out, 12, self.compact_mtime);
-            put32(out, 16, self.i_u);
-            put32(out, 20, self.ino);
-            put16(out, 24, self.uid as u16);
-            put16(out, 26, self.gid as u16);
-            out[28..32].fill(0);
+            let d = disk::CompactInode {
+                format: self.format.into(),
+                xattr_icount: self.xattr_icount.into(),
+                mode: self.mode.into(),
+                nlink: (self.nlink as u16).into(),
+                size: (self.size as u32).into(),
+                mtime: self.compact_mtime.into(),
+                i_u: self.i_u.into(),
+                ino: self.ino.into(),
+                uid: (self.uid as u16).into(),
+                gid: (self.gid as u16).into(),
+                ..Default::default()
+            };
+            out[..COMPACT_INODE_SIZE].copy_from_slice(d.as_bytes());
         }
     }
 
     /// Parse the first 32 bytes; if the inode is extended, `rest` must hold bytes 32..64.
     pub fn decode_compact_part(b: &[u8; COMPACT_INODE_SIZE]) -> Self {
+        let d: disk::CompactInode = zerocopy::transmute!(*b);
         RawInode {
-            format: le16(b, 0),
-            xattr_icount: le16(b, 2),
-            mode: le16(b, 4),
-            nlink: le16(b, 6) as u32,
-            size: le32(b, 8) as u64,
-            compact_mtime: le32(b, 12),
-            i_u: le32(b, 16),
-            ino: le32(b, 20),
-            uid: le16(b, 24) as u32,
-            gid: le16(b, 26) as u32,
+            format: d.format.get(),
+            xattr_icount: d.xattr_icount.get(),
+            mode: d.mode.get(),
+            nlink: d.nlink.get() as u32,
+            size: d.size.get() as u64,
+            compact_mtime: d.mtime.get(),
+            i_u: d.i_u.get(),
+            ino: d.ino.get(),
+            uid: d.uid.get() as u32,
+            gid: d.gid.get() as u32,
             mtime: 0,
             mtime_nsec: 0,
         }
@@ -514,21 +640,87 @@ impl RawInode {
 
     /// Parse an extended inode from 64 bytes.
     pub fn decode_extended(b: &[u8; EXTENDED_INODE_SIZE]) -> Self {
+        let d: disk::ExtendedInode = zerocopy::transmute!(*b);
         RawInode {
-            format: le16(b, 0),
-            xattr_icount: le16(b, 2),
-            mode: le16(b, 4),
-            size: le64(b, 8),
-            i_u: le32(b, 16),
-            ino: le32(b, 20),
-            uid: le32(b, 24),
-            gid: le32(b, 28),
-            mtime: le64(b, 32),
-            mtime_nsec: le32(b, 40),
-            nlink: le32(b, 44),
+            format: d.format.get(),
+            xattr_icount: d.xattr_icount.get(),
+            mode: d.mode.get(),
+            size: d.size.get(),
+            i_u: d.i_u.get(),
+            ino: d.ino.get(),
+            uid: d.uid.get(),
+            gid: d.gid.get(),
+            mtime: d.mtime.get(),
+            mtime_nsec: d.mtime_nsec.get(),
+            nlink: d.nlink.get(),
             compact_mtime: 0,
         }
     }
+}
+
+/// The header of an inode's inline xattr body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XattrIbodyHeader {
+    /// Bloom filter of the names (0 here: the filter feature is not set).
+    pub name_filter: u32,
+    /// Number of 4-byte shared xattr ids after the header.
+    pub shared_count: u8,
+}
+
+impl XattrIbodyHeader {
+    /// Serialize into [`XATTR_IBODY_HEADER_SIZE`] bytes.
+    pub fn encode(&self) -> [u8; XATTR_IBODY_HEADER_SIZE] {
+        zerocopy::transmute!(disk::XattrIbodyHeader {
+            name_filter: self.name_filter.into(),
+            shared_count: self.shared_count,
+            reserved: [0; 7],
+        })
+    }
+    /// Parse the header at the start of `b`; `None` if `b` is too short.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let (d, _) = disk::XattrIbodyHeader::ref_from_prefix(b).ok()?;
+        Some(XattrIbodyHeader {
+            name_filter: d.name_filter.get(),
+            shared_count: d.shared_count,
+        })
+    }
+}
+
+/// The header of one xattr entry; the name suffix and the value follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XattrEntry {
+    /// Length of the name suffix.
+    pub name_len: u8,
+    /// One of [`xattr_index`] (raw: an image may hold any value).
+    pub name_index: u8,
+    /// Length of the value.
+    pub value_size: u16,
+}
+
+impl XattrEntry {
+    /// Serialize into [`XATTR_ENTRY_SIZE`] bytes.
+    pub fn encode(&self) -> [u8; XATTR_ENTRY_SIZE] {
+        zerocopy::transmute!(disk::XattrEntry {
+            name_len: self.name_len,
+            name_index: self.name_index,
+            value_size: self.value_size.into(),
+        })
+    }
+    /// Parse the header at the start of `b`; `None` if `b` is too short.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let (d, _) = disk::XattrEntry::ref_from_prefix(b).ok()?;
+        Some(XattrEntry {
+            name_len: d.name_len,
+            name_index: d.name_index,
+            value_size: d.value_size.get(),
+        })
+    }
+}
+
+/// Read the 4-byte little-endian shared xattr id (or block-map entry) at the start of `b`.
+pub fn decode_u32(b: &[u8]) -> Option<u32> {
+    let (v, _) = zerocopy::little_endian::U32::read_from_prefix(b).ok()?;
+    Some(v.get())
 }
 
 /// Size of the inline xattr body for an `i_xattr_icount`.
@@ -562,20 +754,24 @@ pub struct Dirent {
 }
 
 impl Dirent {
-    /// Serialize.
+    /// Serialize into the first [`DIRENT_SIZE`] bytes of `out`.
     pub fn encode(&self, out: &mut [u8]) {
-        put64(out, 0, self.nid);
-        put16(out, 8, self.nameoff);
-        out[10] = self.file_type;
-        out[11] = 0;
+        let d = disk::Dirent {
+            nid: self.nid.into(),
+            nameoff: self.nameoff.into(),
+            file_type: self.file_type,
+            reserved: 0,
+        };
+        out[..DIRENT_SIZE].copy_from_slice(d.as_bytes());
     }
-    /// Parse 12 bytes.
-    pub fn decode(b: &[u8]) -> Self {
-        Dirent {
-            nid: le64(b, 0),
-            nameoff: le16(b, 8),
-            file_type: b[10],
-        }
+    /// Parse the entry at the start of `b`; `None` if `b` is shorter than [`DIRENT_SIZE`].
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let (d, _) = disk::Dirent::ref_from_prefix(b).ok()?;
+        Some(Dirent {
+            nid: d.nid.get(),
+            nameoff: d.nameoff.get(),
+            file_type: d.file_type,
+        })
     }
 }
 
@@ -594,20 +790,24 @@ impl ChunkIndex {
         device_id: 0,
         blkaddr: NULL_ADDR,
     };
-    /// Serialize.
+    /// Serialize into the first [`CHUNK_INDEX_SIZE`] bytes of `out`.
     pub fn encode(&self, out: &mut [u8]) {
-        put16(out, 0, 0);
-        put16(out, 2, self.device_id);
-        put32(out, 4, self.blkaddr);
+        let d = disk::ChunkIndex {
+            startblk_hi: 0.into(),
+            device_id: self.device_id.into(),
+            startblk_lo: self.blkaddr.into(),
+        };
+        out[..CHUNK_INDEX_SIZE].copy_from_slice(d.as_bytes());
     }
     /// Parse 8 bytes. The 48-bit high half is returned separately so the reader can refuse it.
-    pub fn decode(b: &[u8]) -> (Self, u16) {
+    pub fn decode(b: &[u8; CHUNK_INDEX_SIZE]) -> (Self, u16) {
+        let d: disk::ChunkIndex = zerocopy::transmute!(*b);
         (
             ChunkIndex {
-                device_id: le16(b, 2),
-                blkaddr: le32(b, 4),
+                device_id: d.device_id.get(),
+                blkaddr: d.startblk_lo.get(),
             },
-            le16(b, 0),
+            d.startblk_hi.get(),
         )
     }
 }
@@ -661,6 +861,111 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Superblock::decode(&sb.encode()), sb);
+    }
+
+    /// Field offsets as the kernel's `erofs_fs.h` has them, checked on encoded bytes.
+    #[test]
+    fn fields_sit_at_the_kernels_offsets() {
+        let sb = Superblock {
+            magic: MAGIC,
+            blocks: 0x0102_0304,
+            devt_slotoff: 9,
+            build_time: 0x0a0b_0c0d,
+            ..Default::default()
+        }
+        .encode();
+        assert_eq!(&sb[0..4], &MAGIC.to_le_bytes());
+        assert_eq!(&sb[36..40], &[4, 3, 2, 1]);
+        assert_eq!(&sb[88..90], &[9, 0]);
+        assert_eq!(&sb[108..112], &[0x0d, 0x0c, 0x0b, 0x0a]);
+        let mut ino = [0u8; EXTENDED_INODE_SIZE];
+        RawInode {
+            format: I_VERSION_EXTENDED,
+            nlink: 7,
+            mtime: 0x55,
+            ..Default::default()
+        }
+        .encode(&mut ino);
+        assert_eq!((ino[0], ino[32], ino[44]), (1, 0x55, 7));
+        let mut d = [0u8; DIRENT_SIZE];
+        Dirent {
+            nid: 3,
+            nameoff: 24,
+            file_type: file_type::DIR,
+        }
+        .encode(&mut d);
+        assert_eq!(d, [3, 0, 0, 0, 0, 0, 0, 0, 24, 0, 2, 0]);
+        let mut c = [0u8; CHUNK_INDEX_SIZE];
+        ChunkIndex {
+            device_id: 1,
+            blkaddr: 8,
+        }
+        .encode(&mut c);
+        assert_eq!(c, [0, 0, 1, 0, 8, 0, 0, 0]);
+        let slot = DeviceSlot {
+            tag: [0; 64],
+            blocks: 5,
+            uniaddr: 6,
+        }
+        .encode();
+        assert_eq!((slot[64], slot[68]), (5, 6));
+    }
+
+    #[test]
+    fn inodes_and_entries_round_trip() {
+        let compact = RawInode {
+            format: (LAYOUT_FLAT_INLINE as u16) << I_DATALAYOUT_SHIFT,
+            xattr_icount: 3,
+            mode: 0o100644,
+            nlink: 2,
+            size: 4097,
+            i_u: 9,
+            ino: 11,
+            uid: 1000,
+            gid: 100,
+            compact_mtime: 5,
+            ..Default::default()
+        };
+        let mut b = [0u8; COMPACT_INODE_SIZE];
+        compact.encode(&mut b);
+        assert_eq!(RawInode::decode_compact_part(&b), compact);
+        let ext = RawInode {
+            format: I_VERSION_EXTENDED,
+            mode: 0o040755,
+            nlink: 70_000,
+            size: 1 << 40,
+            uid: 1 << 20,
+            gid: 1 << 21,
+            mtime: 1_700_000_000,
+            mtime_nsec: 999,
+            ..Default::default()
+        };
+        let mut b = [0u8; EXTENDED_INODE_SIZE];
+        ext.encode(&mut b);
+        assert_eq!(RawInode::decode_extended(&b), ext);
+        let e = XattrEntry {
+            name_len: 3,
+            name_index: xattr_index::USER,
+            value_size: 300,
+        };
+        assert_eq!(XattrEntry::decode(&e.encode()), Some(e));
+        let h = XattrIbodyHeader {
+            name_filter: 0,
+            shared_count: 2,
+        };
+        assert_eq!(XattrIbodyHeader::decode(&h.encode()), Some(h));
+        let (c, hi) = ChunkIndex::decode(&[1, 0, 2, 0, 3, 0, 0, 0]);
+        assert_eq!((c.device_id, c.blkaddr, hi), (2, 3, 1));
+    }
+
+    /// Short input is an answer, not a panic.
+    #[test]
+    fn short_bytes_decode_to_none() {
+        assert_eq!(Dirent::decode(&[0; DIRENT_SIZE - 1]), None);
+        assert_eq!(XattrEntry::decode(&[0; 3]), None);
+        assert_eq!(XattrIbodyHeader::decode(&[0; 11]), None);
+        assert_eq!(decode_u32(&[0; 3]), None);
+        assert_eq!(decode_u32(&[1, 0, 0, 0, 9]), Some(1));
     }
 
     #[test]

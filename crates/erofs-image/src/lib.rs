@@ -1,9 +1,11 @@
 //! EROFS images without erofs-utils: build them from tar streams (full images and tar
 //! indexes) and from directories, read them in userspace, and check them.
 //!
-//! This crate knows nothing of containerd or snapshots. It reads and writes bytes through the
-//! readers and writers it is given; the one exception is [`builder::tar_to_index_file`], which
-//! needs a real file to put the index in front of the tar without copying it.
+//! This crate knows nothing of containerd or snapshots, and does no I/O of its own: it reads
+//! and writes bytes through the readers and [`output::ImageOutput`]s it is given (reading a
+//! source directory, for [`builder::dir_to_image`], aside). Faster ways of writing images to
+//! files (`copy_file_range`, `FALLOC_FL_INSERT_RANGE`, `O_DIRECT`) are outputs that live in
+//! other crates.
 //!
 //! * [`tar`]: a streaming tar reader (ustar, GNU, PAX) and writer.
 //! * [`compression`]: gzip/zstd detection and decompression with a bomb guard.
@@ -11,6 +13,7 @@
 //! * [`reader`]: stat, readdir, read, xattrs and path lookup on an image.
 //! * [`check`]: verify every invariant the kernel relies on, reporting each problem.
 //! * [`format`](mod@format): the on-disk structures.
+//! * [`output`]: where images are written.
 #![forbid(unsafe_code)]
 
 pub mod builder;
@@ -19,13 +22,15 @@ pub mod compression;
 pub mod debug;
 pub mod error;
 pub mod format;
+pub mod output;
 pub mod reader;
 pub mod tar;
 pub mod tree;
 
 pub use builder::{
-    BuildOptions, DirectFile, Limits, Summary, dir_to_image, tar_file_to_image,
-    tar_file_to_index_file, tar_to_image, tar_to_index, tar_to_index_file,
+    BuildOptions, Limits, Summary, dir_to_image, tar_file_to_image, tar_file_to_index_file,
+    tar_to_image, tar_to_index, tar_to_index_file,
 };
 pub use error::{Error, Result};
+pub use output::{ImageOutput, PlainOutput};
 pub use reader::{Image, Inode, ReadAt};

@@ -1,16 +1,17 @@
 //! The data area of a full image: file contents written as they arrive, block-aligned, from
 //! the first block after the superblock.
 
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, SeekFrom, Write};
 
 use crate::error::{Error, Result};
 use crate::format::{ChunkIndex, NULL_ADDR};
+use crate::output::ImageOutput;
 
 static ZEROS: [u8; 64 * 1024] = [0u8; 64 * 1024];
 
 /// Sequential block-aligned writer for file data.
 #[derive(Debug)]
-pub(crate) struct DataArea<W: Write + Seek> {
+pub(crate) struct DataArea<W: ImageOutput> {
     out: BufWriter<W>,
     bs: u64,
     next_block: u64,
@@ -19,7 +20,7 @@ pub(crate) struct DataArea<W: Write + Seek> {
     in_file: u64,
 }
 
-impl<W: Write + Seek> DataArea<W> {
+impl<W: ImageOutput> DataArea<W> {
     pub(crate) fn new(mut out: W, bs: u32, first_block: u64, max_blocks: u64) -> Result<Self> {
         out.seek(SeekFrom::Start(first_block * bs as u64))
             .map_err(|e| Error::io("seeking in the image", e))?;
@@ -85,61 +86,20 @@ impl<W: Write + Seek> DataArea<W> {
     }
 }
 
-impl DataArea<&std::fs::File> {
-    /// Copy `n` bytes at `src_off` of `src` into the file in progress, in the kernel.
-    pub(crate) fn copy_range(
-        &mut self,
-        src: &std::fs::File,
-        mut src_off: u64,
-        n: u64,
-    ) -> Result<()> {
-        use std::os::unix::fs::FileExt;
+impl<W: ImageOutput> DataArea<W> {
+    /// Copy `n` bytes at `src_off` of `src` into the file in progress, the output's fastest
+    /// way ([`ImageOutput::copy_range`]).
+    pub(crate) fn copy_range(&mut self, src: &std::fs::File, src_off: u64, n: u64) -> Result<()> {
         let io = |e| Error::io("writing the image", e);
         self.out.flush().map_err(io)?;
-        let start = self.next_block * self.bs + self.in_file;
-        let dst: &std::fs::File = self.out.get_ref();
-        let mut out_off = start;
-        let mut left = n;
-        while left > 0 {
-            match rustix::fs::copy_file_range(
-                src,
-                Some(&mut src_off),
-                dst,
-                Some(&mut out_off),
-                left.min(1 << 30) as usize,
-            ) {
-                Ok(0) => return Err(io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))),
-                Ok(k) => left -= k as u64,
-                Err(
-                    rustix::io::Errno::XDEV
-                    | rustix::io::Errno::NOSYS
-                    | rustix::io::Errno::OPNOTSUPP
-                    | rustix::io::Errno::INVAL,
-                ) => {
-                    let mut buf = vec![0u8; (1 << 20).min(left as usize)];
-                    while left > 0 {
-                        let k = (buf.len() as u64).min(left) as usize;
-                        src.read_exact_at(&mut buf[..k], src_off).map_err(io)?;
-                        dst.write_all_at(&buf[..k], out_off).map_err(io)?;
-                        src_off += k as u64;
-                        out_off += k as u64;
-                        left -= k as u64;
-                    }
-                }
-                Err(e) => return Err(io(e.into())),
-            }
-        }
-        self.out
-            .get_mut()
-            .seek(SeekFrom::Start(start + n))
-            .map_err(io)?;
+        self.out.get_mut().copy_range(src, src_off, n).map_err(io)?;
         self.in_file += n;
         Ok(())
     }
 }
 
 /// Where a regular file's bytes come from.
-pub(crate) trait FileBytes<W: Write + Seek> {
+pub(crate) trait FileBytes<W: ImageOutput> {
     /// Write `n` bytes of the file, from file offset `off`, into `area` (calls come in
     /// increasing offset order).
     fn copy(&mut self, area: &mut DataArea<W>, off: u64, n: u64) -> Result<()>;
@@ -150,7 +110,7 @@ pub(crate) trait FileBytes<W: Write + Seek> {
 /// Write a regular file of `size` bytes: chunks with holes for sparse files (`sparse` lists
 /// the data segments), otherwise contiguous blocks, with the last partial block kept for
 /// inlining when it is sure to fit beside the largest inode and its xattrs.
-pub(crate) fn write_file<W: Write + Seek>(
+pub(crate) fn write_file<W: ImageOutput>(
     area: &mut DataArea<W>,
     src: &mut dyn FileBytes<W>,
     size: u64,
@@ -287,7 +247,7 @@ fn count_data_chunks(segments: &[(u64, u64)], bits: u32) -> u64 {
 /// Write a sparse file's chunks. `copy(area, file_offset, len)` must write `len` bytes of
 /// segment data starting at `file_offset`; it is called in increasing offset order, and zeros
 /// between segments are written here.
-pub(crate) fn write_sparse<W: Write + Seek>(
+pub(crate) fn write_sparse<W: ImageOutput>(
     area: &mut DataArea<W>,
     plan: &ChunkPlan,
     segments: &[(u64, u64)],

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{Seek, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -19,10 +18,11 @@ use super::tar::checked_xattrs;
 use super::{BuildOptions, Summary, finish_full, first_data_block};
 use crate::error::{EntryError, Error, Result};
 use crate::format::{self, mode};
+use crate::output::ImageOutput;
 use crate::tree::{Body, FileData, Meta, Node, NodeId, ROOT, Tree};
 
 /// Build a full image of the directory `root` into `output`.
-pub fn dir_to_image<W: Write + Seek>(
+pub fn dir_to_image<W: ImageOutput>(
     root: &Path,
     output: W,
     opts: &BuildOptions,
@@ -212,7 +212,7 @@ struct FileSource<'a> {
     buf: Vec<u8>,
 }
 
-impl<W: Write + Seek> data::FileBytes<W> for FileSource<'_> {
+impl<W: ImageOutput> data::FileBytes<W> for FileSource<'_> {
     fn copy(&mut self, area: &mut DataArea<W>, mut off: u64, mut n: u64) -> Result<()> {
         while n > 0 {
             let k = (self.buf.len() as u64).min(n) as usize;
@@ -239,7 +239,7 @@ impl<W: Write + Seek> data::FileBytes<W> for FileSource<'_> {
     }
 }
 
-fn write_file<W: Write + Seek>(
+fn write_file<W: ImageOutput>(
     area: &mut DataArea<W>,
     path: &Path,
     rel: &[u8],

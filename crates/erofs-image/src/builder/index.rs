@@ -4,26 +4,27 @@
 //! The single-file form is `[index][tar]` with the device slot's unified address pointing just
 //! past the index, so the kernel mounts it with no options (flat device mode, Linux 6.4+). It
 //! is what containerd's differ produces with `mkfs.erofs --tar=i` followed by appending the tar.
-//! Here the tar is copied once, straight into the final file, while the index is built; the
-//! index is then put in front of it with `FALLOC_FL_INSERT_RANGE`, which moves no data on
-//! filesystems that support it (ext4, xfs), and with an in-place backward copy elsewhere.
+//! Here the tar is copied once, straight into the final output, while the index is built; the
+//! index is then put in front of it with [`ImageOutput::insert_front`] (which moves no data
+//! where the output can insert a range, as ext4 and xfs can), and with an in-place backward
+//! copy elsewhere.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, SeekFrom, Write};
 
 use super::tar::read_into_tree;
 use super::{BuildOptions, Summary, layout, write_superblock};
 use crate::error::{EntryError, Error, Result};
 use crate::format::{self, ChunkIndex, DeviceSlot, Superblock};
+use crate::output::{ImageOutput, shift_forward};
 use crate::tar::{Entry, TarReader};
 use crate::tree::{FileData, Tree};
 
 /// Block size of tar-index images: tar data is 512-byte aligned.
 pub const INDEX_BLOCK_SIZE: u32 = 512;
 const INDEX_BLKSZBITS: u8 = 9;
-/// The index is padded to this so the tar after it stays page-aligned (and so that
-/// `FALLOC_FL_INSERT_RANGE` accepts it on 4 KiB-block filesystems).
+/// The index is padded to this so the tar after it stays page-aligned (and so that an insert
+/// in front, `FALLOC_FL_INSERT_RANGE`, is accepted on 4 KiB-block filesystems).
 const INDEX_ALIGN: usize = 4096;
 /// Device slot right after the superblock (`devt_slotoff` 9 = byte 1152), as mkfs.erofs does.
 const DEVT_SLOTOFF: u16 = 9;
@@ -171,21 +172,30 @@ fn build_index(tree: &mut Tree, tar_len: u64, opts: &BuildOptions) -> Result<Tar
     })
 }
 
-/// Build the single-file form `[index][tar]` in `file` (which must be empty and opened for
-/// reading and writing): the tar is streamed into the file once, then the index is placed in
-/// front of it.
-pub fn tar_to_index_file<R: Read>(input: R, file: &File, opts: &BuildOptions) -> Result<Summary> {
-    // The tar skips the page cache (see DirectFile): the insert below drops the file's
-    // cached pages anyway.
-    let idx = tar_to_index(input, super::DirectFile::new(file), opts)?;
-    insert_front(file, &idx.index, idx.tar_len)?;
+/// Build the single-file form `[index][tar]` in `out`, which must be empty (at position 0)
+/// and readable: the tar is streamed into it once, then the index is placed in front of it
+/// ([`ImageOutput::insert_front`], or moving the tar with reads and writes where that is
+/// unsupported). Outputs that keep data from the page cache suit the tar: an insert in
+/// front drops the file's cached pages anyway.
+pub fn tar_to_index_file<R: Read, W: ImageOutput + Read>(
+    input: R,
+    mut out: W,
+    opts: &BuildOptions,
+) -> Result<Summary> {
+    let idx = tar_to_index(input, &mut out, opts)?;
+    insert_front(&mut out, &idx.index, idx.tar_len)?;
     Ok(idx.summary)
 }
 
 /// [`tar_to_index_file`] for an uncompressed tar that is a regular file: the tar is indexed
-/// by reading only its headers, the index is written, and the tar is copied after it in the
-/// kernel (`copy_file_range`: no userspace copy, a reflink where the filesystem can).
-pub fn tar_file_to_index_file(input: &File, file: &File, opts: &BuildOptions) -> Result<Summary> {
+/// by reading only its headers, the index is written, and the tar is appended after it as
+/// one range ([`ImageOutput::copy_range`]: no userspace copy, a reflink where the filesystem
+/// can, for outputs over files that know how).
+pub fn tar_file_to_index_file<W: ImageOutput>(
+    input: &File,
+    mut out: W,
+    opts: &BuildOptions,
+) -> Result<Summary> {
     let len = input
         .metadata()
         .map_err(|e| Error::io("stat of the tar", e))?
@@ -194,88 +204,29 @@ pub fn tar_file_to_index_file(input: &File, file: &File, opts: &BuildOptions) ->
     let mut tree = Tree::new(opts.implicit_dir_meta());
     read_into_tree(&mut reader, &mut tree, opts, &mut |_, e, _| index_file(e))?;
     let idx = build_index(&mut tree, len, opts)?;
-    file.write_all_at(&idx.index, 0)
-        .map_err(|e| Error::io("writing the tar index", e))?;
-    let (mut off_in, mut off_out) = (0u64, idx.index.len() as u64);
-    while off_in < len {
-        let want = (len - off_in).min(1 << 30) as usize;
-        match rustix::fs::copy_file_range(input, Some(&mut off_in), file, Some(&mut off_out), want)
-        {
-            Ok(0) => {
-                return Err(Error::io(
-                    "copying the tar",
-                    std::io::ErrorKind::UnexpectedEof.into(),
-                ));
-            }
-            Ok(_) => {}
-            Err(
-                rustix::io::Errno::XDEV
-                | rustix::io::Errno::NOSYS
-                | rustix::io::Errno::OPNOTSUPP
-                | rustix::io::Errno::INVAL,
-            ) => {
-                let mut buf = vec![0u8; 1 << 20];
-                while off_in < len {
-                    let k = (buf.len() as u64).min(len - off_in) as usize;
-                    input
-                        .read_exact_at(&mut buf[..k], off_in)
-                        .map_err(|e| Error::io("copying the tar", e))?;
-                    file.write_all_at(&buf[..k], off_out)
-                        .map_err(|e| Error::io("copying the tar", e))?;
-                    off_in += k as u64;
-                    off_out += k as u64;
-                }
-            }
-            Err(e) => return Err(Error::io("copying the tar", e.into())),
-        }
-    }
+    let wr = |e| Error::io("writing the tar index", e);
+    out.seek(SeekFrom::Start(0)).map_err(wr)?;
+    out.write_all(&idx.index).map_err(wr)?;
+    out.copy_range(input, 0, len)
+        .map_err(|e| Error::io("copying the tar", e))?;
+    out.flush().map_err(wr)?;
     Ok(idx.summary)
 }
 
-fn insert_front(file: &File, index: &[u8], tar_len: u64) -> Result<()> {
-    use rustix::fs::{FallocateFlags, fallocate};
+fn insert_front<W: ImageOutput + Read>(out: &mut W, index: &[u8], tar_len: u64) -> Result<()> {
     let len = index.len() as u64;
     let inserted = tar_len > 0
-        && match fallocate(file, FallocateFlags::INSERT_RANGE, 0, len) {
+        && match out.insert_front(len) {
             Ok(()) => true,
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::INVAL => false,
-            Err(e) => return Err(Error::io("making room for the tar index", e.into())),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => false,
+            Err(e) => return Err(Error::io("making room for the tar index", e)),
         };
     if !inserted {
-        shift_forward(file, tar_len, len)
+        shift_forward(out, tar_len, len)
             .map_err(|e| Error::io("moving the tar after its index", e))?;
     }
-    file.write_all_at(index, 0)
-        .map_err(|e| Error::io("writing the tar index", e))
-}
-
-/// Move `[0, len)` of `file` to `[by, by + len)`, copying backwards so nothing is overwritten
-/// before it is read.
-fn shift_forward(file: &File, len: u64, by: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut end = len;
-    while end > 0 {
-        let k = (buf.len() as u64).min(end);
-        let start = end - k;
-        file.read_exact_at(&mut buf[..k as usize], start)?;
-        file.write_all_at(&buf[..k as usize], start + by)?;
-        end = start;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shift_forward_moves_bytes() {
-        let f = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        f.write_all_at(&data, 0).unwrap();
-        shift_forward(&f, data.len() as u64, 4096).unwrap();
-        let mut back = vec![0u8; data.len()];
-        f.read_exact_at(&mut back, 4096).unwrap();
-        assert_eq!(back, data);
-    }
+    let wr = |e| Error::io("writing the tar index", e);
+    out.seek(SeekFrom::Start(0)).map_err(wr)?;
+    out.write_all(index).map_err(wr)?;
+    out.flush().map_err(wr)
 }

@@ -74,7 +74,7 @@ pub(crate) fn encode_xattrs(xattrs: &[Xattr]) -> Result<Vec<u8>, crate::error::E
     }
     let mut sorted: Vec<&Xattr> = xattrs.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut body = vec![0u8; format::XATTR_IBODY_HEADER_SIZE];
+    let mut body = format::XattrIbodyHeader::default().encode().to_vec();
     for (name, value) in sorted {
         let (index, suffix) = format::split_xattr_name(name)
             .ok_or_else(|| EntryError::XattrTooLarge(String::from_utf8_lossy(name).into_owned()))?;
@@ -83,9 +83,12 @@ pub(crate) fn encode_xattrs(xattrs: &[Xattr]) -> Result<Vec<u8>, crate::error::E
                 String::from_utf8_lossy(name).into_owned(),
             ));
         }
-        body.push(suffix.len() as u8);
-        body.push(index);
-        body.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        let entry = format::XattrEntry {
+            name_len: suffix.len() as u8,
+            name_index: index,
+            value_size: value.len() as u16,
+        };
+        body.extend_from_slice(&entry.encode());
         body.extend_from_slice(suffix);
         body.extend_from_slice(value);
         while !body.len().is_multiple_of(4) {

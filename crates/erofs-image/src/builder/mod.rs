@@ -15,7 +15,6 @@
 
 mod data;
 mod dir;
-mod direct;
 mod index;
 mod layout;
 mod tar;
@@ -23,11 +22,11 @@ mod tar;
 use std::io::{Read, Seek, SeekFrom, Write};
 
 pub use dir::dir_to_image;
-pub use direct::DirectFile;
 pub use index::{TarIndex, tar_file_to_index_file, tar_to_index, tar_to_index_file};
 
 use crate::error::{EntryError, Error, Result};
 use crate::format::{self, Superblock};
+use crate::output::ImageOutput;
 use crate::tree::{Meta, Tree};
 use data::DataArea;
 
@@ -217,7 +216,7 @@ fn first_data_block(bs: u32) -> u64 {
 
 /// Convert a tar stream (already decompressed; see [`crate::compression`]) into a full image.
 /// File data is copied into `output` as it is read; the metadata follows the data.
-pub fn tar_to_image<R: Read, W: Write + Seek>(
+pub fn tar_to_image<R: Read, W: ImageOutput>(
     input: R,
     output: W,
     opts: &BuildOptions,
@@ -235,11 +234,12 @@ pub fn tar_to_image<R: Read, W: Write + Seek>(
     finish_full(out, &mut tree, data_end, opts, reader.offset())
 }
 
-/// [`tar_to_image`] for an uncompressed tar that is a regular file: file data is copied file
-/// to file in the kernel (`copy_file_range`), never through userspace.
-pub fn tar_file_to_image(
+/// [`tar_to_image`] for an uncompressed tar that is a regular file: the data of large files
+/// is handed to the output as ranges of the tar ([`ImageOutput::copy_range`]), which an
+/// output over a file can copy in the kernel, never through userspace.
+pub fn tar_file_to_image<W: ImageOutput>(
     input: &std::fs::File,
-    output: &std::fs::File,
+    output: W,
     opts: &BuildOptions,
 ) -> Result<Summary> {
     opts.validate()?;

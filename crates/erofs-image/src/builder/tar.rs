@@ -1,11 +1,12 @@
 //! Tar entries into the tree, with OCI layer semantics.
 
-use std::io::{Read, Seek, Write};
+use std::io::Read;
 
 use super::BuildOptions;
 use super::data::{self, DataArea};
 use crate::error::{EntryError, Error, Result};
 use crate::format::{self, mode};
+use crate::output::ImageOutput;
 use crate::tar::{Entry, EntryKind, TarReader};
 use crate::tree::{Body, FileData, Meta, Node, Tree, Xattr, split_path, storable_xattr};
 
@@ -129,7 +130,7 @@ pub(crate) fn read_into_tree<R: Read>(
 /// Copies `n` bytes of the current entry's data into the data area.
 pub(crate) type Copy<R, W> = fn(&mut DataArea<W>, &mut TarReader<R>, u64) -> Result<()>;
 
-pub(crate) fn copy_data<R: Read, W: Write + Seek>(
+pub(crate) fn copy_data<R: Read, W: ImageOutput>(
     area: &mut DataArea<W>,
     tar: &mut TarReader<R>,
     mut n: u64,
@@ -144,13 +145,13 @@ pub(crate) fn copy_data<R: Read, W: Write + Seek>(
     Ok(())
 }
 
-struct TarBytes<'a, R, W: Write + Seek> {
+struct TarBytes<'a, R, W: ImageOutput> {
     tar: &'a mut TarReader<R>,
     copy: Copy<R, W>,
     path: &'a [u8],
 }
 
-impl<R: Read, W: Write + Seek> data::FileBytes<W> for TarBytes<'_, R, W> {
+impl<R: Read, W: ImageOutput> data::FileBytes<W> for TarBytes<'_, R, W> {
     fn copy(&mut self, area: &mut DataArea<W>, _off: u64, n: u64) -> Result<()> {
         (self.copy)(area, self.tar, n).map_err(|e| e.in_entry(self.path))
     }
@@ -163,7 +164,7 @@ impl<R: Read, W: Write + Seek> data::FileBytes<W> for TarBytes<'_, R, W> {
 }
 
 /// Full image: copy the file's data into the data area now.
-pub(crate) fn write_full<R: Read, W: Write + Seek>(
+pub(crate) fn write_full<R: Read, W: ImageOutput>(
     area: &mut DataArea<W>,
     tar: &mut TarReader<R>,
     entry: &Entry,
@@ -190,10 +191,11 @@ pub(crate) fn write_full<R: Read, W: Write + Seek>(
 /// rest of the entry goes file to file in the kernel.
 const DIRECT_MIN: u64 = 64 << 10;
 
-/// [`copy_data`] for a tar that is a regular file and an image that is a regular file: large
-/// data moves with `copy_file_range` (no userspace copy; reflinks where the filesystem can).
-pub(crate) fn copy_data_direct(
-    area: &mut DataArea<&std::fs::File>,
+/// [`copy_data`] for a tar that is a regular file: large data is handed to the output as a
+/// range of the tar ([`ImageOutput::copy_range`]: in the kernel, a reflink where the
+/// filesystem can, for outputs that know how).
+pub(crate) fn copy_data_direct<W: ImageOutput>(
+    area: &mut DataArea<W>,
     tar: &mut TarReader<crate::tar::FileInput<'_>>,
     mut n: u64,
 ) -> Result<()> {

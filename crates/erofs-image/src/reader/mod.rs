@@ -631,7 +631,11 @@ impl Image {
         let mut body = vec![0u8; isize as usize];
         self.read_exact(0, inode.xattr_start(), &mut body)
             .map_err(|_| at(CorruptKind::BadXattr("xattr body beyond the image")))?;
-        let shared = body[4] as usize;
+        let shared = format::XattrIbodyHeader::decode(&body)
+            .ok_or(at(CorruptKind::BadXattr(
+                "xattr body smaller than its header",
+            )))?
+            .shared_count as usize;
         let mut p = format::XATTR_IBODY_HEADER_SIZE + shared * 4;
         if p > body.len() {
             return Err(at(CorruptKind::BadXattr(
@@ -641,26 +645,28 @@ impl Image {
         let mut out = Vec::new();
         for i in 0..shared {
             let o = format::XATTR_IBODY_HEADER_SIZE + i * 4;
-            let id = u32::from_le_bytes([body[o], body[o + 1], body[o + 2], body[o + 3]]) as u64;
+            let id = body
+                .get(o..)
+                .and_then(format::decode_u32)
+                .ok_or(at(CorruptKind::BadXattr(
+                    "shared xattr ids overflow the body",
+                )))? as u64;
             let addr = self.sb.xattr_blkaddr as u64 * self.bs + id * 4;
-            let mut hdr = [0u8; 4];
+            let mut hdr = [0u8; format::XATTR_ENTRY_SIZE];
             self.read_exact(0, addr, &mut hdr)
                 .map_err(|_| at(CorruptKind::BadXattr("shared xattr beyond the image")))?;
-            let (nl, vl) = (
-                hdr[0] as usize,
-                u16::from_le_bytes([hdr[2], hdr[3]]) as usize,
-            );
+            let e = format::XattrEntry::decode(&hdr)
+                .ok_or(at(CorruptKind::BadXattr("truncated entry")))?;
+            let (nl, vl) = (e.name_len as usize, e.value_size as usize);
             let mut rest = vec![0u8; nl + vl];
             self.read_exact(0, addr + 4, &mut rest)
                 .map_err(|_| at(CorruptKind::BadXattr("shared xattr beyond the image")))?;
-            out.push(xattr_entry(hdr[1], &rest[..nl], &rest[nl..]).map_err(at)?);
+            out.push(xattr_entry(e.name_index, &rest[..nl], &rest[nl..]).map_err(at)?);
         }
         while p < body.len() {
-            if p + format::XATTR_ENTRY_SIZE > body.len() {
-                return Err(at(CorruptKind::BadXattr("truncated entry")));
-            }
-            let (nl, idx) = (body[p] as usize, body[p + 1]);
-            let vl = u16::from_le_bytes([body[p + 2], body[p + 3]]) as usize;
+            let e = format::XattrEntry::decode(&body[p..])
+                .ok_or(at(CorruptKind::BadXattr("truncated entry")))?;
+            let (nl, idx, vl) = (e.name_len as usize, e.name_index, e.value_size as usize);
             let end = p + format::XATTR_ENTRY_SIZE + nl + vl;
             if end > body.len() {
                 return Err(at(CorruptKind::BadXattr("entry overflows the body")));
@@ -744,10 +750,7 @@ fn parse_dir_block(
     out: &mut Vec<DirEntry>,
 ) -> std::result::Result<(), CorruptKind> {
     let bad = |what| CorruptKind::BadDirBlock { block, what };
-    if b.len() < format::DIRENT_SIZE {
-        return Err(bad("block too short"));
-    }
-    let first = Dirent::decode(&b[..format::DIRENT_SIZE]);
+    let first = Dirent::decode(b).ok_or(bad("block too short"))?;
     let nameoff0 = first.nameoff as usize;
     if nameoff0 < format::DIRENT_SIZE
         || nameoff0 >= b.len()
@@ -758,9 +761,8 @@ fn parse_dir_block(
     let n = nameoff0 / format::DIRENT_SIZE;
     let mut dirents = Vec::with_capacity(n);
     for i in 0..n {
-        dirents.push(Dirent::decode(
-            &b[i * format::DIRENT_SIZE..(i + 1) * format::DIRENT_SIZE],
-        ));
+        let d = b.get(i * format::DIRENT_SIZE..).and_then(Dirent::decode);
+        dirents.push(d.ok_or(bad("entries overflow the block"))?);
     }
     for i in 0..n {
         let start = dirents[i].nameoff as usize;

@@ -295,7 +295,7 @@ pub struct TarReader<R> {
 }
 
 /// A regular file read at a tracked position, so a [`TarReader`] over it can skip data
-/// without reading it, and callers can copy data with `copy_file_range`.
+/// without reading it, and callers can hand data on as ranges of the file.
 #[derive(Debug)]
 pub struct FileInput<'a> {
     file: &'a std::fs::File,

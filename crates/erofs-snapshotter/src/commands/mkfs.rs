@@ -133,17 +133,18 @@ fn build(
             // An uncompressed tar file: data moves file to file in the kernel.
             let input =
                 File::open(&a.source).with_context(|| format!("opening {}", a.source.display()))?;
+            let out = erofs_output::FileOutput::new(&image.file);
             let r = if mode == TarMode::F {
-                erofs_image::tar_file_to_image(&input, &image.file, opts)
+                erofs_image::tar_file_to_image(&input, out, opts)
             } else {
-                erofs_image::tar_file_to_index_file(&input, &image.file, opts)
+                erofs_image::tar_file_to_index_file(&input, out, opts)
             };
             r.with_context(|| format!("converting {}", a.source.display()))?
         }
         Some(TarMode::F) => {
             let input = open_tar(&a.source, bar)?;
-            // The data goes to disk with O_DIRECT (see erofs_image::DirectFile).
-            erofs_image::tar_to_image(input, erofs_image::DirectFile::new(&image.file), opts)
+            // The data goes to disk with O_DIRECT (see erofs_output::DirectFile).
+            erofs_image::tar_to_image(input, erofs_output::DirectFile::new(&image.file), opts)
                 .with_context(|| format!("converting {}", a.source.display()))?
         }
         Some(TarMode::I) => {
@@ -165,8 +166,13 @@ fn build(
                     tar.commit().context("saving the tar")?;
                     idx.summary
                 }
-                None => erofs_image::tar_to_index_file(input, &image.file, opts)
-                    .with_context(|| format!("indexing {}", a.source.display()))?,
+                // The tar skips the page cache: the insert in front drops its pages anyway.
+                None => erofs_image::tar_to_index_file(
+                    input,
+                    erofs_output::DirectFile::new(&image.file),
+                    opts,
+                )
+                .with_context(|| format!("indexing {}", a.source.display()))?,
             }
         }
     })

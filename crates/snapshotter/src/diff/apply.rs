@@ -62,6 +62,7 @@ impl Snapshotter {
                         .metadata()
                         .map_err(|e| Error::io("stat of the layer", e))?
                         .len();
+                    let out = erofs_output::FileOutput::new(out);
                     if self.config().differ.enable_tar_index {
                         erofs_image::tar_file_to_index_file(f, out, &opts)?;
                     } else {
@@ -78,13 +79,18 @@ impl Snapshotter {
                     .map_err(|e| Error::io("reading the layer", e))?;
                 let mut pipe = Pipeline::start(Box::new(dec));
                 if self.config().differ.enable_tar_index {
-                    erofs_image::tar_to_index_file(&mut pipe, out, &opts)?;
+                    // The tar skips the page cache: the insert in front drops its pages anyway.
+                    erofs_image::tar_to_index_file(
+                        &mut pipe,
+                        erofs_output::DirectFile::new(out),
+                        &opts,
+                    )?;
                 } else {
                     if target.direct {
-                        // The data skips the page cache (see erofs_image::DirectFile).
+                        // The data skips the page cache (see erofs_output::DirectFile).
                         erofs_image::tar_to_image(
                             &mut pipe,
-                            erofs_image::DirectFile::new(out),
+                            erofs_output::DirectFile::new(out),
                             &opts,
                         )?;
                     } else {

@@ -186,7 +186,11 @@ mod tests {
                 if streamed {
                     erofs_image::tar_to_image(Slow(&input, 0), &out, &opts)
                 } else {
-                    erofs_image::tar_file_to_image(&input, &out, &opts)
+                    erofs_image::tar_file_to_image(
+                        &input,
+                        erofs_output::FileOutput::new(&out),
+                        &opts,
+                    )
                 }
             });
             r.unwrap();

@@ -1,4 +1,4 @@
-//! An output for full images that writes the data area with `O_DIRECT`.
+//! An output that writes the data area of full images (or a streamed tar) with `O_DIRECT`.
 //!
 //! Streamed into the page cache, a layer's data is copied once more by the kernel into pages
 //! it has to allocate, then written back; for a multi-gigabyte layer that copy is a large
@@ -16,14 +16,21 @@
 //! the caller still fsyncs, which also flushes the disk's cache for the direct writes.
 //!
 //! The image is not in the page cache afterwards; callers that read the image right after
-//! building it (to hash it, say) should write it the ordinary way.
+//! building it (to hash it, say) should write it the ordinary way ([`FileOutput`](crate::FileOutput)).
+//!
+//! Kernel copies and inserts in front work as [`FileOutput`](crate::FileOutput)'s do; a copy ends the
+//! direct phase.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+
+use erofs_image::ImageOutput;
+
+use crate::file::{copy_file_range_at, insert_range};
 
 /// Bytes per direct write. At most three buffers exist (one filling, one queued, one being
 /// written), so this also bounds the memory used: 1.5 MiB (measured: 1 MiB buffers were no
@@ -76,9 +83,10 @@ struct Writer {
     thread: JoinHandle<io::Result<()>>,
 }
 
-/// `Write + Seek` over a file for [`tar_to_image`](crate::tar_to_image): the data area
-/// direct, the rest ordinary. Errors of the direct writes surface at the seek that ends the
-/// data area, or from [`finish`](Self::finish).
+/// An [`ImageOutput`] over a file for [`tar_to_image`](erofs_image::tar_to_image) and
+/// [`tar_to_index_file`](erofs_image::tar_to_index_file): the data area (the tar) direct,
+/// the rest ordinary. Errors of the direct writes surface at the seek that ends the data
+/// area, or from [`finish`](Self::finish).
 pub struct DirectFile<'a> {
     file: &'a File,
     /// Ordinary writes (all of them where `O_DIRECT` is unavailable, and everything after
@@ -279,6 +287,29 @@ impl Seek for DirectFile<'_> {
         }
         self.finish()?;
         self.plain.seek(pos)
+    }
+}
+
+/// Reads come after the direct phase (which they end), from the file position.
+impl Read for DirectFile<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.flush()?;
+        let mut f = self.file;
+        f.read(buf)
+    }
+}
+
+impl ImageOutput for DirectFile<'_> {
+    fn copy_range(&mut self, src: &File, src_off: u64, len: u64) -> io::Result<()> {
+        self.flush()?;
+        let at = self.plain.stream_position()?;
+        copy_file_range_at(src, src_off, self.file, at, len)?;
+        self.plain.seek(SeekFrom::Start(at + len)).map(drop)
+    }
+
+    fn insert_front(&mut self, len: u64) -> io::Result<()> {
+        self.flush()?;
+        insert_range(self.file, len)
     }
 }
 
