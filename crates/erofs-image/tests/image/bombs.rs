@@ -11,24 +11,7 @@ use crate::common::*;
 
 /// A ustar header block (name, typeflag, size).
 fn header(name: &[u8], typeflag: u8, size: u64) -> Vec<u8> {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name);
-    h[100..107].copy_from_slice(b"0000644");
-    h[108..115].copy_from_slice(b"0000000");
-    h[116..123].copy_from_slice(b"0000000");
-    h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
-    h[136..147].copy_from_slice(b"00000000000");
-    h[156] = typeflag;
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    checksum(&mut h);
-    h.to_vec()
-}
-
-fn checksum(h: &mut [u8; 512]) {
-    h[148..156].fill(b' ');
-    let sum: u32 = h.iter().map(|&c| c as u32).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    raw_header(name, typeflag, size, b"")
 }
 
 /// One PAX record, `"<len> key=value\n"` with the length counting itself.
@@ -279,7 +262,7 @@ fn sizes_past_i64_max_are_refused() {
     let mut h: [u8; 512] = header(b"big", b'0', 0).try_into().unwrap();
     h[124] = 0x80;
     h[125..136].fill(0xff);
-    checksum(&mut h);
+    tar_checksum(&mut h);
     let e = refused(&end(h.to_vec()), &oci_opts(), SEC, 64 * MIB);
     assert!(
         e.contains("larger than 2^63-1") || e.contains("invalid number"),
@@ -367,7 +350,7 @@ fn checker_reports_sizes_past_i64_max() {
     let mut h: [u8; 512] = header(b"f", b'0', 4).try_into().unwrap();
     // A per-file mtime makes the builder use an extended inode, whose i_size is 64-bit.
     h[136..147].copy_from_slice(b"00000012345");
-    checksum(&mut h);
+    tar_checksum(&mut h);
     let mut t = h.to_vec();
     t.extend_from_slice(b"data");
     t.resize(1024, 0);

@@ -114,13 +114,7 @@ impl Snapshotter {
     /// fsync of the directory.
     fn convert_upper(&self, upper: &Path, dir: &Path, target: &Path, id: u64) -> Result<()> {
         let tmp = dir.join(crate::layout::LAYER_TMP);
-        let out = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        let out = super::create_scratch(&tmp)?;
         let opts = erofs_image::BuildOptions {
             block_size: 4096,
             inline_data: false,

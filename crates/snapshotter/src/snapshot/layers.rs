@@ -5,7 +5,7 @@
 //! the key locks and the order in which a layer becomes durable.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use super::{Snapshotter, sync_dir};
@@ -106,13 +106,7 @@ impl Snapshotter {
         }
         let dir = self.layout.dir(id);
         let tmp = dir.join(LAYER_TMP);
-        let out = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        let out = super::create_scratch(&tmp)?;
         // Written back to disk as it is produced, so the fsync below only waits for the tail,
         // and hashed for its integrity trees as it is produced, so they cost little more.
         let trees = self.integrity.ahead_trees(tar_index);

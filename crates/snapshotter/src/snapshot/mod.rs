@@ -105,6 +105,18 @@ pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// Create (or truncate) a layer's temporary file, for reading and writing: what a layer is
+/// built into before it is fsynced and renamed into place.
+pub(crate) fn create_scratch(path: &Path) -> Result<fs::File> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))
+}
+
 /// fsync a directory (after renames in it).
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir)
