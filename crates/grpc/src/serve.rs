@@ -55,11 +55,24 @@ pub async fn bind(path: &Path, mode: u32, gid: u32) -> Result<UnixListener, Serv
         tracing::info!(socket = %path.display(), "replacing stale socket");
         std::fs::remove_file(path).map_err(sock_err(path))?;
     }
-    let listener = UnixListener::bind(path).map_err(sock_err(path))?;
-    rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
-        .map_err(|e| sock_err(path)(e.into()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(sock_err(path))?;
+    // Bound under a temporary name, given its owner and mode, then renamed into place: at no
+    // moment does the socket exist at `path` with the process's default mode, where anyone
+    // could connect before the chmod.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(sock_err(path))?;
+    let placed = rustix::fs::chown(&tmp, None, Some(rustix::fs::Gid::from_raw(gid)))
+        .map_err(std::io::Error::from)
+        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(sock_err(path)(e));
+    }
     Ok(listener)
 }
 
@@ -85,4 +98,40 @@ pub async fn serve(
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    use super::*;
+
+    /// The socket appears at its path already with its mode and group, nothing else is left
+    /// in the directory, it answers, and a second bind while it is served is refused.
+    #[tokio::test]
+    async fn socket_is_placed_with_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/s.sock");
+        let gid = rustix::process::getgid().as_raw();
+        let listener = bind(&path, 0o600, gid).await.unwrap();
+        let md = std::fs::symlink_metadata(&path).unwrap();
+        assert!(md.file_type().is_socket());
+        assert_eq!(md.mode() & 0o7777, 0o600);
+        assert_eq!(md.gid(), gid);
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("s.sock")]);
+        let accept = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
+        tokio::net::UnixStream::connect(&path).await.unwrap();
+        accept.await.unwrap().unwrap();
+        // The listener is gone now: the socket is stale and gets replaced.
+        let again = bind(&path, 0o660, gid).await.unwrap();
+        let md = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o660);
+        let e = bind(&path, 0o660, gid).await.unwrap_err();
+        assert!(matches!(e, ServeError::InUse(_)), "{e}");
+        drop(again);
+    }
 }
