@@ -10,6 +10,8 @@
 //! - [`registry`]: a throwaway `docker-registry` on 127.0.0.1 and a push
 //!   client, for `ctr images pull --plain-http`.
 //! - [`daemon`]: a proxy daemon (`BIN serve --config FILE`) as a child process.
+//! - [`daemon_env`]: a proxy daemon with a given configuration in a private directory of
+//!   its own (root, socket, content store), its client and snapshot-directory helpers.
 //! - [`client`]: a gRPC client of a daemon's Snapshots and Diff services.
 //! - [`rootfs`]: performing a snapshotter's host-mode mount list (`bind`,
 //!   `overlay`) on a directory, as containerd does, and parsing overlay options.
@@ -44,6 +46,7 @@
 pub mod client;
 pub mod containerd;
 pub mod daemon;
+pub mod daemon_env;
 pub mod mounts;
 pub mod oci;
 pub mod process;

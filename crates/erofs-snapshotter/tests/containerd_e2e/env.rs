@@ -9,13 +9,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use testsuite::daemon::DaemonOpts;
 use testsuite::mounts::{self, MountInfo};
 use testsuite::oci::{self, OciArchive};
@@ -628,20 +626,7 @@ pub fn unmount(target: &Path) -> Result<()> {
         .with_context(|| format!("unmount {}", target.display()))
 }
 
-/// sha256 hex of a file.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = fs::File::open(path).with_context(|| path.display().to_string())?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
+pub use testsuite::oci::sha256_file;
 
 /// A sorted listing of everything below `dir`: `path TYPE` lines (`f` with size and sha256
 /// prefix, `d`, `l -> target`, `c` with rdev), relative paths.

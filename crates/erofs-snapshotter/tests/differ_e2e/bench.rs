@@ -56,22 +56,13 @@ fn file_digest(p: &Path, gunzip: bool) -> Result<String> {
     {
         return Ok(d.to_string());
     }
-    let mut h = Sha256::new();
     let file = std::io::BufReader::with_capacity(1 << 20, fs::File::open(p)?);
-    let mut f: Box<dyn Read> = if gunzip {
+    let f: Box<dyn Read> = if gunzip {
         Box::new(flate2::read::MultiGzDecoder::new(file))
     } else {
         Box::new(file)
     };
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-    }
-    let d = format!("sha256:{}", hex::encode(h.finalize()));
+    let d = format!("sha256:{}", testsuite::oci::sha256_reader(f)?);
     fs::write(&cache, format!("{stamp} {d}\n"))?;
     Ok(d)
 }
