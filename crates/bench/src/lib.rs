@@ -7,20 +7,29 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
 /// The variable naming the daemon binary when `--daemon` is not given.
 pub const DAEMON_ENV: &str = "BENCH_DAEMON";
 
 /// The daemon binary: `given`, else the `erofs-snapshotter` next to this executable (both are
-/// built into the same `target/<profile>` directory).
+/// built into the same `target/<profile>` directory); fails unless it is a file.
 pub fn daemon_path(given: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p);
-    }
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let dir = exe.parent().context("this executable has no directory")?;
-    Ok(dir.join("erofs-snapshotter"))
+    let path = match given {
+        Some(p) => p,
+        None => {
+            let exe = std::env::current_exe().context("locating this executable")?;
+            let dir = exe.parent().context("this executable has no directory")?;
+            dir.join("erofs-snapshotter")
+        }
+    };
+    ensure!(
+        path.is_file(),
+        "no daemon binary at {} (build it with `cargo build --release -p erofs-snapshotter`, \
+         or give --daemon)",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// The bench data directory of this checkout (`bench/work`, filled by `bench/datasets.sh`).

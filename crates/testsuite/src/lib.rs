@@ -12,6 +12,8 @@
 //! - [`daemon`]: a proxy daemon (`BIN serve --config FILE`) as a child process.
 //! - [`daemon_env`]: a proxy daemon with a given configuration in a private directory of
 //!   its own (root, socket, content store), its client and snapshot-directory helpers.
+//! - [`wired_containerd`]: containerd 2.1 wired to our daemon as proxy snapshotter and
+//!   differ on one socket, with helpers that look at what the daemon did.
 //! - [`client`]: a gRPC client of a daemon's Snapshots and Diff services.
 //! - [`rootfs`]: performing a snapshotter's host-mode mount list (`bind`,
 //!   `overlay`) on a directory, as containerd does, and parsing overlay options.
@@ -53,6 +55,7 @@ pub mod process;
 pub mod registry;
 pub mod rootfs;
 pub mod snapshots;
+pub mod wired_containerd;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
