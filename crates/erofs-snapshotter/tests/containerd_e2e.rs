@@ -25,12 +25,9 @@
 //! 8. `kill_during_{import,remove}_*`: crash points in Apply/Commit/Remove, restart, the disk
 //!    converging on containerd's snapshot list.
 //!
-//! The benchmark behind `bench/e2e` lives here too, as an ignored test ([`bench`]).
+//! The environment each test runs in is `testsuite::proxied_containerd`; the benchmark behind
+//! `bench/e2e` is the `bench-e2e` binary of crates/bench.
 
-#[path = "containerd_e2e/bench.rs"]
-mod bench;
-#[path = "containerd_e2e/env.rs"]
-mod env;
 #[path = "containerd_e2e/images.rs"]
 mod images;
 
@@ -41,7 +38,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use env::{Env, MountMode, SN, mount_host, unmount};
+use testsuite::proxied_containerd::{self as env, Env, MountMode, SN, mount_host, unmount};
+
+/// The daemon binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
 use testsuite::oci::{self, OciArchive};
 use testsuite::with_timeout;
 use testsuite::{Version, unique_name};
@@ -106,7 +106,7 @@ fn check_image_layers(env: &Env, img: &OciArchive) -> Result<Vec<PathBuf>> {
 // 1. Run a container.
 
 fn run_busybox(version: Version) -> Result<()> {
-    let env = Env::start(version, MountMode::Host)?;
+    let env = Env::start(Path::new(BIN), version, MountMode::Host)?;
     let img = env.build(&images::busybox("busybox")?)?;
     env.import(&img)?;
     let out = env.run(&img.name, &["/bin/sh", "-c", "echo hello; ls /"])?;
@@ -187,7 +187,7 @@ fn run_busybox_containerd_2_1() {
 // 2. Whiteouts and opaque directories.
 
 fn whiteouts(version: Version) -> Result<()> {
-    let env = Env::start(version, MountMode::Host)?;
+    let env = Env::start(Path::new(BIN), version, MountMode::Host)?;
     let img = env.build(&images::whiteouts("whiteouts")?)?;
     env.import(&img)?;
     // 2.1: our differ writes each layer.erofs; 1.6: the walking differ fills fs/ and our
@@ -230,7 +230,7 @@ fn applied_layers(env: &Env) -> usize {
 /// containerd 2.1 unpacking in the client (`ctr images import --local`): through the diff
 /// service, whose first differ is ours.
 fn local_import() -> Result<()> {
-    let env = Env::start(Version::V2_1, MountMode::Host)?;
+    let env = Env::start(Path::new(BIN), Version::V2_1, MountMode::Host)?;
     let img = env.build(&images::whiteouts("local")?)?;
     let mut o = oci::ImportOpts::new(SN);
     o.local = true;
@@ -275,7 +275,7 @@ fn upper_dir(env: &Env, key: &str) -> Result<PathBuf> {
 }
 
 fn writes_stay_in_upper(version: Version) -> Result<()> {
-    let env = Env::start(version, MountMode::Host)?;
+    let env = Env::start(Path::new(BIN), version, MountMode::Host)?;
     let img = env.build(&images::whiteouts("writer")?)?;
     env.import(&img)?;
     let dirs = check_image_layers(&env, &img)?;
@@ -392,7 +392,7 @@ fn container_writes_stay_in_upper_dir_containerd_2_1() {
 // 4. `ctr snapshots` by hand.
 
 fn snapshots_by_hand(version: Version) -> Result<()> {
-    let env = Env::start(version, MountMode::Host)?;
+    let env = Env::start(Path::new(BIN), version, MountMode::Host)?;
     let img = env.build(&images::busybox("hand")?)?;
     env.import(&img)?;
     let top = img.chain_id();
@@ -579,7 +579,7 @@ fn ctr_snapshots_by_hand_containerd_2_1() {
 // 5. kill -9 of the daemon while containerd runs.
 
 fn restart(version: Version) -> Result<()> {
-    let mut env = Env::start(version, MountMode::Host)?;
+    let mut env = Env::start(Path::new(BIN), version, MountMode::Host)?;
     let img = env.build(&images::busybox("restart")?)?;
     env.import(&img)?;
     assert_eq!(env.run(&img.name, &["/bin/echo", "before"])?, "before\n");
@@ -670,7 +670,7 @@ fn daemon_kill_9_and_restart_containerd_2_1() {
 // any layer is mounted.
 
 fn parallel(version: Version) -> Result<()> {
-    let env = Env::start(version, MountMode::Host)?;
+    let env = Env::start(Path::new(BIN), version, MountMode::Host)?;
     let specs = [
         images::whiteouts("par-whiteouts")?,
         images::busybox("par-busybox")?,
@@ -738,7 +738,7 @@ fn parallel_imports_and_runs_containerd_2_1() {
 // 6. Deep images.
 
 fn deep(version: Version, n: usize) -> Result<()> {
-    let env = Env::start(version, MountMode::Host)?;
+    let env = Env::start(Path::new(BIN), version, MountMode::Host)?;
     let img = env.build(&images::deep(&format!("deep{n}"), n)?)?;
     env.import(&img)?;
     let out = env.run(&img.name, &["/bin/sh", "-c", images::DEEP_SCRIPT])?;
@@ -773,7 +773,7 @@ fn deep_image_130_layers_containerd_2_1() {
 // 7. mount_mode = "manager": upstream's shapes, as data.
 
 fn manager_shapes(version: Version) -> Result<()> {
-    let env = Env::start(version, MountMode::Manager)?;
+    let env = Env::start(Path::new(BIN), version, MountMode::Manager)?;
     // containerd 1.6 unpacks with the walking differ, which must mount what we return: only
     // a one-layer image can be unpacked there (a parentless snapshot is a plain bind).
     let spec = if version == Version::V1_6 {
@@ -969,7 +969,7 @@ fn wait_for_abort(env: &mut Env, what: &str) -> Result<()> {
 }
 
 fn crash_during_import(version: Version, point: &str) -> Result<()> {
-    let mut env = Env::start_crashing_at(version, point)?;
+    let mut env = Env::start_crashing_at(Path::new(BIN), version, point)?;
     let img = env.build(&images::whiteouts("crash-import")?)?;
     let r = env.import(&img);
     ensure!(
@@ -988,7 +988,7 @@ fn crash_during_import(version: Version, point: &str) -> Result<()> {
 }
 
 fn crash_during_remove(version: Version, point: &str) -> Result<()> {
-    let mut env = Env::start(version, MountMode::Host)?;
+    let mut env = Env::start(Path::new(BIN), version, MountMode::Host)?;
     let img = env.build(&images::busybox("crash-remove")?)?;
     env.import(&img)?;
     // A stopped container whose snapshot is removed below.

@@ -21,28 +21,29 @@
 //!   a lease).
 //! - [`bad_input`]: corrupt and hostile layers fail cleanly; the daemon keeps serving.
 //!
-//! The benchmark driver (`bench/differ`) is [`bench_pull`], ignored by default.
+//! The world each test runs in is `testsuite::wired_containerd`; the benchmark behind
+//! `bench/differ` is the `bench-differ` binary of crates/bench.
 
-#[path = "differ_e2e/bench.rs"]
-mod bench;
 #[path = "differ_e2e/images.rs"]
 mod images;
 #[path = "differ_e2e/trees.rs"]
 mod trees;
-#[path = "differ_e2e/world.rs"]
-mod world;
 
 use std::fs;
 use std::io::Read;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use images::{DOCKER_GZIP, DOCKER_TAR, EROFS, EROFS_ZSTD, Layer};
 use testsuite::client::Labels;
 use testsuite::oci::{self, Compression, ImportOpts, LayerBuilder};
+use testsuite::wired_containerd::{SN, Setup, World, active_dir, descriptor};
 use testsuite::{Registry, RunOpts, unique_name};
 use tonic::Code;
-use world::{SN, Setup, World, active_dir, descriptor};
+
+/// The daemon binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
 
 const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
@@ -59,7 +60,7 @@ fn layer(f: impl FnOnce(&mut LayerBuilder)) -> Result<Vec<u8>> {
 
 /// Run `f` in a new world; on failure, print the tails of the daemon's and containerd's logs.
 fn e2e(setup: Setup, f: impl FnOnce(&mut World) -> Result<()>) -> Result<()> {
-    let mut w = World::start(setup)?;
+    let mut w = World::start(Path::new(BIN), setup)?;
     let r = f(&mut w);
     if let Err(e) = &r {
         eprintln!(
@@ -1397,11 +1398,4 @@ fn bad_input() -> Result<()> {
         ensure!(run_sh(w, &good.name, "wc -c < /p/text")?.trim() == "500000");
         Ok(())
     })
-}
-
-/// The benchmark driver of `bench/differ` (see that script); ignored by default.
-#[test]
-#[ignore = "benchmark: run through bench/differ"]
-fn bench_pull() -> Result<()> {
-    bench::run()
 }

@@ -15,10 +15,7 @@
 //!   `dmverity_mode`, manager-mode mount options.
 //! - [`e2e`]: containers through containerd 2.1 on immutable, quota'd, idmapped layers.
 //! - [`lifecycle`]: a SIGTERM right after start-up stops the daemon gracefully.
-//! - [`bench`]: the option-cost benchmark (ignored; `bench/options` runs it).
 
-#[path = "integrity/bench.rs"]
-mod bench;
 #[path = "integrity/common.rs"]
 mod common;
 #[path = "integrity/dmverity.rs"]

@@ -10,6 +10,12 @@
 //! - [`registry`]: a throwaway `docker-registry` on 127.0.0.1 and a push
 //!   client, for `ctr images pull --plain-http`.
 //! - [`daemon`]: a proxy daemon (`BIN serve --config FILE`) as a child process.
+//! - [`daemon_env`]: a proxy daemon with a given configuration in a private directory of
+//!   its own (root, socket, content store), its client and snapshot-directory helpers.
+//! - [`wired_containerd`]: containerd 2.1 wired to our daemon as proxy snapshotter and
+//!   differ on one socket, with helpers that look at what the daemon did.
+//! - [`proxied_containerd`]: containerd 1.6 or 2.1 with our daemon as its proxy snapshotter
+//!   (and differ, on 2.1), with helpers to look at what ends up on disk.
 //! - [`client`]: a gRPC client of a daemon's Snapshots and Diff services.
 //! - [`rootfs`]: performing a snapshotter's host-mode mount list (`bind`,
 //!   `overlay`) on a directory, as containerd does, and parsing overlay options.
@@ -44,12 +50,15 @@
 pub mod client;
 pub mod containerd;
 pub mod daemon;
+pub mod daemon_env;
 pub mod mounts;
 pub mod oci;
 pub mod process;
+pub mod proxied_containerd;
 pub mod registry;
 pub mod rootfs;
 pub mod snapshots;
+pub mod wired_containerd;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};

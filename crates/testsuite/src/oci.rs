@@ -434,6 +434,26 @@ pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
+/// The sha256 of the file at `path`, in hex (no `sha256:` prefix).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let f = File::open(path).with_context(|| path.display().to_string())?;
+    sha256_reader(f).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The sha256 of everything `r` yields, in hex, read in 1 MiB pieces.
+pub fn sha256_reader(mut r: impl io::Read) -> io::Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Chain ids of a stack of diff ids (OCI image spec: `ChainID(L0) = DiffID(L0)`,
 /// `ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))`).
 pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {

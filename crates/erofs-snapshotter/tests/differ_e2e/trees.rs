@@ -2,13 +2,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::types::Mount;
-use sha2::{Digest, Sha256};
 use testsuite::rootfs::{Mounted, mount_all, parse_overlay};
 
 /// The lower directories of a mount list (topmost first) and its upper directory, if any.
@@ -138,19 +136,7 @@ pub fn tree(root: &Path) -> Result<Tree> {
                 's'
             };
             let content = match kind {
-                'f' => {
-                    let mut h = Sha256::new();
-                    let mut f = fs::File::open(&p)?;
-                    let mut buf = vec![0u8; 1 << 16];
-                    loop {
-                        let k = f.read(&mut buf)?;
-                        if k == 0 {
-                            break;
-                        }
-                        h.update(&buf[..k]);
-                    }
-                    hex::encode(h.finalize())
-                }
+                'f' => testsuite::oci::sha256_file(&p)?,
                 'l' => fs::read_link(&p)?.display().to_string(),
                 _ => String::new(),
             };

@@ -13,7 +13,7 @@ use std::process::Command;
 use anyhow::{Context, Result, ensure};
 use containerd_api::containerd::types::{Descriptor, Mount};
 
-use crate::common::{Cfg, Env, flip_byte, gzip, run, run_ok};
+use crate::common::{BIN, Cfg, Env, flip_byte, gzip, run, run_ok};
 
 /// The sidecar of a layer: `(roothash, hashoffset)`, checking it has exactly upstream's
 /// fields.
@@ -151,7 +151,7 @@ const EROFS: &str = "application/vnd.erofs.layer.v1";
 #[test]
 fn dmverity_full_images() {
     run(
-        Env::new(Cfg::new().df("enable_dmverity = true")),
+        Env::new(BIN, Cfg::new().df("enable_dmverity = true")),
         async |env| {
             ensure!(
                 env.log_text()
@@ -182,6 +182,7 @@ fn dmverity_full_images() {
 fn dmverity_tar_index() {
     run(
         Env::new(
+            BIN,
             Cfg::new()
                 .df("enable_dmverity = true")
                 .df("enable_tar_index = true"),
@@ -218,7 +219,7 @@ fn dmverity_tar_index() {
 #[test]
 fn dmverity_native_erofs_layer() {
     run(
-        Env::new(Cfg::new().df("enable_dmverity = true")),
+        Env::new(BIN, Cfg::new().df("enable_dmverity = true")),
         async |env| {
             let tar = layer_tar("native")?;
             let img = env.work.join("native.erofs");
@@ -274,6 +275,7 @@ fn dmverity_native_erofs_layer() {
 #[test]
 fn dmverity_on_refuses_to_start() {
     let mut env = Env::new(
+        BIN,
         Cfg::new()
             .sn("dmverity_mode = \"on\"")
             .df("enable_dmverity = true"),
@@ -302,7 +304,7 @@ fn manager_mode_names_the_sidecar() {
             .top("mount_mode = \"manager\"")
             .df("enable_dmverity = true")
     };
-    run(Env::new(manager()), async |env| {
+    run(Env::new(BIN, manager()), async |env| {
         let tar = layer_tar("manager")?;
         let desc: Descriptor = env.add_blob(TAR_GZ, &gzip(&tar)?)?;
         let (id, _) = env.apply_layer("mgr/a", "mgr/l", &desc).await?;
@@ -351,7 +353,7 @@ fn manager_mode_names_the_sidecar() {
 #[test]
 fn roothash_matches_veritysetup_format() {
     run(
-        Env::new(Cfg::new().df("enable_dmverity = true")),
+        Env::new(BIN, Cfg::new().df("enable_dmverity = true")),
         async |env| {
             let tar = layer_tar("format")?;
             let desc = env.add_blob(TAR_GZ, &gzip(&tar)?)?;
@@ -397,6 +399,7 @@ fn roothash_matches_veritysetup_format() {
 fn manager_mode_own_layer_names_the_sidecar() {
     run(
         Env::new(
+            BIN,
             Cfg::new()
                 .top("mount_mode = \"manager\"")
                 .df("enable_dmverity = true"),
@@ -426,7 +429,7 @@ fn manager_mode_own_layer_names_the_sidecar() {
 #[test]
 fn reapply_replaces_the_sidecar() {
     run(
-        Env::new(Cfg::new().df("enable_dmverity = true")),
+        Env::new(BIN, Cfg::new().df("enable_dmverity = true")),
         async |env| {
             let first = env.add_blob(TAR_GZ, &gzip(&layer_tar("first")?)?)?;
             let second = env.add_blob(TAR_GZ, &gzip(&layer_tar("second one")?)?)?;

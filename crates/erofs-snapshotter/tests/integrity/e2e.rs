@@ -15,7 +15,7 @@ use testsuite::{
     Containerd, ContainerdOpts, ProxyKind, ProxyPlugin, RunOpts, UnpackConfig, Version, unique_name,
 };
 
-use crate::common::{Cfg, Env, block_on, is_immutable};
+use crate::common::{BIN, Cfg, Env, block_on, is_immutable};
 
 const SNAPSHOTTER: &str = "erofs-rs";
 const DIFFER: &str = "erofs-rs-diff";
@@ -139,7 +139,7 @@ fn container_on_immutable_quota_idmapped_layers() {
             ctd.address().display().to_string()
         ));
     // Dropped before `ctd`: the daemon stops and its mounts go first.
-    let mut env = Env::in_dir(dir, cfg, true).unwrap();
+    let mut env = Env::in_dir(BIN, dir, cfg, true).unwrap();
     let r = block_on(async {
         env.start().await?;
         ctd.launch()?;

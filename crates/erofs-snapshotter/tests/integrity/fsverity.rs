@@ -11,7 +11,7 @@ use tonic::Code;
 
 use testsuite::client::expect_code;
 
-use crate::common::{Cfg, Env, flip_byte, gzip, is_immutable, run, run_ok};
+use crate::common::{BIN, Cfg, Env, flip_byte, gzip, is_immutable, run, run_ok};
 
 fn cfg() -> Cfg {
     Cfg::new()
@@ -55,7 +55,7 @@ fn names(s: &tonic::Status, layer: &str) -> Result<()> {
 
 #[test]
 fn tampered_layers_are_refused_in_userspace_mode() {
-    run(Env::new(cfg()), async |env| {
+    run(Env::new(BIN, cfg()), async |env| {
         let log = env.log_text();
         ensure!(
             log.contains("fs-verity is unsupported here") && log.contains("userspace"),
@@ -181,7 +181,7 @@ fn tampered_layers_are_refused_in_userspace_mode() {
 /// same key can be used again once the layer is restored, and no directory is left.
 #[test]
 fn refused_view_leaves_no_snapshot() {
-    run(Env::new(cfg()), async |env| {
+    run(Env::new(BIN, cfg()), async |env| {
         let id = env
             .layer_with("ref/1", "", "ref/l", &[("etc/one", b"one\n")])
             .await?;
@@ -219,7 +219,7 @@ fn refused_view_leaves_no_snapshot() {
 /// `fsverity digest`, and so does our library's digest of a multi-level tree.
 #[test]
 fn digest_of_a_real_layer_equals_fsverity_utils() {
-    run(Env::new(cfg()), async |env| {
+    run(Env::new(BIN, cfg()), async |env| {
         let tar = testsuite::oci::busybox_base_layer()?;
         let desc = env.add_blob("application/vnd.oci.image.layer.v1.tar+gzip", &gzip(&tar)?)?;
         let (id, _) = env.apply_layer("dig/a", "dig/busybox", &desc).await?;
@@ -251,6 +251,7 @@ fn digest_of_a_real_layer_equals_fsverity_utils() {
 #[test]
 fn fsverity_on_refuses_to_start() {
     let mut env = Env::new(
+        BIN,
         Cfg::new()
             .sn("enable_fsverity = true")
             .sn("fsverity = \"on\""),

@@ -15,7 +15,7 @@ use testsuite::rootfs::parse_overlay;
 
 use testsuite::client::labels;
 
-use crate::common::{Cfg, Env, LABEL_GIDMAPPING, LABEL_UIDMAPPING, MAP, run, run_ok};
+use crate::common::{BIN, Cfg, Env, LABEL_GIDMAPPING, LABEL_UIDMAPPING, MAP, run, run_ok};
 
 /// `(uid, gid)` of `p` as this process sees it.
 fn owner(p: &Path) -> Result<(u32, u32)> {
@@ -62,7 +62,7 @@ async fn base_layer(env: &Env) -> Result<u64> {
 
 #[test]
 fn idmapped_lowers_seen_through_stat() {
-    run(Env::new(Cfg::new()), async |env| {
+    run(Env::new(BIN, Cfg::new()), async |env| {
         let log = env.log_text();
         let caps = log
             .lines()
@@ -198,7 +198,7 @@ fn idmapped_lowers_seen_through_stat() {
 /// else is mounted below the daemon's TMPDIR (here a ramfs, which cannot be idmapped).
 #[test]
 fn remap_ids_capability_ignores_unrelated_mounts() {
-    let env = Env::new(Cfg::new()).unwrap();
+    let env = Env::new(BIN, Cfg::new()).unwrap();
     let unrelated = env.base.join("tmp/unrelated-ramfs");
     fs::create_dir_all(&unrelated).unwrap();
     rustix::mount::mount(
@@ -226,7 +226,7 @@ fn remap_ids_capability_ignores_unrelated_mounts() {
 /// Mapping labels must come in pairs and parse; a view with them is an idmapped bind.
 #[test]
 fn idmap_labels_are_checked_and_views_are_idmapped() {
-    run(Env::new(Cfg::new()), async |env| {
+    run(Env::new(BIN, Cfg::new()), async |env| {
         base_layer(env).await?;
         for (what, l) in [
             ("uidmapping alone", labels(&[(LABEL_UIDMAPPING, MAP)])),

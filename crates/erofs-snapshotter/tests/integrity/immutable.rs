@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Result, bail, ensure};
 
-use crate::common::{Cfg, EPERM, Env, is_immutable, run, run_ok};
+use crate::common::{BIN, Cfg, EPERM, Env, is_immutable, run, run_ok};
 
 fn cfg() -> Cfg {
     Cfg::new().sn("set_immutable = true")
@@ -89,13 +89,13 @@ async fn lifecycle(env: &mut Env, check_flag: bool) -> Result<()> {
 /// On the root's usual filesystem (ext4 here).
 #[test]
 fn immutable_layers_on_ext4() {
-    run(Env::new(cfg()), async |env| lifecycle(env, true).await);
+    run(Env::new(BIN, cfg()), async |env| lifecycle(env, true).await);
 }
 
 /// On a tmpfs root (tmpfs has had FS_IOC_SETFLAGS with the immutable flag since Linux 6.0).
 #[test]
 fn immutable_layers_on_tmpfs() {
-    run(Env::on_fs(cfg(), "tmpfs"), async |env| {
+    run(Env::on_fs(BIN, cfg(), "tmpfs"), async |env| {
         ensure!(
             testsuite::mounts::self_mounts_under(&env.root)?
                 .iter()
@@ -110,7 +110,7 @@ fn immutable_layers_on_tmpfs() {
 /// has no vfat): Commit goes on with a warning and Remove does not fail.
 #[test]
 fn immutable_on_a_filesystem_without_flags() {
-    run(Env::on_fs(cfg(), "ramfs"), async |env| {
+    run(Env::on_fs(BIN, cfg(), "ramfs"), async |env| {
         let probe = env.root.join("flags-probe");
         fs::write(&probe, b"x")?;
         match erofs_sys::flags::get_flags(fs::File::open(&probe)?) {
@@ -131,7 +131,7 @@ fn immutable_on_a_filesystem_without_flags() {
 /// child's view) still clears the flag and deletes everything once the children are gone.
 #[test]
 fn remove_mounted_immutable_layer() {
-    run(Env::new(cfg()), async |env| {
+    run(Env::new(BIN, cfg()), async |env| {
         let id = env
             .layer_with("busy/a", "", "busy/base", &[("f", b"1")])
             .await?;
@@ -162,7 +162,7 @@ fn remove_mounted_immutable_layer() {
 /// the start-up sweep still deletes.
 #[test]
 fn immutable_across_crashes() {
-    run(Env::new(cfg()), async |env| {
+    run(Env::new(BIN, cfg()), async |env| {
         env.stop()?;
         env.start_with(Some("commit:after-db-commit")).await?;
         let mounts = env.c().prepare("crash/a", "").await?;

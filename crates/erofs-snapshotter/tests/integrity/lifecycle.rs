@@ -2,7 +2,7 @@
 
 use anyhow::{Result, ensure};
 
-use crate::common::{Cfg, Env, block_on};
+use crate::common::{BIN, Cfg, Env, block_on};
 
 /// A SIGTERM that arrives as soon as the socket accepts connections (a service manager
 /// stopping a daemon it just started, or a test restarting it with another configuration)
@@ -12,7 +12,7 @@ fn sigterm_right_after_start_is_graceful() {
     block_on(async {
         let mut failures = Vec::new();
         for i in 0..20 {
-            let mut env = Env::new(Cfg::new())?;
+            let mut env = Env::new(BIN, Cfg::new())?;
             env.set_ping(false);
             env.start().await?;
             if let Err(e) = env.stop() {

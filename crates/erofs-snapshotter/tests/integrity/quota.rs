@@ -13,7 +13,7 @@ use testsuite::mounts::{self_mounts_under, unmount_all_under};
 
 use testsuite::client::labels;
 
-use crate::common::{Cfg, ENOSPC, Env, LABEL_MAX_SIZE, run};
+use crate::common::{BIN, Cfg, ENOSPC, Env, LABEL_MAX_SIZE, run};
 
 const MIB: u64 = 1 << 20;
 
@@ -60,7 +60,7 @@ fn rwlayer(env: &Env, id: u64) -> std::path::PathBuf {
 #[test]
 fn quota_with_a_real_ext4_image() {
     run(
-        Env::new(Cfg::new().sn("default_size = \"16MB\"")),
+        Env::new(BIN, Cfg::new().sn("default_size = \"16MB\"")),
         async |env| {
             let mounts = env.c().prepare("q/a", "").await?;
             let id = env.id_of_mounts(&mounts)?;
@@ -193,7 +193,7 @@ fn quota_with_a_real_ext4_image() {
 #[test]
 fn quota_after_a_reboot() {
     run(
-        Env::new(Cfg::new().sn("default_size = \"16MB\"")),
+        Env::new(BIN, Cfg::new().sn("default_size = \"16MB\"")),
         async |env| {
             let mounts = env.c().prepare("qr/a", "").await?;
             let id = env.id_of_mounts(&mounts)?;

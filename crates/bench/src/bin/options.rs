@@ -5,45 +5,37 @@
 //! run), runs interleaved across options so drift hits them all alike. Also reports the
 //! first View of each committed layer (where userspace fs-verity re-checks the digest).
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
+use clap::Parser;
 use containerd_api::containerd::types::Descriptor;
-use sha2::{Digest, Sha256};
+use erofs_bench::{
+    DAEMON_ENV, daemon_path, default_work_dir, drop_caches, median, sha256_digest_of_file, warm,
+};
+use testsuite::daemon_env::{Cfg, Env};
 
-use crate::common::{Cfg, Env, block_on};
-
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn drop_caches() {
-    let _ = Command::new("sync").status();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
-}
-
-fn warm(path: &std::path::Path) -> Result<()> {
-    let mut f = std::fs::File::open(path)?;
-    std::io::copy(&mut f, &mut std::io::sink())?;
-    Ok(())
-}
-
-fn sha256_file(path: &std::path::Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+/// Unpack cost of each integrity option (none, set_immutable, userspace fs-verity,
+/// dm-verity) through the daemon's Diff service, as ratios against none.
+///
+/// One daemon per option, each fed python.tar.gz (gzip) and debian.tar (plain) from
+/// bench/datasets.sh the way containerd's unpacker does it (Prepare, Apply, Commit). Runs are
+/// interleaved across options, with the page cache dropped and the input read back in before
+/// each. Per-run times go to stderr, the table to stdout. Needs root (it mounts).
+#[derive(Debug, Parser)]
+#[command(name = "bench-options", version)]
+struct Args {
+    /// The erofs-snapshotter binary to benchmark [default: the one next to this executable]
+    #[arg(long, value_name = "PATH", env = DAEMON_ENV)]
+    daemon: Option<PathBuf>,
+    /// Directory with python.tar.gz and debian.tar (bench/datasets.sh) [default: bench/work]
+    #[arg(long, value_name = "DIR", env = "BENCH_WORK")]
+    work: Option<PathBuf>,
+    /// Runs per option and dataset (medians and minimums are reported)
+    #[arg(long, short = 'n', value_name = "N", env = "BENCH_RUNS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
 }
 
 struct Dataset {
@@ -52,25 +44,19 @@ struct Dataset {
     media_type: &'static str,
 }
 
-#[test]
-#[ignore = "benchmark (minutes, needs bench/datasets.sh): run bench/options"]
-fn options() {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let work = std::env::var_os("BENCH_WORK")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| here.join("../../bench/work"));
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    block_on(async {
-        if let Err(e) = bench(&work, runs).await {
-            panic!("{e:#}");
-        }
-    });
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let daemon = daemon_path(args.daemon)?;
+    ensure!(
+        rustix::process::geteuid().is_root(),
+        "bench-options needs root (it mounts)"
+    );
+    let work = args.work.unwrap_or_else(default_work_dir);
+    bench(&daemon, &work, args.runs as usize).await
 }
 
-async fn bench(work: &std::path::Path, runs: usize) -> Result<()> {
+async fn bench(daemon: &Path, work: &Path, runs: usize) -> Result<()> {
     let datasets = [
         Dataset {
             name: "python",
@@ -102,14 +88,14 @@ async fn bench(work: &std::path::Path, runs: usize) -> Result<()> {
         let size = std::fs::metadata(&d.file)?.len();
         descs.push(Descriptor {
             media_type: d.media_type.into(),
-            digest: sha256_file(&d.file)?,
+            digest: sha256_digest_of_file(&d.file)?,
             size: size as i64,
             annotations: Default::default(),
         });
     }
     let mut envs = Vec::new();
     for (name, cfg) in &options {
-        let mut env = Env::new(cfg.clone())?;
+        let mut env = Env::new(daemon, cfg.clone())?;
         env.start()
             .await
             .with_context(|| format!("daemon for {name}"))?;

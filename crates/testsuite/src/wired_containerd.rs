@@ -1,4 +1,4 @@
-//! One test's world: a private containerd 2.1 wired to our daemon (proxy snapshotter
+//! A [`World`]: a private containerd 2.1 wired to our daemon (proxy snapshotter
 //! `erofs-rs` and proxy differ `erofs-rs-diff` on one socket), a tokio runtime for direct gRPC
 //! calls, and helpers that look at what the daemon did (its log, its snapshot directories).
 //!
@@ -11,18 +11,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::client::Client;
+use crate::oci::OciArchive;
+use crate::{Containerd, ContainerdOpts, Daemon, UnpackConfig, Version};
 use anyhow::{Context, Result, bail, ensure};
 use containerd_api::containerd::types::{Descriptor, Mount};
-use testsuite::client::Client;
-use testsuite::oci::OciArchive;
-use testsuite::{Containerd, ContainerdOpts, Daemon, UnpackConfig, Version};
 
 /// Our proxy snapshotter's name in containerd.
 pub const SN: &str = "erofs-rs";
 /// Our proxy differ's name in containerd.
 pub const DIFFER: &str = "erofs-rs-diff";
-/// The daemon binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
 
 /// How to set a world up.
 #[derive(Debug, Clone, Default)]
@@ -33,8 +31,6 @@ pub struct Setup {
     pub content_root: Option<PathBuf>,
     /// `max_concurrent_unpacks` of containerd's transfer service.
     pub max_concurrent_unpacks: Option<u32>,
-    /// Another daemon binary (the benchmark uses the release build).
-    pub binary: Option<PathBuf>,
     /// Plain containerd without our plugins in the diff service and unpack config, plus this
     /// raw TOML (the benchmark's reference configurations).
     pub reference_toml: Option<String>,
@@ -91,9 +87,9 @@ pub struct Applied {
 }
 
 impl World {
-    /// Start containerd 2.1 with our daemon configured as `setup` says.
-    pub fn start(setup: Setup) -> Result<World> {
-        testsuite::require_root()?;
+    /// Start containerd 2.1 with our daemon (the binary `bin`) configured as `setup` says.
+    pub fn start(bin: &Path, setup: Setup) -> Result<World> {
+        crate::require_root()?;
         let sock_rel = Path::new("erofs/erofs.sock");
         let mut o = match &setup.reference_toml {
             Some(extra) => ContainerdOpts::new(Version::V2_1).extra_toml(extra),
@@ -126,8 +122,7 @@ impl World {
                 ctd.address().display().to_string(),
                 setup.tar_index,
             );
-            let bin = setup.binary.clone().unwrap_or_else(|| PathBuf::from(BIN));
-            Some(Daemon::start(&bin, &toml, &sock)?)
+            Some(Daemon::start(bin, &toml, &sock)?)
         } else {
             None
         };
@@ -339,7 +334,7 @@ impl World {
 
     /// A gRPC client of our daemon (Snapshots and Diff), naming [`SN`].
     pub fn grpc(&self) -> Result<Client> {
-        let ch = self.block_on(testsuite::client::connect(&self.sock))?;
+        let ch = self.block_on(crate::client::connect(&self.sock))?;
         Ok(Client::new(ch, SN))
     }
 

@@ -1,5 +1,4 @@
-//! The end-to-end unpack benchmark behind `bench/e2e` (an ignored test, not part of the
-//! suite): one two-layer image (`debian.tar.gz` + `python.tar.gz` from `bench/datasets.sh`)
+//! The end-to-end unpack benchmark behind `bench/e2e` (`bench-e2e --help`): one two-layer image (`debian.tar.gz` + `python.tar.gz` from `bench/datasets.sh`)
 //! imported through containerd 2.1 with
 //!
 //! - (a) our proxy snapshotter + proxy differ (`erofs-rs`, `erofs-rs-diff`),
@@ -12,9 +11,6 @@
 //! only; the difference is the unpack), the first `ctr run --rm IMAGE ID /bin/true` after the
 //! import and the following ones, and the disk space of the snapshotter root. Medians.
 //!
-//! Environment: `BENCH_WORK` (directory with the datasets; default `bench/work`),
-//! `BENCH_RUNS` (imports per configuration, default 3), `BENCH_STARTS` (warm `ctr run`s per
-//! import, default 5), `BENCH_DAEMON` (daemon binary; default the test build's).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,7 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 
-use super::env::{self, Env, EnvOpts, SN};
+use clap::Parser;
+use erofs_bench::{DAEMON_ENV, daemon_path, default_work_dir};
+use testsuite::proxied_containerd::{self as env, Env, EnvOpts, SN};
 use testsuite::{Containerd, ContainerdOpts, UnpackConfig, Version, unique_name};
 
 const REPO: &str = "docker.io/bench/debian-python";
@@ -211,12 +209,12 @@ enum Instance {
 }
 
 impl Instance {
-    fn start(setup: Setup, daemon: Option<&Path>) -> Result<Instance> {
+    fn start(setup: Setup, daemon: &Path) -> Result<Instance> {
         Ok(match setup {
             Setup::Ours => Instance::Ours(Box::new(Env::start_opts(
+                daemon,
                 Version::V2_1,
                 EnvOpts {
-                    binary: daemon.map(Path::to_path_buf),
                     containerd_log_level: Some("info".into()),
                     ctr_timeout: Some(Duration::from_secs(1800)),
                     ..EnvOpts::default()
@@ -308,7 +306,7 @@ fn measure(
     img: &BenchImage,
     runs: usize,
     starts: usize,
-    daemon: Option<&Path>,
+    daemon: &Path,
 ) -> Result<Samples> {
     let mut s = Samples::default();
     for r in 0..runs {
@@ -393,33 +391,41 @@ fn measure(
     Ok(s)
 }
 
-fn env_usize(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(v) => v.parse().with_context(|| format!("{name}={v}")),
-        Err(_) => Ok(default),
-    }
+/// Import time of one two-layer image (debian.tar.gz + python.tar.gz from bench/datasets.sh,
+/// gzip) through containerd 2.1 with our proxy snapshotter and differ, against containerd's
+/// built-in overlayfs and erofs snapshotters (walking differ).
+///
+/// Each import runs on a fresh containerd (and daemon), page cache dropped first. Reports
+/// medians of import+unpack time (and the unpack part: minus a --no-unpack import), the first
+/// and the following `ctr run --rm IMAGE ID /bin/true` times, the snapshotter's disk use, and
+/// ratios reference/ours. Needs root and containerd 2.1 (scripts/setup); bench/e2e runs it.
+#[derive(Debug, Parser)]
+#[command(name = "bench-e2e", version)]
+struct Args {
+    /// The erofs-snapshotter binary to benchmark [default: the one next to this executable]
+    #[arg(long, value_name = "PATH", env = DAEMON_ENV)]
+    daemon: Option<PathBuf>,
+    /// Directory with debian.tar.gz and python.tar.gz (bench/datasets.sh); the image archive
+    /// is built in its e2e/ subdirectory [default: bench/work]
+    #[arg(long, value_name = "DIR", env = "BENCH_WORK")]
+    work: Option<PathBuf>,
+    /// Imports per setup
+    #[arg(long, short = 'n', value_name = "N", env = "BENCH_RUNS", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Warm `ctr run`s after each import
+    #[arg(long, value_name = "N", env = "BENCH_STARTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    starts: u64,
 }
 
-/// `bench/e2e`: see the module docs.
-#[test]
-#[ignore = "benchmark: run by bench/e2e"]
-fn bench_e2e() {
-    testsuite::with_timeout(Duration::from_secs(6 * 3600), || {
-        if let Err(e) = bench_main() {
-            panic!("{e:#}");
-        }
-    });
-}
-
-fn bench_main() -> Result<()> {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let work = std::env::var_os("BENCH_WORK")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir.join("../../bench/work"));
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let daemon = daemon_path(args.daemon)?;
+    let work = args.work.unwrap_or_else(default_work_dir);
     let work = fs::canonicalize(&work).with_context(|| work.display().to_string())?;
-    let runs = env_usize("BENCH_RUNS", 3)?.max(1);
-    let starts = env_usize("BENCH_STARTS", 5)?.max(1);
-    let daemon = std::env::var_os("BENCH_DAEMON").map(PathBuf::from);
+    let runs = args.runs as usize;
+    let starts = args.starts as usize;
     if !Version::V2_1.available() {
         bail!("containerd 2.1 is not installed (scripts/setup)");
     }
@@ -435,7 +441,7 @@ fn bench_main() -> Result<()> {
     println!(
         "containerd 2.1 ({}), daemon {}, built-in erofs uses {}",
         Version::V2_1.containerd().display(),
-        daemon.as_deref().unwrap_or(Path::new(env::BIN)).display(),
+        daemon.display(),
         if mkfs.exists() {
             mkfs.display().to_string()
         } else {
@@ -450,7 +456,7 @@ fn bench_main() -> Result<()> {
     ];
     let mut results = Vec::new();
     for s in setups {
-        results.push((s, measure(s, &img, runs, starts, daemon.as_deref())?));
+        results.push((s, measure(s, &img, runs, starts, &daemon)?));
     }
     let content = median(&results[0].1.import);
     println!();

@@ -1,20 +1,11 @@
-//! The benchmark driver behind `bench/differ` (an ignored test, so it reuses the harness:
-//! private containerd 2.1 instances, the local registry, our daemon, full cleanup).
+//! The benchmark driver behind `bench/differ` (`bench-differ --help`), on the testsuite
+//! harness: private containerd 2.1 instances, the local registry, our daemon, full cleanup.
 //!
-//! Environment (set by `bench/differ`):
-//! - `BENCH_IMAGES`: `name=LAYER.tar.gz,...`: single-layer images (the diffID is computed
-//!   from the blob itself and cached next to it).
-//! - `BENCH_BIN`: the daemon binary (the release build).
-//! - `BENCH_CONFIGS`: comma-separated subset of `ours,ours-index,erofs,overlayfs`.
-//! - `BENCH_RUNS`: timed pulls per image and configuration (default 1; the median is kept).
-//! - `BENCH_OUT`: file receiving one line per image and configuration:
-//!   `image config pull pull+sync min_pull min_pull+sync` (seconds; medians, then minimums).
-//! - `BENCH_STACK=1`: also unpack all the images' layers as one stack through our Diff and
-//!   Snapshots services, sequentially (Prepare on the parent, Apply, Commit: what containerd's
-//!   unpacker does) and in parallel (parentless Prepares, concurrent Applies, Commits that
-//!   rebase in order: what containerd with `max_concurrent_unpacks > 1` and the `rebase`
-//!   capability does, which containerd 2.1 cannot be configured for). Lines `stack ours-seq`
-//!   and `stack ours-par`.
+//! Besides the pull times it can also unpack all the images' layers as one stack through our
+//! Diff and Snapshots services (`--stack`), sequentially (Prepare on the parent, Apply,
+//! Commit: what containerd's unpacker does) and in parallel (parentless Prepares, concurrent
+//! Applies, Commits that rebase in order: what containerd with `max_concurrent_unpacks > 1`
+//! and the `rebase` capability does, which containerd 2.1 cannot be configured for).
 //!
 //! Each measurement gets a fresh containerd. Every image is first fetched without
 //! unpacking (`ctr content fetch`: content and image record only), then the timed `ctr images pull --plain-http --snapshotter S` finds the content
@@ -28,12 +19,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use erofs_bench::{DAEMON_ENV, daemon_path, default_work_dir};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use testsuite::Registry;
 use testsuite::oci::{Blob, Compression, LayerBlob, OciArchive};
 
-use crate::world::{SN, Setup, World, descriptor};
+use testsuite::wired_containerd::{SN, Setup, World, descriptor};
 
 const GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
@@ -56,22 +49,13 @@ fn file_digest(p: &Path, gunzip: bool) -> Result<String> {
     {
         return Ok(d.to_string());
     }
-    let mut h = Sha256::new();
     let file = std::io::BufReader::with_capacity(1 << 20, fs::File::open(p)?);
-    let mut f: Box<dyn Read> = if gunzip {
+    let f: Box<dyn Read> = if gunzip {
         Box::new(flate2::read::MultiGzDecoder::new(file))
     } else {
         Box::new(file)
     };
-    let mut buf = vec![0u8; 4 << 20];
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-    }
-    let d = format!("sha256:{}", hex::encode(h.finalize()));
+    let d = format!("sha256:{}", testsuite::oci::sha256_reader(f)?);
     fs::write(&cache, format!("{stamp} {d}\n"))?;
     Ok(d)
 }
@@ -180,7 +164,6 @@ fn measure(config: &str, bin: &Path, img: &OciArchive, reference: &str) -> Resul
         "ours" | "ours-index" => (
             Setup {
                 tar_index: config == "ours-index",
-                binary: Some(bin.to_path_buf()),
                 ..Default::default()
             },
             SN,
@@ -201,23 +184,19 @@ fn measure(config: &str, bin: &Path, img: &OciArchive, reference: &str) -> Resul
         ),
         other => bail!("unknown configuration {other:?}"),
     };
-    let w = World::start(Setup {
-        ctr_timeout: Some(Duration::from_secs(3600)),
-        ..setup
-    })?;
+    let w = World::start(
+        bin,
+        Setup {
+            ctr_timeout: Some(Duration::from_secs(3600)),
+            ..setup
+        },
+    )?;
     // Content and image record only (client.Fetch, no unpack).
     w.ctd
         .ctr_ok(&["content", "fetch", "--plain-http", reference])?;
     sync();
     let t = Instant::now();
-    w.ctd.ctr_ok(&[
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        snapshotter,
-        reference,
-    ])?;
+    w.ctd.pull_plain_http_unchecked(reference, snapshotter)?;
     let pull = t.elapsed().as_secs_f64();
     sync();
     let all = t.elapsed().as_secs_f64();
@@ -259,11 +238,13 @@ fn measure_stack(
     refs: &[String],
     parallel: bool,
 ) -> Result<(f64, f64)> {
-    let w = World::start(Setup {
-        binary: Some(bin.to_path_buf()),
-        ctr_timeout: Some(Duration::from_secs(3600)),
-        ..Default::default()
-    })?;
+    let w = World::start(
+        bin,
+        Setup {
+            ctr_timeout: Some(Duration::from_secs(3600)),
+            ..Default::default()
+        },
+    )?;
     for reference in refs {
         w.ctd
             .ctr_ok(&["content", "fetch", "--plain-http", reference])?;
@@ -321,19 +302,58 @@ fn measure_stack(
     Ok((unpack, t.elapsed().as_secs_f64()))
 }
 
-/// Run the benchmark.
-pub fn run() -> Result<()> {
-    let spec = std::env::var("BENCH_IMAGES").context("BENCH_IMAGES is not set")?;
-    let bin = PathBuf::from(std::env::var("BENCH_BIN").context("BENCH_BIN is not set")?);
-    let out_path = PathBuf::from(std::env::var("BENCH_OUT").context("BENCH_OUT is not set")?);
-    let configs =
-        std::env::var("BENCH_CONFIGS").unwrap_or_else(|_| "ours,ours-index,erofs,overlayfs".into());
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1)
-        .max(1);
-    let work = PathBuf::from(std::env::var("BENCH_WORK").unwrap_or_else(|_| "/tmp".into()));
+/// Unpack time of single-layer gzip images pulled from a local registry by containerd 2.1,
+/// with our proxy snapshotter and differ (full layers, and `enable_tar_index`) against
+/// containerd's built-in erofs and overlayfs setups.
+///
+/// Each measurement is a fresh containerd: the image's content is fetched first (untimed),
+/// then `ctr images pull` only unpacks; `sync` afterwards is timed too. Runs are interleaved
+/// across configurations. Results go to --out, one line per image and configuration:
+/// `image config pull pull+sync min_pull min_pull+sync` (seconds; medians, then minimums),
+/// and with --stack the lines `stack ours-seq ...` and `stack ours-par ...`. Progress goes
+/// to stderr. Needs root; bench/differ runs it and prints the tables.
+#[derive(Debug, Parser)]
+#[command(name = "bench-differ", version)]
+struct Args {
+    /// Images as NAME=LAYER.tar.gz, comma-separated (the diffID is computed from the blob and
+    /// cached next to it)
+    #[arg(long, value_name = "LIST", env = "BENCH_IMAGES", required = true)]
+    images: String,
+    /// The erofs-snapshotter binary to benchmark [default: the one next to this executable]
+    #[arg(long, value_name = "PATH", env = DAEMON_ENV)]
+    daemon: Option<PathBuf>,
+    /// File the result lines are appended to
+    #[arg(long, value_name = "FILE", env = "BENCH_OUT")]
+    out: PathBuf,
+    /// Configurations, comma-separated: a subset of ours,ours-index,erofs,overlayfs
+    #[arg(
+        long,
+        value_name = "LIST",
+        env = "BENCH_CONFIGS",
+        default_value = "ours,ours-index,erofs,overlayfs"
+    )]
+    configs: String,
+    /// Timed pulls per image and configuration
+    #[arg(long, short = 'n', value_name = "N", env = "BENCH_RUNS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Scratch directory for the images' OCI layouts [default: bench/work]
+    #[arg(long, value_name = "DIR", env = "BENCH_WORK")]
+    work: Option<PathBuf>,
+    /// Also unpack all the images' layers as one stack through our daemon, sequentially and
+    /// in parallel (needs two images or more)
+    #[arg(long)]
+    stack: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let bin = daemon_path(args.daemon)?;
+    let spec = args.images;
+    let out_path = args.out;
+    let configs = args.configs;
+    let runs = args.runs as usize;
+    let work = args.work.unwrap_or_else(default_work_dir);
     let mut images = Vec::new();
     for item in spec.split(',').filter(|s| !s.is_empty()) {
         let (name, gz) = item.split_once('=').context("name=LAYER.tar.gz")?;
@@ -376,7 +396,7 @@ pub fn run() -> Result<()> {
             }
         }
     }
-    let stack = std::env::var("BENCH_STACK").is_ok_and(|v| v == "1") && images.len() > 1;
+    let stack = args.stack && images.len() > 1;
     let mut stacked: [(Vec<f64>, Vec<f64>); 2] = Default::default();
     if stack {
         for run in 0..runs {

@@ -1,4 +1,4 @@
-//! One end-to-end environment: a private containerd (1.6 or 2.1, from the testsuite harness)
+//! An end-to-end environment ([`Env`]): a private containerd (1.6 or 2.1, from the testsuite harness)
 //! with our daemon (`erofs-snapshotter serve --config FILE`) as its proxy snapshotter (and,
 //! on 2.1, its proxy differ), plus helpers to look at what ends up on disk.
 //!
@@ -9,20 +9,16 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::daemon::DaemonOpts;
+use crate::mounts::{self, MountInfo};
+use crate::oci::{self, OciArchive};
+use crate::{Containerd, ContainerdOpts, Daemon, RunOpts, UnpackConfig, Version};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use testsuite::daemon::DaemonOpts;
-use testsuite::mounts::{self, MountInfo};
-use testsuite::oci::{self, OciArchive};
-use testsuite::{Containerd, ContainerdOpts, Daemon, RunOpts, UnpackConfig, Version};
 
-/// The daemon binary.
-pub const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
 /// Our proxy snapshotter's name in containerd (not `erofs`: containerd 2.1 has a built-in
 /// plugin of that name and panics on the clash).
 pub const SN: &str = "erofs-rs";
@@ -52,8 +48,6 @@ pub struct EnvOpts {
     pub mode: MountMode,
     /// Crash point the daemon aborts at (empty: none).
     pub crash_at: String,
-    /// The daemon binary (default: this build's).
-    pub binary: Option<PathBuf>,
     /// containerd's log level (default: the harness's, debug).
     pub containerd_log_level: Option<String>,
     /// Deadline of each `ctr` call (default: the harness's).
@@ -80,10 +74,18 @@ pub struct Env {
     pub scratch: tempfile::TempDir,
 }
 
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env").field("root", &self.root).finish()
+    }
+}
+
 impl Env {
-    /// containerd `version` with our daemon in `mode`, launched and reachable.
-    pub fn start(version: Version, mode: MountMode) -> Result<Env> {
+    /// containerd `version` with our daemon (the binary `bin`) in `mode`, launched and
+    /// reachable.
+    pub fn start(bin: &Path, version: Version, mode: MountMode) -> Result<Env> {
         Self::start_opts(
+            bin,
             version,
             EnvOpts {
                 mode,
@@ -93,8 +95,9 @@ impl Env {
     }
 
     /// [`start`](Self::start) with the daemon aborting at crash point `crash_at`.
-    pub fn start_crashing_at(version: Version, crash_at: &str) -> Result<Env> {
+    pub fn start_crashing_at(bin: &Path, version: Version, crash_at: &str) -> Result<Env> {
         Self::start_opts(
+            bin,
             version,
             EnvOpts {
                 crash_at: crash_at.to_owned(),
@@ -104,8 +107,8 @@ impl Env {
     }
 
     /// [`start`](Self::start) with options.
-    pub fn start_opts(version: Version, o: EnvOpts) -> Result<Env> {
-        testsuite::require_root()?;
+    pub fn start_opts(bin: &Path, version: Version, o: EnvOpts) -> Result<Env> {
+        crate::require_root()?;
         let sock_rel = Path::new(SOCK_REL);
         let mut opts = ContainerdOpts::new(version).proxy_snapshotter(SN, sock_rel);
         if let Some(level) = &o.containerd_log_level {
@@ -133,7 +136,7 @@ impl Env {
             ctd.content_root(),
             ctd.address(),
         );
-        let binary = o.binary.unwrap_or_else(|| PathBuf::from(BIN));
+        let binary = bin.to_path_buf();
         let daemon = start_daemon(&binary, &config, &sock, &o.crash_at)?;
         ctd.launch()?;
         let env = Env {
@@ -166,7 +169,7 @@ impl Env {
     pub fn kill_daemon(&mut self) -> Result<()> {
         let mut d = self.daemon.take().context("no daemon")?;
         let pid = d.pid().context("daemon has no pid")?;
-        testsuite::process::signal_pid(pid, rustix::process::Signal::KILL)?;
+        crate::process::signal_pid(pid, rustix::process::Signal::KILL)?;
         let status = d.stop();
         ensure!(
             status.is_none_or(|s| !s.success()),
@@ -371,7 +374,7 @@ impl Env {
     /// The snapshot directories (`ROOT/snapshots/ID`) of the committed chain ending in
     /// `chain_id`, immediate parent first, read from the mounts of a temporary view (host mode).
     pub fn chain_dirs(&self, chain_id: &str) -> Result<Vec<PathBuf>> {
-        let key = testsuite::unique_name("chain-view");
+        let key = crate::unique_name("chain-view");
         let m = self.create_mounts("view", &key, chain_id)?;
         self.snap(&["rm", &key])?;
         ensure!(
@@ -482,7 +485,7 @@ impl Env {
     /// Left alone, containerd spaces its collections by 50 times the last one's duration,
     /// which under load can be a minute.
     pub fn gc(&self) -> Result<()> {
-        let id = testsuite::unique_name("e2e-gc");
+        let id = crate::unique_name("e2e-gc");
         self.ctd.ctr_ok(&["leases", "create", "--id", &id])?;
         self.ctd.ctr_ok(&["leases", "delete", "--sync", &id])?;
         Ok(())
@@ -628,20 +631,7 @@ pub fn unmount(target: &Path) -> Result<()> {
         .with_context(|| format!("unmount {}", target.display()))
 }
 
-/// sha256 hex of a file.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = fs::File::open(path).with_context(|| path.display().to_string())?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
+pub use crate::oci::sha256_file;
 
 /// A sorted listing of everything below `dir`: `path TYPE` lines (`f` with size and sha256
 /// prefix, `d`, `l -> target`, `c` with rdev), relative paths.
