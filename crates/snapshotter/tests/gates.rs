@@ -27,7 +27,11 @@ impl Root {
     }
 
     fn open(&self) -> Snapshotter {
-        Snapshotter::open(self.cfg.clone(), Arc::new(RecordingMounter::new())).unwrap()
+        self.open_with(Arc::new(RecordingMounter::new()))
+    }
+
+    fn open_with(&self, mounter: Arc<RecordingMounter>) -> Snapshotter {
+        Snapshotter::open(self.cfg.clone(), mounter).unwrap()
     }
 
     fn root(&self) -> PathBuf {
@@ -93,4 +97,39 @@ fn start_up_sweeps_leftover_diffs() {
     let s = root.open();
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
     drop(s);
+}
+
+/// A layer changed while no daemon ran is checked again at start-up, not trusted because it
+/// is still mounted from before: it is unmounted, and the next mount of it is refused.
+#[test]
+fn start_up_rechecks_mounted_layers() {
+    let root = Root::new("[snapshotter]\nenable_fsverity = true\n");
+    // One recorder for both runs: the mounts outlive the daemon, as in the kernel.
+    let mounts = Arc::new(RecordingMounter::new());
+    let s = root.open_with(mounts.clone());
+    let l1 = layer(&s, "l1", "", &[("etc/one", b"one\n")]);
+    let l2 = layer(&s, "l2", "", &[("etc/two", b"two\n")]);
+    s.view("v1", "l1", BTreeMap::new()).unwrap();
+    s.view("v2", "l2", BTreeMap::new()).unwrap();
+    drop(s);
+    let fs1 = l1.join("fs");
+    let fs2 = l2.join("fs");
+    assert!(mounts.mounted().contains_key(&fs1) && mounts.mounted().contains_key(&fs2));
+
+    // l1 swapped for another valid image while no daemon runs.
+    let victim = l1.join("layer.erofs");
+    std::fs::remove_file(&victim).unwrap();
+    std::fs::copy(l2.join("layer.erofs"), &victim).unwrap();
+    let s = root.open_with(mounts.clone());
+    assert!(
+        !mounts.mounted().contains_key(&fs1),
+        "the changed layer is unmounted"
+    );
+    assert!(
+        mounts.mounted().contains_key(&fs2),
+        "the intact one stays mounted"
+    );
+    let e = s.view("v3", "l1", BTreeMap::new()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    s.view("v4", "l2", BTreeMap::new()).unwrap();
 }

@@ -5,8 +5,9 @@ use std::fs;
 use super::Snapshotter;
 use super::commit::empty_dir;
 use crate::error::{Error, Result};
+use crate::integrity::LayerState;
 use crate::layout::{LAYER_PENDING, LAYER_TMP, REMOVING_PREFIX, STAGING_PREFIX};
-use crate::store::Kind;
+use crate::store::{Kind, Record};
 
 impl Snapshotter {
     /// Remove every directory under `snapshots/` that no record owns (and its mounts):
@@ -112,7 +113,29 @@ impl Snapshotter {
                         empty_dir(&fs_dir)?;
                     }
                 }
+                self.reverify_mounted(&key, &rec)?;
             }
+        }
+        Ok(())
+    }
+
+    /// A layer mounted by an earlier run was checked before that mount, not since: whoever
+    /// could change the file while no daemon watched could have. Check it again; one that
+    /// fails is unmounted (lazily: containers already on it keep what they have) so the next
+    /// mount checks it and refuses it. In userspace fs-verity mode this re-hashes every
+    /// mounted layer at start-up.
+    fn reverify_mounted(&self, key: &str, rec: &Record) -> Result<()> {
+        let fs_dir = self.layout.fs(rec.id);
+        if !self.mounter.is_mountpoint(&fs_dir)? {
+            return Ok(());
+        }
+        let state = LayerState::Committed(rec.layer.as_ref());
+        if let Err(e) = self
+            .integrity
+            .open_verified(&self.layout.layer(rec.id), state, key)
+        {
+            tracing::error!(snapshot = %key, error = %e, "a mounted layer fails its integrity check: unmounting it");
+            self.mounter.unmount(&fs_dir)?;
         }
         Ok(())
     }
