@@ -75,6 +75,7 @@ pub fn dir_to_image<W: ImageOutput>(
                 continue;
             }
             let (xattrs, xattr_len) = checked_xattrs(&rel_path, read_xattrs(&path)?)?;
+            super::Budget::check_depth(&opts.limits, &rel_path)?;
             budget.charge(&opts.limits, &rel_path, b"", &xattrs, tree.len())?;
             let body = match ft {
                 mode::S_IFDIR => {

@@ -92,6 +92,7 @@ pub(crate) struct Budget {
 
 impl Budget {
     /// Charge one entry (its path, link target and xattrs) and check the tree it went into.
+    /// Its depth is checked first, with [`Self::check_depth`].
     pub(crate) fn charge(
         &mut self,
         limits: &Limits,
@@ -103,10 +104,6 @@ impl Budget {
         let over = |what: &'static str, value: u64, limit: u64| {
             Err(Error::entry(path, EntryError::Limit { what, value, limit }))
         };
-        let depth = path.split(|&c| c == b'/').count();
-        if depth > limits.max_depth {
-            return over("path depth", depth as u64, limits.max_depth as u64);
-        }
         let x: usize = xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
         self.metadata += (path.len() + link.len() + x) as u64;
         if self.metadata > limits.max_metadata {
@@ -118,8 +115,8 @@ impl Budget {
         Ok(())
     }
 
-    /// Before anything of an entry is stored: its depth (checked again by [`Self::charge`]),
-    /// so implicit parents of a deep path are never created.
+    /// Before anything of an entry is stored: its depth, so implicit parents of a deep path
+    /// are never created.
     pub(crate) fn check_depth(limits: &Limits, path: &[u8]) -> Result<()> {
         let depth = path.split(|&c| c == b'/').count();
         if depth > limits.max_depth {
