@@ -53,8 +53,9 @@ impl Snapshotter {
                 let mut opts = MkfsOptions::parse(&self.config().differ.mkfs_options)
                     .map_err(|e| Error::invalid_argument(format!("differ.mkfs_options: {e}")))?
                     .build_options(&desc.digest);
-                opts.max_image_size = Some(self.layer_size_cap(desc, blob.file.as_ref()));
-                if let Some(f) = blob.file.as_ref().filter(|f| is_plain(f)) {
+                let plain = blob.file.as_ref().filter(|f| is_plain(f));
+                opts.max_image_size = Some(self.layer_size_cap(desc, plain.is_some()));
+                if let Some(f) = plain {
                     // An uncompressed layer in the content store: its digest is its diffID
                     // (containerd verified it when it was written), and its data can move
                     // file to file in the kernel.
@@ -166,14 +167,14 @@ impl Snapshotter {
     /// its blob can honestly expand to. The uncompressed tar is the blob itself (plain) or at
     /// most the bomb guard's ratio times it; an image needs at most 8 bytes per tar byte
     /// (a 1-byte file takes 1 KiB of tar and, block-aligned, 4 KiB of image) plus metadata.
-    fn layer_size_cap(&self, desc: &Descriptor, plain: Option<&File>) -> u64 {
+    fn layer_size_cap(&self, desc: &Descriptor, plain: bool) -> u64 {
         let cap = self.config().max_layer_bytes();
         let Ok(blob @ 1..) = u64::try_from(desc.size) else {
             // No size in the request: only the configured cap applies.
             return cap;
         };
         let guard = BombGuard::default();
-        let tar = if plain.is_some_and(is_plain) {
+        let tar = if plain {
             blob
         } else {
             blob.saturating_mul(guard.max_ratio).max(guard.grace)
