@@ -11,6 +11,8 @@ mod common;
 mod bombs;
 #[path = "image/dialects.rs"]
 mod dialects;
+#[path = "image/differential.rs"]
+mod differential;
 #[path = "image/edge_cases.rs"]
 mod edge_cases;
 #[path = "image/hostile.rs"]

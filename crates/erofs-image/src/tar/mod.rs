@@ -50,6 +50,11 @@ pub enum TarErrorKind {
     /// A NUL byte inside a name or link target.
     #[error("NUL byte in a name or link target")]
     NulInName,
+    /// A GNU long name or link record (`L`, `K`) with no NUL within its size and bytes other
+    /// than zeros after it: GNU tar reads such a name on into the padding, up to the next NUL,
+    /// so readers would disagree on the name.
+    #[error("GNU long name record is not NUL-terminated and runs on into its padding")]
+    UnterminatedLongName,
     /// An empty hardlink or symlink target.
     #[error("empty link target")]
     EmptyLinkTarget,
@@ -467,6 +472,16 @@ impl<R: Read> TarReader<R> {
 
     /// Read `n` bytes (a bounded extension payload) plus its padding.
     fn read_payload(&mut self, n: u64, entry: &[u8]) -> Result<Vec<u8>, TarError> {
+        self.read_payload_and(n, pad(n), entry)
+    }
+
+    /// `n` bytes of an extension record, then skip `padding`.
+    fn read_payload_and(
+        &mut self,
+        n: u64,
+        padding: u64,
+        entry: &[u8],
+    ) -> Result<Vec<u8>, TarError> {
         if n > self.limits.max_extension_header {
             return Err(self.err_entry(entry, TarErrorKind::HeaderTooLarge(n)));
         }
@@ -482,8 +497,28 @@ impl<R: Read> TarReader<R> {
             self.advance(k);
             left -= k;
         }
-        self.skip(pad(n))?;
+        self.skip(padding)?;
         Ok(out)
+    }
+
+    /// A GNU `L`/`K` record: a C string. GNU tar reads it from the padded blocks, so a record
+    /// without a NUL within its size would name one file for GNU tar and another for us
+    /// unless its padding starts with a zero.
+    fn read_long_name(&mut self, n: u64, entry: &[u8]) -> Result<Vec<u8>, TarError> {
+        let padding = pad(n) as usize;
+        let mut data = self.read_payload_and(n, 0, entry)?;
+        if let Some(end) = data.iter().position(|&c| c == 0) {
+            data.truncate(end);
+        } else if padding > 0 {
+            if self.fill(1)? == 0 {
+                return Err(self.err_entry(entry, TarErrorKind::Truncated));
+            }
+            if self.buf[self.pos] != 0 {
+                return Err(self.err_entry(entry, TarErrorKind::UnterminatedLongName));
+            }
+        }
+        self.skip(padding as u64)?;
+        Ok(data)
     }
 
     fn read_block(&mut self) -> Result<Option<[u8; BLOCK]>, TarError> {
@@ -626,16 +661,8 @@ impl<R: Read> TarReader<R> {
                         header_offset = None;
                     }
                 }
-                b'L' => {
-                    let mut data = self.read_payload(h.size, &name_hint)?;
-                    trim_nul(&mut data);
-                    long_name = Some(data);
-                }
-                b'K' => {
-                    let mut data = self.read_payload(h.size, &name_hint)?;
-                    trim_nul(&mut data);
-                    long_link = Some(data);
-                }
+                b'L' => long_name = Some(self.read_long_name(h.size, &name_hint)?),
+                b'K' => long_link = Some(self.read_long_name(h.size, &name_hint)?),
                 b'V' => {
                     self.skip(h.size + pad(h.size))?;
                     header_offset = None;
@@ -1066,12 +1093,6 @@ fn last_of_each(xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect();
     out.reverse();
     out
-}
-
-fn trim_nul(v: &mut Vec<u8>) {
-    if let Some(n) = v.iter().position(|&c| c == 0) {
-        v.truncate(n);
-    }
 }
 
 fn io_kind(e: io::Error) -> TarErrorKind {

@@ -262,3 +262,35 @@ fn sparse_map_must_add_up() {
     assert!(validate_sparse(&[(96, 8)], 8, 100).is_err());
     assert!(validate_sparse(&[(0, 4), (10, 4), (100, 0)], 8, 100).is_ok());
 }
+
+/// A GNU long name without its NUL: the bytes after its size decide. GNU tar reads the name on
+/// into the padding up to a NUL, so padding that is not zero would make the two readers name
+/// different files; zero padding gives both the same name.
+#[test]
+fn long_name_without_nul_is_read_as_gnu_tar_reads_it_or_refused() {
+    let archive = |padding_byte: u8| {
+        let mut a = header(b"././@LongLink", b'L', 5).to_vec();
+        let mut data = [0u8; 512];
+        data[..5].copy_from_slice(b"abcde");
+        data[5] = padding_byte;
+        a.extend_from_slice(&data);
+        a.extend_from_slice(&header(b"short", b'0', 0));
+        a.extend_from_slice(&[0u8; 1024]);
+        a
+    };
+    let ok = entries(&archive(0)).unwrap();
+    assert_eq!(ok[0].0.path, b"abcde");
+    let err = entries(&archive(b'f')).unwrap_err();
+    assert!(
+        matches!(err.kind, TarErrorKind::UnterminatedLongName),
+        "{err}"
+    );
+    // With its NUL, what follows it is ignored, as GNU tar ignores it.
+    let mut a = header(b"././@LongLink", b'L', 8).to_vec();
+    let mut data = [0u8; 512];
+    data[..8].copy_from_slice(b"abc\0junk");
+    a.extend_from_slice(&data);
+    a.extend_from_slice(&header(b"short", b'0', 0));
+    a.extend_from_slice(&[0u8; 1024]);
+    assert_eq!(entries(&a).unwrap()[0].0.path, b"abc");
+}
