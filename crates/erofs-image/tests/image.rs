@@ -9,11 +9,15 @@ mod common;
 
 #[path = "image/bombs.rs"]
 mod bombs;
+#[path = "image/checker.rs"]
+mod checker;
 #[path = "image/dialects.rs"]
 mod dialects;
 #[path = "image/edge_cases.rs"]
 mod edge_cases;
 #[path = "image/hostile.rs"]
 mod hostile;
+#[path = "image/imagegen.rs"]
+mod imagegen;
 #[path = "image/layers.rs"]
 mod layers;
