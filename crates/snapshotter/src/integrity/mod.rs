@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use crate::config::{Config, Toggle};
 use crate::error::{Error, Result};
-use crate::mount::probe;
+use crate::mount::{OpenImage, probe};
 use crate::store::LayerMeta;
 
 /// fs-verity block size used for layers (the page size on x86-64 and most arm64 hosts).
@@ -72,6 +72,33 @@ impl VerifiedLayer {
     /// The checked file, to read the image from.
     pub fn into_file(self) -> File {
         self.file
+    }
+}
+
+/// What to mount for a layer: the file that was verified, or a dm-verity device over it.
+#[derive(Debug)]
+pub enum MountSource<'a> {
+    /// The verified layer file itself.
+    Layer(&'a VerifiedLayer),
+    /// An open dm-verity device.
+    Device {
+        /// The device, open read-only.
+        file: File,
+        /// Its node.
+        path: PathBuf,
+    },
+}
+
+impl MountSource<'_> {
+    /// The open image to hand the mounter.
+    pub fn image(&self) -> OpenImage<'_> {
+        match self {
+            MountSource::Layer(l) => OpenImage {
+                file: &l.file,
+                path: &l.path,
+            },
+            MountSource::Device { file, path } => OpenImage { file, path },
+        }
     }
 }
 
@@ -262,27 +289,29 @@ impl Integrity {
 
     /// What to mount for a verified layer of snapshot `id` (whose directory `dir` holds its
     /// dm-verity sidecar): a dm-verity device over it when it has a tree and the kernel can
-    /// verify it, the file otherwise (refused when `dmverity_mode = "on"`).
-    pub fn mount_source(
+    /// verify it, the verified file itself otherwise (refused when `dmverity_mode = "on"`).
+    pub fn mount_source<'a>(
         &self,
-        layer: &VerifiedLayer,
+        layer: &'a VerifiedLayer,
         dir: &Path,
         id: u64,
         name: &str,
-    ) -> Result<PathBuf> {
+    ) -> Result<MountSource<'a>> {
         if self.dmverity_mode == Toggle::Off {
-            return Ok(layer.path.clone());
+            return Ok(MountSource::Layer(layer));
         }
         match dmverity::read_sidecar(dir)? {
             Some(meta) if self.dmverity_kernel => {
-                dmverity::activate(&layer.path, &meta, &self.device_name(id))
+                let path = dmverity::activate(&layer.path, &meta, &self.device_name(id))?;
+                let file = open(&path)?;
+                Ok(MountSource::Device { file, path })
             }
-            Some(_) => Ok(layer.path.clone()),
+            Some(_) => Ok(MountSource::Layer(layer)),
             None if self.dmverity_mode == Toggle::On => Err(Error::failed_precondition(format!(
                 "dmverity_mode is \"on\" but layer {name:?} has no dm-verity metadata ({})",
                 dir.join(dmverity::SIDECAR).display()
             ))),
-            None => Ok(layer.path.clone()),
+            None => Ok(MountSource::Layer(layer)),
         }
     }
 

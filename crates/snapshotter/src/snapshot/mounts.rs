@@ -147,7 +147,7 @@ impl Snapshotter {
             .integrity
             .mount_source(&verified, &self.layout.dir(id), id, name)?;
         self.mounter
-            .mount_erofs(&source, &fs_dir)
+            .mount_erofs(source.image(), &fs_dir)
             .map_err(|e| e.context(format!("layer {name:?}")))
     }
 
