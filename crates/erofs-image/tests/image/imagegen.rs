@@ -64,7 +64,10 @@ const XATTR_NAMES: [(u8, &[u8]); 6] = [
     (format::xattr_index::TRUSTED, b"overlay.opaque"),
     (format::xattr_index::SECURITY, b"selinux"),
     (format::xattr_index::SECURITY, b"test"),
-    (format::xattr_index::USER, b"a_much_longer_name_than_sixteen_bytes"),
+    (
+        format::xattr_index::USER,
+        b"a_much_longer_name_than_sixteen_bytes",
+    ),
 ];
 
 #[derive(Clone, Copy, PartialEq)]
