@@ -11,10 +11,14 @@
 //! Devices read the verified file itself: a read-only loop device is bound from its open
 //! handle and the dm-verity table names that loop device, with every parameter given
 //! explicitly (`--no-superblock`), so neither the on-disk verity superblock nor a rename over
-//! the layer's path changes what the device checks.
+//! the layer's path changes what the device checks. An existing device of the expected name
+//! is reused only if its table ([`parse_table`], [`check_table`]) is the expected one over a
+//! loop device bound to that same file; otherwise it is removed and recreated (refused if it
+//! cannot be removed, e.g. because something holds it open).
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -276,6 +280,195 @@ impl ExpectedTable {
     }
 }
 
+/// One verity target as `dmsetup table` prints it (the kernel's table status):
+/// `<start> <len> verity <version> <dev> <hash_dev> <data_bs> <hash_bs> <data_blocks>
+/// <hash_start> <algorithm> <digest> <salt> [<#opt_params> <opt_params>...]`, devices as
+/// `major:minor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableLine {
+    /// First sector.
+    pub start: u64,
+    /// Length in sectors.
+    pub len: u64,
+    /// Hash format version.
+    pub version: u32,
+    /// Data device.
+    pub data_dev: (u32, u32),
+    /// Hash device.
+    pub hash_dev: (u32, u32),
+    /// Data block size.
+    pub data_block_size: u32,
+    /// Hash block size.
+    pub hash_block_size: u32,
+    /// Data blocks.
+    pub data_blocks: u64,
+    /// First hash block of the tree.
+    pub hash_start: u64,
+    /// Hash algorithm.
+    pub algorithm: String,
+    /// Root digest.
+    pub digest: String,
+    /// Salt (`-` for none).
+    pub salt: String,
+    /// Optional parameters.
+    pub options: Vec<String>,
+}
+
+/// Parse `dmsetup table NAME` output: exactly one verity target.
+pub fn parse_table(text: &str) -> std::result::Result<TableLine, String> {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let [line] = lines.as_slice() else {
+        return Err(format!("{} targets instead of one", lines.len()));
+    };
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() < 13 {
+        return Err(format!("short table line {line:?}"));
+    }
+    if f[2] != "verity" {
+        return Err(format!("target {:?} instead of verity", f[2]));
+    }
+    let num = |i: usize| -> std::result::Result<u64, String> {
+        f[i].parse::<u64>()
+            .map_err(|_| format!("field {i} ({:?}) is not a number", f[i]))
+    };
+    let dev = |i: usize| -> std::result::Result<(u32, u32), String> {
+        let (ma, mi) = f[i]
+            .split_once(':')
+            .ok_or_else(|| format!("device {:?} is not major:minor", f[i]))?;
+        Ok((
+            ma.parse().map_err(|_| format!("bad major in {:?}", f[i]))?,
+            mi.parse().map_err(|_| format!("bad minor in {:?}", f[i]))?,
+        ))
+    };
+    let small = |i: usize| -> std::result::Result<u32, String> {
+        u32::try_from(num(i)?).map_err(|_| format!("field {i} too large"))
+    };
+    let options = if f.len() > 13 {
+        let n = num(13)? as usize;
+        if f.len() != 14 + n {
+            return Err(format!(
+                "{n} optional parameters announced, {} given",
+                f.len() - 14
+            ));
+        }
+        f[14..].iter().map(|s| s.to_string()).collect()
+    } else {
+        Vec::new()
+    };
+    Ok(TableLine {
+        start: num(0)?,
+        len: num(1)?,
+        version: small(3)?,
+        data_dev: dev(4)?,
+        hash_dev: dev(5)?,
+        data_block_size: small(6)?,
+        hash_block_size: small(7)?,
+        data_blocks: num(8)?,
+        hash_start: num(9)?,
+        algorithm: f[10].to_string(),
+        digest: f[11].to_ascii_lowercase(),
+        salt: f[12].to_ascii_lowercase(),
+        options,
+    })
+}
+
+/// Optional parameters a reused device may carry: they only make corruption louder. Any other
+/// (`ignore_corruption`, `ignore_zero_blocks`, `check_at_most_once`, FEC, ...) weakens the
+/// check, and such a device is not reused.
+const HARMLESS_OPTIONS: [&str; 4] = [
+    "restart_on_corruption",
+    "panic_on_corruption",
+    "restart_on_error",
+    "panic_on_error",
+];
+
+/// Whether a parsed table is the expected one (devices are checked by the caller).
+pub fn check_table(t: &TableLine, want: &ExpectedTable) -> std::result::Result<(), String> {
+    let mut wrong = Vec::new();
+    let mut cmp = |what: &str, got: String, exp: String| {
+        if got != exp {
+            wrong.push(format!("{what} {got} instead of {exp}"));
+        }
+    };
+    cmp("start", t.start.to_string(), "0".into());
+    cmp("length", t.len.to_string(), want.sectors.to_string());
+    cmp("hash type", t.version.to_string(), "1".into());
+    cmp(
+        "data block size",
+        t.data_block_size.to_string(),
+        want.data_block_size.to_string(),
+    );
+    cmp(
+        "hash block size",
+        t.hash_block_size.to_string(),
+        want.hash_block_size.to_string(),
+    );
+    cmp(
+        "data blocks",
+        t.data_blocks.to_string(),
+        want.data_blocks.to_string(),
+    );
+    cmp(
+        "hash start",
+        t.hash_start.to_string(),
+        want.hash_start.to_string(),
+    );
+    cmp("algorithm", t.algorithm.clone(), "sha256".into());
+    cmp("root hash", t.digest.clone(), want.roothash.clone());
+    cmp("salt", t.salt.clone(), want.salt.clone());
+    if t.data_dev != t.hash_dev {
+        wrong.push(format!(
+            "hash device {}:{} is not the data device {}:{}",
+            t.hash_dev.0, t.hash_dev.1, t.data_dev.0, t.data_dev.1
+        ));
+    }
+    for o in &t.options {
+        if !HARMLESS_OPTIONS.contains(&o.as_str()) {
+            wrong.push(format!("option {o}"));
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join(", "))
+    }
+}
+
+/// Whether block device `major:minor` is a read-only loop device reading `layer` itself (the
+/// same inode, from its start, whole).
+fn reads_layer(dev: (u32, u32), layer: &File) -> std::result::Result<(), String> {
+    let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", dev.0, dev.1));
+    if !sys.join("loop").exists() {
+        return Err(format!("device {}:{} is not a loop device", dev.0, dev.1));
+    }
+    let uevent = std::fs::read_to_string(sys.join("uevent")).map_err(|e| e.to_string())?;
+    let name = uevent
+        .lines()
+        .find_map(|l| l.strip_prefix("DEVNAME="))
+        .ok_or("no DEVNAME")?;
+    let node = Path::new("/dev").join(name);
+    let f = File::open(&node).map_err(|e| format!("opening {}: {e}", node.display()))?;
+    let b = erofs_sys::loop_device::backing(f.as_fd(), &node).map_err(|e| e.to_string())?;
+    let md = layer.metadata().map_err(|e| e.to_string())?;
+    if (b.dev, b.ino) != (md.dev(), md.ino()) {
+        return Err(format!(
+            "{} reads inode {} of device {:#x}, not the layer (inode {} of {:#x})",
+            node.display(),
+            b.ino,
+            b.dev,
+            md.ino(),
+            md.dev()
+        ));
+    }
+    if !b.read_only || b.offset != 0 || b.size_limit != 0 {
+        return Err(format!(
+            "{} is not a plain read-only view of the layer",
+            node.display()
+        ));
+    }
+    Ok(())
+}
+
 fn run(tool: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
     let out = Command::new(tool).args(args).output().map_err(|e| {
         Error::io(
@@ -295,6 +488,18 @@ fn run(tool: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Whether the existing device `name` is the expected one over `layer`.
+fn existing_is_expected(
+    name: &str,
+    layer: &File,
+    want: &ExpectedTable,
+) -> std::result::Result<(), String> {
+    let text = run("dmsetup", &["table".as_ref(), name.as_ref()]).map_err(|e| e.to_string())?;
+    let t = parse_table(&text)?;
+    check_table(&t, want)?;
+    reads_layer(t.data_dev, layer)
+}
+
 /// Open (or reuse) a read-only dm-verity device named `name` over the verified layer `layer`
 /// (opened from `path`) with the recorded tree `rec`; returns the device's path.
 pub fn activate(layer: &File, path: &Path, rec: &DmVerityRecord, name: &str) -> Result<PathBuf> {
@@ -307,7 +512,18 @@ pub fn activate(layer: &File, path: &Path, rec: &DmVerityRecord, name: &str) -> 
     let want = ExpectedTable::for_record(rec)?;
     let dev = PathBuf::from("/dev/mapper").join(name);
     if dev.exists() {
-        return Ok(dev);
+        match existing_is_expected(name, layer, &want) {
+            Ok(()) => return Ok(dev),
+            Err(why) => {
+                tracing::warn!(device = name, layer = %path.display(), reason = %why, "an existing dm-verity device is not the expected one: replacing it");
+                run("veritysetup", &["close".as_ref(), name.as_ref()]).map_err(|e| {
+                    Error::failed_precondition(format!(
+                        "dm-verity device {name} for {} is not the expected one ({why}) and cannot be removed: {e}; refusing to use it",
+                        path.display()
+                    ))
+                })?;
+            }
+        }
     }
     // The device reads the verified file through a loop device bound from its handle.
     let lo = erofs_sys::loop_device::attach_fd(layer.as_fd(), false).map_err(|e| {
@@ -343,6 +559,11 @@ pub fn activate(layer: &File, path: &Path, rec: &DmVerityRecord, name: &str) -> 
     run("veritysetup", &argv)?;
     // The device holds the loop device now; autoclear frees it when the device goes.
     drop(lo);
+    existing_is_expected(name, layer, &want).map_err(|why| {
+        Error::internal(format!(
+            "the dm-verity device {name} just opened is not as asked: {why}"
+        ))
+    })?;
     Ok(dev)
 }
 
@@ -368,15 +589,93 @@ mod tests {
         }
     }
 
-    /// Impossible records are refused before any device is built.
+    /// `dmsetup table` of the kernel documentation's example device (devices as the kernel
+    /// prints them, major:minor), and of the device `activate` builds for a 1 GiB layer.
     #[test]
-    fn records_are_validated() {
+    fn tables_parse_as_the_kernel_prints_them() {
+        let doc = "0 2097152 verity 1 8:1 8:2 4096 4096 262144 1 sha256 \
+                   4392712ba01368efdf14b05c76f9e4df0d53664630b5d48632ed17a137f39076 \
+                   1234000000000000000000000000000000000000000000000000000000000000\n";
+        let t = parse_table(doc).unwrap();
+        assert_eq!(
+            (t.start, t.len, t.version, t.data_dev, t.hash_dev),
+            (0, 2097152, 1, (8, 1), (8, 2))
+        );
+        assert_eq!(
+            (
+                t.data_block_size,
+                t.hash_block_size,
+                t.data_blocks,
+                t.hash_start
+            ),
+            (4096, 4096, 262144, 1)
+        );
+        assert_eq!(t.algorithm, "sha256");
+        assert!(t.options.is_empty());
+        // With optional parameters, and the salt "-" of a saltless tree.
+        let opt = "0 2097152 verity 1 7:3 7:3 4096 4096 262144 262145 sha256 \
+                   4392712ba01368efdf14b05c76f9e4df0d53664630b5d48632ed17a137f39076 - \
+                   2 ignore_zero_blocks restart_on_corruption";
+        let t = parse_table(opt).unwrap();
+        assert_eq!(t.salt, "-");
+        assert_eq!(t.options, ["ignore_zero_blocks", "restart_on_corruption"]);
+        for bad in [
+            "",
+            "0 2097152 linear 8:1 0",
+            "0 2097152 verity 1 8:1 8:2 4096 4096",
+            "0 2097152 verity 1 sda1 8:2 4096 4096 262144 1 sha256 00 00",
+            "0 2097152 verity 1 8:1 8:2 4096 4096 262144 1 sha256 00 00 3 a b",
+            &format!("{doc}{doc}"),
+        ] {
+            assert!(parse_table(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The expected table of a record, and every way an existing device can differ from it.
+    #[test]
+    fn tables_are_compared_field_by_field() {
         let want = ExpectedTable::for_record(&rec()).unwrap();
         // The verity superblock takes the block after the data: the tree starts one later.
         assert_eq!(
             (want.sectors, want.data_blocks, want.hash_start),
             (2097152, 262144, 262145)
         );
+        let good = format!(
+            "0 2097152 verity 1 7:3 7:3 4096 4096 262144 262145 sha256 {} {}",
+            rec().roothash,
+            "0".repeat(64)
+        );
+        let t = parse_table(&good).unwrap();
+        check_table(&t, &want).unwrap();
+        let with = |opts: &str| parse_table(&format!("{good} {opts}")).unwrap();
+        check_table(&with("1 restart_on_corruption"), &want).unwrap();
+        let cases = [
+            (good.replace("0 2097152", "0 2097144"), "length"),
+            (good.replace("7:3 7:3", "7:3 7:4"), "hash device"),
+            (good.replace("4096 4096", "512 4096"), "data block size"),
+            (good.replace("262144 262145", "262144 262146"), "hash start"),
+            (good.replace(" 262144 ", " 262143 "), "data blocks"),
+            (good.replace("sha256", "sha1"), "algorithm"),
+            (good.replace("4392712b", "5392712b"), "root hash"),
+            (
+                format!("{} {}", &good[..good.len() - 65], "1".repeat(64)),
+                "salt",
+            ),
+            (good.replace("verity 1", "verity 0"), "hash type"),
+        ];
+        for (line, what) in cases {
+            let e = check_table(&parse_table(&line).unwrap(), &want).unwrap_err();
+            assert!(e.contains(what), "{what}: {e}");
+        }
+        for weak in [
+            "ignore_corruption",
+            "ignore_zero_blocks",
+            "check_at_most_once",
+        ] {
+            let e = check_table(&with(&format!("1 {weak}")), &want).unwrap_err();
+            assert!(e.contains(weak), "{e}");
+        }
+        // Impossible records are refused before any device is looked at.
         for r in [
             DmVerityRecord {
                 hashoffset: 4095,
