@@ -717,6 +717,73 @@ impl XattrEntry {
     }
 }
 
+/// Seed of the xattr name filter's hash (plus the name index), as the kernel defines it.
+pub const XATTR_FILTER_SEED: u32 = 0x25BB_E08F;
+/// Bits of the xattr name filter.
+pub const XATTR_FILTER_BITS: u32 = 32;
+
+/// The xattr name-filter bit of a name: `xxh32(suffix, SEED + index) % 32`. A set bit in an
+/// inode's `h_name_filter` means "no xattr hashing here", and the kernel's getxattr then
+/// answers ENODATA without looking.
+pub fn xattr_filter_bit(index: u8, suffix: &[u8]) -> u32 {
+    xxh32(suffix, XATTR_FILTER_SEED.wrapping_add(index as u32)) & (XATTR_FILTER_BITS - 1)
+}
+
+/// XXH32 (the xxHash 32-bit algorithm), which the xattr name filter uses.
+pub fn xxh32(data: &[u8], seed: u32) -> u32 {
+    const P1: u32 = 0x9E37_79B1;
+    const P2: u32 = 0x85EB_CA77;
+    const P3: u32 = 0xC2B2_AE3D;
+    const P4: u32 = 0x27D4_EB2F;
+    const P5: u32 = 0x1656_67B1;
+    let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let round = |acc: u32, w: u32| {
+        acc.wrapping_add(w.wrapping_mul(P2))
+            .rotate_left(13)
+            .wrapping_mul(P1)
+    };
+    let mut rest = data;
+    let mut h = if data.len() >= 16 {
+        let mut v = [
+            seed.wrapping_add(P1).wrapping_add(P2),
+            seed.wrapping_add(P2),
+            seed,
+            seed.wrapping_sub(P1),
+        ];
+        while rest.len() >= 16 {
+            for (i, lane) in v.iter_mut().enumerate() {
+                *lane = round(*lane, word(&rest[i * 4..]));
+            }
+            rest = &rest[16..];
+        }
+        v[0].rotate_left(1)
+            .wrapping_add(v[1].rotate_left(7))
+            .wrapping_add(v[2].rotate_left(12))
+            .wrapping_add(v[3].rotate_left(18))
+    } else {
+        seed.wrapping_add(P5)
+    };
+    h = h.wrapping_add(data.len() as u32);
+    while rest.len() >= 4 {
+        h = h
+            .wrapping_add(word(rest).wrapping_mul(P3))
+            .rotate_left(17)
+            .wrapping_mul(P4);
+        rest = &rest[4..];
+    }
+    for &b in rest {
+        h = h
+            .wrapping_add((b as u32).wrapping_mul(P5))
+            .rotate_left(11)
+            .wrapping_mul(P1);
+    }
+    h ^= h >> 15;
+    h = h.wrapping_mul(P2);
+    h ^= h >> 13;
+    h = h.wrapping_mul(P3);
+    h ^ (h >> 16)
+}
+
 /// Read the 4-byte little-endian shared xattr id (or block-map entry) at the start of `b`.
 pub fn decode_u32(b: &[u8]) -> Option<u32> {
     let (v, _) = zerocopy::little_endian::U32::read_from_prefix(b).ok()?;
@@ -815,6 +882,36 @@ impl ChunkIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xxh32_known_values() {
+        // The reference implementation's published values.
+        assert_eq!(xxh32(b"", 0), 0x02CC_5D05);
+        assert_eq!(xxh32(b"a", 0), 0x550D_7456);
+        assert_eq!(xxh32(b"abc", 0), 0x32D1_53FF);
+        assert_eq!(
+            xxh32(b"Nobody inspects the spammish repetition", 0),
+            0xE229_3B2F
+        );
+    }
+
+    #[test]
+    fn xattr_filter_bits_match_the_kernel() {
+        // The bit table of the kernel patch that introduced the filter, and the ACL bits the
+        // kernel tests (BIT(30) access, BIT(21) default).
+        use xattr_index::*;
+        assert_eq!(xattr_filter_bit(SECURITY, b"ima"), 0);
+        assert_eq!(xattr_filter_bit(TRUSTED, b"overlay.nlink"), 2);
+        assert_eq!(xattr_filter_bit(USER, b"overlay.nlink"), 4);
+        assert_eq!(xattr_filter_bit(SECURITY, b"apparmor"), 8);
+        assert_eq!(xattr_filter_bit(SECURITY, b"selinux"), 11);
+        assert_eq!(xattr_filter_bit(POSIX_ACL_ACCESS, b""), 30);
+        assert_eq!(xattr_filter_bit(POSIX_ACL_DEFAULT, b""), 21);
+        // user.foo + security.capability, as mkfs.erofs writes it.
+        let bits = (1 << xattr_filter_bit(USER, b"foo"))
+            | (1 << xattr_filter_bit(SECURITY, b"capability"));
+        assert_eq!(!bits, 0xdfff_efffu32);
+    }
 
     #[test]
     fn rdev_round_trip() {

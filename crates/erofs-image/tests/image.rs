@@ -9,6 +9,8 @@ mod common;
 
 #[path = "image/bombs.rs"]
 mod bombs;
+#[path = "image/checker.rs"]
+mod checker;
 #[path = "image/dialects.rs"]
 mod dialects;
 #[path = "image/differential.rs"]
@@ -17,5 +19,7 @@ mod differential;
 mod edge_cases;
 #[path = "image/hostile.rs"]
 mod hostile;
+#[path = "image/imagegen.rs"]
+mod imagegen;
 #[path = "image/layers.rs"]
 mod layers;

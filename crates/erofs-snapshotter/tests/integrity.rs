@@ -15,7 +15,10 @@
 //!   `dmverity_mode`, manager-mode mount options.
 //! - [`e2e`]: containers through containerd 2.1 on immutable, quota'd, idmapped layers.
 //! - [`lifecycle`]: a SIGTERM right after start-up stops the daemon gracefully.
+//! - [`anchors`] (in process): what is mounted is what was verified.
 
+#[path = "integrity/anchors.rs"]
+mod anchors;
 #[path = "integrity/common.rs"]
 mod common;
 #[path = "integrity/dmverity.rs"]

@@ -36,6 +36,7 @@ pub const MAX_ATTACH_ATTEMPTS: u32 = 32;
 const LOOP_SET_FD: Opcode = 0x4C00;
 const LOOP_CLR_FD: Opcode = 0x4C01;
 const LOOP_SET_STATUS64: Opcode = 0x4C04;
+const LOOP_GET_STATUS64: Opcode = 0x4C05;
 const LOOP_SET_DIRECT_IO: Opcode = 0x4C08;
 const LOOP_CONFIGURE: Opcode = 0x4C0A;
 const LOOP_CTL_GET_FREE: Opcode = 0x4C82;
@@ -413,6 +414,53 @@ fn clear_fd(device: &File) -> Result<(), Errno> {
     unsafe { ioctl::ioctl(device, ioctl::NoArg::<LOOP_CLR_FD>::new()) }
 }
 
+/// The file a loop device reads: the device number of its filesystem and its inode number,
+/// as `stat` reports them (`st_dev`, `st_ino`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backing {
+    /// `st_dev` of the backing file.
+    pub dev: u64,
+    /// `st_ino` of the backing file.
+    pub ino: u64,
+    /// Whether the device is read-only.
+    pub read_only: bool,
+    /// Byte offset into the backing file where the device starts.
+    pub offset: u64,
+    /// Size limit in bytes (0: the whole file).
+    pub size_limit: u64,
+}
+
+/// What the loop device open as `device` is bound to (`LOOP_GET_STATUS64`);
+/// [`LoopError::NotBound`] if nothing. `path` is for messages.
+pub fn backing(device: BorrowedFd<'_>, path: &Path) -> Result<Backing, LoopError> {
+    // SAFETY: LOOP_GET_STATUS64 is a plain number with no argument encoding; it writes one
+    // `struct loop_info64`, which `LoopInfo64` reproduces exactly (size checked at compile
+    // time) and the Getter owns for the duration of the call; `device` is borrowed, so open.
+    let got = unsafe {
+        ioctl::ioctl(
+            device,
+            ioctl::Getter::<LOOP_GET_STATUS64, LoopInfo64>::new(),
+        )
+    };
+    match got {
+        Ok(info) => Ok(Backing {
+            dev: info.lo_device,
+            ino: info.lo_inode,
+            read_only: info.lo_flags & LO_FLAGS_READ_ONLY != 0,
+            offset: info.lo_offset,
+            size_limit: info.lo_sizelimit,
+        }),
+        Err(Errno::NXIO) => Err(LoopError::NotBound {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(LoopError::Ioctl {
+            op: "LOOP_GET_STATUS64",
+            path: path.to_owned(),
+            source: e.into(),
+        }),
+    }
+}
+
 /// Unbinds the loop device at `path` from its backing file (`LOOP_CLR_FD`).
 ///
 /// If the device is still in use (mounted or open elsewhere), the kernel
@@ -485,6 +533,40 @@ mod tests {
         while sysfs(number, "backing_file").is_some() {
             assert!(start.elapsed().as_secs() < 5, "loop{number} not freed");
             std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// LOOP_GET_STATUS64 names the backing file by its inode, so a device can be checked to
+    /// read the very file it should, whatever its path says now.
+    #[test]
+    fn backing_names_the_bound_file() {
+        if !is_root() {
+            eprintln!("skipping: needs root");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![1u8; 8192]).unwrap();
+        let file = File::open(&path).unwrap();
+        let dev = attach_fd(file.as_fd(), false).unwrap();
+        let b = backing(dev.file.as_fd(), &dev.path).unwrap();
+        let md = file.metadata().unwrap();
+        assert_eq!((b.dev, b.ino), (md.dev(), md.ino()));
+        assert!(b.read_only);
+        assert_eq!((b.offset, b.size_limit), (0, 0));
+        // A free device is bound to nothing.
+        let control = File::open(LOOP_CONTROL).unwrap();
+        // SAFETY: as in `attach_fd`.
+        let number = unsafe { ioctl::ioctl(&control, GetFree) }.unwrap();
+        let free = PathBuf::from(format!("/dev/loop{number}"));
+        if let Ok(f) = open_ro(&free) {
+            match backing(f.as_fd(), &free) {
+                Err(LoopError::NotBound { .. }) => {}
+                // Another test took it in between.
+                Ok(_) => {}
+                Err(e) => panic!("{e}"),
+            }
         }
     }
 

@@ -227,9 +227,38 @@ pub fn mount_erofs_file(
     target: &Path,
     extra_devices: &[&Path],
 ) -> Result<(), MountError> {
+    mount_erofs_source(source_file.as_os_str(), target, extra_devices)
+}
+
+/// Mounts the EROFS image open as `image` (a regular file, or a block device such as a loop
+/// or dm-verity device) read-only on `target`, like [`mount_erofs_file`].
+///
+/// The source is given as `/proc/self/fd/N`: the kernel resolves that magic link to the open
+/// file itself (its dentry and mount), not to whatever name it had, so a file renamed over
+/// the image's path after `image` was opened (and checked) is not what gets mounted.
+pub fn mount_erofs_fd(
+    image: BorrowedFd<'_>,
+    target: &Path,
+    extra_devices: &[&Path],
+) -> Result<(), MountError> {
+    let source = fd_path(image);
+    mount_erofs_source(source.as_os_str(), target, extra_devices)
+}
+
+/// `/proc/self/fd/N` for an open descriptor of this process.
+pub fn fd_path(fd: BorrowedFd<'_>) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn mount_erofs_source(
+    source: &OsStr,
+    target: &Path,
+    extra_devices: &[&Path],
+) -> Result<(), MountError> {
     let fc = FsContext::open("erofs")?;
     fc.set_flag("ro")?;
-    fc.set_string("source", source_file.as_os_str())?;
+    fc.set_string("source", source)?;
     for device in extra_devices {
         fc.set_string("device", device.as_os_str())?;
     }

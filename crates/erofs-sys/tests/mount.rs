@@ -347,3 +347,66 @@ fn overlay_lower_with_a_path_over_255_bytes() {
     assert_eq!(fs::read(target.join("deep")).unwrap(), b"deep");
     mounted.unmount().unwrap();
 }
+
+/// Two images of different trees: `a` (the one checked) and `b` (the replacement).
+fn two_images(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let a = build_image(dir)?;
+    let tree = dir.join("tree-b");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("hello.txt"), b"replaced\n").unwrap();
+    let b = dir.join("b.erofs");
+    let out = Command::new(MKFS_EROFS)
+        .arg(&b)
+        .arg(&tree)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((a, b))
+}
+
+/// A file checked through one handle and then renamed over: mounting by path mounts the
+/// replacement (what the daemon used to do), mounting the handle (`/proc/self/fd/N`, file-backed,
+/// or a loop device bound from the handle) mounts the file that was checked.
+#[test]
+fn mounts_from_an_open_file_ignore_a_rename_over_its_path() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let Some((a, b)) = two_images(dir.path()) else {
+        return;
+    };
+    let checked = fs::File::open(&a).unwrap();
+    fs::rename(&b, &a).unwrap();
+    let target = dir.path().join("mnt");
+    fs::create_dir(&target).unwrap();
+
+    // By path: the replacement.
+    mount::mount_erofs_file(&a, &target, &[]).unwrap();
+    let by_path = MountGuard::new(&target);
+    assert_eq!(fs::read(target.join("hello.txt")).unwrap(), b"replaced\n");
+    by_path.unmount().unwrap();
+
+    // By the open file: what was checked.
+    use std::os::fd::AsFd;
+    mount::mount_erofs_fd(checked.as_fd(), &target, &[]).unwrap();
+    let by_fd = MountGuard::new(&target);
+    check_tree(&target);
+    let info = mountinfo(&target).expect("mounted");
+    eprintln!("mountinfo: {info}");
+    by_fd.unmount().unwrap();
+
+    // A loop device bound from the open file: what was checked.
+    let dev = loop_device::attach_fd(checked.as_fd(), false).unwrap();
+    let backing = format!("/sys/block/loop{}/loop/backing_file", dev.number());
+    mount::mount_erofs_fd(dev.file.as_fd(), &target, &[]).unwrap();
+    let by_loop = MountGuard::new(&target);
+    drop(dev);
+    check_tree(&target);
+    // The kernel names the backing file by its path now: the one renamed over is gone.
+    let named = fs::read_to_string(&backing).unwrap();
+    assert!(named.contains("(deleted)"), "{named}");
+    by_loop.unmount().unwrap();
+}

@@ -133,3 +133,32 @@ fn start_up_rechecks_mounted_layers() {
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
     s.view("v4", "l2", BTreeMap::new()).unwrap();
 }
+
+/// With fs-verity on, a layer with no recorded digest is refused rather than used unchecked:
+/// here, one committed while fs-verity was off. Nothing says what its content should be, so
+/// it cannot be told from a replaced one. (The daemon used to warn and mount it.)
+#[test]
+fn layers_without_a_recorded_digest_are_refused() {
+    let root = Root::new("");
+    let mounts = Arc::new(RecordingMounter::new());
+    let s = root.open_with(mounts.clone());
+    layer(&s, "old", "", &[("etc/one", b"one\n")]);
+    drop(s);
+    let on = Config::parse(&format!(
+        "root_path = {:?}\naddress = {:?}\n[snapshotter]\nenable_fsverity = true\n",
+        root.root().display().to_string(),
+        root.dir.path().join("unused.sock").display().to_string(),
+    ))
+    .unwrap();
+    let s = Snapshotter::open(on, mounts.clone()).unwrap();
+    let e = s.view("v1", "old", BTreeMap::new()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(
+        e.to_string().contains("\"old\"") && e.to_string().contains("without an fs-verity digest"),
+        "{e}"
+    );
+    assert!(mounts.mounted().is_empty(), "nothing was mounted");
+    // New layers get a digest and are used.
+    layer(&s, "new", "", &[("etc/two", b"two\n")]);
+    s.view("v2", "new", BTreeMap::new()).unwrap();
+}

@@ -460,8 +460,13 @@ impl Env {
             fs_dir.display(),
             m.mount_options
         );
-        // File-backed mounts show the image; loop mounts a /dev/loopN whose backing file
-        // is the image.
+        // The daemon mounts the very file it verified: file-backed mounts name it by the
+        // daemon's descriptor (`/proc/self/fd/N`, meaningless here), so the mount is compared
+        // with the image instead; loop mounts show a /dev/loopN whose backing file is the
+        // image.
+        if m.source.starts_with("/proc/self/fd/") {
+            return same_image(&fs_dir, &layer);
+        }
         let src = Path::new(&m.source);
         let backing = if let Some(loopname) = m.source.strip_prefix("/dev/") {
             let f = format!("/sys/block/{loopname}/loop/backing_file");
@@ -661,4 +666,42 @@ pub fn tree_listing(dir: &Path) -> Result<Vec<String>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Whether the erofs mount at `fs_dir` is the image `layer`: the same block size, block and
+/// inode counts, and root directory names.
+fn same_image(fs_dir: &Path, layer: &Path) -> Result<()> {
+    let img = erofs_image::Image::open(fs::File::open(layer)?)
+        .with_context(|| format!("opening {}", layer.display()))?;
+    let sb = img.superblock();
+    let st = rustix::fs::statfs(fs_dir).with_context(|| format!("statfs {}", fs_dir.display()))?;
+    ensure!(
+        st.f_bsize as u64 == img.block_size() && st.f_blocks as u64 == sb.blocks as u64,
+        "{} has {} blocks of {}, {} has {} of {}",
+        fs_dir.display(),
+        st.f_blocks,
+        st.f_bsize,
+        layer.display(),
+        sb.blocks,
+        img.block_size()
+    );
+    let root = img.inode(img.root_nid())?;
+    let mut want: Vec<Vec<u8>> = img
+        .read_dir(&root)?
+        .into_iter()
+        .map(|e| e.name)
+        .filter(|n| n != b"." && n != b"..")
+        .collect();
+    want.sort();
+    let mut got: Vec<Vec<u8>> = fs::read_dir(fs_dir)?
+        .map(|e| Ok(e?.file_name().into_encoded_bytes()))
+        .collect::<Result<_>>()?;
+    got.sort();
+    ensure!(
+        got == want,
+        "{} does not show the root of {}",
+        fs_dir.display(),
+        layer.display()
+    );
+    Ok(())
 }

@@ -8,6 +8,8 @@
 
 mod source;
 
+use std::ops::ControlFlow;
+
 pub use source::ReadAt;
 
 use crate::error::{CorruptKind, Error, Result};
@@ -63,13 +65,43 @@ pub struct Inode {
     chunk: Option<ChunkInfo>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct ChunkInfo {
-    bits: u32,
-    indexes: bool,
-    table: u64,
-    count: u64,
+/// Where a chunk-based inode keeps its chunk table, and how it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// log2 of the chunk size.
+    pub bits: u32,
+    /// 8-byte chunk indexes (with device ids) rather than 4-byte block-map entries.
+    pub indexes: bool,
+    /// Absolute offset of the table in the primary device.
+    pub table: u64,
+    /// Number of entries (`ceil(size / chunk size)`).
+    pub count: u64,
 }
+
+impl ChunkInfo {
+    /// Bytes per table entry.
+    pub fn entry_size(&self) -> u64 {
+        if self.indexes {
+            format::CHUNK_INDEX_SIZE as u64
+        } else {
+            format::BLOCK_MAP_ENTRY_SIZE as u64
+        }
+    }
+}
+
+/// One chunk-table entry as stored (before the kernel's device-id mask).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawChunk {
+    /// The device id as stored (always 0 in block-map entries).
+    pub device_id: u16,
+    /// The low 32 bits of the start block, or [`format::NULL_ADDR`] for a hole.
+    pub blkaddr: u32,
+    /// The 48-bit high half (0 unless 48BIT).
+    pub blkaddr_hi: u16,
+}
+
+/// How many chunk entries [`Image::for_each_chunk`] reads at once.
+const CHUNK_BATCH: usize = 512;
 
 impl Inode {
     /// Full mode (type and permissions).
@@ -107,8 +139,13 @@ impl Inode {
     pub fn is_whiteout(&self) -> bool {
         self.file_type() == mode::S_IFCHR && self.raw.i_u == 0
     }
-    fn xattr_start(&self) -> u64 {
+    /// Absolute offset of the inline xattr body (right after the inode).
+    pub fn xattr_start(&self) -> u64 {
         self.pos + self.raw.inode_size() as u64
+    }
+    /// The chunk table of a chunk-based inode.
+    pub fn chunk_info(&self) -> Option<ChunkInfo> {
+        self.chunk
     }
     fn inline_start(&self) -> u64 {
         self.xattr_start() + self.raw.xattr_isize() as u64
@@ -287,6 +324,11 @@ impl Image {
         self.sb.root_nid as u64
     }
 
+    /// Read exactly `buf.len()` bytes at `offset` of a device (0 = primary), bounds-checked.
+    pub fn read_exact_at(&self, device: u16, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_exact(device, offset, buf)
+    }
+
     fn read_exact(&self, device: u16, offset: u64, buf: &mut [u8]) -> Result<()> {
         let d = self
             .devices
@@ -455,65 +497,102 @@ impl Image {
                 }
                 let within = offset - (idx << c.bits);
                 let len = want.min((1u64 << c.bits) - within);
-                let entry = self.chunk_entry(inode, &c, idx)?;
-                if entry.blkaddr == format::NULL_ADDR {
-                    return Ok(Extent::Hole(len));
-                }
-                let blk_off = entry.blkaddr as u64 * bs + within;
-                if entry.device_id == 0 {
-                    let (device, off) = self.resolve_unified(blk_off);
-                    return Ok(Extent::Data {
-                        device,
-                        offset: off,
-                        len,
-                    });
-                }
-                let slot = self
-                    .slots
-                    .get(entry.device_id as usize - 1)
-                    .ok_or_else(|| {
-                        at(CorruptKind::BadChunk("device id beyond the device table"))
-                    })?;
-                if self.flat {
-                    Ok(Extent::Data {
-                        device: 0,
-                        offset: slot.uniaddr as u64 * bs + blk_off,
-                        len,
-                    })
-                } else {
-                    Ok(Extent::Data {
-                        device: entry.device_id,
-                        offset: blk_off,
-                        len,
-                    })
-                }
+                let entry = self.chunk_entry(&c, idx)?;
+                self.chunk_extent(inode, entry, within, len)
             }
             other => Err(at(CorruptKind::BadLayout(other))),
         }
     }
 
-    fn chunk_entry(&self, inode: &Inode, c: &ChunkInfo, idx: u64) -> Result<ChunkIndex> {
-        if c.indexes {
-            let mut b = [0u8; format::CHUNK_INDEX_SIZE];
-            self.read_exact(0, c.table + idx * format::CHUNK_INDEX_SIZE as u64, &mut b)?;
-            let (mut e, hi) = ChunkIndex::decode(&b);
-            if e.blkaddr != format::NULL_ADDR && hi != 0 {
-                return Err(Error::Corrupt(
-                    CorruptKind::BadChunk("48-bit chunk address").at(inode.nid),
-                ));
-            }
-            // The kernel masks device ids to the device table size, rounded to a power of two.
-            let mask = ((self.sb.extra_devices as u32 + 1).next_power_of_two() - 1) as u16;
-            e.device_id &= mask;
-            Ok(e)
+    fn chunk_entry(&self, c: &ChunkInfo, idx: u64) -> Result<RawChunk> {
+        let mut b = [0u8; format::CHUNK_INDEX_SIZE];
+        let unit = c.entry_size() as usize;
+        self.read_exact(0, c.table + idx * unit as u64, &mut b[..unit])?;
+        Ok(decode_chunk(c, &b[..unit]))
+    }
+
+    /// Where `len` bytes starting `within` bytes into the chunk of `entry` live. Device ids
+    /// are masked as the kernel does (to the device table size rounded up to a power of two).
+    fn chunk_extent(
+        &self,
+        inode: &Inode,
+        entry: RawChunk,
+        within: u64,
+        len: u64,
+    ) -> Result<Extent> {
+        let at = |k: CorruptKind| Error::Corrupt(k.at(inode.nid));
+        if entry.blkaddr == format::NULL_ADDR {
+            return Ok(Extent::Hole(len));
+        }
+        if entry.blkaddr_hi != 0 {
+            return Err(at(CorruptKind::BadChunk("48-bit chunk address")));
+        }
+        let device_id = entry.device_id & self.device_id_mask();
+        let blk_off = entry.blkaddr as u64 * self.bs + within;
+        if device_id == 0 {
+            let (device, off) = self.resolve_unified(blk_off);
+            return Ok(Extent::Data {
+                device,
+                offset: off,
+                len,
+            });
+        }
+        let slot = self
+            .slots
+            .get(device_id as usize - 1)
+            .ok_or_else(|| at(CorruptKind::BadChunk("device id beyond the device table")))?;
+        if self.flat {
+            Ok(Extent::Data {
+                device: 0,
+                offset: slot.uniaddr as u64 * self.bs + blk_off,
+                len,
+            })
         } else {
-            let mut b = [0u8; 4];
-            self.read_exact(0, c.table + idx * 4, &mut b)?;
-            Ok(ChunkIndex {
-                device_id: 0,
-                blkaddr: u32::from_le_bytes(b),
+            Ok(Extent::Data {
+                device: device_id,
+                offset: blk_off,
+                len,
             })
         }
+    }
+
+    /// The kernel's mask for chunk device ids: the device count (with the primary) rounded up
+    /// to a power of two, minus one.
+    pub fn device_id_mask(&self) -> u16 {
+        ((self.sb.extra_devices as u32 + 1).next_power_of_two() - 1) as u16
+    }
+
+    /// Visit every entry of a chunk-based inode's table in order, with the extent it maps
+    /// (clipped to the file size), reading the table in batches rather than one entry per
+    /// read. `f` returns [`ControlFlow::Break`] to stop early. Not chunk-based: nothing.
+    pub fn for_each_chunk(
+        &self,
+        inode: &Inode,
+        mut f: impl FnMut(u64, RawChunk, Result<Extent>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        let Some(c) = inode.chunk else {
+            return Ok(());
+        };
+        let unit = c.entry_size() as usize;
+        let mut buf = vec![0u8; CHUNK_BATCH * unit];
+        let chunk = 1u64 << c.bits;
+        let mut idx = 0u64;
+        while idx < c.count {
+            let n = (c.count - idx).min(CHUNK_BATCH as u64) as usize;
+            let bytes = &mut buf[..n * unit];
+            self.read_exact(0, c.table + idx * unit as u64, bytes)?;
+            for (i, e) in bytes.chunks_exact(unit).enumerate() {
+                let k = idx + i as u64;
+                let start = k << c.bits;
+                let len = chunk.min(inode.raw.size - start);
+                let raw = decode_chunk(&c, e);
+                if f(k, raw, self.chunk_extent(inode, raw, 0, len)).is_break() {
+                    return Ok(());
+                }
+            }
+            idx += n as u64;
+        }
+        Ok(())
     }
 
     /// Read file (or directory, or symlink) data at `offset`; returns bytes read, fewer than
@@ -546,21 +625,40 @@ impl Image {
     }
 
     /// All entries of a directory, in on-disk order, with the structure of every block
-    /// validated.
+    /// validated. Directories larger than [`MAX_DIR_SIZE`] are refused (they would be held
+    /// in memory); [`Image::for_each_dir_block`] streams any size.
     pub fn read_dir(&self, dir: &Inode) -> Result<Vec<DirEntry>> {
+        if dir.is_dir() && dir.raw.size > MAX_DIR_SIZE {
+            return Err(Error::Corrupt(
+                CorruptKind::Limit("directory larger than 1 GiB").at(dir.nid),
+            ));
+        }
+        let mut out = Vec::new();
+        self.for_each_dir_block(dir, |_, entries| {
+            out.extend_from_slice(entries);
+            ControlFlow::Continue(())
+        })?;
+        Ok(out)
+    }
+
+    /// Stream a directory one block at a time: `f(block index, entries of that block)`, each
+    /// block's structure validated before `f` sees it; [`ControlFlow::Break`] stops. Memory
+    /// is one block's worth whatever the directory's size.
+    pub fn for_each_dir_block(
+        &self,
+        dir: &Inode,
+        mut f: impl FnMut(u64, &[DirEntry]) -> ControlFlow<()>,
+    ) -> Result<()> {
         let at = |k: CorruptKind| Error::Corrupt(k.at(dir.nid));
         if !dir.is_dir() {
             return Err(at(CorruptKind::NotDirectory));
         }
         let size = dir.raw.size;
-        if size > MAX_DIR_SIZE {
-            return Err(at(CorruptKind::Limit("directory larger than 1 GiB")));
-        }
         if size == 0 {
             return Err(at(CorruptKind::BadSize("empty directory (no . and ..)")));
         }
         let bs = self.bs;
-        let mut out = Vec::new();
+        let mut entries = Vec::new();
         let mut block = vec![0u8; bs as usize];
         let nblocks = size.div_ceil(bs);
         for b in 0..nblocks {
@@ -569,9 +667,13 @@ impl Image {
             if got != len {
                 return Err(at(CorruptKind::BadSize("directory shorter than its size")));
             }
-            parse_dir_block(&block[..len], b, &mut out).map_err(at)?;
+            entries.clear();
+            parse_dir_block(&block[..len], b, &mut entries).map_err(at)?;
+            if f(b, &entries).is_break() {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Look up `name` in a directory.
@@ -717,6 +819,24 @@ fn xattr_entry(
     let mut name = prefix.to_vec();
     name.extend_from_slice(suffix);
     Ok((name, value.to_vec()))
+}
+
+fn decode_chunk(c: &ChunkInfo, e: &[u8]) -> RawChunk {
+    if c.indexes {
+        let b: &[u8; format::CHUNK_INDEX_SIZE] = e.try_into().expect("an 8-byte chunk index");
+        let (i, hi) = ChunkIndex::decode(b);
+        RawChunk {
+            device_id: i.device_id,
+            blkaddr: i.blkaddr,
+            blkaddr_hi: hi,
+        }
+    } else {
+        RawChunk {
+            device_id: 0,
+            blkaddr: format::decode_u32(e).unwrap_or(format::NULL_ADDR),
+            blkaddr_hi: 0,
+        }
+    }
 }
 
 fn read_exact_dev(d: &Device, id: u16, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -50,17 +50,6 @@ fn end(mut t: Vec<u8>) -> Vec<u8> {
     t
 }
 
-/// Peak resident memory of this process so far, in bytes.
-fn peak_rss() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb << 10
-}
-
 /// Build `tar` both ways (full image and tar index) with `opts`; both must fail within
 /// `within` without growing the peak RSS by more than `max_mem`. Returns the error.
 fn refused(tar: &[u8], opts: &BuildOptions, within: Duration, max_mem: u64) -> String {

@@ -422,3 +422,14 @@ pub fn tar_checksum(h: &mut [u8; 512]) {
     let sum: u32 = h.iter().map(|&c| c as u32).sum();
     h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
 }
+
+/// Peak resident memory of this process so far, in bytes.
+pub fn peak_rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}

@@ -15,11 +15,16 @@ pub fn run(a: FsckArgs) -> anyhow::Result<ExitCode> {
             println!("{f}");
         }
     }
-    let errors = report
-        .findings
-        .iter()
-        .filter(|f| f.severity == Severity::Error)
-        .count();
+    let omitted = report.omitted_errors
+        + if a.warnings {
+            report.omitted_warnings
+        } else {
+            0
+        };
+    if omitted > 0 {
+        println!("and {omitted} more");
+    }
+    let errors = report.errors();
     println!(
         "{}: {} inodes ({} directories, {} files, {} bytes), {} error(s)",
         a.image.image.display(),

@@ -446,3 +446,70 @@ fn reapply_replaces_the_sidecar() {
         },
     );
 }
+
+/// The sidecar is only a copy for containerd: a layer's tree is what the store recorded when
+/// the differ built it. A sidecar rewritten next to the layer (another root hash and offset,
+/// what someone who can edit the layer would write with their own tree) is refused naming
+/// the layer, in host mode and in manager mode; put back, it is used again. A deleted one is
+/// fine in host mode (the record is enough) and refused in manager mode (containerd reads
+/// it). (The daemon used to take the sidecar as it found it.)
+#[test]
+fn sidecars_must_match_the_recorded_tree() {
+    run(
+        Env::new(BIN, Cfg::new().df("enable_dmverity = true")),
+        async |env| {
+            let mut layers = Vec::new();
+            for tag in ["forged", "deleted", "manager"] {
+                let desc = env.add_blob(TAR_GZ, &gzip(&layer_tar(tag)?)?)?;
+                let (id, _) = env
+                    .apply_layer(&format!("anc/{tag}-a"), &format!("anc/{tag}"), &desc)
+                    .await?;
+                layers.push(env.snapshot_dir(id).join("layer.erofs.dmverity"));
+            }
+            let forged = serde_json::json!({"roothash": "ab".repeat(32), "hashoffset": 4096});
+            let refused = |e: tonic::Status, layer: &str| -> Result<()> {
+                ensure!(
+                    e.code() == tonic::Code::FailedPrecondition
+                        && e.message().contains(layer)
+                        && e.message().contains("sidecar"),
+                    "{e:?}"
+                );
+                Ok(())
+            };
+            // Host mode, rewritten.
+            let original = fs::read(&layers[0])?;
+            fs::write(&layers[0], forged.to_string())?;
+            refused(
+                env.c().view("anc/v1", "anc/forged").await.unwrap_err(),
+                "anc/forged",
+            )?;
+            fs::write(&layers[0], &original)?;
+            view_shows(env, "anc/v1", "anc/forged", "forged").await?;
+            // Host mode, deleted: the record alone.
+            fs::remove_file(&layers[1])?;
+            view_shows(env, "anc/v2", "anc/deleted", "deleted").await?;
+
+            // Manager mode checks at every Mounts (containerd mounts the layer itself).
+            env.stop()?;
+            env.set_config(
+                Cfg::new()
+                    .top("mount_mode = \"manager\"")
+                    .df("enable_dmverity = true"),
+            )?;
+            env.start().await?;
+            let v = env.c().view("anc/v3", "anc/manager").await?;
+            ensure!(
+                dmverity_option(&v[0]) == Some(layers[2].to_str().unwrap()),
+                "{v:?}"
+            );
+            let original = fs::read(&layers[2])?;
+            fs::write(&layers[2], forged.to_string())?;
+            refused(env.c().mounts("anc/v3").await.unwrap_err(), "anc/manager")?;
+            fs::remove_file(&layers[2])?;
+            refused(env.c().mounts("anc/v3").await.unwrap_err(), "anc/manager")?;
+            fs::write(&layers[2], &original)?;
+            env.c().mounts("anc/v3").await?;
+            Ok(())
+        },
+    );
+}

@@ -131,15 +131,9 @@ impl Snapshotter {
                     Vec::new(),
                 );
                 if !report.is_ok() {
-                    let first: Vec<String> = report
-                        .findings
-                        .iter()
-                        .take(5)
-                        .map(|f| f.to_string())
-                        .collect();
                     return Err(Error::invalid_argument(format!(
                         "native EROFS layer failed checks: {}",
-                        first.join("; ")
+                        report.summary(5)
                     )));
                 }
                 Ok(Descriptor {

@@ -12,15 +12,13 @@ pub mod dmverity;
 pub mod quota;
 pub mod verity;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use crate::config::{Config, Toggle};
 use crate::error::{Error, Result};
-use crate::mount::probe;
-use crate::store::LayerMeta;
+use crate::mount::{OpenImage, probe};
+use crate::store::{DmVerityRecord, LayerMeta};
 
 /// fs-verity block size used for layers (the page size on x86-64 and most arm64 hosts).
 pub const FSVERITY_BLOCK: u32 = 4096;
@@ -45,9 +43,19 @@ pub enum LayerState<'a> {
     /// A committed layer, with what its commit recorded (`None` for records without layer
     /// metadata).
     Committed(Option<&'a LayerMeta>),
-    /// A layer the differ wrote into active snapshot `id`, not committed yet: fs-verity is
-    /// enabled only at Commit, so the anchor is the digest Apply computed, when it did.
-    Applied(u64),
+    /// A layer the differ wrote into an active snapshot, not committed yet, with what Apply
+    /// recorded of it. fs-verity is enabled only at Commit, so in both fs-verity modes the
+    /// anchor is the digest Apply computed in userspace.
+    Applied(Option<&'a LayerMeta>),
+}
+
+impl<'a> LayerState<'a> {
+    /// What was recorded of the layer.
+    pub fn meta(&self) -> Option<&'a LayerMeta> {
+        match *self {
+            LayerState::Committed(m) | LayerState::Applied(m) => m,
+        }
+    }
 }
 
 /// A layer image opened through [`Integrity::open_verified`]: the file was checked on this
@@ -75,6 +83,33 @@ impl VerifiedLayer {
     }
 }
 
+/// What to mount for a layer: the file that was verified, or a dm-verity device over it.
+#[derive(Debug)]
+pub enum MountSource<'a> {
+    /// The verified layer file itself.
+    Layer(&'a VerifiedLayer),
+    /// An open dm-verity device.
+    Device {
+        /// The device, open read-only.
+        file: File,
+        /// Its node.
+        path: PathBuf,
+    },
+}
+
+impl MountSource<'_> {
+    /// The open image to hand the mounter.
+    pub fn image(&self) -> OpenImage<'_> {
+        match self {
+            MountSource::Layer(l) => OpenImage {
+                file: &l.file,
+                path: &l.path,
+            },
+            MountSource::Device { file, path } => OpenImage { file, path },
+        }
+    }
+}
+
 /// The integrity policy in force.
 #[derive(Debug)]
 pub struct Integrity {
@@ -88,9 +123,6 @@ pub struct Integrity {
     dmverity_trees: bool,
     /// Root of the snapshotter, naming its dm-verity devices.
     root: PathBuf,
-    /// Userspace fs-verity digests the differ computed for layers it wrote, by snapshot id,
-    /// until their Commit records them.
-    applied: Mutex<HashMap<u64, String>>,
 }
 
 impl Integrity {
@@ -108,8 +140,22 @@ impl Integrity {
             dmverity_kernel,
             dmverity_trees: cfg.differ.enable_dmverity,
             root: root.to_path_buf(),
-            applied: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A policy with the given fs-verity mode and no dm-verity, whatever the kernel has: to
+    /// test the decisions of modes this kernel lacks (the calls into the kernel itself are
+    /// exercised on kernels that have them).
+    #[doc(hidden)]
+    pub fn with_verity_mode(verity: VerityMode, root: &Path) -> Self {
+        Integrity {
+            verity,
+            set_immutable: false,
+            dmverity_mode: Toggle::Off,
+            dmverity_kernel: false,
+            dmverity_trees: false,
+            root: root.to_path_buf(),
+        }
     }
 
     /// How fs-verity protects layers.
@@ -118,8 +164,17 @@ impl Integrity {
     }
 
     /// After a layer is durable: enable fs-verity and record its digest, note the immutable
-    /// flag. `digest` is the userspace digest Apply already computed for this file, if any.
-    pub fn seal(&self, layer: &Path, meta: &mut LayerMeta, digest: Option<String>) -> Result<()> {
+    /// flag. `applied` is what Apply recorded of this very file (its userspace digest and
+    /// dm-verity tree), if the differ wrote it: in kernel mode the measurement must equal that
+    /// digest (the file did not change between Apply and Commit), in userspace mode it is the
+    /// digest recorded.
+    pub fn seal(
+        &self,
+        layer: &Path,
+        meta: &mut LayerMeta,
+        applied: Option<&LayerMeta>,
+    ) -> Result<()> {
+        let applied_digest = applied.and_then(|a| a.fsverity_digest.clone());
         match self.verity {
             VerityMode::Off => {}
             VerityMode::Kernel => {
@@ -133,15 +188,25 @@ impl Integrity {
                         )));
                     }
                 }
-                meta.fsverity_digest = Some(measure(&f, layer)?);
+                let measured = measure(&f, layer)?;
+                if let Some(want) = applied_digest
+                    && want != measured
+                {
+                    return Err(Error::failed_precondition(format!(
+                        "{} changed between Apply and Commit (fs-verity digest {measured}, Apply computed {want}): refusing to commit it",
+                        layer.display()
+                    )));
+                }
+                meta.fsverity_digest = Some(measured);
             }
             VerityMode::Userspace => {
-                meta.fsverity_digest = Some(match digest {
+                meta.fsverity_digest = Some(match applied_digest {
                     Some(d) => d,
                     None => userspace_digest(&open(layer)?, layer, None)?,
                 })
             }
         }
+        meta.dmverity = applied.and_then(|a| a.dmverity.clone());
         meta.immutable = self.set_immutable;
         Ok(())
     }
@@ -157,9 +222,12 @@ impl Integrity {
     }
 
     /// The one way to open a layer image for reading: its digest must be the one recorded for
-    /// it, so a modified or replaced file is refused. With kernel fs-verity the check is a
-    /// measurement; in userspace mode the digest is recomputed, from the same handle that is
-    /// returned.
+    /// it, so a modified or replaced file is refused. With kernel fs-verity a committed layer
+    /// is measured; otherwise (userspace mode, and layers Apply wrote that Commit has not
+    /// sealed yet) the digest is recomputed, from the same handle that is returned. With
+    /// fs-verity on, a layer with no recorded digest is refused: nothing says what it should
+    /// be (layers committed while fs-verity was off, or written by a daemon that lost the
+    /// digest), so it cannot be told from a replaced one.
     pub fn open_verified(
         &self,
         layer: &Path,
@@ -167,19 +235,26 @@ impl Integrity {
         name: &str,
     ) -> Result<VerifiedLayer> {
         let file = open(layer)?;
-        let want = match state {
-            LayerState::Committed(meta) => meta.and_then(|m| m.fsverity_digest.clone()),
-            LayerState::Applied(id) => self
-                .applied
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                .cloned(),
+        if self.verity == VerityMode::Off {
+            return Ok(VerifiedLayer {
+                file,
+                path: layer.to_path_buf(),
+            });
+        }
+        let Some(want) = state.meta().and_then(|m| m.fsverity_digest.clone()) else {
+            let what = match state {
+                LayerState::Committed(_) => {
+                    "was committed without an fs-verity digest (before fs-verity was enabled?)"
+                }
+                LayerState::Applied(_) => "was applied but no fs-verity digest was recorded",
+            };
+            return Err(Error::failed_precondition(format!(
+                "layer {name:?} ({}) {what}: nothing anchors its content, refusing to use it \
+                 (remove the snapshot and unpack the image again)",
+                layer.display()
+            )));
         };
         let got = match (self.verity, state) {
-            (VerityMode::Off, _) => None,
-            // Not enabled before Commit; in kernel mode Apply records no digest either.
-            (VerityMode::Kernel, LayerState::Applied(_)) => None,
             (VerityMode::Kernel, LayerState::Committed(_)) => {
                 if !erofs_sys::fsverity::is_enabled(&file).unwrap_or(false) {
                     return Err(Error::failed_precondition(format!(
@@ -187,111 +262,126 @@ impl Integrity {
                         layer.display()
                     )));
                 }
-                Some(measure(&file, layer)?)
+                measure(&file, layer)?
             }
-            (VerityMode::Userspace, _) if want.is_none() => {
-                if matches!(state, LayerState::Committed(_)) {
-                    tracing::warn!(
-                        layer = name,
-                        "layer has no recorded fs-verity digest (committed before fs-verity was enabled); using it unchecked"
-                    );
-                }
-                None
-            }
-            (VerityMode::Userspace, _) => Some(userspace_digest(&file, layer, None)?),
+            // Userspace mode, and Applied layers in kernel mode (fs-verity is enabled at
+            // Commit): the same digest, computed here.
+            _ => userspace_digest(&file, layer, None)?,
         };
-        match (want, got) {
-            (Some(w), Some(g)) if w != g => Err(Error::failed_precondition(format!(
+        if want != got {
+            return Err(Error::failed_precondition(format!(
                 "layer {name:?} ({}) does not match the fs-verity digest recorded when it was written: it was modified or replaced; refusing to use it",
                 layer.display()
-            ))),
-            _ => Ok(VerifiedLayer {
-                file,
-                path: layer.to_path_buf(),
-            }),
+            )));
         }
+        Ok(VerifiedLayer {
+            file,
+            path: layer.to_path_buf(),
+        })
     }
 
     /// The trees [`Self::after_apply`] builds whose block hashes can be taken while the layer
     /// is written: full images only (see [`ahead`]).
     pub fn ahead_trees(&self, tar_index: bool) -> ahead::Trees {
         ahead::Trees {
-            fsverity: !tar_index && self.verity == VerityMode::Userspace,
+            fsverity: !tar_index && self.verity != VerityMode::Off,
             dmverity: !tar_index && self.dmverity_trees,
         }
     }
 
     /// After the differ wrote a layer (temporary name `tmp`, not yet in place): append the
-    /// dm-verity tree and write the sidecar, when configured. Returns the layer's userspace
-    /// fs-verity digest in userspace mode, computed here (during unpack) rather than in
-    /// Commit, which containerd runs inside its global transaction. `ahead` holds the block
-    /// hashes taken while the layer was written ([`Self::ahead_trees`]).
+    /// dm-verity tree and write the sidecar, when configured, and compute the layer's
+    /// fs-verity digest in userspace when fs-verity is on (in kernel mode too: fs-verity is
+    /// enabled only at Commit, and until then this digest is what the layer is checked
+    /// against; Commit then requires the kernel's measurement to equal it). Done here
+    /// (during unpack) rather than in Commit, which containerd runs inside its global
+    /// transaction. `ahead` holds the block hashes taken while the layer was written
+    /// ([`Self::ahead_trees`]). Returns what the store is to record of the layer.
     pub fn after_apply(
         &self,
         tmp: &Path,
         tar_index: bool,
         ahead: &ahead::Hashed,
-    ) -> Result<Option<String>> {
+    ) -> Result<LayerMeta> {
+        let mut meta = LayerMeta::default();
         if self.dmverity_trees {
-            dmverity::format_layer(tmp, tar_index, ahead.dmverity.as_ref())?;
+            meta.dmverity = Some(dmverity::format_layer(
+                tmp,
+                tar_index,
+                ahead.dmverity.as_ref(),
+            )?);
         }
-        if self.verity == VerityMode::Userspace {
-            return userspace_digest(&open(tmp)?, tmp, ahead.fsverity.as_ref()).map(Some);
+        if self.verity != VerityMode::Off {
+            meta.fsverity_digest =
+                Some(userspace_digest(&open(tmp)?, tmp, ahead.fsverity.as_ref())?);
         }
-        Ok(None)
+        meta.size = std::fs::metadata(tmp)
+            .map_err(|e| Error::io("stat of the layer", e))?
+            .len();
+        Ok(meta)
     }
 
-    /// The layer of active snapshot `id` is in place with this digest from [`Self::after_apply`]
-    /// (or none): what later reads of it are checked against, and what Commit records.
-    pub fn record_applied(&self, id: u64, digest: Option<String>) {
-        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        match digest {
-            Some(d) => applied.insert(id, d),
-            None => applied.remove(&id),
-        };
-    }
-
-    /// Commit of snapshot `id`: the digest Apply computed for its layer, handed over to the
-    /// commit's record.
-    pub fn take_applied(&self, id: u64) -> Option<String> {
-        self.applied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id)
-    }
-
-    /// What to mount for a verified layer of snapshot `id` (whose directory `dir` holds its
-    /// dm-verity sidecar): a dm-verity device over it when it has a tree and the kernel can
-    /// verify it, the file otherwise (refused when `dmverity_mode = "on"`).
-    pub fn mount_source(
+    /// The dm-verity tree to use a layer with (see [`dmverity::anchor`]): `None` when
+    /// dm-verity is off or the layer has none. `file` is the layer, when already opened
+    /// (verified); `manager`: containerd reads the sidecar itself, so it must be there.
+    pub fn dmverity_anchor(
         &self,
-        layer: &VerifiedLayer,
+        layer: &Path,
+        file: Option<&File>,
         dir: &Path,
+        recorded: Option<&DmVerityRecord>,
+        name: &str,
+        manager: bool,
+    ) -> Result<Option<dmverity::Anchor>> {
+        if self.dmverity_mode == Toggle::Off {
+            return Ok(None);
+        }
+        dmverity::anchor(layer, file, dir, recorded, name, manager)
+    }
+
+    /// What to mount for a verified layer of snapshot `id` whose dm-verity tree is `tree`
+    /// ([`Self::dmverity_anchor`]): a dm-verity device over the verified file when it has a
+    /// tree and the kernel can verify it, the verified file itself otherwise (refused when
+    /// `dmverity_mode = "on"`).
+    pub fn mount_source<'a>(
+        &self,
+        layer: &'a VerifiedLayer,
+        tree: Option<&DmVerityRecord>,
         id: u64,
         name: &str,
-    ) -> Result<PathBuf> {
+    ) -> Result<MountSource<'a>> {
         if self.dmverity_mode == Toggle::Off {
-            return Ok(layer.path.clone());
+            return Ok(MountSource::Layer(layer));
         }
-        match dmverity::read_sidecar(dir)? {
-            Some(meta) if self.dmverity_kernel => {
-                dmverity::activate(&layer.path, &meta, &self.device_name(id))
+        match tree {
+            Some(rec) if self.dmverity_kernel => {
+                let path =
+                    dmverity::activate(&layer.file, &layer.path, rec, &self.device_name(id))?;
+                let file = open(&path)?;
+                Ok(MountSource::Device { file, path })
             }
-            Some(_) => Ok(layer.path.clone()),
+            Some(_) => Ok(MountSource::Layer(layer)),
             None if self.dmverity_mode == Toggle::On => Err(Error::failed_precondition(format!(
-                "dmverity_mode is \"on\" but layer {name:?} has no dm-verity metadata ({})",
-                dir.join(dmverity::SIDECAR).display()
+                "dmverity_mode is \"on\" but layer {name:?} has no dm-verity tree ({})",
+                layer.path.display()
             ))),
-            None => Ok(layer.path.clone()),
+            None => Ok(MountSource::Layer(layer)),
         }
     }
 
-    /// The sidecar at `sidecar` of a layer, for manager-mode mounts (`X-containerd.dmverity=`):
-    /// `None` when dm-verity is off or (in auto mode) the layer has none.
-    pub fn sidecar_for(&self, sidecar: &Path, name: &str) -> Result<Option<PathBuf>> {
+    /// The sidecar at `sidecar` of a layer whose tree is `tree` ([`Self::dmverity_anchor`],
+    /// which checked the sidecar against the record), for manager-mode mounts
+    /// (`X-containerd.dmverity=`): `None` when dm-verity is off or (in auto mode) the layer
+    /// has none.
+    pub fn sidecar_for(
+        &self,
+        sidecar: &Path,
+        tree: Option<&DmVerityRecord>,
+        name: &str,
+    ) -> Result<Option<PathBuf>> {
         match self.dmverity_mode {
             Toggle::Off => Ok(None),
-            _ if sidecar.exists() => Ok(Some(sidecar.to_path_buf())),
+            _ if tree.is_some() => Ok(Some(sidecar.to_path_buf())),
             Toggle::On => Err(Error::failed_precondition(format!(
                 "dm-verity mode is 'on' but .dmverity metadata not found for layer {name:?} ({})",
                 sidecar.display()
@@ -301,10 +391,9 @@ impl Integrity {
     }
 
     /// Before snapshot `id`'s directory goes: close its dm-verity device, clear the immutable
-    /// flag of its layer (filesystems without the flag are fine), forget its applied digest.
+    /// flag of its layer (filesystems without the flag are fine).
     pub fn release(&self, id: u64, layer: &Path) {
         dmverity::deactivate(&self.device_name(id));
-        self.take_applied(id);
         clear_immutable(layer);
     }
 
@@ -368,4 +457,103 @@ fn userspace_digest(f: &File, layer: &Path, known: Option<&verity::Leaves>) -> R
     let d = verity::fsverity_digest_with(f, len, FSVERITY_BLOCK as usize, known)
         .map_err(|e| Error::io(format!("hashing {}", layer.display()), e))?;
     Ok(hex::encode(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(dir: &Path, data: &[u8]) -> PathBuf {
+        let p = dir.join("layer.erofs");
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    /// Kernel fs-verity mode, a layer Apply wrote (fs-verity is enabled only at Commit): it is
+    /// checked against the digest Apply computed in userspace, so Mounts after Apply works
+    /// and a replaced file is refused. (The kernel calls themselves, enabling and measuring
+    /// at Commit, run on kernels with fs-verity: the VM matrix of issue 12.)
+    #[test]
+    fn kernel_mode_checks_applied_layers_against_their_apply_digest() {
+        let d = tempfile::tempdir().unwrap();
+        let i = Integrity::with_verity_mode(VerityMode::Kernel, d.path());
+        let p = layer(d.path(), &vec![7u8; 3 * 4096 + 5]);
+        let meta = i.after_apply(&p, false, &ahead::Hashed::default()).unwrap();
+        let digest = meta
+            .fsverity_digest
+            .clone()
+            .expect("a digest in kernel mode");
+        assert_eq!(
+            digest,
+            hex::encode(
+                verity::fsverity_digest(&File::open(&p).unwrap(), 3 * 4096 + 5, 4096).unwrap()
+            )
+        );
+        let v = i
+            .open_verified(&p, LayerState::Applied(Some(&meta)), "a")
+            .unwrap();
+        assert_eq!(v.path(), p);
+        // Replaced after Apply: refused.
+        std::fs::remove_file(&p).unwrap();
+        layer(d.path(), &vec![8u8; 3 * 4096 + 5]);
+        let e = i
+            .open_verified(&p, LayerState::Applied(Some(&meta)), "a")
+            .unwrap_err();
+        assert!(e.to_string().contains("modified or replaced"), "{e}");
+        // Nothing recorded: refused, not used unchecked.
+        let e = i
+            .open_verified(&p, LayerState::Applied(None), "a")
+            .unwrap_err();
+        assert!(e.to_string().contains("no fs-verity digest"), "{e}");
+    }
+
+    /// Userspace mode: the same, and committed layers without a digest are refused too.
+    #[test]
+    fn userspace_mode_needs_a_recorded_digest() {
+        let d = tempfile::tempdir().unwrap();
+        let i = Integrity::with_verity_mode(VerityMode::Userspace, d.path());
+        let p = layer(d.path(), b"layer");
+        let meta = i.after_apply(&p, false, &ahead::Hashed::default()).unwrap();
+        i.open_verified(&p, LayerState::Committed(Some(&meta)), "c")
+            .unwrap();
+        let bare = LayerMeta::default();
+        for state in [
+            LayerState::Committed(None),
+            LayerState::Committed(Some(&bare)),
+            LayerState::Applied(Some(&bare)),
+        ] {
+            let e = i.open_verified(&p, state, "c").unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::FailedPrecondition, "{e}");
+        }
+        // fs-verity off: nothing to check.
+        let off = Integrity::with_verity_mode(VerityMode::Off, d.path());
+        off.open_verified(&p, LayerState::Committed(None), "c")
+            .unwrap();
+    }
+
+    /// Commit in userspace mode records the digest Apply computed, and the tree Apply built.
+    #[test]
+    fn seal_keeps_what_apply_recorded() {
+        let d = tempfile::tempdir().unwrap();
+        let i = Integrity::with_verity_mode(VerityMode::Userspace, d.path());
+        let p = layer(d.path(), b"layer");
+        let applied = LayerMeta {
+            fsverity_digest: Some("ab".repeat(32)),
+            dmverity: Some(DmVerityRecord {
+                roothash: "cd".repeat(32),
+                hashoffset: 4096,
+                data_block_size: 4096,
+                hash_block_size: 4096,
+            }),
+            ..Default::default()
+        };
+        let mut meta = LayerMeta::default();
+        i.seal(&p, &mut meta, Some(&applied)).unwrap();
+        assert_eq!(meta.fsverity_digest, applied.fsverity_digest);
+        assert_eq!(meta.dmverity, applied.dmverity);
+        // A converted layer (nothing applied): computed here, no tree.
+        let mut meta = LayerMeta::default();
+        i.seal(&p, &mut meta, None).unwrap();
+        assert!(meta.fsverity_digest.is_some() && meta.dmverity.is_none());
+    }
 }

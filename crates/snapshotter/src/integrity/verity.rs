@@ -268,10 +268,14 @@ pub fn dmverity_format(
 /// Check a layer's dm-verity tree in userspace (what `veritysetup verify` does): recompute the
 /// tree over the data and compare the root and every stored level.
 pub fn dmverity_verify(path: &Path, meta: &DmVerityMeta, block: usize) -> io::Result<bool> {
-    let f = File::open(path)?;
+    dmverity_verify_file(&File::open(path)?, meta, block)
+}
+
+/// [`dmverity_verify`] on an open file.
+pub fn dmverity_verify_file(f: &File, meta: &DmVerityMeta, block: usize) -> io::Result<bool> {
     let mut levels = Vec::new();
     let root = merkle_root(
-        &f,
+        f,
         meta.hashoffset,
         block,
         &DMVERITY_SALT,
@@ -291,6 +295,48 @@ pub fn dmverity_verify(path: &Path, meta: &DmVerityMeta, block: usize) -> io::Re
         off += level.len() as u64;
     }
     Ok(true)
+}
+
+/// The parameters a veritysetup superblock (at `hashoffset` of `f`) declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VeritySuperblock {
+    /// Hash type (1 = the format of our trees).
+    pub hash_type: u32,
+    /// Data block size.
+    pub data_block_size: u32,
+    /// Hash block size.
+    pub hash_block_size: u32,
+    /// Number of data blocks.
+    pub data_blocks: u64,
+    /// Whether the algorithm is sha256 and the salt is [`DMVERITY_SALT`].
+    pub ours: bool,
+}
+
+/// Read the veritysetup superblock at `hashoffset` of `f`; `None` if there is none.
+pub fn read_verity_superblock(f: &File, hashoffset: u64) -> io::Result<Option<VeritySuperblock>> {
+    let mut sb = [0u8; 512];
+    match f.read_exact_at(&mut sb, hashoffset) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if &sb[0..8] != b"verity\0\0" {
+        return Ok(None);
+    }
+    let u32_at = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().unwrap());
+    let salt_len = u16::from_le_bytes([sb[80], sb[81]]) as usize;
+    let alg = &sb[32..64];
+    let ours = alg.starts_with(b"sha256")
+        && alg[6..].iter().all(|&b| b == 0)
+        && salt_len == DMVERITY_SALT.len()
+        && sb[88..88 + salt_len] == DMVERITY_SALT;
+    Ok(Some(VeritySuperblock {
+        hash_type: u32_at(12),
+        data_block_size: u32_at(64),
+        hash_block_size: u32_at(68),
+        data_blocks: u64::from_le_bytes(sb[72..80].try_into().unwrap()),
+        ours,
+    }))
 }
 
 #[cfg(test)]

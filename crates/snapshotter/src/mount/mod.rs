@@ -10,6 +10,6 @@ pub mod spec;
 pub mod table;
 
 pub use idmap::IdMap;
-pub use mounter::{Mounter, SystemMounter};
+pub use mounter::{Mounter, OpenImage, SystemMounter};
 pub use recording::{MountEvent, RecordingMounter};
 pub use spec::Mount;

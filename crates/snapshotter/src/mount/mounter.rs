@@ -5,16 +5,34 @@
 //! regular file; older kernels answer ENOTBLK and get a read-only loop device (LOOP_CONFIGURE,
 //! autoclear, so the device goes away with the mount). The new mount API is used so no option
 //! string limit applies.
+//!
+//! EROFS images are mounted from the file the integrity check read, never reopened by name:
+//! file-backed mounts name it as `/proc/self/fd/N` (the kernel resolves that to the open file
+//! itself), loop devices are bound from it. A file renamed over the layer's path after the
+//! check is not what gets mounted. (The mount table shows `/proc/self/fd/N` as the source of
+//! such mounts; the mount point, `snapshots/ID/fs`, names the layer.)
 
+use std::fs::File;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 
+/// An EROFS image to mount: the open file to mount (as checked), and its name for messages.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenImage<'a> {
+    /// The image (a regular file, or a block device such as a dm-verity device).
+    pub file: &'a File,
+    /// Where it was opened from.
+    pub path: &'a Path,
+}
+
 /// What the snapshotter needs from the kernel's mount machinery.
 pub trait Mounter: Send + Sync + std::fmt::Debug {
-    /// Mount an EROFS image read-only (nodev, nosuid) at `target`.
-    fn mount_erofs(&self, image: &Path, target: &Path) -> Result<()>;
+    /// Mount an open EROFS image read-only (nodev, nosuid) at `target`: that very file, not
+    /// whatever its path names by the time of the mount.
+    fn mount_erofs(&self, image: OpenImage<'_>, target: &Path) -> Result<()>;
     /// Mount an ext4 image read-write at `target` (size-limited writable layers).
     fn mount_ext4(&self, image: &Path, target: &Path) -> Result<()>;
     /// Detach the mount at `target` (lazily, so a busy mount cannot fail a removal).
@@ -38,6 +56,16 @@ pub struct SystemMounter {
     force_loop: AtomicBool,
 }
 
+impl SystemMounter {
+    /// A mounter that puts every EROFS image on a loop device, as on kernels without
+    /// file-backed EROFS (which this one switches to by itself when the kernel says so).
+    pub fn with_loop_devices() -> Self {
+        SystemMounter {
+            force_loop: AtomicBool::new(true),
+        }
+    }
+}
+
 fn mount_err(what: &str, path: &Path, e: impl std::fmt::Display) -> Error {
     Error::internal(format!("{what} {}: {e}", path.display()))
 }
@@ -51,22 +79,38 @@ const fn libc_enotblk() -> i32 {
 }
 
 impl SystemMounter {
-    fn mount_via_loop(&self, image: &Path, target: &Path, fstype: &str, ro: bool) -> Result<()> {
-        let dev = if ro {
-            erofs_sys::loop_device::attach(image, false)
-        } else {
-            erofs_sys::loop_device::attach_rw(image)
-        }
-        .map_err(|e| mount_err("attaching a loop device to", image, e))?;
-        let flags = if ro {
-            rustix::mount::MountFlags::RDONLY
-                | rustix::mount::MountFlags::NODEV
-                | rustix::mount::MountFlags::NOSUID
-        } else {
-            rustix::mount::MountFlags::NODEV
-        };
-        rustix::mount::mount(&dev.path, target, fstype, flags, c"")
-            .map_err(|e| mount_err(&format!("mounting {} on", dev.path.display()), target, e))?;
+    /// Kernels without file-backed EROFS: a read-only loop device bound from the open file.
+    fn mount_erofs_via_loop(&self, image: OpenImage<'_>, target: &Path) -> Result<()> {
+        let dev = erofs_sys::loop_device::attach_fd(image.file.as_fd(), false)
+            .map_err(|e| mount_err("attaching a loop device to", image.path, e))?;
+        erofs_sys::mount::mount_erofs_fd(dev.file.as_fd(), target, &[]).map_err(|e| {
+            mount_err(
+                &format!(
+                    "mounting {} ({}) on",
+                    dev.path.display(),
+                    image.path.display()
+                ),
+                target,
+                e,
+            )
+        })?;
+        // Autoclear frees the device when the mount goes; our fd may close now.
+        drop(dev);
+        Ok(())
+    }
+
+    /// Writable ext4 images, through a read-write loop device.
+    fn mount_ext4_via_loop(&self, image: &Path, target: &Path) -> Result<()> {
+        let dev = erofs_sys::loop_device::attach_rw(image)
+            .map_err(|e| mount_err("attaching a loop device to", image, e))?;
+        rustix::mount::mount(
+            &dev.path,
+            target,
+            "ext4",
+            rustix::mount::MountFlags::NODEV,
+            c"",
+        )
+        .map_err(|e| mount_err(&format!("mounting {} on", dev.path.display()), target, e))?;
         // Autoclear frees the device when the mount goes; our fd may close now.
         drop(dev);
         Ok(())
@@ -74,9 +118,9 @@ impl SystemMounter {
 }
 
 impl Mounter for SystemMounter {
-    fn mount_erofs(&self, image: &Path, target: &Path) -> Result<()> {
+    fn mount_erofs(&self, image: OpenImage<'_>, target: &Path) -> Result<()> {
         if !self.force_loop.load(Ordering::Relaxed) {
-            match erofs_sys::mount::mount_erofs_file(image, target, &[]) {
+            match erofs_sys::mount::mount_erofs_fd(image.file.as_fd(), target, &[]) {
                 Ok(()) => return Ok(()),
                 Err(e) if is_enotblk(&e) => {
                     tracing::info!(
@@ -86,18 +130,18 @@ impl Mounter for SystemMounter {
                 }
                 Err(e) => {
                     return Err(mount_err(
-                        &format!("mounting {} on", image.display()),
+                        &format!("mounting {} on", image.path.display()),
                         target,
                         e,
                     ));
                 }
             }
         }
-        self.mount_via_loop(image, target, "erofs", true)
+        self.mount_erofs_via_loop(image, target)
     }
 
     fn mount_ext4(&self, image: &Path, target: &Path) -> Result<()> {
-        self.mount_via_loop(image, target, "ext4", false)
+        self.mount_ext4_via_loop(image, target)
     }
 
     fn unmount(&self, target: &Path) -> Result<()> {

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::Mounter;
+use super::mounter::OpenImage;
 use crate::error::{Error, Result};
 
 /// One call the snapshotter made.
@@ -106,18 +107,22 @@ impl RecordingMounter {
     /// Check a mount call as the kernel would and record it. `image` must be a regular file
     /// and the target an existing directory.
     pub fn record_mount(&self, image: &Path, event: MountEvent) -> Result<()> {
-        let target = event.target().to_path_buf();
         if !image.is_file() {
             return Err(Error::internal(format!(
                 "mounting {} on {}: the image is not a regular file",
                 image.display(),
-                target.display()
+                event.target().display()
             )));
         }
+        self.record(event)
+    }
+
+    /// Record a mount whose image was checked; the target must be an existing directory.
+    fn record(&self, event: MountEvent) -> Result<()> {
+        let target = event.target().to_path_buf();
         if !target.is_dir() {
             return Err(Error::internal(format!(
-                "mounting {} on {}: the mount point is not a directory",
-                image.display(),
+                "mounting on {}: the mount point is not a directory",
                 target.display()
             )));
         }
@@ -129,14 +134,24 @@ impl RecordingMounter {
 }
 
 impl Mounter for RecordingMounter {
-    fn mount_erofs(&self, image: &Path, target: &Path) -> Result<()> {
-        self.record_mount(
-            image,
-            MountEvent::Erofs {
-                image: image.to_path_buf(),
-                target: target.to_path_buf(),
-            },
-        )
+    fn mount_erofs(&self, image: OpenImage<'_>, target: &Path) -> Result<()> {
+        let kind = image
+            .file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat of {}", image.path.display()), e))?
+            .file_type();
+        use std::os::unix::fs::FileTypeExt;
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(Error::internal(format!(
+                "mounting {} on {}: the image is neither a regular file nor a block device",
+                image.path.display(),
+                target.display()
+            )));
+        }
+        self.record(MountEvent::Erofs {
+            image: image.path.to_path_buf(),
+            target: target.to_path_buf(),
+        })
     }
 
     fn mount_ext4(&self, image: &Path, target: &Path) -> Result<()> {
@@ -189,6 +204,19 @@ impl Mounter for RecordingMounter {
 mod tests {
     use super::*;
 
+    struct Opened(std::fs::File, PathBuf);
+    impl Opened {
+        fn as_image(&self) -> OpenImage<'_> {
+            OpenImage {
+                file: &self.0,
+                path: &self.1,
+            }
+        }
+    }
+    fn open(p: &Path) -> Opened {
+        Opened(std::fs::File::open(p).unwrap(), p.to_path_buf())
+    }
+
     #[test]
     fn records_and_answers_consistently() {
         let dir = tempfile::tempdir().unwrap();
@@ -198,7 +226,7 @@ mod tests {
         std::fs::create_dir_all(&fs).unwrap();
         let m = RecordingMounter::new();
         assert!(!m.is_mountpoint(&fs).unwrap());
-        m.mount_erofs(&image, &fs).unwrap();
+        m.mount_erofs(open(&image).as_image(), &fs).unwrap();
         assert!(m.is_mountpoint(&fs).unwrap());
         assert_eq!(m.mounts_under(dir.path()).unwrap(), vec![fs.clone()]);
         m.unmount(&fs).unwrap();
@@ -227,8 +255,17 @@ mod tests {
     fn refuses_what_the_kernel_would() {
         let dir = tempfile::tempdir().unwrap();
         let m = RecordingMounter::new();
-        let missing = dir.path().join("missing.erofs");
-        assert!(m.mount_erofs(&missing, dir.path()).is_err());
+        // A directory is no image; a regular file on a missing mount point is refused too.
+        assert!(
+            m.mount_erofs(open(dir.path()).as_image(), dir.path())
+                .is_err()
+        );
+        let img = dir.path().join("layer.erofs");
+        std::fs::write(&img, b"").unwrap();
+        assert!(
+            m.mount_erofs(open(&img).as_image(), &dir.path().join("nodir"))
+                .is_err()
+        );
         let image = dir.path().join("rw.img");
         std::fs::write(&image, b"").unwrap();
         assert!(m.mount_ext4(&image, &dir.path().join("nodir")).is_err());
@@ -243,7 +280,7 @@ mod tests {
         let t = dir.path().join("t");
         std::fs::create_dir(&t).unwrap();
         let m = RecordingMounter::new();
-        m.mount_erofs(&image, &t).unwrap();
+        m.mount_erofs(open(&image).as_image(), &t).unwrap();
         m.mount_ext4(&image, &t).unwrap();
         assert!(matches!(m.mounted()[&t], MountEvent::Ext4 { .. }));
         m.unmount(&t).unwrap();

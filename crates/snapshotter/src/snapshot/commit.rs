@@ -77,17 +77,17 @@ impl Snapshotter {
             layer.clone()
         };
         crate::failpoint::hit("commit:after-layer");
-        let digest = if converted {
-            None
-        } else {
-            self.integrity.take_applied(id)
-        };
-        let recorded = self.seal_layer(&source, key, digest).and_then(|meta| {
-            let usage = layer_usage(&source)?;
-            self.store.write(|tx| {
-                tx.commit_active(key, name, labels.clone(), rebase, usage, meta.clone())
-            })
-        });
+        // What Apply recorded of the layer it put in place (ignored for a converted upper
+        // directory: anchors of an Apply that did not finish).
+        let applied = if converted { None } else { rec.layer.clone() };
+        let recorded = self
+            .seal_layer(&source, key, applied.as_ref())
+            .and_then(|meta| {
+                let usage = layer_usage(&source)?;
+                self.store.write(|tx| {
+                    tx.commit_active(key, name, labels.clone(), rebase, usage, meta.clone())
+                })
+            });
         if let Err(e) = recorded {
             if converted {
                 let _ = fs::remove_file(&pending);
@@ -140,7 +140,12 @@ impl Snapshotter {
     }
 
     /// Integrity steps on a finished layer (fs-verity, immutable flag) and what to record.
-    fn seal_layer(&self, layer: &Path, key: &str, digest: Option<String>) -> Result<LayerMeta> {
+    fn seal_layer(
+        &self,
+        layer: &Path,
+        key: &str,
+        applied: Option<&LayerMeta>,
+    ) -> Result<LayerMeta> {
         let img = erofs_image::Image::open(
             fs::File::open(layer)
                 .map_err(|e| Error::io(format!("opening {}", layer.display()), e))?,
@@ -155,7 +160,7 @@ impl Snapshotter {
             root_gid: root.raw.gid,
             ..Default::default()
         };
-        self.integrity.seal(layer, &mut meta, digest)?;
+        self.integrity.seal(layer, &mut meta, applied)?;
         Ok(meta)
     }
 

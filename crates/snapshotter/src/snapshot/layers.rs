@@ -126,7 +126,7 @@ impl Snapshotter {
             // Merkle trees read it from the page cache), so they cost little more than the
             // fsync that has to happen anyway. That fsync's error must not be lost: a later
             // fsync of the same file may not report it again.
-            let digest = std::thread::scope(|sc| {
+            let anchors = std::thread::scope(|sc| {
                 let early = sc.spawn(|| out.sync_data());
                 let r = self.integrity.after_apply(&tmp, tar_index, &hashed);
                 let synced = early
@@ -147,9 +147,14 @@ impl Snapshotter {
                 fs::remove_file(&sidecar)
                     .map_err(|e| Error::io("removing a stale dm-verity sidecar", e))?;
             }
+            // What the layer is checked against is recorded before the layer is in place, so
+            // a layer the differ put in place always has its anchors in the store (a crash in
+            // between leaves anchors of a layer that is not there: Commit then converts the
+            // upper directory and ignores them, a new Apply replaces them).
+            self.store
+                .write(|tx| tx.record_applied(&key, id, anchors.clone()))?;
             fs::rename(&tmp, dir.join(LAYER)).map_err(|e| Error::io("renaming the layer", e))?;
             sync_dir(&dir)?;
-            self.integrity.record_applied(id, digest);
             Ok(written)
         });
         if result.is_err() {
@@ -200,7 +205,7 @@ impl Snapshotter {
     fn open_layer(&self, rec: &Record, name: &str) -> Result<VerifiedLayer> {
         let state = match rec.kind {
             Kind::Committed => LayerState::Committed(rec.layer.as_ref()),
-            _ => LayerState::Applied(rec.id),
+            _ => LayerState::Applied(rec.layer.as_ref()),
         };
         self.integrity
             .open_verified(&self.layout.layer(rec.id), state, name)

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::integrity::LayerState;
 use crate::mount::spec::{BlockShape, Shape};
 use crate::mount::{IdMap, Mount};
-use crate::store::{Kind, Record};
+use crate::store::{DmVerityRecord, Kind, Record};
 
 impl Snapshotter {
     /// The mounts of an active snapshot or view.
@@ -30,13 +30,14 @@ impl Snapshotter {
                 .and_then(|(_, p)| p.layer.as_ref().map(|l| (l.root_uid, l.root_gid)));
             self.ensure_writable_mounted(rec.id, owner)?;
         }
-        self.mounts_of(&rec, &parents)
+        self.mounts_of(key, &rec, &parents)
     }
 
-    /// Compute the mounts of `rec` (with its parent chain), mounting lower layers first in
-    /// host mode.
+    /// Compute the mounts of `rec` (snapshot `key`, with its parent chain), mounting lower
+    /// layers first in host mode.
     pub(crate) fn mounts_of(
         &self,
+        key: &str,
         rec: &Record,
         parents: &[(String, Record)],
     ) -> Result<Vec<Mount>> {
@@ -45,10 +46,10 @@ impl Snapshotter {
         let host = self.cfg.mount_mode == MountMode::Host;
         if host {
             for (name, p) in parents {
-                self.ensure_layer_mounted(p.id, LayerState::Committed(p.layer.as_ref()), name)?;
+                self.ensure_layer_mounted(name, p, LayerState::Committed(p.layer.as_ref()))?;
             }
             if own_layer.is_some() {
-                self.ensure_layer_mounted(rec.id, LayerState::Applied(rec.id), "")?;
+                self.ensure_layer_mounted(key, rec, LayerState::Applied(rec.layer.as_ref()))?;
             }
         }
         let idmap = IdMap::from_labels(
@@ -60,9 +61,7 @@ impl Snapshotter {
             fs: self.layout.fs(rec.id),
             work: self.layout.work(rec.id),
             own_sidecar: match &own_layer {
-                Some(_) if !host => self
-                    .integrity
-                    .sidecar_for(&self.layout.dmverity(rec.id), "")?,
+                Some(_) if !host => self.manager_sidecar(key, rec)?,
                 _ => None,
             },
             own_layer,
@@ -79,7 +78,7 @@ impl Snapshotter {
             } else {
                 parents
                     .iter()
-                    .map(|(n, p)| self.integrity.sidecar_for(&self.layout.dmverity(p.id), n))
+                    .map(|(n, p)| self.manager_sidecar(n, p))
                     .collect::<Result<_>>()?
             },
             block: rec.writable_size.map(|size| BlockShape {
@@ -122,14 +121,51 @@ impl Snapshotter {
         Ok(target)
     }
 
-    /// Mount `layer.erofs` of snapshot `id` read-only at its `fs` directory unless it is
-    /// already, through the integrity gate.
+    /// Manager mode: the sidecar containerd is to read for the layer of snapshot `name`
+    /// (`rec`), once it is checked against the recorded tree.
+    fn manager_sidecar(&self, name: &str, rec: &Record) -> Result<Option<PathBuf>> {
+        let tree = self.integrity.dmverity_anchor(
+            &self.layout.layer(rec.id),
+            None,
+            &self.layout.dir(rec.id),
+            rec.layer.as_ref().and_then(|l| l.dmverity.as_ref()),
+            name,
+            true,
+        )?;
+        if let Some(a) = tree.as_ref().filter(|a| a.migrated) {
+            self.record_dmverity(name, rec.id, &a.record)?;
+        }
+        self.integrity.sidecar_for(
+            &self.layout.dmverity(rec.id),
+            tree.as_ref().map(|a| &a.record),
+            name,
+        )
+    }
+
+    /// Record the dm-verity tree of an old record's layer, established at its first use.
+    fn record_dmverity(&self, key: &str, id: u64, tree: &DmVerityRecord) -> Result<()> {
+        self.store.write(|tx| {
+            let Some(mut rec) = tx.get(key)?.filter(|r| r.id == id) else {
+                return Ok(());
+            };
+            let layer = rec.layer.get_or_insert_with(Default::default);
+            if layer.dmverity.is_none() {
+                layer.dmverity = Some(tree.clone());
+                tx.replace(key, &rec)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Mount `layer.erofs` of snapshot `name` (`rec`) read-only at its `fs` directory unless
+    /// it is already, through the integrity gate, from the file the gate checked.
     pub(crate) fn ensure_layer_mounted(
         &self,
-        id: u64,
-        state: LayerState<'_>,
         name: &str,
+        rec: &Record,
+        state: LayerState<'_>,
     ) -> Result<()> {
+        let id = rec.id;
         let fs_dir = self.layout.fs(id);
         let _g = self.mount_lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.mounter.is_mountpoint(&fs_dir)? {
@@ -143,11 +179,22 @@ impl Snapshotter {
             )));
         }
         let verified = self.integrity.open_verified(&layer, state, name)?;
-        let source = self
-            .integrity
-            .mount_source(&verified, &self.layout.dir(id), id, name)?;
+        let tree = self.integrity.dmverity_anchor(
+            &layer,
+            Some(verified.file()),
+            &self.layout.dir(id),
+            state.meta().and_then(|m| m.dmverity.as_ref()),
+            name,
+            false,
+        )?;
+        if let Some(a) = tree.as_ref().filter(|a| a.migrated) {
+            self.record_dmverity(name, id, &a.record)?;
+        }
+        let source =
+            self.integrity
+                .mount_source(&verified, tree.as_ref().map(|a| &a.record), id, name)?;
         self.mounter
-            .mount_erofs(&source, &fs_dir)
+            .mount_erofs(source.image(), &fs_dir)
             .map_err(|e| e.context(format!("layer {name:?}")))
     }
 

@@ -142,7 +142,7 @@ impl Snapshotter {
         } else {
             Ok(())
         }
-        .and_then(|_| self.mounts_of(&rec, &parents));
+        .and_then(|_| self.mounts_of(key, &rec, &parents));
         match mounted {
             Ok(m) => Ok(m),
             Err(e) => {

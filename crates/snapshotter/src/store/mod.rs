@@ -13,7 +13,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use schema::*;
-pub use schema::{Kind, LayerMeta, Record, Timestamp};
+pub use schema::{DmVerityRecord, Kind, LayerMeta, Record, Timestamp};
 
 use crate::error::{Error, Result};
 
@@ -304,6 +304,20 @@ impl WriteTx {
         self.put(name, &rec)?;
         self.tx.open_table(IDS)?.insert(rec.id, name)?;
         Ok(rec)
+    }
+
+    /// Record what Apply measured of the layer it wrote into active snapshot `key` (id `id`):
+    /// the anchors later reads and its Commit are checked against.
+    pub fn record_applied(&mut self, key: &str, id: u64, layer: LayerMeta) -> Result<()> {
+        let mut rec = self.require(key)?;
+        if rec.id != id || rec.kind != Kind::Active {
+            return Err(Error::failed_precondition(format!(
+                "snapshot {key:?} is no longer the active snapshot the layer was written for"
+            )));
+        }
+        rec.layer = Some(layer);
+        rec.updated = Timestamp::now();
+        self.put(key, &rec)
     }
 
     /// Remove `key`; FailedPrecondition if it has children.

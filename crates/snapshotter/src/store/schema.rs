@@ -66,7 +66,22 @@ impl Timestamp {
     }
 }
 
-/// What is known about a committed layer's blob.
+/// A layer's dm-verity tree as the differ built it: what a dm-verity device over the layer
+/// must use, whatever the sidecar next to the layer says by then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmVerityRecord {
+    /// Root hash, hex (SHA-256, salted with the fixed salt of the differ's trees).
+    pub roothash: String,
+    /// Byte offset of the verity superblock in `layer.erofs` (= the padded data size).
+    pub hashoffset: u64,
+    /// Data block size.
+    pub data_block_size: u32,
+    /// Hash block size.
+    pub hash_block_size: u32,
+}
+
+/// What is known about a committed layer's blob (for an active snapshot the differ wrote a
+/// layer into: what Apply measured, until Commit records it for good).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerMeta {
     /// Bytes of `layer.erofs` as committed (with any dm-verity tree appended to it).
@@ -74,6 +89,10 @@ pub struct LayerMeta {
     /// fs-verity digest (hex SHA-256) measured at commit, checked before every mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fsverity_digest: Option<String>,
+    /// The dm-verity tree appended to the layer, if any (records written before this field
+    /// existed have none: see `Integrity::dmverity_anchor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dmverity: Option<DmVerityRecord>,
     /// Whether FS_IMMUTABLE_FL was set.
     #[serde(default)]
     pub immutable: bool,
