@@ -34,6 +34,10 @@ pub enum Error {
     /// The image uses a feature this crate does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// Reading a source directory failed, or it changed under the build in a way that would
+    /// have read something other than what was walked (see [`fdwalk`]).
+    #[error(transparent)]
+    Walk(#[from] fdwalk::Error),
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {

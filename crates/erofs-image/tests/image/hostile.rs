@@ -237,3 +237,51 @@ fn fuzz_regressions() {
         }
     }
 }
+
+/// A source directory never leads the builder out of it: symlinks (to a host file, to a host
+/// directory) become symlinks, and a filesystem mounted inside it (host data, not the
+/// directory's) is refused by name instead of copied. The old path-based walk copied a bind
+/// mount's files into the image.
+#[test]
+fn dir_sources_stay_in_their_tree() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root (bind mount)"
+    );
+    const SECRET: &[u8] = b"HOST-ONLY-4d1c9e";
+    let t = tempfile::tempdir().unwrap();
+    let host = t.path().join("host");
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::create_dir_all(src.join("mnt")).unwrap();
+    std::fs::write(host.join("shadow"), SECRET).unwrap();
+    std::fs::write(src.join("file"), b"in the tree").unwrap();
+    std::os::unix::fs::symlink(host.join("shadow"), src.join("to-file")).unwrap();
+    std::os::unix::fs::symlink(&host, src.join("to-dir")).unwrap();
+    let img = t.path().join("img");
+    let build = || {
+        erofs_image::dir_to_image(
+            &src,
+            std::fs::File::create(&img).unwrap(),
+            &BuildOptions::default(),
+        )
+    };
+
+    build().unwrap();
+    let bytes = std::fs::read(&img).unwrap();
+    assert!(!bytes.windows(SECRET.len()).any(|w| w == SECRET));
+    let image = Image::open(std::fs::File::open(&img).unwrap()).unwrap();
+    let link = image.resolve(b"to-dir").unwrap();
+    assert_eq!(
+        image.read_link(&link).unwrap(),
+        host.as_os_str().as_encoded_bytes()
+    );
+
+    rustix::mount::mount_bind(&host, src.join("mnt")).unwrap();
+    let err = build();
+    rustix::mount::unmount(src.join("mnt"), rustix::mount::UnmountFlags::DETACH).unwrap();
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("src/mnt is a mount point"), "{err}");
+    let bytes = std::fs::read(&img).unwrap();
+    assert!(!bytes.windows(SECRET.len()).any(|w| w == SECRET));
+}
