@@ -55,6 +55,8 @@ pub enum Error {
     },
     /// Building or reading an EROFS image failed.
     Image(erofs_image::Error),
+    /// Walking an upper directory failed, or it changed under the walk (see [`fdwalk`]).
+    Walk(fdwalk::Error),
     /// An error with what was being done when it happened.
     Context {
         /// What was being done.
@@ -74,6 +76,7 @@ impl std::fmt::Display for Error {
                 context, source, ..
             } => write!(f, "{context}: {source}"),
             Error::Image(e) => e.fmt(f),
+            Error::Walk(e) => e.fmt(f),
             Error::Context { context, source } => write!(f, "{context}: {source}"),
         }
     }
@@ -88,6 +91,7 @@ impl std::error::Error for Error {
             Error::Database(e) => Some(e),
             Error::Io { source, .. } => Some(source),
             Error::Image(e) => Some(e),
+            Error::Walk(e) => Some(e),
             Error::Context { source, .. } => Some(&**source),
         }
     }
@@ -142,8 +146,10 @@ impl Error {
                 | erofs_image::Error::Corrupt(_)
                 | erofs_image::Error::Unsupported(_)
                 | erofs_image::Error::TooLarge(_) => ErrorKind::InvalidArgument,
+                erofs_image::Error::Walk(w) => walk_kind(w),
                 _ => ErrorKind::Internal,
             },
+            Error::Walk(w) => walk_kind(w),
         }
     }
 
@@ -160,6 +166,23 @@ impl Error {
 impl From<erofs_image::Error> for Error {
     fn from(e: erofs_image::Error) -> Self {
         Error::Image(e)
+    }
+}
+
+impl From<fdwalk::Error> for Error {
+    fn from(e: fdwalk::Error) -> Self {
+        Error::Walk(e)
+    }
+}
+
+/// A tree that changed under the walk, or holds a mount, is the state of the snapshot (its
+/// container is still writing, or the host mounted something into it), not our failure.
+fn walk_kind(e: &fdwalk::Error) -> ErrorKind {
+    match e {
+        fdwalk::Error::Changed { .. } | fdwalk::Error::CrossesMount { .. } => {
+            ErrorKind::FailedPrecondition
+        }
+        _ => ErrorKind::Internal,
     }
 }
 

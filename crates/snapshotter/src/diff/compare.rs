@@ -6,13 +6,16 @@
 //! committed layer image (whose whiteouts and opaque directories say the same). Every entry of
 //! the upper side is emitted with its parents; deletions become `.wh.NAME` only for names the
 //! lower side has, opaque directories become `.wh..wh..opq`.
+//!
+//! An upper directory may belong to a running container, so it is read with [`fdwalk`]: by
+//! file descriptors, never following a symlink or entering a mount, and a file's data is read
+//! (after the walk, in tar order) only from the inode that was walked; a file the container
+//! replaced in between fails the Compare with an error naming it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use erofs_image::Image;
@@ -139,7 +142,7 @@ impl Lower {
 
 /// Where the upper side's entries come from.
 enum Upper {
-    Dir(PathBuf),
+    Dir(fdwalk::Tree),
     Layer(Image),
 }
 
@@ -151,7 +154,8 @@ struct Change {
 
 enum Source {
     None,
-    File(PathBuf),
+    /// A regular file of the upper directory: its path and what the walk saw of it.
+    File(Vec<u8>, fdwalk::Meta),
     Image(Inode),
 }
 
@@ -168,7 +172,7 @@ impl Snapshotter {
         let inputs = self.diff_inputs(lower, upper)?;
         let open = |l: VerifiedLayer| Image::open(l.into_file()).map_err(Error::from);
         let upper_side = match inputs.upper {
-            ChangeSource::Dir(d) => Upper::Dir(d),
+            ChangeSource::Dir(d) => Upper::Dir(fdwalk::Tree::open(&d)?),
             ChangeSource::Layer(l) => Upper::Layer(open(l)?),
         };
         let lower_layers = inputs
@@ -251,10 +255,10 @@ fn write_tar<W: Write>(
             e.mtime_nsec = t.nanos;
         }
         match (&c.source, upper) {
-            (Source::File(p), _) => {
-                let mut f =
-                    File::open(p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?;
-                tw.append(&e, &mut f).map_err(wr)?;
+            (Source::File(p, walked), Upper::Dir(tree)) => {
+                let mut f = tree.open_at(p, walked)?.into_file()?;
+                tw.append(&e, &mut f)
+                    .map_err(|e| Error::io(format!("reading {}", tree.display(p)), e))?;
             }
             (Source::Image(ino), Upper::Layer(img)) => {
                 let mut r = ImageReader { img, ino, off: 0 };
@@ -293,135 +297,86 @@ fn whiteout_entry(dir: &[u8], name: &[u8]) -> Entry {
     Entry::new(p, EntryKind::Regular)
 }
 
-fn entry_from_meta(path: Vec<u8>, md: &fs::Metadata, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Entry {
-    let ft = md.file_type();
-    let kind = if ft.is_dir() {
-        EntryKind::Directory
-    } else if ft.is_symlink() {
-        EntryKind::Symlink
-    } else if ft.is_char_device() {
-        EntryKind::Char
-    } else if ft.is_block_device() {
-        EntryKind::Block
-    } else if ft.is_fifo() {
-        EntryKind::Fifo
-    } else {
-        EntryKind::Regular
+fn entry_from_meta(path: Vec<u8>, md: &fdwalk::Meta, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Entry {
+    let kind = match md.kind() {
+        fdwalk::Kind::Directory => EntryKind::Directory,
+        fdwalk::Kind::Symlink => EntryKind::Symlink,
+        fdwalk::Kind::CharDevice => EntryKind::Char,
+        fdwalk::Kind::BlockDevice => EntryKind::Block,
+        fdwalk::Kind::Fifo => EntryKind::Fifo,
+        _ => EntryKind::Regular,
     };
     let mut e = Entry::new(path, kind);
-    e.mode = md.mode() & 0o7777;
-    e.uid = md.uid();
-    e.gid = md.gid();
-    e.mtime = md.mtime();
-    e.mtime_nsec = md.mtime_nsec() as u32;
+    e.mode = md.mode & 0o7777;
+    e.uid = md.uid;
+    e.gid = md.gid;
+    e.mtime = md.mtime;
+    e.mtime_nsec = md.mtime_nsec;
     e.size = if kind == EntryKind::Regular {
-        md.size()
+        md.size
     } else {
         0
     };
-    let rdev = md.rdev();
-    e.devmajor = (((rdev >> 32) & 0xffff_f000) | ((rdev >> 8) & 0xfff)) as u32;
-    e.devminor = (((rdev >> 12) & 0xffff_ff00) | (rdev & 0xff)) as u32;
+    e.devmajor = md.rdev_major;
+    e.devminor = md.rdev_minor;
     e.xattrs = xattrs;
     e
 }
 
-fn read_xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut names = vec![0u8; 65536];
-    let Ok(n) = rustix::fs::llistxattr(p, &mut names[..]) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for name in names[..n].split(|&c| c == 0).filter(|n| !n.is_empty()) {
-        let Ok(c) = std::ffi::CString::new(name) else {
-            continue;
-        };
-        let mut v = vec![0u8; 65536];
-        if let Ok(k) = rustix::fs::lgetxattr(p, c.as_c_str(), &mut v[..]) {
-            v.truncate(k);
-            out.push((name.to_vec(), v));
-        }
-    }
-    out
-}
-
 /// Changes of an overlayfs upper directory.
-fn dir_changes(root: &Path, lower: &Lower) -> Result<Vec<Change>> {
+fn dir_changes(tree: &fdwalk::Tree, lower: &Lower) -> Result<Vec<Change>> {
     let mut out = Vec::new();
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-    let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        let mut names: Vec<Vec<u8>> = fs::read_dir(&dir)
-            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
-            .map(|r| r.map(|d| d.file_name().as_bytes().to_vec()))
-            .collect::<io::Result<_>>()
-            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
-        names.sort();
-        let mut subdirs = Vec::new();
-        for name in names {
-            let p = dir.join(std::ffi::OsStr::from_bytes(&name));
-            let mut rp = rel.clone();
-            if !rp.is_empty() {
-                rp.push(b'/');
+    for entry in tree.walk() {
+        let entry = entry?;
+        let md = *entry.meta();
+        let rp = entry.path().to_vec();
+        let kind = md.kind();
+        if kind == fdwalk::Kind::CharDevice && (md.rdev_major, md.rdev_minor) == (0, 0) {
+            if lower.exists(&rp)? {
+                out.push(Change {
+                    entry: whiteout_entry(entry.parent_path(), entry.name()),
+                    source: Source::None,
+                });
             }
-            rp.extend_from_slice(&name);
-            let md = fs::symlink_metadata(&p)
-                .map_err(|e| Error::io(format!("stat {}", p.display()), e))?;
-            let ft = md.file_type();
-            if ft.is_char_device() && md.rdev() == 0 {
-                if lower.exists(&rp)? {
-                    out.push(Change {
-                        entry: whiteout_entry(&rel, &name),
-                        source: Source::None,
-                    });
-                }
+            continue;
+        }
+        if kind != fdwalk::Kind::Directory && md.nlink > 1 {
+            if let Some(first) = links.get(&(md.dev, md.ino)) {
+                let mut e = Entry::new(rp, EntryKind::Hardlink);
+                e.link = first.clone();
+                e.mtime = md.mtime;
+                out.push(Change {
+                    entry: e,
+                    source: Source::None,
+                });
                 continue;
             }
-            let xattrs: Vec<(Vec<u8>, Vec<u8>)> = read_xattrs(&p);
-            let opaque = xattrs.iter().any(|(k, v)| k == OPAQUE && v == b"y");
-            let kept: Vec<(Vec<u8>, Vec<u8>)> = xattrs
-                .into_iter()
-                .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
-                .collect();
-            if !ft.is_dir() && md.nlink() > 1 {
-                if let Some(first) = links.get(&(md.dev(), md.ino())) {
-                    let mut e = Entry::new(rp, EntryKind::Hardlink);
-                    e.link = first.clone();
-                    e.mtime = md.mtime();
-                    out.push(Change {
-                        entry: e,
-                        source: Source::None,
-                    });
-                    continue;
-                }
-                links.insert((md.dev(), md.ino()), rp.clone());
-            }
-            let entry = entry_from_meta(rp.clone(), &md, kept);
-            let source = if ft.is_file() {
-                Source::File(p.clone())
-            } else {
-                Source::None
-            };
-            let mut entry = entry;
-            if ft.is_symlink() {
-                entry.link = fs::read_link(&p)
-                    .map_err(|e| Error::io(format!("readlink {}", p.display()), e))?
-                    .as_os_str()
-                    .as_bytes()
-                    .to_vec();
-            }
-            out.push(Change { entry, source });
-            if ft.is_dir() {
-                if opaque && lower.exists(&rp)? {
-                    out.push(Change {
-                        entry: whiteout_entry(&rp, b".wh..opq"),
-                        source: Source::None,
-                    });
-                }
-                subdirs.push((p, rp));
-            }
+            links.insert((md.dev, md.ino), rp.clone());
         }
-        stack.extend(subdirs.into_iter().rev());
+        let node = entry.open()?;
+        let xattrs = node.xattrs()?;
+        let opaque = xattrs.iter().any(|(k, v)| k == OPAQUE && v == b"y");
+        let kept: Vec<(Vec<u8>, Vec<u8>)> = xattrs
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
+            .collect();
+        let mut entry = entry_from_meta(rp.clone(), &md, kept);
+        let source = if kind == fdwalk::Kind::Regular {
+            Source::File(rp.clone(), md)
+        } else {
+            Source::None
+        };
+        if kind == fdwalk::Kind::Symlink {
+            entry.link = node.read_link()?;
+        }
+        out.push(Change { entry, source });
+        if kind == fdwalk::Kind::Directory && opaque && lower.exists(&rp)? {
+            out.push(Change {
+                entry: whiteout_entry(&rp, b".wh..opq"),
+                source: Source::None,
+            });
+        }
     }
     Ok(out)
 }

@@ -160,29 +160,26 @@ impl Snapshotter {
 }
 
 /// Allocated bytes and inodes under `root` (hardlinks counted once, no crossing of mounts).
+/// The tree may be a running container's: it is walked with [`fdwalk`] (nothing followed,
+/// nothing outside counted), and a directory removed or replaced while it is walked is left
+/// out rather than failing the request.
 fn disk_usage(root: &Path) -> Result<Usage> {
-    let mut u = Usage::default();
-    let mut seen = std::collections::HashSet::new();
-    let dev = match std::fs::symlink_metadata(root) {
-        Ok(m) => m.dev(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(u),
-        Err(e) => return Err(Error::io(format!("stat {}", root.display()), e)),
+    let tree = match fdwalk::Tree::open(root) {
+        Ok(t) => t,
+        Err(e) if e.is_not_found() => return Ok(Usage::default()),
+        Err(e) => return Err(e.into()),
     };
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let md = std::fs::symlink_metadata(&p)
-            .map_err(|e| Error::io(format!("stat {}", p.display()), e))?;
-        if md.dev() != dev || !seen.insert(md.ino()) {
-            continue;
-        }
-        u.size += md.blocks() * 512;
-        u.inodes += 1;
-        if md.is_dir() {
-            for e in std::fs::read_dir(&p)
-                .map_err(|e| Error::io(format!("reading {}", p.display()), e))?
-            {
-                stack.push(e.map_err(|e| Error::io("reading a directory", e))?.path());
-            }
+    let m = tree.meta();
+    let mut u = Usage {
+        size: m.blocks * 512,
+        inodes: 1,
+    };
+    let mut seen = std::collections::HashSet::from([m.ino]);
+    for e in tree.walk().skip_mounts().skip_changed() {
+        let m = *e?.meta();
+        if seen.insert(m.ino) {
+            u.size += m.blocks * 512;
+            u.inodes += 1;
         }
     }
     Ok(u)
