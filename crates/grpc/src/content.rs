@@ -1,11 +1,14 @@
 //! A client of containerd's Content service, for blobs the differ cannot read from the content
 //! store directory. Bytes are verified against the descriptor's digest and size as they are
 //! read: a short or altered blob fails the read at its end.
+//!
+//! The stream is pulled by a task on the async runtime and handed to the (synchronous)
+//! reader through a bounded tokio channel: when the reader is slow, the task waits without
+//! holding a runtime thread, so stalled Applies cannot stall other requests.
 
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::sync::mpsc::{Receiver, sync_channel};
 
 use containerd_api::containerd::services::content::v1 as pb;
 use containerd_api::containerd::services::content::v1::content_client::ContentClient;
@@ -95,8 +98,11 @@ impl Hasher {
     }
 }
 
+/// Chunks of a blob in flight between the stream task and the reader.
+const DEPTH: usize = 8;
+
 struct Verifying {
-    rx: Receiver<io::Result<Vec<u8>>>,
+    rx: tokio::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
     cur: Vec<u8>,
     pos: usize,
     hasher: Option<Hasher>,
@@ -109,8 +115,9 @@ struct Verifying {
 impl Read for Verifying {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.cur.len() {
-            match self.rx.recv() {
-                Ok(Ok(b)) => {
+            // The reader runs on a blocking thread (Apply's), never on the runtime.
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => {
                     if let Some(h) = &mut self.hasher {
                         h.update(&b);
                     }
@@ -118,8 +125,8 @@ impl Read for Verifying {
                     self.cur = b;
                     self.pos = 0;
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
+                Some(Err(e)) => return Err(e),
+                None => {
                     let Some(h) = self.hasher.take() else {
                         return Ok(0);
                     };
@@ -164,8 +171,8 @@ impl ContentSource for GrpcContent {
             },
             namespace,
         )?;
-        let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(8);
-        let (first_tx, first_rx) = sync_channel::<Result<()>>(1);
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Vec<u8>>>(DEPTH);
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<()>>();
         self.rt.spawn(async move {
             let mut stream = match client.read(req).await {
                 Ok(r) => r.into_inner(),
@@ -178,22 +185,26 @@ impl ContentSource for GrpcContent {
             loop {
                 match stream.message().await {
                     Ok(Some(m)) => {
-                        if tx.send(Ok(m.data)).is_err() {
+                        // Waits (without blocking a runtime thread) while the reader is
+                        // behind; fails once the reader is gone.
+                        if tx.send(Ok(m.data)).await.is_err() {
                             return;
                         }
                     }
                     Ok(None) => return,
                     Err(s) => {
-                        let _ = tx.send(Err(io::Error::other(format!(
-                            "reading content from containerd: {s}"
-                        ))));
+                        let _ = tx
+                            .send(Err(io::Error::other(format!(
+                                "reading content from containerd: {s}"
+                            ))))
+                            .await;
                         return;
                     }
                 }
             }
         });
         first_rx
-            .recv()
+            .blocking_recv()
             .map_err(|_| Error::unavailable("containerd content read was cancelled"))??;
         Ok(Blob {
             reader: Box::new(Verifying {
