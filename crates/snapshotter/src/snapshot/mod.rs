@@ -58,8 +58,12 @@ pub struct Snapshotter {
     store: Store,
     mounter: Arc<dyn Mounter>,
     locks: KeyLocks,
-    /// Serialises mounting so a layer is mounted once.
+    /// Serialises changes to the mount table so a layer is mounted once (held for the mount
+    /// itself, not for verifying the layer: see `ensure_layer_mounted`).
     mount_lock: Mutex<()>,
+    /// Per-layer locks (by snapshot id) held while a layer is verified and mounted, so two
+    /// requests do not hash the same layer at once.
+    layer_locks: KeyLocks,
     /// Creation holds it shared between staging and recording; Cleanup holds it exclusively,
     /// so it never mistakes a directory being recorded for an orphan.
     sweep_lock: RwLock<()>,
@@ -148,6 +152,7 @@ impl Snapshotter {
             mounter,
             locks: KeyLocks::default(),
             mount_lock: Mutex::new(()),
+            layer_locks: KeyLocks::default(),
             sweep_lock: RwLock::new(()),
             integrity,
         };

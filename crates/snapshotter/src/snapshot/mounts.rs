@@ -159,6 +159,13 @@ impl Snapshotter {
 
     /// Mount `layer.erofs` of snapshot `name` (`rec`) read-only at its `fs` directory unless
     /// it is already, through the integrity gate, from the file the gate checked.
+    ///
+    /// The layer is verified (in userspace fs-verity mode: re-hashed whole) before the global
+    /// mount lock is taken, under a lock of this layer only, so mounting one large layer does
+    /// not hold up the mounts of others. Under the mount lock the snapshot must still exist:
+    /// Remove deletes the record before it unmounts (under the same lock), so either the
+    /// record is gone and nothing is mounted, or the mount is made before Remove's unmount,
+    /// which then takes it away.
     pub(crate) fn ensure_layer_mounted(
         &self,
         name: &str,
@@ -167,9 +174,12 @@ impl Snapshotter {
     ) -> Result<()> {
         let id = rec.id;
         let fs_dir = self.layout.fs(id);
-        let _g = self.mount_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.mounter.is_mountpoint(&fs_dir)? {
-            return Ok(());
+        let _layer = self.layer_locks.lock(&[&id.to_string()]);
+        {
+            let _g = self.mount_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if self.mounter.is_mountpoint(&fs_dir)? {
+                return Ok(());
+            }
         }
         let layer = self.layout.layer(id);
         if !layer.exists() {
@@ -189,6 +199,12 @@ impl Snapshotter {
         )?;
         if let Some(a) = tree.as_ref().filter(|a| a.migrated) {
             self.record_dmverity(name, id, &a.record)?;
+        }
+        let _g = self.mount_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.store.read(|tx| tx.is_live(id))? {
+            return Err(Error::not_found(format!(
+                "layer {name:?} (snapshot {id}) was removed while it was being mounted"
+            )));
         }
         let source =
             self.integrity

@@ -160,6 +160,12 @@ macro_rules! reads {
             Ok(out)
         }
 
+        /// Whether snapshot `id` exists (one lookup, not a scan).
+        pub fn is_live(&self, id: u64) -> Result<bool> {
+            let t = self.tx.open_table(IDS)?;
+            Ok(t.get(id)?.is_some())
+        }
+
         /// Live ids and their keys.
         pub fn id_map(&self) -> Result<HashMap<u64, String>> {
             let t = self.tx.open_table(IDS)?;

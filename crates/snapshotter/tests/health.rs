@@ -1,0 +1,179 @@
+//! Daemon health in process (no root: the recording mounter): what one heavy request may hold
+//! up of the others.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use snapshotter::integrity::VerityMode;
+use snapshotter::mount::{MountEvent, RecordingMounter};
+use snapshotter::{Config, Snapshotter};
+
+/// A core on a fresh root under `dir`, with `extra` config lines (`[section]` lines allowed).
+fn core(dir: &Path, extra: &str) -> (Arc<Snapshotter>, Arc<RecordingMounter>) {
+    let cfg = Config::parse(&format!(
+        "root_path = {:?}\naddress = {:?}\n{extra}\n",
+        dir.join("root").display().to_string(),
+        dir.join("unused.sock").display().to_string(),
+    ))
+    .expect("config");
+    let rec = Arc::new(RecordingMounter::new());
+    let sn = Snapshotter::open(cfg, rec.clone()).expect("opening the core");
+    (Arc::new(sn), rec)
+}
+
+/// The upper directory of a parentless active snapshot (host mode: a bind of it).
+fn upper(mounts: &[snapshotter::Mount]) -> PathBuf {
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    PathBuf::from(&mounts[0].source)
+}
+
+/// Commit a layer holding `file` of `size` bytes (non-zero data, written in 1 MiB pieces).
+fn layer(sn: &Snapshotter, name: &str, size: usize) {
+    let key = format!("{name}-active");
+    let m = sn.prepare(&key, "", BTreeMap::new()).expect("prepare");
+    let mut f = std::fs::File::create(upper(&m).join("file")).unwrap();
+    let piece: Vec<u8> = (0..1usize << 20).map(|i| (i * 31 + 7) as u8).collect();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(piece.len());
+        f.write_all(&piece[..n]).unwrap();
+        left -= n;
+    }
+    drop(f);
+    sn.commit(name, &key, BTreeMap::new(), "").expect("commit");
+}
+
+/// Bytes this process has read with read(2)-family calls (`/proc/self/io`, `rchar`).
+fn read_bytes() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").expect("/proc/self/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rchar in /proc/self/io")
+}
+
+/// In userspace fs-verity mode a layer is re-hashed whole before it is mounted. That used to
+/// happen under the global mount lock, so a View of a small layer waited for the hashing of
+/// any large one. Here a View of a small layer is made while a View of a 512 MiB layer is
+/// hashing it, and must be done before that hashing has read most of the layer. Told by bytes
+/// read (`rchar`), not by time: the small View waiting for the lock would return only once the
+/// whole large layer had been read.
+#[test]
+fn hashing_a_large_layer_does_not_hold_up_other_mounts() {
+    const BIG: u64 = 512 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (sn, rec) = core(dir.path(), "[snapshotter]\nenable_fsverity = true");
+    assert_eq!(
+        sn.verity_mode(),
+        VerityMode::Userspace,
+        "this test needs a root without kernel fs-verity (userspace digests); {} has it",
+        dir.path().display()
+    );
+    layer(&sn, "big", BIG as usize);
+    layer(&sn, "small", 4096);
+
+    let base = read_bytes();
+    let big = {
+        let sn = sn.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            sn.view("big-view", "big", BTreeMap::new())
+                .expect("view of big");
+            t.elapsed()
+        })
+    };
+    // The big View is hashing once it has read 32 MiB (nothing else reads in this process).
+    let t = Instant::now();
+    while read_bytes() - base < 32 << 20 {
+        assert!(
+            !big.is_finished(),
+            "the big View ended before it had read 32 MiB"
+        );
+        assert!(
+            t.elapsed().as_secs() < 60,
+            "the big View does not read its layer"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let t = Instant::now();
+    let m = sn
+        .view("small-view", "small", BTreeMap::new())
+        .expect("view of small");
+    let small_took = t.elapsed();
+    let read_meanwhile = read_bytes() - base;
+    let big_took = big.join().unwrap();
+    eprintln!(
+        "small View: {small_took:?}, done after {} MiB of the big layer were read; big View: {big_took:?}",
+        read_meanwhile >> 20
+    );
+    assert!(
+        read_meanwhile < BIG - (64 << 20),
+        "the small View returned only after {} MiB of the {} MiB layer had been hashed: it waited for the big one",
+        read_meanwhile >> 20,
+        BIG >> 20
+    );
+    // Both layers are mounted, once each.
+    assert_eq!(m.len(), 1);
+    let erofs: Vec<_> = rec
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, MountEvent::Erofs { .. }))
+        .collect();
+    assert_eq!(erofs.len(), 2, "{erofs:#?}");
+}
+
+/// Verifying a layer outside the mount lock must not let a mount land on a snapshot being
+/// removed: Mounts of an active snapshot whose (applied) layer is being verified races Remove
+/// of that snapshot, round after round; no recorded mount may outlive its directory.
+#[test]
+fn a_layer_verified_while_its_snapshot_is_removed_is_not_left_mounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sn, rec) = core(dir.path(), "[snapshotter]\nenable_fsverity = true");
+    let content = dir.path().join("content");
+    std::fs::create_dir_all(content.join("blobs/sha256")).unwrap();
+    let mut tar = testsuite::oci::LayerBuilder::new();
+    tar.file("data", 0o644, &vec![7u8; 2 << 20]);
+    let tar = tar.finish().unwrap();
+    let digest = testsuite::oci::sha256_digest(&tar);
+    std::fs::write(
+        content
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+        &tar,
+    )
+    .unwrap();
+    let desc = snapshotter::diff::Descriptor {
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        digest,
+        size: tar.len() as i64,
+        annotations: Default::default(),
+    };
+    let store = snapshotter::diff::DirContent::new(&content);
+    let mut removed_first = 0;
+    for round in 0..400u32 {
+        let key = format!("race-{round}");
+        let m = sn.prepare(&key, "", BTreeMap::new()).unwrap();
+        sn.apply(&desc, &m, &store, "default").unwrap();
+        let mounter = {
+            let (sn, key) = (sn.clone(), key.clone());
+            std::thread::spawn(move || sn.mounts(&key).is_ok())
+        };
+        // Remove at varying moments of the mount's verification.
+        std::thread::sleep(std::time::Duration::from_micros(
+            u64::from(round % 20) * 100,
+        ));
+        sn.remove(&key).unwrap();
+        if !mounter.join().unwrap() {
+            removed_first += 1;
+        }
+        let stale: Vec<PathBuf> = rec.mounted().into_keys().filter(|t| !t.is_dir()).collect();
+        assert!(
+            stale.is_empty(),
+            "round {round}: mounts left on removed directories: {stale:?}"
+        );
+    }
+    eprintln!("{removed_first} of 400 Mounts lost the race to Remove");
+}
