@@ -38,6 +38,9 @@ pub enum Error {
     /// have read something other than what was walked (see [`fdwalk`]).
     #[error(transparent)]
     Walk(#[from] fdwalk::Error),
+    /// The caller's [`crate::builder::Interrupt`] said stop.
+    #[error("interrupted by the caller")]
+    Interrupted,
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {

@@ -28,8 +28,8 @@ pub mod tar;
 pub mod tree;
 
 pub use builder::{
-    BuildOptions, Limits, Summary, dir_to_image, tar_file_to_image, tar_file_to_index_file,
-    tar_to_image, tar_to_index, tar_to_index_file,
+    BuildOptions, Interrupt, Limits, Summary, dir_to_image, tar_file_to_image,
+    tar_file_to_index_file, tar_to_image, tar_to_index, tar_to_index_file,
 };
 pub use error::{Error, Result};
 pub use output::{ImageOutput, PlainOutput};

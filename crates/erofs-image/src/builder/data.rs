@@ -3,6 +3,7 @@
 
 use std::io::{BufWriter, SeekFrom, Write};
 
+use super::{BuildOptions, Interrupt};
 use crate::error::{Error, Result};
 use crate::format::{ChunkIndex, NULL_ADDR};
 use crate::output::ImageOutput;
@@ -18,18 +19,25 @@ pub(crate) struct DataArea<W: ImageOutput> {
     max_blocks: u64,
     /// Bytes written for the file in progress.
     in_file: u64,
+    /// Asked before every chunk of data.
+    interrupt: Interrupt,
 }
 
+/// Most bytes handed to [`ImageOutput::copy_range`] at once, so an interrupt is noticed
+/// within one such piece of a large file.
+const RANGE_PIECE: u64 = 64 << 20;
+
 impl<W: ImageOutput> DataArea<W> {
-    pub(crate) fn new(mut out: W, bs: u32, first_block: u64, max_blocks: u64) -> Result<Self> {
+    pub(crate) fn new(mut out: W, bs: u32, first_block: u64, opts: &BuildOptions) -> Result<Self> {
         out.seek(SeekFrom::Start(first_block * bs as u64))
             .map_err(|e| Error::io("seeking in the image", e))?;
         Ok(DataArea {
             out: BufWriter::with_capacity(1 << 20, out),
             bs: bs as u64,
             next_block: first_block,
-            max_blocks,
+            max_blocks: opts.max_blocks(bs),
             in_file: 0,
+            interrupt: opts.interrupt.clone(),
         })
     }
 
@@ -49,6 +57,7 @@ impl<W: ImageOutput> DataArea<W> {
     }
 
     pub(crate) fn write(&mut self, buf: &[u8]) -> Result<()> {
+        self.interrupt.check()?;
         self.out
             .write_all(buf)
             .map_err(|e| Error::io("writing the image", e))?;
@@ -92,7 +101,16 @@ impl<W: ImageOutput> DataArea<W> {
     pub(crate) fn copy_range(&mut self, src: &std::fs::File, src_off: u64, n: u64) -> Result<()> {
         let io = |e| Error::io("writing the image", e);
         self.out.flush().map_err(io)?;
-        self.out.get_mut().copy_range(src, src_off, n).map_err(io)?;
+        let mut done = 0;
+        while done < n {
+            self.interrupt.check()?;
+            let k = (n - done).min(RANGE_PIECE);
+            self.out
+                .get_mut()
+                .copy_range(src, src_off + done, k)
+                .map_err(io)?;
+            done += k;
+        }
         self.in_file += n;
         Ok(())
     }

@@ -45,12 +45,13 @@ pub fn dir_to_image<W: ImageOutput>(
     let (xattrs, _) = checked_xattrs(b"", src.root()?.xattrs()?)?;
     tree.node_mut(ROOT).xattrs = xattrs;
 
-    let mut area = DataArea::new(output, bs, first_data_block(bs), opts.max_blocks(bs))?;
+    let mut area = DataArea::new(output, bs, first_data_block(bs), opts)?;
     let mut links: HashMap<(u64, u64), NodeId> = HashMap::new();
     let mut input_bytes = 0u64;
     let mut budget = super::Budget::default();
     // Depth-first, byte-sorted (the walk's order), so file data lands in a deterministic order.
     for entry in src.walk() {
+        opts.interrupt.check()?;
         let entry = entry?;
         let md = *entry.meta();
         let rel_path = entry.path();

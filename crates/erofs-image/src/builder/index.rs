@@ -207,8 +207,15 @@ pub fn tar_file_to_index_file<W: ImageOutput>(
     let wr = |e| Error::io("writing the tar index", e);
     out.seek(SeekFrom::Start(0)).map_err(wr)?;
     out.write_all(&idx.index).map_err(wr)?;
-    out.copy_range(input, 0, len)
-        .map_err(|e| Error::io("copying the tar", e))?;
+    // In pieces, so an interrupt is noticed during the copy of a large tar.
+    let mut done = 0;
+    while done < len {
+        opts.interrupt.check()?;
+        let k = (len - done).min(64 << 20);
+        out.copy_range(input, done, k)
+            .map_err(|e| Error::io("copying the tar", e))?;
+        done += k;
+    }
     out.flush().map_err(wr)?;
     Ok(idx.summary)
 }

@@ -53,6 +53,39 @@ pub struct BuildOptions {
     pub max_image_size: Option<u64>,
     /// Budgets on what one source may make the builder hold in memory.
     pub limits: Limits,
+    /// Asked between entries and between chunks of file data whether to stop (the caller
+    /// gave up, or ran out of something): the build then fails with [`Error::Interrupted`].
+    pub interrupt: Interrupt,
+}
+
+/// A question the builder asks between entries and between chunks of file data: "stop
+/// now?". None by default. The answer should be cheap (it can be asked for every 64 KiB).
+#[derive(Clone, Default)]
+pub struct Interrupt(Option<std::sync::Arc<dyn Fn() -> bool + Send + Sync>>);
+
+impl Interrupt {
+    /// Stop the build once `stop` returns true.
+    pub fn new(stop: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Interrupt(Some(std::sync::Arc::new(stop)))
+    }
+
+    /// [`Error::Interrupted`] once the caller says stop.
+    pub(crate) fn check(&self) -> Result<()> {
+        match &self.0 {
+            Some(stop) if stop() => Err(Error::Interrupted),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Interrupt(set)"
+        } else {
+            "Interrupt(none)"
+        })
+    }
 }
 
 /// Budgets on what one layer may make the builder hold or do, so a few kilobytes of hostile
@@ -144,6 +177,7 @@ impl Default for BuildOptions {
             oci_whiteouts: false,
             max_image_size: None,
             limits: Limits::default(),
+            interrupt: Interrupt::default(),
         }
     }
 }
@@ -221,7 +255,7 @@ pub fn tar_to_image<R: Read, W: ImageOutput>(
     opts.validate()?;
     let bs = opts.block_size;
     let mut reader = crate::tar::TarReader::new(input);
-    let mut area = DataArea::new(output, bs, first_data_block(bs), opts.max_blocks(bs))?;
+    let mut area = DataArea::new(output, bs, first_data_block(bs), opts)?;
     let mut tree = Tree::new(opts.implicit_dir_meta());
     tar::read_into_tree(&mut reader, &mut tree, opts, &mut |r, e, xattr_len| {
         tar::write_full(&mut area, r, e, xattr_len, opts, tar::copy_data)
@@ -242,7 +276,7 @@ pub fn tar_file_to_image<W: ImageOutput>(
     opts.validate()?;
     let bs = opts.block_size;
     let mut reader = crate::tar::TarReader::from_file(input);
-    let mut area = DataArea::new(output, bs, first_data_block(bs), opts.max_blocks(bs))?;
+    let mut area = DataArea::new(output, bs, first_data_block(bs), opts)?;
     let mut tree = Tree::new(opts.implicit_dir_meta());
     tar::read_into_tree(&mut reader, &mut tree, opts, &mut |r, e, xattr_len| {
         tar::write_full(&mut area, r, e, xattr_len, opts, tar::copy_data_direct)
@@ -261,6 +295,7 @@ pub(crate) fn finish_full<W: Write + Seek>(
     input_bytes: u64,
 ) -> Result<Summary> {
     let bs = opts.block_size as u64;
+    opts.interrupt.check()?;
     tree.apply_overlay_xattrs();
     let meta_blkaddr = u32::try_from(data_end)
         .map_err(|_| Error::TooLarge("data area exceeds 2^32 blocks".into()))?;
@@ -326,4 +361,81 @@ pub(crate) fn write_superblock(image_start: &mut [u8], mut sb: Superblock, block
     let len = format::checksum_len(block_size);
     let crc = format::superblock_checksum(&image_start[off..off + len]);
     image_start[off + 4..off + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[cfg(test)]
+mod interrupt_tests {
+    use std::io::{Cursor, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::tar::{Entry, EntryKind, TarWriter};
+
+    /// 50 files of 300 KiB (each several chunks of data).
+    fn tar() -> Vec<u8> {
+        let mut w = TarWriter::new(Vec::new());
+        for i in 0..50 {
+            let mut e = Entry::new(format!("f{i}").into_bytes(), EntryKind::Regular);
+            e.mode = 0o644;
+            w.append_bytes(&e, &vec![i as u8; 300 << 10]).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    /// Options whose interrupt says stop from its `after`-th question on; and the count.
+    fn opts(after: usize) -> (BuildOptions, Arc<AtomicUsize>) {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let n = asked.clone();
+        let opts = BuildOptions {
+            interrupt: Interrupt::new(move || n.fetch_add(1, Ordering::Relaxed) + 1 >= after),
+            ..Default::default()
+        };
+        (opts, asked)
+    }
+
+    /// Every builder asks between entries and chunks, stops at the first "yes" with
+    /// `Interrupted`, and builds normally when the answer stays "no".
+    #[test]
+    fn builders_stop_when_interrupted() {
+        let tar = tar();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&tar).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..50 {
+            std::fs::write(dir.path().join(format!("f{i}")), vec![i as u8; 300 << 10]).unwrap();
+        }
+        type Build = fn(&[u8], &std::fs::File, &std::path::Path, &BuildOptions) -> Result<()>;
+        let builds: [(&str, Build); 5] = [
+            ("tar_to_image", |t, _, _, o| {
+                tar_to_image(t, Cursor::new(Vec::new()), o).map(drop)
+            }),
+            ("tar_file_to_image", |_, f, _, o| {
+                tar_file_to_image(f, Cursor::new(Vec::new()), o).map(drop)
+            }),
+            ("tar_to_index_file", |t, _, _, o| {
+                tar_to_index_file(t, Cursor::new(Vec::new()), o).map(drop)
+            }),
+            ("tar_file_to_index_file", |_, f, _, o| {
+                tar_file_to_index_file(f, Cursor::new(Vec::new()), o).map(drop)
+            }),
+            ("dir_to_image", |_, _, d, o| {
+                dir_to_image(d, Cursor::new(Vec::new()), o).map(drop)
+            }),
+        ];
+        for (name, build) in builds {
+            let (never, asked) = opts(usize::MAX);
+            build(&tar, &file, dir.path(), &never).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let total = asked.load(Ordering::Relaxed);
+            assert!(
+                total >= 50,
+                "{name} asked only {total} times for 50 entries"
+            );
+            let (stop, asked) = opts(total / 2);
+            let e = build(&tar, &file, dir.path(), &stop).unwrap_err();
+            assert!(matches!(e, Error::Interrupted), "{name}: {e}");
+            // Stopped at the first "yes".
+            assert_eq!(asked.load(Ordering::Relaxed), total / 2, "{name}");
+        }
+    }
 }

@@ -45,6 +45,7 @@ pub(crate) fn read_into_tree<R: Read>(
 ) -> Result<()> {
     let mut budget = super::Budget::default();
     while let Some(entry) = tar.next_entry()? {
+        opts.interrupt.check()?;
         let path = entry.path.as_slice();
         super::Budget::check_depth(&opts.limits, path)?;
         let (mtime, mtime_nsec) = opts.mtime(entry.mtime, entry.mtime_nsec);
