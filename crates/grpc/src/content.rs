@@ -14,7 +14,7 @@ use containerd_api::containerd::services::content::v1 as pb;
 use containerd_api::containerd::services::content::v1::content_client::ContentClient;
 use sha2::{Digest, Sha256, Sha384, Sha512};
 use snapshotter::diff::{Blob, ContentSource, Descriptor, parse_digest};
-use snapshotter::{Error, Result};
+use snapshotter::{Cancel, Error, Result};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Content service client over containerd's socket.
@@ -159,8 +159,19 @@ impl Read for Verifying {
     }
 }
 
+/// Resolves once `cancel` trips (looked at every 100 ms).
+async fn tripped(cancel: &Cancel) -> snapshotter::Error {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        if let Err(e) = cancel.check() {
+            return e;
+        }
+    }
+}
+
 impl ContentSource for GrpcContent {
-    fn open(&self, desc: &Descriptor, namespace: &str) -> Result<Blob> {
+    fn open(&self, desc: &Descriptor, namespace: &str, cancel: &Cancel) -> Result<Blob> {
         let (alg, hex) = parse_digest(&desc.digest)?;
         let mut client = ContentClient::new(self.channel()?);
         let req = with_namespace(
@@ -173,17 +184,33 @@ impl ContentSource for GrpcContent {
         )?;
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Vec<u8>>>(DEPTH);
         let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+        let cancel = cancel.clone();
+        // The task also watches the request's token: the reader may be waiting for bytes
+        // containerd does not send, and must be told to stop.
         self.rt.spawn(async move {
-            let mut stream = match client.read(req).await {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
-                    let _ = first_tx.send(Err(status_to_core(s)));
+            let mut stream = tokio::select! {
+                r = client.read(req) => match r {
+                    Ok(r) => r.into_inner(),
+                    Err(s) => {
+                        let _ = first_tx.send(Err(status_to_core(s)));
+                        return;
+                    }
+                },
+                e = tripped(&cancel) => {
+                    let _ = first_tx.send(Err(e));
                     return;
                 }
             };
             let _ = first_tx.send(Ok(()));
             loop {
-                match stream.message().await {
+                let next = tokio::select! {
+                    m = stream.message() => m,
+                    e = tripped(&cancel) => {
+                        let _ = tx.send(Err(io::Error::other(e))).await;
+                        return;
+                    }
+                };
+                match next {
                     Ok(Some(m)) => {
                         // Waits (without blocking a runtime thread) while the reader is
                         // behind; fails once the reader is gone.

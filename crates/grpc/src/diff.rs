@@ -11,8 +11,9 @@ use tonic::{Request, Response, Status};
 
 use crate::content::GrpcContent;
 use crate::convert;
+use crate::deadline::{Budget, Weight, run};
 use crate::request::{Method, traced};
-use crate::status::{blocking, from_core, missing};
+use crate::status::{from_core, missing};
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -76,6 +77,7 @@ impl Diff for DiffService {
         req: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
         let ns = self.namespace(&req);
+        let budget = Budget::of(req.metadata(), Weight::Heavy, self.core.config());
         let r = req.into_inner();
         let (digest, media_type) = r
             .diff
@@ -93,7 +95,7 @@ impl Diff for DiffService {
             let d = desc_from(r.diff.ok_or_else(|| missing("diff"))?);
             let mounts: Vec<snapshotter::Mount> =
                 r.mounts.into_iter().map(convert::mount_from).collect();
-            let applied = blocking(move || core.apply(&d, &mounts, &*content, &ns)).await?;
+            let applied = run(budget, move |c| core.apply(&d, &mounts, &*content, &ns, c)).await?;
             Ok(Response::new(pb::ApplyResponse {
                 applied: Some(desc(applied)),
             }))
@@ -111,6 +113,7 @@ impl Diff for DiffService {
             .get("containerd-lease")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let budget = Budget::of(req.metadata(), Weight::Heavy, self.core.config());
         let r = req.into_inner();
         // The digest is known only at the end; it is recorded into the span then.
         let span = tracing::info_span!(
@@ -131,7 +134,10 @@ impl Diff for DiffService {
                 nanos: t.nanos.max(0) as u32,
             });
             let media_type = r.media_type.clone();
-            let blob = blocking(move || core.compare(&lower, &upper, &media_type, epoch)).await?;
+            let blob = run(budget, move |c| {
+                core.compare(&lower, &upper, &media_type, epoch, c)
+            })
+            .await?;
             tracing::Span::current().record("digest", blob.digest.as_str());
             let reference = if r.r#ref.is_empty() {
                 format!(
@@ -144,16 +150,24 @@ impl Diff for DiffService {
             } else {
                 r.r#ref
             };
-            let channel = containerd.channel().map_err(from_core)?;
-            let lease = match lease {
-                Some(l) => l,
-                None => crate::lease::expiring(channel.clone(), &ns, crate::lease::DIFF_LEASE_TTL)
+            // Storing the diff in containerd's content store is held to the same deadline.
+            let store = async {
+                let channel = containerd.channel().map_err(from_core)?;
+                let lease = match lease {
+                    Some(l) => l,
+                    None => {
+                        crate::lease::expiring(channel.clone(), &ns, crate::lease::DIFF_LEASE_TTL)
+                            .await
+                            .map_err(from_core)?
+                    }
+                };
+                crate::content::upload(channel, &ns, Some(&lease), &reference, &blob, r.labels)
                     .await
-                    .map_err(from_core)?,
+                    .map_err(from_core)
             };
-            crate::content::upload(channel, &ns, Some(&lease), &reference, &blob, r.labels)
+            tokio::time::timeout_at(budget.deadline.into(), store)
                 .await
-                .map_err(from_core)?;
+                .map_err(|_| budget.exceeded())??;
             Ok(Response::new(pb::DiffResponse {
                 diff: Some(types::Descriptor {
                     media_type: blob.media_type.clone(),

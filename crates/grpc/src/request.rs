@@ -1,7 +1,7 @@
 //! One tracing span per gRPC request: every method runs inside a span named after it, with the
 //! snapshot key (or the layer digest) as fields, and ends with one event carrying its duration
 //! (`elapsed_ms`) and its status code. The blocking work runs inside the same span (see
-//! [`crate::status::blocking`]), so whatever the core logs is tied to the request.
+//! [`crate::deadline::run`]), so whatever the core logs is tied to the request.
 
 use std::future::Future;
 use std::time::Instant;
@@ -105,10 +105,16 @@ mod tests {
         captured();
         let span = tracing::info_span!("probe", key = "blocking-span-key");
         super::traced(span, super::Method::Query, async {
-            crate::status::blocking(|| {
-                tracing::info!("inside the blocking closure");
-                Ok(())
-            })
+            crate::deadline::run(
+                crate::deadline::Budget {
+                    deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),
+                    server_set: true,
+                },
+                |_| {
+                    tracing::info!("inside the blocking closure");
+                    Ok(())
+                },
+            )
             .await
         })
         .await

@@ -10,8 +10,9 @@ use snapshotter::Snapshotter;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
+use crate::deadline::{Budget, Weight, run};
 use crate::request::{Method, traced};
-use crate::status::{blocking, missing};
+use crate::status::missing;
 
 /// containerd's reference server streams List in batches of this many.
 const LIST_BATCH: usize = 100;
@@ -39,13 +40,15 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+        let budget = Budget::of(req.metadata(), Weight::Light, self.core.config());
         let r = req.into_inner();
         let span = tracing::info_span!("prepare", key = %r.key, parent = %r.parent);
         let core = self.core.clone();
         traced(span, Method::Change, async move {
-            let m =
-                blocking(move || core.prepare(&r.key, &r.parent, r.labels.into_iter().collect()))
-                    .await?;
+            let m = run(budget, move |_| {
+                core.prepare(&r.key, &r.parent, r.labels.into_iter().collect())
+            })
+            .await?;
             Ok(Response::new(pb::PrepareSnapshotResponse {
                 mounts: mounts(m),
             }))
@@ -57,12 +60,15 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<pb::ViewSnapshotRequest>,
     ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+        let budget = Budget::of(req.metadata(), Weight::Light, self.core.config());
         let r = req.into_inner();
         let span = tracing::info_span!("view", key = %r.key, parent = %r.parent);
         let core = self.core.clone();
         traced(span, Method::Change, async move {
-            let m = blocking(move || core.view(&r.key, &r.parent, r.labels.into_iter().collect()))
-                .await?;
+            let m = run(budget, move |_| {
+                core.view(&r.key, &r.parent, r.labels.into_iter().collect())
+            })
+            .await?;
             Ok(Response::new(pb::ViewSnapshotResponse {
                 mounts: mounts(m),
             }))
@@ -74,11 +80,12 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<pb::MountsRequest>,
     ) -> Result<Response<pb::MountsResponse>, Status> {
+        let budget = Budget::of(req.metadata(), Weight::Light, self.core.config());
         let r = req.into_inner();
         let span = tracing::debug_span!("mounts", key = %r.key);
         let core = self.core.clone();
         traced(span, Method::Query, async move {
-            let m = blocking(move || core.mounts(&r.key)).await?;
+            let m = run(budget, move |_| core.mounts(&r.key)).await?;
             Ok(Response::new(pb::MountsResponse { mounts: mounts(m) }))
         })
         .await
@@ -88,12 +95,19 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
+        let budget = Budget::of(req.metadata(), Weight::Heavy, self.core.config());
         let r = req.into_inner();
         let span = tracing::info_span!("commit", name = %r.name, key = %r.key);
         let core = self.core.clone();
         traced(span, Method::Change, async move {
-            blocking(move || {
-                core.commit(&r.name, &r.key, r.labels.into_iter().collect(), &r.parent)
+            run(budget, move |c| {
+                core.commit(
+                    &r.name,
+                    &r.key,
+                    r.labels.into_iter().collect(),
+                    &r.parent,
+                    c,
+                )
             })
             .await?;
             Ok(Response::new(()))
@@ -105,11 +119,12 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<pb::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
+        let budget = Budget::of(req.metadata(), Weight::Light, self.core.config());
         let r = req.into_inner();
         let span = tracing::info_span!("remove", key = %r.key);
         let core = self.core.clone();
         traced(span, Method::Change, async move {
-            blocking(move || core.remove(&r.key)).await?;
+            run(budget, move |_| core.remove(&r.key)).await?;
             Ok(Response::new(()))
         })
         .await
@@ -119,11 +134,12 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<pb::StatSnapshotRequest>,
     ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+        let budget = Budget::of(req.metadata(), Weight::Light, self.core.config());
         let r = req.into_inner();
         let span = tracing::debug_span!("stat", key = %r.key);
         let core = self.core.clone();
         traced(span, Method::Query, async move {
-            let i = blocking(move || core.stat(&r.key)).await?;
+            let i = run(budget, move |_| core.stat(&r.key)).await?;
             Ok(Response::new(pb::StatSnapshotResponse {
                 info: Some(convert::info(i)),
             }))
@@ -135,6 +151,7 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<pb::UpdateSnapshotRequest>,
     ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
+        let budget = Budget::of(req.metadata(), Weight::Light, self.core.config());
         let r = req.into_inner();
         let key = r.info.as_ref().map(|i| i.name.as_str()).unwrap_or_default();
         let span = tracing::info_span!("update", key = %key);
@@ -142,7 +159,10 @@ impl Snapshots for SnapshotsService {
         traced(span, Method::Change, async move {
             let info = r.info.ok_or_else(|| missing("info"))?;
             let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-            let i = blocking(move || core.update(convert::info_from(info), &paths)).await?;
+            let i = run(budget, move |_| {
+                core.update(convert::info_from(info), &paths)
+            })
+            .await?;
             Ok(Response::new(pb::UpdateSnapshotResponse {
                 info: Some(convert::info(i)),
             }))
@@ -156,11 +176,12 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
+        let budget = Budget::of(req.metadata(), Weight::Light, self.core.config());
         let r = req.into_inner();
         let span = tracing::debug_span!("list", filters = ?r.filters);
         let core = self.core.clone();
         traced(span, Method::Query, async move {
-            let infos = blocking(move || core.list(&r.filters)).await?;
+            let infos = run(budget, move |_| core.list(&r.filters)).await?;
             let mut batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = Vec::new();
             let mut it = infos.into_iter().map(convert::info).peekable();
             while it.peek().is_some() {
@@ -178,11 +199,12 @@ impl Snapshots for SnapshotsService {
         &self,
         req: Request<pb::UsageRequest>,
     ) -> Result<Response<pb::UsageResponse>, Status> {
+        let budget = Budget::of(req.metadata(), Weight::Light, self.core.config());
         let r = req.into_inner();
         let span = tracing::debug_span!("usage", key = %r.key);
         let core = self.core.clone();
         traced(span, Method::Query, async move {
-            let u = blocking(move || core.usage(&r.key)).await?;
+            let u = run(budget, move |_| core.usage(&r.key)).await?;
             Ok(Response::new(pb::UsageResponse {
                 size: u.size as i64,
                 inodes: u.inodes as i64,
@@ -192,10 +214,11 @@ impl Snapshots for SnapshotsService {
     }
 
     async fn cleanup(&self, _req: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
+        let budget = Budget::of(_req.metadata(), Weight::Light, self.core.config());
         let span = tracing::info_span!("cleanup");
         let core = self.core.clone();
         traced(span, Method::Change, async move {
-            blocking(move || core.cleanup()).await?;
+            run(budget, move |_| core.cleanup()).await?;
             Ok(Response::new(()))
         })
         .await

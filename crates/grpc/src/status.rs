@@ -13,6 +13,9 @@ pub fn from_core(e: Error) -> Status {
         ErrorKind::InvalidArgument => Code::InvalidArgument,
         ErrorKind::Unimplemented => Code::Unimplemented,
         ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
         ErrorKind::Internal => Code::Internal,
     };
     // Logged once, with the code and the duration, where the request ends (crate::request).
@@ -27,15 +30,4 @@ pub fn missing(field: &str) -> Status {
 /// A blocking task that panicked or was cancelled.
 pub fn join_error(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("request task failed: {e}"))
-}
-
-/// Run `f` on the blocking pool, inside the current (request) span, and map its error.
-pub async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> snapshotter::Result<T> + Send + 'static,
-) -> Result<T, Status> {
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(f))
-        .await
-        .map_err(join_error)?
-        .map_err(from_core)
 }

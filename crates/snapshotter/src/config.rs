@@ -55,6 +55,96 @@ pub struct Config {
     pub snapshotter: SnapshotterConfig,
     /// Differ keys.
     pub differ: DifferConfig,
+    /// How requests are run: concurrency, time limits, the free-space reserve.
+    pub daemon: DaemonConfig,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Most heavy requests (Apply, Compare, a Commit that converts an upper directory)
+    /// running at once; the others wait, without working, for a slot within their deadline.
+    /// 0 = the number of CPUs.
+    pub max_concurrent_heavy: usize,
+    /// Longest a heavy request may take, whatever the caller's deadline (Go-style duration:
+    /// "1h", "90s", "1h30m", "500ms").
+    pub heavy_timeout: String,
+    /// Longest any other request may take.
+    pub request_timeout: String,
+    /// Free space kept under `root_path`: a size ("1GiB") or a share of the filesystem
+    /// ("5%"); "0" keeps none. Prepare, Apply and converting Commits refuse to start below
+    /// it, and Apply, Compare and Commit stop when their writes take the filesystem below it.
+    pub min_free_space: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            max_concurrent_heavy: 0,
+            heavy_timeout: "1h".into(),
+            request_timeout: "2m".into(),
+            min_free_space: "1GiB".into(),
+        }
+    }
+}
+
+/// A free-space reserve: bytes, or a share of the filesystem.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reserve {
+    /// This many bytes.
+    Bytes(u64),
+    /// This percentage of the filesystem's size.
+    Percent(f64),
+}
+
+impl Reserve {
+    /// The reserve in bytes on a filesystem of `total` bytes.
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            Reserve::Bytes(b) => b,
+            Reserve::Percent(p) => (total as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+/// Parse a reserve: a size (see [`parse_size`]) or a percentage ("5%", 0 to 100).
+pub fn parse_reserve(s: &str) -> std::result::Result<Reserve, String> {
+    match s.trim().strip_suffix('%') {
+        Some(p) => match p.trim().parse::<f64>() {
+            Ok(v) if (0.0..=100.0).contains(&v) => Ok(Reserve::Percent(v)),
+            _ => Err(format!("invalid percentage {s:?} (0% to 100%)")),
+        },
+        None => parse_size(s).map(Reserve::Bytes),
+    }
+}
+
+/// Parse a Go-style duration: one or more `<number><unit>` with units `h`, `m`, `s`, `ms`
+/// ("1h30m", "90s", "500ms"). Zero is refused.
+pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let bad = || format!("invalid duration {s:?} (e.g. \"90s\", \"2m\", \"1h30m\", \"500ms\")");
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..n].parse().map_err(|_| bad())?;
+        rest = &rest[n..];
+        let (unit, secs) = [("ms", 0.001), ("h", 3600.0), ("m", 60.0), ("s", 1.0)]
+            .into_iter()
+            .find(|(u, _)| rest.starts_with(u))
+            .ok_or_else(bad)?;
+        rest = &rest[unit.len()..];
+        total += value * secs;
+    }
+    if !(total > 0.0 && total < 1e10) {
+        return Err(format!("invalid duration {s:?}: must be above 0"));
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
 }
 
 /// `[snapshotter]`.
@@ -111,6 +201,7 @@ impl Default for Config {
             mount_mode: MountMode::Host,
             snapshotter: SnapshotterConfig::default(),
             differ: DifferConfig::default(),
+            daemon: DaemonConfig::default(),
         }
     }
 }
@@ -251,7 +342,41 @@ impl Config {
             Ok(_) => {}
             Err(e) => return bad("differ.max_layer_size", e),
         }
+        for (key, v) in [
+            ("daemon.heavy_timeout", &self.daemon.heavy_timeout),
+            ("daemon.request_timeout", &self.daemon.request_timeout),
+        ] {
+            if let Err(e) = parse_duration(v) {
+                return bad(key, e);
+            }
+        }
+        if let Err(e) = parse_reserve(&self.daemon.min_free_space) {
+            return bad("daemon.min_free_space", e);
+        }
         Ok(())
+    }
+
+    /// `daemon.max_concurrent_heavy`, with 0 as the number of CPUs.
+    pub fn max_concurrent_heavy(&self) -> usize {
+        match self.daemon.max_concurrent_heavy {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+
+    /// `daemon.heavy_timeout` (validated at start-up).
+    pub fn heavy_timeout(&self) -> std::time::Duration {
+        parse_duration(&self.daemon.heavy_timeout).unwrap_or(std::time::Duration::from_secs(3600))
+    }
+
+    /// `daemon.request_timeout` (validated at start-up).
+    pub fn request_timeout(&self) -> std::time::Duration {
+        parse_duration(&self.daemon.request_timeout).unwrap_or(std::time::Duration::from_secs(120))
+    }
+
+    /// `daemon.min_free_space` (validated at start-up).
+    pub fn min_free_space(&self) -> Reserve {
+        parse_reserve(&self.daemon.min_free_space).unwrap_or(Reserve::Bytes(1 << 30))
     }
 
     /// The socket mode as a number.
@@ -290,6 +415,39 @@ mod tests {
         assert_eq!(parse_size("1.5k").unwrap(), 1536);
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn durations_and_reserves() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        for bad in ["", "0s", "10", "5 minutes", "1d", "-1s", "s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_reserve("1GiB").unwrap(), Reserve::Bytes(1 << 30));
+        assert_eq!(parse_reserve("0").unwrap(), Reserve::Bytes(0));
+        assert_eq!(parse_reserve("5%").unwrap(), Reserve::Percent(5.0));
+        assert_eq!(Reserve::Percent(5.0).bytes(1000), 50);
+        for bad in ["101%", "-1%", "x%", "lots"] {
+            assert!(parse_reserve(bad).is_err(), "{bad:?}");
+        }
+        let d = Config::default();
+        assert_eq!(d.heavy_timeout(), Duration::from_secs(3600));
+        assert_eq!(d.request_timeout(), Duration::from_secs(120));
+        assert_eq!(d.min_free_space(), Reserve::Bytes(1 << 30));
+        assert!(d.max_concurrent_heavy() >= 1);
+        let c = Config::parse(
+            "[daemon]\nmax_concurrent_heavy = 3\nheavy_timeout = \"10m\"\nrequest_timeout = \"5s\"\nmin_free_space = \"2%\"",
+        )
+        .unwrap();
+        assert_eq!(c.max_concurrent_heavy(), 3);
+        assert_eq!(c.heavy_timeout(), Duration::from_secs(600));
+        assert_eq!(c.request_timeout(), Duration::from_secs(5));
+        assert_eq!(c.min_free_space(), Reserve::Percent(2.0));
     }
 
     #[test]
@@ -338,6 +496,19 @@ enable_tar_index = true
             (
                 "[snapshotter]\nenable_fsverity = \"yes\"",
                 "enable_fsverity",
+            ),
+            ("[daemon]\nheavy_timeout = \"soon\"", "daemon.heavy_timeout"),
+            (
+                "[daemon]\nrequest_timeout = \"0s\"",
+                "daemon.request_timeout",
+            ),
+            (
+                "[daemon]\nmin_free_space = \"200%\"",
+                "daemon.min_free_space",
+            ),
+            (
+                "[daemon]\nmax_concurrent_heavy = -1",
+                "max_concurrent_heavy",
             ),
         ] {
             let err = Config::parse(text).unwrap_err().to_string();

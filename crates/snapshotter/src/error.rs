@@ -17,6 +17,12 @@ pub enum ErrorKind {
     Unimplemented,
     /// `Unavailable`: a dependency (containerd's content service) cannot be reached.
     Unavailable,
+    /// `Canceled`: the caller gave up on the request.
+    Cancelled,
+    /// `DeadlineExceeded`: the request's deadline (the caller's or the server's) passed.
+    DeadlineExceeded,
+    /// `ResourceExhausted`: the filesystem under the root is full or below its reserve.
+    ResourceExhausted,
     /// Anything else.
     Internal,
 }
@@ -116,6 +122,9 @@ impl Error {
     ctor!(invalid_argument, InvalidArgument);
     ctor!(unimplemented, Unimplemented);
     ctor!(unavailable, Unavailable);
+    ctor!(cancelled, Cancelled);
+    ctor!(deadline_exceeded, DeadlineExceeded);
+    ctor!(resource_exhausted, ResourceExhausted);
     ctor!(internal, Internal);
 
     /// An I/O error with context, of kind [`ErrorKind::Internal`].
@@ -134,13 +143,17 @@ impl Error {
     }
 
     /// The containerd error class.
+    ///
+    /// An I/O or image error carries the class of what is inside it: a core error a reader
+    /// handed back as an `io::Error` (a cancelled request, say) keeps its own, and a full
+    /// filesystem (ENOSPC, EDQUOT) is [`ErrorKind::ResourceExhausted`] wherever it surfaced.
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Kind { kind, .. } => *kind,
             Error::Store(_) | Error::Database(_) => ErrorKind::Internal,
-            Error::Io { kind, .. } => *kind,
+            Error::Io { kind, source, .. } => carried_kind(source).unwrap_or(*kind),
             Error::Context { source, .. } => source.kind(),
-            Error::Image(e) => match e {
+            Error::Image(e) => carried_kind(e).unwrap_or(match e {
                 erofs_image::Error::Tar(_)
                 | erofs_image::Error::Entry { .. }
                 | erofs_image::Error::Corrupt(_)
@@ -148,7 +161,7 @@ impl Error {
                 | erofs_image::Error::TooLarge(_) => ErrorKind::InvalidArgument,
                 erofs_image::Error::Walk(w) => walk_kind(w),
                 _ => ErrorKind::Internal,
-            },
+            }),
             Error::Walk(w) => walk_kind(w),
         }
     }
@@ -161,6 +174,56 @@ impl Error {
             source: Box::new(self),
         }
     }
+}
+
+/// The class an error chain carries from inside: the first core [`Error`] in it (also inside
+/// an `io::Error`, which `source()` would skip), or ResourceExhausted for an `io::Error` of a
+/// full filesystem.
+fn carried_kind(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(core) = e.downcast_ref::<Error>() {
+            return Some(core.kind());
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if is_full(io) {
+                return Some(ErrorKind::ResourceExhausted);
+            }
+            if let Some(inner) = io.get_ref() {
+                cur = Some(inner);
+                continue;
+            }
+        }
+        cur = e.source();
+    }
+    None
+}
+
+impl Error {
+    /// Whether somewhere in this error a write found the filesystem (or a quota) full.
+    pub fn is_disk_full(&self) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                if is_full(io) {
+                    return true;
+                }
+                if let Some(inner) = io.get_ref() {
+                    cur = Some(inner);
+                    continue;
+                }
+            }
+            cur = e.source();
+        }
+        false
+    }
+}
+
+/// Whether an I/O error says the filesystem (or a quota) is full.
+pub fn is_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || e.kind() == io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(n) if n == rustix::io::Errno::NOSPC.raw_os_error() || n == rustix::io::Errno::DQUOT.raw_os_error())
 }
 
 impl From<erofs_image::Error> for Error {

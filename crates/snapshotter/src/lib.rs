@@ -3,6 +3,7 @@
 //! builder, and the mounts containerd is handed. It knows nothing of gRPC; the `erofs-grpc`
 //! crate adapts it.
 
+pub mod cancel;
 pub mod config;
 pub mod diff;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod snapshot;
 pub mod store;
 pub mod writeback;
 
+pub use cancel::Cancel;
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};
 pub use mount::Mount;

@@ -55,7 +55,14 @@ fn layer(s: &Snapshotter, name: &str, parent: &str, files: &[(&str, &[u8])]) -> 
         std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(f, data).unwrap();
     }
-    s.commit(name, &key, BTreeMap::new(), "").unwrap();
+    s.commit(
+        name,
+        &key,
+        BTreeMap::new(),
+        "",
+        &snapshotter::Cancel::never(),
+    )
+    .unwrap();
     upper.parent().unwrap().to_path_buf()
 }
 
@@ -68,7 +75,9 @@ fn compare_refuses_a_replaced_layer() {
     let l1 = layer(&s, "l1", "", &[("etc/one", b"one\n")]);
     let l2 = layer(&s, "l2", "", &[("etc/two", b"something else\n")]);
     let view = s.view("v1", "l1", BTreeMap::new()).unwrap();
-    let blob = s.compare(&[], &view, "", None).unwrap();
+    let blob = s
+        .compare(&[], &view, "", None, &snapshotter::Cancel::never())
+        .unwrap();
     assert!(blob.size > 0);
     drop(blob);
 
@@ -76,13 +85,16 @@ fn compare_refuses_a_replaced_layer() {
     let victim: &Path = &l1.join("layer.erofs");
     std::fs::remove_file(victim).unwrap();
     std::fs::copy(l2.join("layer.erofs"), victim).unwrap();
-    let e = s.compare(&[], &view, "", None).unwrap_err();
+    let e = s
+        .compare(&[], &view, "", None, &snapshotter::Cancel::never())
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
     assert!(e.to_string().contains("l1"), "names the layer: {e}");
     // Diffs that do not read it still work.
     let view2 = s.view("v2", "l2", BTreeMap::new()).unwrap();
     let lower = s.view("v3", "l2", BTreeMap::new()).unwrap();
-    s.compare(&lower, &view2, "", None).unwrap();
+    s.compare(&lower, &view2, "", None, &snapshotter::Cancel::never())
+        .unwrap();
 }
 
 /// Diffs in `ROOT/tmp` exist only while a Compare runs: whatever a crash left there is

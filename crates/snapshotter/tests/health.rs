@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use snapshotter::integrity::VerityMode;
 use snapshotter::mount::{MountEvent, RecordingMounter};
-use snapshotter::{Config, Snapshotter};
+use snapshotter::{Cancel, Config, Snapshotter};
 
 /// A core on a fresh root under `dir`, with `extra` config lines (`[section]` lines allowed).
 fn core(dir: &Path, extra: &str) -> (Arc<Snapshotter>, Arc<RecordingMounter>) {
@@ -43,7 +43,8 @@ fn layer(sn: &Snapshotter, name: &str, size: usize) {
         left -= n;
     }
     drop(f);
-    sn.commit(name, &key, BTreeMap::new(), "").expect("commit");
+    sn.commit(name, &key, BTreeMap::new(), "", &Cancel::never())
+        .expect("commit");
 }
 
 /// Bytes this process has read with read(2)-family calls (`/proc/self/io`, `rchar`).
@@ -156,7 +157,8 @@ fn a_layer_verified_while_its_snapshot_is_removed_is_not_left_mounted() {
     for round in 0..400u32 {
         let key = format!("race-{round}");
         let m = sn.prepare(&key, "", BTreeMap::new()).unwrap();
-        sn.apply(&desc, &m, &store, "default").unwrap();
+        sn.apply(&desc, &m, &store, "default", &Cancel::never())
+            .unwrap();
         let mounter = {
             let (sn, key) = (sn.clone(), key.clone());
             std::thread::spawn(move || sn.mounts(&key).is_ok())
@@ -176,4 +178,87 @@ fn a_layer_verified_while_its_snapshot_is_removed_is_not_left_mounted() {
         );
     }
     eprintln!("{removed_first} of 400 Mounts lost the race to Remove");
+}
+
+/// A plain tar blob holding one file of `size` bytes (`seed` varies it), stored in the
+/// content directory `content`; returns its descriptor.
+fn tar_blob(content: &Path, size: usize, seed: u8) -> snapshotter::diff::Descriptor {
+    let mut tar = testsuite::oci::LayerBuilder::new();
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i as u8).wrapping_mul(13) ^ seed)
+        .collect();
+    tar.file("data", 0o644, &data);
+    let tar = tar.finish().unwrap();
+    let digest = testsuite::oci::sha256_digest(&tar);
+    let dir = content.join("blobs/sha256");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(digest.trim_start_matches("sha256:")), &tar).unwrap();
+    snapshotter::diff::Descriptor {
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        digest,
+        size: tar.len() as i64,
+        annotations: Default::default(),
+    }
+}
+
+/// The layers being written right now (`layer.erofs.tmp` files under the snapshots).
+fn layers_in_progress(sn: &Snapshotter) -> usize {
+    std::fs::read_dir(sn.layout().snapshots())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("layer.erofs.tmp").exists())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// `daemon.max_concurrent_heavy = 2`: of 6 concurrent Applies at most 2 write a layer at
+/// once (seen from outside, by their temporary files, and by the core's own count), the
+/// others wait for a slot, and all succeed.
+#[test]
+fn at_most_max_concurrent_heavy_applies_run_at_once() {
+    const N: usize = 2;
+    const APPLIES: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let (sn, _rec) = core(dir.path(), &format!("[daemon]\nmax_concurrent_heavy = {N}"));
+    let content = dir.path().join("content");
+    let store = Arc::new(snapshotter::diff::DirContent::new(&content));
+    let mut jobs = Vec::new();
+    for i in 0..APPLIES {
+        let desc = tar_blob(&content, 48 << 20, i as u8);
+        let m = sn
+            .prepare(&format!("cap-{i}"), "", BTreeMap::new())
+            .unwrap();
+        jobs.push((desc, m));
+    }
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handles: Vec<_> = jobs
+        .into_iter()
+        .map(|(desc, m)| {
+            let (sn, store, done) = (sn.clone(), store.clone(), done.clone());
+            std::thread::spawn(move || {
+                let r = sn.apply(&desc, &m, &*store, "default", &Cancel::never());
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                r
+            })
+        })
+        .collect();
+    let mut most = 0;
+    while done.load(std::sync::atomic::Ordering::SeqCst) < APPLIES {
+        most = most.max(layers_in_progress(&sn));
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    for h in handles {
+        h.join().unwrap().expect("apply");
+    }
+    let st = sn.heavy_stats();
+    eprintln!("most layers in progress at once: {most}; core: {st:?}");
+    assert!(
+        most <= N,
+        "{most} layers were written at once with a cap of {N}"
+    );
+    assert_eq!(st.peak, N, "{st:?}");
+    assert!(st.waited >= (APPLIES - N) as u64 / 2, "{st:?}");
+    assert_eq!(st.running, 0);
+    assert_eq!(layers_in_progress(&sn), 0);
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 /// Lowest first.
 const LAYERS: &[&str] = &[
     "error",
+    "cancel",
     "failpoint",
     "layout",
     "writeback",

@@ -230,7 +230,7 @@ impl SnapshotterUnderTest for InProcess {
         parent: &str,
     ) -> Result<(), Status> {
         self.sn()
-            .commit(name, key, labels(l), parent)
+            .commit(name, key, labels(l), parent, &snapshotter::Cancel::never())
             .map_err(from_core)
     }
 

@@ -25,14 +25,23 @@ use tonic::{Request, Response, Status};
 /// Bytes per Read message (containerd sends 1 MiB; smaller makes the channel fill sooner).
 pub const CHUNK: usize = 64 << 10;
 
-/// Blobs by (namespace, digest), as containerd's metadata store scopes them.
+/// Blobs by (namespace, digest), as containerd's metadata store scopes them; each Read
+/// message is sent `pace` milliseconds after the one before (0: at once).
 #[derive(Debug, Clone, Default)]
-pub struct Blobs(pub Arc<Mutex<HashMap<NamespacedDigest, Vec<u8>>>>);
+pub struct Blobs(
+    pub Arc<Mutex<HashMap<NamespacedDigest, Vec<u8>>>>,
+    pub Arc<std::sync::atomic::AtomicU64>,
+);
 
 /// (namespace, digest).
 type NamespacedDigest = (String, String);
 
 impl Blobs {
+    /// Send each Read message `ms` milliseconds after the one before.
+    pub fn pace(&self, ms: u64) {
+        self.1.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Store `data` in `namespace`; returns its descriptor.
     pub fn add(&self, namespace: &str, media_type: &str, data: &[u8]) -> Descriptor {
         let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)));
@@ -115,7 +124,15 @@ impl Content for Blobs {
                 })
             })
             .collect();
-        Ok(Response::new(Box::pin(futures::stream::iter(msgs))))
+        let pace =
+            std::time::Duration::from_millis(self.1.load(std::sync::atomic::Ordering::Relaxed));
+        let paced = futures::StreamExt::then(futures::stream::iter(msgs), move |m| async move {
+            if !pace.is_zero() {
+                tokio::time::sleep(pace).await;
+            }
+            m
+        });
+        Ok(Response::new(Box::pin(paced)))
     }
     async fn status(
         &self,

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use super::content::{ContentSource, Descriptor};
 use super::media_type::{LayerType, MEDIA_TYPE_EROFS, MEDIA_TYPE_TAR, layer_type};
 use super::pipeline::Pipeline;
+use crate::cancel::Cancel;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mkfs::MkfsOptions;
 use crate::mount::Mount;
@@ -19,20 +20,29 @@ use crate::snapshot::layers::LayerOut;
 impl Snapshotter {
     /// Apply layer `desc` onto the active snapshot `mounts` describe: write `layer.erofs`
     /// durably and return the uncompressed layer's descriptor (its diffID for tar layers).
+    ///
+    /// It refuses to start below the free-space reserve, waits for a heavy-request slot, and
+    /// stops, leaving nothing, once `cancel` trips or its writes take free space below the
+    /// reserve (checked between chunks of input and between entries).
     pub fn apply(
         &self,
         desc: &Descriptor,
         mounts: &[Mount],
         content: &dyn ContentSource,
         namespace: &str,
+        cancel: &Cancel,
     ) -> Result<Descriptor> {
         let kind = layer_type(&desc.media_type)?;
         super::content::parse_digest(&desc.digest)?;
+        let what = format!("Apply of {}", desc.digest);
+        self.require_space(&what)?;
+        let work = self.guarded(cancel, what);
         let tar_index = matches!(kind, LayerType::Tar(_)) && self.config().differ.enable_tar_index;
         let (key, applied) = self
-            .write_applied_layer(mounts, tar_index, |out| {
-                self.write_layer(&kind, desc, out, content, namespace)
+            .write_applied_layer(mounts, tar_index, &work, |out| {
+                self.write_layer(&kind, desc, out, content, namespace, &work)
             })
+            .map_err(|e| self.stopped(&work, e))
             .map_err(|e| e.context(format!("applying {}", desc.digest)))?;
         tracing::info!(snapshot = %key, layer = %desc.digest, diff_id = %applied.digest, bytes = applied.size, "applied layer");
         Ok(applied)
@@ -45,9 +55,10 @@ impl Snapshotter {
         target: &LayerOut<'_>,
         content: &dyn ContentSource,
         namespace: &str,
+        work: &Cancel,
     ) -> Result<Descriptor> {
         let (out, tmp) = (target.file, target.path);
-        let blob = content.open(desc, namespace)?;
+        let blob = content.open(desc, namespace, work)?;
         match kind {
             LayerType::Tar(_) => {
                 let mut opts = MkfsOptions::parse(&self.config().differ.mkfs_options)
@@ -55,6 +66,7 @@ impl Snapshotter {
                     .build_options(&desc.digest);
                 let plain = blob.file.as_ref().filter(|f| is_plain(f));
                 opts.max_image_size = Some(self.layer_size_cap(desc, plain.is_some()));
+                opts.interrupt = work.interrupt();
                 if let Some(f) = plain {
                     // An uncompressed layer in the content store: its digest is its diffID
                     // (containerd verified it when it was written), and its data can move
@@ -121,11 +133,12 @@ impl Snapshotter {
                     }
                     copy_hashing(dec, out)?
                 } else if let Some(f) = &blob.file {
-                    copy_file(f, out)?;
+                    copy_file(f, out, work)?;
                     (desc.digest.clone(), desc.size as u64)
                 } else {
                     copy_hashing(blob.reader, out)?
                 };
+                work.check()?;
                 let report = erofs_image::check::check_image(
                     File::open(tmp).map_err(|e| Error::io("reopening the layer", e))?,
                     Vec::new(),
@@ -212,8 +225,9 @@ fn copy_hashing(mut r: impl Read, mut out: &File) -> Result<(String, u64)> {
     Ok((format!("sha256:{}", hex::encode(h.finalize())), n))
 }
 
-/// Copy a whole file with copy_file_range (reflinks where the filesystem can).
-fn copy_file(src: &File, dst: &File) -> Result<()> {
+/// Copy a whole file with copy_file_range (reflinks where the filesystem can), in pieces of at
+/// most 64 MiB with a look at `work` between them.
+fn copy_file(src: &File, dst: &File, work: &Cancel) -> Result<()> {
     let len = src
         .metadata()
         .map_err(|e| Error::io("stat of the blob", e))?
@@ -221,14 +235,15 @@ fn copy_file(src: &File, dst: &File) -> Result<()> {
     let mut off_in = 0u64;
     let mut off_out = 0u64;
     while off_in < len {
-        let want = (len - off_in).min(1 << 30) as usize;
+        work.check()?;
+        let want = (len - off_in).min(64 << 20) as usize;
         match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want) {
             Ok(0) => break,
             Ok(_) => {}
             Err(
                 rustix::io::Errno::XDEV | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP,
             ) => {
-                let mut r = src;
+                let mut r = work.reader(src);
                 io::copy(&mut r, &mut &*dst).map_err(|e| Error::io("copying the layer", e))?;
                 return Ok(());
             }

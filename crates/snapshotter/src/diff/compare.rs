@@ -24,6 +24,7 @@ use erofs_image::reader::Inode;
 use erofs_image::tar::{Entry, EntryKind, TarWriter};
 use sha2::{Digest, Sha256};
 
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::integrity::VerifiedLayer;
 use crate::mount::Mount;
@@ -161,14 +162,42 @@ enum Source {
 
 impl Snapshotter {
     /// Write the diff between `lower` and `upper` mounts to a temporary file.
+    ///
+    /// Refuses to start below the free-space reserve, waits for a heavy-request slot, and
+    /// stops, removing its file, once `cancel` trips or free space falls below the reserve
+    /// (checked per entry and per chunk of file data).
     pub fn compare(
         &self,
         lower: &[Mount],
         upper: &[Mount],
         media_type: &str,
         source_date_epoch: Option<Timestamp>,
+        cancel: &Cancel,
     ) -> Result<DiffBlob> {
         let (compression, media_type) = super::media_type::diff_compression(media_type)?;
+        self.require_space("Compare")?;
+        let work = self.guarded(cancel, "Compare".into());
+        let _slot = self.heavy_slot(&work, "Compare")?;
+        self.compare_in(
+            lower,
+            upper,
+            compression,
+            media_type,
+            source_date_epoch,
+            &work,
+        )
+        .map_err(|e| self.stopped(&work, e))
+    }
+
+    fn compare_in(
+        &self,
+        lower: &[Mount],
+        upper: &[Mount],
+        compression: erofs_image::compression::Compression,
+        media_type: String,
+        source_date_epoch: Option<Timestamp>,
+        work: &Cancel,
+    ) -> Result<DiffBlob> {
         let inputs = self.diff_inputs(lower, upper)?;
         let open = |l: VerifiedLayer| Image::open(l.into_file()).map_err(Error::from);
         let upper_side = match inputs.upper {
@@ -185,8 +214,8 @@ impl Snapshotter {
             dirs: Mutex::new(HashMap::new()),
         };
         let mut changes = match &upper_side {
-            Upper::Dir(d) => dir_changes(d, &lower_view)?,
-            Upper::Layer(img) => image_changes(img, &lower_view)?,
+            Upper::Dir(d) => dir_changes(d, &lower_view, work)?,
+            Upper::Layer(img) => image_changes(img, &lower_view, work)?,
         };
         // Depth-first, by path components: a directory right before its contents. The sort is
         // stable, so a directory's opaque marker stays right after it.
@@ -213,6 +242,7 @@ impl Snapshotter {
             &changes,
             &upper_side,
             source_date_epoch,
+            work,
         )?;
         let tar_hash = tar.h;
         let mut stored = tar
@@ -243,10 +273,12 @@ fn write_tar<W: Write>(
     changes: &[Change],
     upper: &Upper,
     epoch: Option<Timestamp>,
+    work: &Cancel,
 ) -> Result<W> {
     let mut tw = TarWriter::new(out);
     let wr = |e: io::Error| Error::io("writing the diff", e);
     for c in changes {
+        work.check()?;
         let mut e = c.entry.clone();
         if let Some(t) = epoch
             && (e.mtime, e.mtime_nsec) > (t.secs, t.nanos)
@@ -256,13 +288,13 @@ fn write_tar<W: Write>(
         }
         match (&c.source, upper) {
             (Source::File(p, walked), Upper::Dir(tree)) => {
-                let mut f = tree.open_at(p, walked)?.into_file()?;
-                tw.append(&e, &mut f)
+                let f = tree.open_at(p, walked)?.into_file()?;
+                tw.append(&e, &mut work.reader(f))
                     .map_err(|e| Error::io(format!("reading {}", tree.display(p)), e))?;
             }
             (Source::Image(ino), Upper::Layer(img)) => {
-                let mut r = ImageReader { img, ino, off: 0 };
-                tw.append(&e, &mut r).map_err(wr)?;
+                let r = ImageReader { img, ino, off: 0 };
+                tw.append(&e, &mut work.reader(r)).map_err(wr)?;
             }
             _ => tw.append(&e, &mut io::empty()).map_err(wr)?,
         }
@@ -324,10 +356,11 @@ fn entry_from_meta(path: Vec<u8>, md: &fdwalk::Meta, xattrs: Vec<(Vec<u8>, Vec<u
 }
 
 /// Changes of an overlayfs upper directory.
-fn dir_changes(tree: &fdwalk::Tree, lower: &Lower) -> Result<Vec<Change>> {
+fn dir_changes(tree: &fdwalk::Tree, lower: &Lower, work: &Cancel) -> Result<Vec<Change>> {
     let mut out = Vec::new();
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     for entry in tree.walk() {
+        work.check()?;
         let entry = entry?;
         let md = *entry.meta();
         let rp = entry.path().to_vec();
@@ -382,7 +415,7 @@ fn dir_changes(tree: &fdwalk::Tree, lower: &Lower) -> Result<Vec<Change>> {
 }
 
 /// Changes recorded in a committed layer image.
-fn image_changes(img: &Image, lower: &Lower) -> Result<Vec<Change>> {
+fn image_changes(img: &Image, lower: &Lower, work: &Cancel) -> Result<Vec<Change>> {
     let mut out = Vec::new();
     let mut links: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     let root = img.inode(img.root_nid())?;
@@ -390,6 +423,7 @@ fn image_changes(img: &Image, lower: &Lower) -> Result<Vec<Change>> {
     while let Some((dir, rel)) = stack.pop() {
         let mut subdirs = Vec::new();
         for de in img.read_dir(&dir)? {
+            work.check()?;
             if de.name == b"." || de.name == b".." {
                 continue;
             }

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
 
+use crate::cancel::Cancel;
 use crate::error::{Error, ErrorKind, Result};
 
 /// An OCI descriptor as containerd passes it.
@@ -23,13 +24,14 @@ pub struct Descriptor {
 
 /// A source of blob bytes.
 pub trait ContentSource: Send + Sync + std::fmt::Debug {
-    /// Open the blob `desc` for reading, in containerd namespace `namespace`.
-    fn open(&self, desc: &Descriptor, namespace: &str) -> Result<Blob>;
+    /// Open the blob `desc` for reading, in containerd namespace `namespace`. Reads stop
+    /// (fail) once `cancel` trips, also while waiting for bytes that do not come.
+    fn open(&self, desc: &Descriptor, namespace: &str, cancel: &Cancel) -> Result<Blob>;
 }
 
 impl<T: ContentSource + ?Sized> ContentSource for std::sync::Arc<T> {
-    fn open(&self, desc: &Descriptor, namespace: &str) -> Result<Blob> {
-        (**self).open(desc, namespace)
+    fn open(&self, desc: &Descriptor, namespace: &str, cancel: &Cancel) -> Result<Blob> {
+        (**self).open(desc, namespace, cancel)
     }
 }
 
@@ -80,7 +82,7 @@ impl DirContent {
 }
 
 impl ContentSource for DirContent {
-    fn open(&self, desc: &Descriptor, _namespace: &str) -> Result<Blob> {
+    fn open(&self, desc: &Descriptor, _namespace: &str, cancel: &Cancel) -> Result<Blob> {
         let (alg, hex) = parse_digest(&desc.digest)?;
         let path = self.root.join("blobs").join(alg).join(hex);
         let f = File::open(&path).map_err(|e| match e.kind() {
@@ -100,7 +102,9 @@ impl ContentSource for DirContent {
             )));
         }
         Ok(Blob {
-            reader: Box::new(f.try_clone().map_err(|e| Error::io("opening a blob", e))?),
+            reader: Box::new(
+                cancel.reader(f.try_clone().map_err(|e| Error::io("opening a blob", e))?),
+            ),
             file: Some(f),
         })
     }
@@ -117,13 +121,13 @@ pub struct Fallback<A, B> {
 }
 
 impl<A: ContentSource, B: ContentSource> ContentSource for Fallback<A, B> {
-    fn open(&self, desc: &Descriptor, namespace: &str) -> Result<Blob> {
-        match self.first.open(desc, namespace) {
+    fn open(&self, desc: &Descriptor, namespace: &str, cancel: &Cancel) -> Result<Blob> {
+        match self.first.open(desc, namespace, cancel) {
             Ok(b) => Ok(b),
             Err(e) if e.kind() == ErrorKind::InvalidArgument => Err(e),
             Err(e) => {
                 tracing::debug!(digest = %desc.digest, error = %e, "content store directory unavailable; reading over gRPC");
-                self.second.open(desc, namespace)
+                self.second.open(desc, namespace, cancel)
             }
         }
     }

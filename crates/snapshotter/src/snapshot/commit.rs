@@ -7,6 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::{Snapshotter, sync_dir, validate_key, validate_labels};
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::layout::LAYER_PENDING;
 use crate::store::{Kind, LayerMeta};
@@ -14,12 +15,17 @@ use crate::store::{Kind, LayerMeta};
 impl Snapshotter {
     /// Commit active snapshot `key` as `name`. `rebase` (containerd 2.x parallel unpack) gives
     /// a parentless snapshot its parent.
+    ///
+    /// A Commit that converts an upper directory is a heavy request: it refuses to start below
+    /// the free-space reserve, waits for a slot, and stops, leaving the active snapshot as it
+    /// was, once `cancel` trips or free space falls below the reserve.
     pub fn commit(
         &self,
         name: &str,
         key: &str,
         labels: BTreeMap<String, String>,
         rebase: &str,
+        cancel: &Cancel,
     ) -> Result<()> {
         validate_key("name", name)?;
         validate_key("key", key)?;
@@ -65,13 +71,18 @@ impl Snapshotter {
         // leaves the active snapshot exactly as it was.
         let converted = !layer.exists();
         let source = if converted {
+            let what = format!("Commit of {key:?}");
+            self.require_space(&what)?;
+            let work = self.guarded(cancel, what);
+            let _slot = self.heavy_slot(&work, "Commit")?;
             let upper = if block {
                 self.ensure_writable_mounted(id, None)?;
                 self.layout.fs(id).join("upper")
             } else {
                 self.layout.fs(id)
             };
-            self.convert_upper(&upper, &dir, &pending, id)?;
+            self.convert_upper(&upper, &dir, &pending, id, &work)
+                .map_err(|e| self.stopped(&work, e))?;
             pending.clone()
         } else {
             layer.clone()
@@ -112,7 +123,14 @@ impl Snapshotter {
 
     /// Convert an upper directory into `target` (in `dir`): temporary name, fsync, rename,
     /// fsync of the directory.
-    fn convert_upper(&self, upper: &Path, dir: &Path, target: &Path, id: u64) -> Result<()> {
+    fn convert_upper(
+        &self,
+        upper: &Path,
+        dir: &Path,
+        target: &Path,
+        id: u64,
+        work: &Cancel,
+    ) -> Result<()> {
         let tmp = dir.join(crate::layout::LAYER_TMP);
         let out = super::create_scratch(&tmp)?;
         let opts = erofs_image::BuildOptions {
@@ -123,10 +141,12 @@ impl Snapshotter {
                 format!("erofs:snapshot/{}/{id}", self.layout.root().display()).as_bytes(),
             )
             .as_bytes(),
+            interrupt: work.interrupt(),
             ..Default::default()
         };
         let r = crate::writeback::during(&out, || erofs_image::dir_to_image(upper, &out, &opts))
             .map_err(Error::from)
+            .and_then(|_| work.check())
             .and_then(|_| {
                 out.sync_all()
                     .map_err(|e| Error::io("fsync of the layer", e))

@@ -9,6 +9,7 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use super::{Snapshotter, sync_dir};
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::integrity::{LayerState, VerifiedLayer, ahead};
 use crate::layout::{LAYER, LAYER_TMP, MARKER};
@@ -88,12 +89,13 @@ impl Snapshotter {
     /// Apply: write the layer of the active snapshot `mounts` describe. `write` fills the
     /// temporary file; then the integrity trees are added, the file is fsynced, renamed to
     /// `layer.erofs` (its dm-verity sidecar first) and the directory fsynced, all under the
-    /// snapshot's key lock. On failure nothing is left. Returns the snapshot's key and what
-    /// `write` returned.
+    /// snapshot's key lock and a heavy-request slot. On failure (also when `work` trips)
+    /// nothing is left. Returns the snapshot's key and what `write` returned.
     pub(crate) fn write_applied_layer<T>(
         &self,
         mounts: &[Mount],
         tar_index: bool,
+        work: &Cancel,
         write: impl FnOnce(&LayerOut<'_>) -> Result<T>,
     ) -> Result<(String, T)> {
         let (id, key) = self.apply_target(mounts)?;
@@ -104,6 +106,8 @@ impl Snapshotter {
         if !rec.is_some_and(|r| r.id == id && r.kind == Kind::Active) {
             return Err(not_ours("snapshot is not active"));
         }
+        let _slot = self.heavy_slot(work, "Apply")?;
+        work.check()?;
         let dir = self.layout.dir(id);
         let tmp = dir.join(LAYER_TMP);
         let out = super::create_scratch(&tmp)?;
@@ -122,6 +126,7 @@ impl Snapshotter {
         let sidecar = dir.join(crate::layout::DMVERITY_SIDECAR);
         let sidecar_tmp = crate::integrity::dmverity::sidecar_tmp(&tmp);
         let result = result.and_then(|written| {
+            work.check()?;
             // The layer is written back to disk while the integrity hashes are computed (the
             // Merkle trees read it from the page cache), so they cost little more than the
             // fsync that has to happen anyway. That fsync's error must not be lost: a later
@@ -136,6 +141,8 @@ impl Snapshotter {
                 r
             })?;
             crate::failpoint::hit("apply:before-rename");
+            // The last moment the Apply can still stop without a trace.
+            work.check()?;
             out.sync_all()
                 .map_err(|e| Error::io("fsync of the layer", e))?;
             // The sidecar goes in place before the layer it describes; a stale one from an

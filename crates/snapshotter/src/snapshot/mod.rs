@@ -16,20 +16,24 @@
 
 mod cleanup;
 mod commit;
+mod gate;
 mod info;
 pub(crate) mod layers;
 mod locks;
 mod mounts;
 mod prepare;
 mod remove;
+mod space;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+pub use gate::HeavyStats;
 pub use info::{Info, Usage};
 
+use crate::cancel::Cancel;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::integrity::Integrity;
@@ -70,6 +74,10 @@ pub struct Snapshotter {
     /// How layers are sealed and checked.
     integrity: Integrity,
     default_size: u64,
+    /// The cap on heavy requests.
+    heavy: gate::Gate,
+    /// The free-space reserve under the root.
+    space: space::Space,
 }
 
 /// Check a key or name from a request.
@@ -146,6 +154,12 @@ impl Snapshotter {
         let store = Store::open(&layout.db())?;
         let s = Snapshotter {
             default_size: cfg.default_size_bytes(),
+            heavy: gate::Gate::new(cfg.max_concurrent_heavy()),
+            space: space::Space::new(
+                layout.root(),
+                cfg.min_free_space(),
+                &cfg.daemon.min_free_space,
+            ),
             cfg,
             layout,
             store,
@@ -173,6 +187,37 @@ impl Snapshotter {
     /// How fs-verity protects layers.
     pub fn verity_mode(&self) -> crate::integrity::VerityMode {
         self.integrity.verity_mode()
+    }
+
+    /// Heavy requests (Apply, Compare, converting Commits): running, most at once, the cap.
+    pub fn heavy_stats(&self) -> HeavyStats {
+        self.heavy.stats()
+    }
+
+    /// A slot for a heavy request (see [`gate`]); take key locks first.
+    pub(crate) fn heavy_slot(&self, cancel: &Cancel, what: &str) -> Result<gate::Slot<'_>> {
+        self.heavy.enter(cancel, what)
+    }
+
+    /// Refuse to start `what` while free space under the root is below the reserve.
+    pub(crate) fn require_space(&self, what: &str) -> Result<()> {
+        self.space.check(what)
+    }
+
+    /// `cancel`, also tripping when `what`'s writes take free space below the reserve.
+    pub(crate) fn guarded(&self, cancel: &Cancel, what: String) -> Cancel {
+        cancel.with_condition(self.space.clone().watch(what))
+    }
+
+    /// The error to report for work `work` governed: what stopped it (see
+    /// [`Cancel::explain`]), and, for a write that found the disk full, how full it is.
+    pub(crate) fn stopped(&self, work: &Cancel, e: Error) -> Error {
+        let e = work.explain(e);
+        if e.is_disk_full() {
+            e.context(format!("out of space: {}", self.space.report()))
+        } else {
+            e
+        }
     }
 
     /// The capabilities to advertise to containerd.

@@ -16,12 +16,16 @@ use crate::store::Kind;
 
 impl Snapshotter {
     /// Create an active snapshot `key` on `parent` (empty = none) and return its mounts.
+    /// Refused (ResourceExhausted) while free space under the root is below the reserve: the
+    /// container would write there.
     pub fn prepare(
         &self,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
+        validate_key("key", key)?;
+        self.require_space(&format!("Prepare of {key:?}"))?;
         self.create(Kind::Active, key, parent, labels)
     }
 
