@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use snapshotter::integrity::VerityMode;
 use snapshotter::mount::{MountEvent, RecordingMounter};
-use snapshotter::{Cancel, Config, Snapshotter};
+use snapshotter::{Cancel, Config, ErrorKind, Snapshotter};
 
 /// A core on a fresh root under `dir`, with `extra` config lines (`[section]` lines allowed).
 fn core(dir: &Path, extra: &str) -> (Arc<Snapshotter>, Arc<RecordingMounter>) {
@@ -261,4 +261,111 @@ fn at_most_max_concurrent_heavy_applies_run_at_once() {
     assert!(st.waited >= (APPLIES - N) as u64 / 2, "{st:?}");
     assert_eq!(st.running, 0);
     assert_eq!(layers_in_progress(&sn), 0);
+}
+
+/// Fill the upper directory of a new active snapshot `key` with `files` files of `size`
+/// bytes of hard-to-compress data.
+fn fill(sn: &Snapshotter, key: &str, files: usize, size: usize) {
+    let m = sn.prepare(key, "", BTreeMap::new()).expect("prepare");
+    let up = upper(&m);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..files {
+        let data: Vec<u8> = (0..size)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(up.join(format!("f{i:05}")), data).unwrap();
+    }
+}
+
+/// Trip `c` after `ms` milliseconds, from another thread.
+fn trip_after(c: &Cancel, ms: u64) {
+    let c = c.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        c.cancel();
+    });
+}
+
+/// A converting Commit that is cancelled, or whose deadline passes, stops within a second,
+/// leaves the active snapshot as it was (no temporary or pending layer) and gives its slot
+/// back; the same Commit then succeeds.
+#[test]
+fn a_cancelled_commit_leaves_the_snapshot_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sn, _rec) = core(dir.path(), "");
+    fill(&sn, "c-active", 400, 256 << 10);
+    let snapdir = |sn: &Snapshotter| {
+        let id: Vec<_> = std::fs::read_dir(sn.layout().snapshots())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.join("fs").is_dir())
+            .collect();
+        assert_eq!(id.len(), 1, "{id:?}");
+        id[0].clone()
+    };
+    let d = snapdir(&sn);
+    for label in ["cancelled", "past its deadline"] {
+        let cancel = if label == "cancelled" {
+            let c = Cancel::never();
+            trip_after(&c, 30);
+            c
+        } else {
+            Cancel::until(Instant::now() + std::time::Duration::from_millis(30))
+        };
+        let t = Instant::now();
+        let e = sn
+            .commit("c", "c-active", BTreeMap::new(), "", &cancel)
+            .unwrap_err();
+        let took = t.elapsed();
+        eprintln!("Commit {label}: {:?} after {took:?}: {e}", e.kind());
+        let want = if label == "cancelled" {
+            ErrorKind::Cancelled
+        } else {
+            ErrorKind::DeadlineExceeded
+        };
+        assert_eq!(e.kind(), want, "{e}");
+        assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+        for f in ["layer.erofs", "layer.erofs.tmp", "layer.erofs.pending"] {
+            assert!(!d.join(f).exists(), "{label}: {f} left");
+        }
+        assert_eq!(sn.stat("c-active").unwrap().kind, snapshotter::Kind::Active);
+        assert_eq!(sn.heavy_stats().running, 0);
+    }
+    sn.commit("c", "c-active", BTreeMap::new(), "", &Cancel::never())
+        .expect("the same Commit, not cancelled");
+    assert!(d.join("layer.erofs").exists());
+}
+
+/// A cancelled Compare stops within a second and removes its diff from ROOT/tmp.
+#[test]
+fn a_cancelled_compare_leaves_no_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sn, _rec) = core(dir.path(), "");
+    fill(&sn, "d-active", 400, 256 << 10);
+    sn.commit("d", "d-active", BTreeMap::new(), "", &Cancel::never())
+        .unwrap();
+    let view = sn.view("d-view", "d", BTreeMap::new()).unwrap();
+    let tmp = dir.path().join("root/tmp");
+    let c = Cancel::never();
+    trip_after(&c, 100);
+    let t = Instant::now();
+    let e = sn.compare(&[], &view, "", None, &c).unwrap_err();
+    let took = t.elapsed();
+    eprintln!("Compare: {:?} after {took:?}: {e}", e.kind());
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    assert!(took < std::time::Duration::from_millis(1100), "{took:?}");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in ROOT/tmp: {left:?}");
+    let blob = sn
+        .compare(&[], &view, "", None, &Cancel::never())
+        .expect("the same Compare");
+    assert!(blob.size > 100 << 20, "{}", blob.size);
 }
