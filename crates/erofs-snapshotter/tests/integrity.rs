@@ -14,6 +14,8 @@
 //! - [`dmverity`]: dm-verity trees from the differ checked with `veritysetup verify`,
 //!   `dmverity_mode`, manager-mode mount options.
 //! - [`e2e`]: containers through containerd 2.1 on immutable, quota'd, idmapped layers.
+//! - [`full_disk`]: a root on a small tmpfs: the free-space reserve and ENOSPC, for Prepare,
+//!   Apply, Commit and Compare.
 //! - [`lifecycle`]: a SIGTERM right after start-up stops the daemon gracefully.
 //! - [`anchors`] (in process): what is mounted is what was verified.
 
@@ -27,6 +29,8 @@ mod dmverity;
 mod e2e;
 #[path = "integrity/fsverity.rs"]
 mod fsverity;
+#[path = "integrity/full_disk.rs"]
+mod full_disk;
 #[path = "integrity/idmap.rs"]
 mod idmap;
 #[path = "integrity/immutable.rs"]

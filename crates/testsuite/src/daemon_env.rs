@@ -148,17 +148,24 @@ impl Env {
     /// [`new`](Self::new) with the snapshotter root on a fresh `fstype` mount (`tmpfs`,
     /// `ramfs`).
     pub fn on_fs(bin: impl AsRef<Path>, cfg: Cfg, fstype: &str) -> Result<Env> {
+        Self::on_fs_with(bin, cfg, fstype, "mode=0700")
+    }
+
+    /// [`on_fs`](Self::on_fs) with mount options `data` (e.g. `"mode=0700,size=96m"` for a
+    /// small filesystem). The mount goes with the environment, also when the test panics.
+    pub fn on_fs_with(bin: impl AsRef<Path>, cfg: Cfg, fstype: &str, data: &str) -> Result<Env> {
         let env = Self::new(bin, cfg)?;
         fs::create_dir_all(&env.root)?;
         let fstype_c = std::ffi::CString::new(fstype)?;
+        let data_c = std::ffi::CString::new(data)?;
         rustix::mount::mount(
             fstype_c.as_c_str(),
             &env.root,
             fstype_c.as_c_str(),
             MountFlags::empty(),
-            c"mode=0700",
+            data_c.as_c_str(),
         )
-        .with_context(|| format!("mounting a {fstype} at {}", env.root.display()))?;
+        .with_context(|| format!("mounting a {fstype} ({data}) at {}", env.root.display()))?;
         Ok(env)
     }
 

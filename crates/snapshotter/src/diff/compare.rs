@@ -252,6 +252,8 @@ impl Snapshotter {
         stored
             .flush()
             .map_err(|e| Error::io("writing the diff", e))?;
+        // The finished diff must leave the reserve free too (it is removed on error).
+        self.require_space("Compare")?;
         blob.digest = format!("sha256:{}", hex::encode(stored.h.finalize()));
         blob.size = stored.n;
         blob.uncompressed = format!("sha256:{}", hex::encode(tar_hash.finalize()));

@@ -82,6 +82,13 @@ impl Snapshotter {
                 self.layout.fs(id)
             };
             self.convert_upper(&upper, &dir, &pending, id, &work)
+                .and_then(|()| {
+                    // The finished layer must leave the reserve free too.
+                    self.require_space(&format!("Commit of {key:?}"))
+                        .inspect_err(|_| {
+                            let _ = fs::remove_file(&pending);
+                        })
+                })
                 .map_err(|e| self.stopped(&work, e))?;
             pending.clone()
         } else {

@@ -141,8 +141,10 @@ impl Snapshotter {
                 r
             })?;
             crate::failpoint::hit("apply:before-rename");
-            // The last moment the Apply can still stop without a trace.
+            // The last moment the Apply can still stop without a trace; the finished layer must
+            // leave the reserve free too.
             work.check()?;
+            self.require_space("Apply")?;
             out.sync_all()
                 .map_err(|e| Error::io("fsync of the layer", e))?;
             // The sidecar goes in place before the layer it describes; a stale one from an

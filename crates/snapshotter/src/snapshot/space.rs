@@ -9,8 +9,10 @@ use std::time::Instant;
 use crate::config::Reserve;
 use crate::error::{Error, Result};
 
-/// How often (at most) a long request asks the filesystem how much is free.
-const RECHECK_MS: u64 = 100;
+/// How often (at most) a long request asks the filesystem how much is free (a statvfs costs
+/// a microsecond or two; the builder asks once per entry and per chunk). Writes can overshoot
+/// by what they write in this time; the request checks once more when it is done.
+const RECHECK_MS: u64 = 10;
 
 /// The reserve of one root.
 #[derive(Debug, Clone)]
@@ -91,7 +93,7 @@ impl Space {
         }
     }
 
-    /// [`Self::check`] for a long request, asking the filesystem at most every 100 ms: the
+    /// [`Self::check`] for a long request, asking the filesystem at most every 10 ms: the
     /// condition its cancellation token carries.
     pub(crate) fn watch(self, what: String) -> impl Fn() -> Result<()> + Send + Sync + 'static {
         let start = Instant::now();
