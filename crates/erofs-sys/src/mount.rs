@@ -13,7 +13,9 @@
 //!   so a later plain `umount` would fail with `EBUSY`.
 //! - Overlay lower layers are passed one by one with `lowerdir+` (Linux
 //!   6.8+), so their number and total path length are not limited by the
-//!   4096-byte page that `mount(2)` options must fit in.
+//!   4096-byte page that `mount(2)` options must fit in. Older kernels get
+//!   one `mount(2)` option string instead (the paths shortened through an
+//!   open common parent when they would not fit).
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
@@ -281,17 +283,157 @@ fn mount_erofs_source(
 /// writable overlay; without it the overlay is read-only. `extra_opts` are
 /// more options, each `"key=value"` (set as a string) or `"key"` (set as a
 /// flag), e.g. `"index=off"` or `"userxattr"`.
+///
+/// Kernels before 6.8 have no `lowerdir+` (before 6.5 overlayfs even parses its options
+/// as one legacy string, so the refusal only comes at `fsconfig_create`): when the kernel
+/// refuses it with `EINVAL`, the mount is tried again with all lowers in one `lowerdir=`
+/// option (`:`-separated, `\`-escaped), which the 4096-byte option page bounds there.
 pub fn mount_overlay(
     target: &Path,
     lowers: &[&Path],
     upper_work: Option<(&Path, &Path)>,
     extra_opts: &[String],
 ) -> Result<(), MountError> {
-    let fc = FsContext::open("overlay")?;
-    fc.set_string("source", OsStr::new("overlay"))?;
-    for lower in lowers {
-        fc.set_dir("lowerdir+", lower)?;
+    let each = (|| {
+        let fc = FsContext::open("overlay")?;
+        fc.set_string("source", OsStr::new("overlay"))?;
+        for lower in lowers {
+            fc.set_dir("lowerdir+", lower)?;
+        }
+        overlay_rest(fc, target, upper_work, extra_opts)
+    })();
+    let Err(first) = each else { return Ok(()) };
+    if !lowerdir_plus_unknown(&first) {
+        return Err(first);
     }
+    mount_overlay_legacy(target, lowers, upper_work, extra_opts)
+}
+
+/// Largest `mount(2)` option string (one page, with its NUL).
+const LEGACY_OPTIONS_MAX: usize = 4095;
+
+/// [`mount_overlay`] through `mount(2)` with all options in one string, as kernels without
+/// `lowerdir+` need (what `mount_overlay` falls back to there). A lower list too long for the page gets the lowers' common parent as an
+/// open directory, named `/proc/self/fd/N` in each path (containerd shortens it with a
+/// `chdir` instead, which a threaded process cannot do safely).
+pub fn mount_overlay_legacy(
+    target: &Path,
+    lowers: &[&Path],
+    upper_work: Option<(&Path, &Path)>,
+    extra_opts: &[String],
+) -> Result<(), MountError> {
+    use std::os::unix::ffi::OsStrExt;
+    let fail = |step: &str, source: io::Error| MountError::Kernel {
+        fstype: "overlay".into(),
+        step: step.into(),
+        source,
+        messages: Vec::new(),
+    };
+    let tail = |lowerdir: &[u8]| -> Result<Vec<u8>, MountError> {
+        let mut v = b"lowerdir=".to_vec();
+        v.extend_from_slice(lowerdir);
+        if let Some((upper, work)) = upper_work {
+            for (k, p) in [("upperdir", upper), ("workdir", work)] {
+                v.extend_from_slice(format!(",{k}=").as_bytes());
+                v.extend_from_slice(p.as_os_str().as_bytes());
+            }
+        }
+        for o in extra_opts {
+            if o.is_empty() || o.starts_with('=') {
+                return Err(MountError::InvalidOption(o.clone()));
+            }
+            v.push(b',');
+            v.extend_from_slice(o.as_bytes());
+        }
+        if v.contains(&0) {
+            return Err(MountError::InvalidOption(
+                String::from_utf8_lossy(&v).into_owned(),
+            ));
+        }
+        Ok(v)
+    };
+    for p in lowers
+        .iter()
+        .copied()
+        .chain(upper_work.into_iter().flat_map(|(u, w)| [u, w]))
+    {
+        if p.as_os_str().as_bytes().contains(&b',') {
+            return Err(MountError::InvalidOption(format!(
+                "{}: a comma in an overlay path cannot be passed to mount(2)",
+                p.display()
+            )));
+        }
+    }
+    let mut data = tail(lowerdir_option(lowers, None).as_bytes())?;
+    // Held open until the mount is made.
+    let mut _parent = None;
+    if data.len() > LEGACY_OPTIONS_MAX
+        && let Some(common) = common_parent(lowers)
+    {
+        let dir = open_dir(&common)?;
+        let named = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&dir)
+        ));
+        data = tail(lowerdir_option(lowers, Some((&common, &named))).as_bytes())?;
+        _parent = Some(dir);
+    }
+    if data.len() > LEGACY_OPTIONS_MAX {
+        return Err(fail(
+            "mount(2)",
+            io::Error::other(format!(
+                "{} overlay options do not fit mount(2)'s {LEGACY_OPTIONS_MAX}-byte page and this kernel has no lowerdir+ (Linux 6.8)",
+                data.len()
+            )),
+        ));
+    }
+    let data = std::ffi::CString::new(data).expect("checked for NUL");
+    rustix::mount::mount(
+        c"overlay",
+        target,
+        c"overlay",
+        rustix::mount::MountFlags::empty(),
+        data.as_c_str(),
+    )
+    .map_err(|e| fail("mount(2)", e.into()))
+}
+
+/// The deepest directory all of `paths` are strictly below, if any but `/`.
+fn common_parent(paths: &[&Path]) -> Option<PathBuf> {
+    let mut common = paths.first()?.parent()?.to_path_buf();
+    for p in &paths[1..] {
+        while !p.starts_with(&common) || *p == common {
+            common = common.parent()?.to_path_buf();
+        }
+    }
+    (common != Path::new("/")).then_some(common)
+}
+
+/// Whether a refused `lowerdir+` mount may be a kernel that does not know the option:
+/// `EINVAL` where `lowerdir+` is set or at `fsconfig_create` (legacy parsing), with no kernel
+/// message or one that names `lowerdir+`.
+fn lowerdir_plus_unknown(e: &MountError) -> bool {
+    match e {
+        MountError::Kernel {
+            step,
+            source,
+            messages,
+            ..
+        } => {
+            source.raw_os_error() == Some(libc::EINVAL)
+                && (step == "fsconfig_create" || step.starts_with("fsconfig_set_string(lowerdir+"))
+                && (messages.is_empty() || messages.iter().any(|m| m.contains("lowerdir+")))
+        }
+        _ => false,
+    }
+}
+
+fn overlay_rest(
+    fc: FsContext,
+    target: &Path,
+    upper_work: Option<(&Path, &Path)>,
+    extra_opts: &[String],
+) -> Result<(), MountError> {
     if let Some((upper, work)) = upper_work {
         fc.set_dir("upperdir", upper)?;
         fc.set_dir("workdir", work)?;
@@ -300,6 +442,33 @@ pub fn mount_overlay(
         fc.set_option(option)?;
     }
     fc.mount_at(MountAttrFlags::empty(), target)
+}
+
+/// The lowers as one `lowerdir=` value: topmost first, `:`-separated, with `:` and `\\` in
+/// paths escaped by a backslash (overlayfs unescapes them); `replace` swaps a leading
+/// directory for another name of it.
+fn lowerdir_option(lowers: &[&Path], replace: Option<(&Path, &Path)>) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut v = Vec::new();
+    for (i, l) in lowers.iter().enumerate() {
+        if i > 0 {
+            v.push(b':');
+        }
+        let l = match replace {
+            Some((from, to)) => match l.strip_prefix(from) {
+                Ok(rest) => to.join(rest),
+                Err(_) => l.to_path_buf(),
+            },
+            None => l.to_path_buf(),
+        };
+        for &b in l.as_os_str().as_bytes() {
+            if b == b':' || b == b'\\' {
+                v.push(b'\\');
+            }
+            v.push(b);
+        }
+    }
+    std::ffi::OsString::from_vec(v)
 }
 
 /// Attaches the detached mount `fd` (from `fsmount` or
@@ -339,6 +508,27 @@ pub fn unmount(target: &Path, detach: bool) -> Result<(), MountError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn legacy_lowerdir_is_joined_and_escaped() {
+        let (a, b, c) = (Path::new("/l/1/fs"), Path::new("/a:b"), Path::new("/x\\y"));
+        assert_eq!(lowerdir_option(&[a], None), "/l/1/fs");
+        assert_eq!(lowerdir_option(&[a, b, c], None), "/l/1/fs:/a\\:b:/x\\\\y");
+        let (from, to) = (Path::new("/l"), Path::new("/proc/self/fd/7"));
+        assert_eq!(
+            lowerdir_option(&[a, b], Some((from, to))),
+            "/proc/self/fd/7/1/fs:/a\\:b"
+        );
+        assert_eq!(
+            common_parent(&[Path::new("/r/s/1/fs"), Path::new("/r/s/22/fs")]),
+            Some(PathBuf::from("/r/s"))
+        );
+        assert_eq!(
+            common_parent(&[Path::new("/r/s/1/fs")]),
+            Some(PathBuf::from("/r/s/1"))
+        );
+        assert_eq!(common_parent(&[Path::new("/a/x"), Path::new("/b/y")]), None);
+    }
 
     #[test]
     fn kernel_messages_are_appended_to_the_error() {

@@ -235,6 +235,58 @@ fn overlay_with_130_lowers_beyond_the_option_page() {
     mounted.unmount().unwrap();
 }
 
+/// The `mount(2)` path older kernels get (Linux before 6.8 has no `lowerdir+`): 130 lowers
+/// beyond the option page still mount, through their open common parent, top-first, with an
+/// upper layer; lowers that cannot be shortened enough, or with a comma in a path, are
+/// refused with a message before the kernel sees them.
+#[test]
+fn overlay_legacy_with_130_lowers_beyond_the_option_page() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    // Laid out as the snapshotter's: ROOT/snapshots/N/fs, 130 of them past the page.
+    let snaps = dir
+        .path()
+        .join("a-snapshotter-root-with-a-long-name/snapshots");
+    let lowers: Vec<PathBuf> = (0..130).map(|i| snaps.join(format!("{i}/fs"))).collect();
+    for (i, l) in lowers.iter().enumerate() {
+        fs::create_dir_all(l).unwrap();
+        fs::write(l.join(format!("only-{i}")), i.to_string()).unwrap();
+        fs::write(l.join("common"), i.to_string()).unwrap();
+    }
+    let total: usize = lowers.iter().map(|p| p.as_os_str().len() + 1).sum();
+    assert!(total > 4096, "paths total only {total} bytes");
+    let target = dir.path().join("merged");
+    let (upper, work) = (dir.path().join("upper"), dir.path().join("work"));
+    for d in [&target, &upper, &work] {
+        fs::create_dir(d).unwrap();
+    }
+    let refs: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
+    mount::mount_overlay_legacy(&target, &refs, Some((&upper, &work)), &["index=off".into()])
+        .unwrap();
+    let mounted = MountGuard::new(&target);
+    for i in [0, 64, 129] {
+        assert_eq!(
+            fs::read_to_string(target.join(format!("only-{i}"))).unwrap(),
+            i.to_string()
+        );
+    }
+    assert_eq!(fs::read_to_string(target.join("common")).unwrap(), "0");
+    fs::write(target.join("new"), b"x").unwrap();
+    assert_eq!(fs::read(upper.join("new")).unwrap(), b"x");
+    mounted.unmount().unwrap();
+
+    let long = make_lowers(dir.path(), 130);
+    let refs: Vec<&Path> = long.iter().map(PathBuf::as_path).collect();
+    let err = mount::mount_overlay_legacy(&target, &refs, None, &[]).unwrap_err();
+    assert!(err.to_string().contains("do not fit"), "{err}");
+    let comma = dir.path().join("a,b");
+    fs::create_dir(&comma).unwrap();
+    assert!(matches!(
+        mount::mount_overlay_legacy(&target, &[&comma], None, &[]),
+        Err(MountError::InvalidOption(_))
+    ));
+}
+
 #[test]
 fn overlay_with_upper_and_extra_options() {
     require_root!();
