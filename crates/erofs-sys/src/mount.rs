@@ -285,9 +285,9 @@ fn mount_erofs_source(
 /// flag), e.g. `"index=off"` or `"userxattr"`.
 ///
 /// Kernels before 6.8 have no `lowerdir+` (before 6.5 overlayfs even parses its options
-/// as one legacy string, so the refusal only comes at `fsconfig_create`): when the kernel
-/// refuses it with `EINVAL`, the mount is tried again with all lowers in one `lowerdir=`
-/// option (`:`-separated, `\`-escaped), which the 4096-byte option page bounds there.
+/// as one legacy string, so the refusal may only come at `fsconfig_create`): when the
+/// kernel refuses with `EINVAL` and says nothing else, or names `lowerdir+` or its legacy
+/// parser, the mount is made again by [`mount_overlay_legacy`].
 pub fn mount_overlay(
     target: &Path,
     lowers: &[&Path],
@@ -410,19 +410,19 @@ fn common_parent(paths: &[&Path]) -> Option<PathBuf> {
 }
 
 /// Whether a refused `lowerdir+` mount may be a kernel that does not know the option:
-/// `EINVAL` where `lowerdir+` is set or at `fsconfig_create` (legacy parsing), with no kernel
-/// message or one that names `lowerdir+`.
+/// `EINVAL` with no kernel message, one that names `lowerdir+`, or one from the VFS's legacy
+/// option parser (overlayfs before 6.5 has no parser of its own, so its options accumulate
+/// in one page and may overflow it at any step).
 fn lowerdir_plus_unknown(e: &MountError) -> bool {
     match e {
         MountError::Kernel {
-            step,
-            source,
-            messages,
-            ..
+            source, messages, ..
         } => {
             source.raw_os_error() == Some(libc::EINVAL)
-                && (step == "fsconfig_create" || step.starts_with("fsconfig_set_string(lowerdir+"))
-                && (messages.is_empty() || messages.iter().any(|m| m.contains("lowerdir+")))
+                && (messages.is_empty()
+                    || messages
+                        .iter()
+                        .any(|m| m.contains("lowerdir+") || m.contains("VFS: Legacy")))
         }
         _ => false,
     }
