@@ -291,6 +291,12 @@ impl Env {
         Ok(())
     }
 
+    /// `kill -9` the daemon's process group and reap it (its mounts and devices stay).
+    pub fn kill9(&mut self) -> Option<ExitStatus> {
+        self.client = None;
+        self.daemon.take()?.kill()
+    }
+
     /// Waits for the daemon to abort at crash point `point`.
     pub async fn expect_abort(&mut self, point: &str) -> Result<()> {
         self.client = None;

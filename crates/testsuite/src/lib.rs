@@ -21,6 +21,8 @@
 //!   `overlay`) on a directory, as containerd does, and parsing overlay options.
 //! - [`snapshots`]: containerd's snapshotter conformance cases, generic over the
 //!   snapshotter under test (over the socket, or in process without root).
+//! - [`vm`]: Debian kernels booted under qemu (software emulation) with the host's root
+//!   shared read-only, to run test binaries on kernels other than the host's.
 //! - [`process`] and [`mounts`]: process groups, command deadlines, `/proc`
 //!   scans and mount table helpers used by the above.
 //!
@@ -58,6 +60,7 @@ pub mod proxied_containerd;
 pub mod registry;
 pub mod rootfs;
 pub mod snapshots;
+pub mod vm;
 pub mod wired_containerd;
 
 use std::sync::atomic::{AtomicU32, Ordering};
