@@ -294,6 +294,11 @@ pub fn mount_overlay(
     upper_work: Option<(&Path, &Path)>,
     extra_opts: &[String],
 ) -> Result<(), MountError> {
+    // Known from an earlier mount: this kernel needs mount(2) (and logs a warning for
+    // every refused `lowerdir+`).
+    if NO_LOWERDIR_PLUS.load(std::sync::atomic::Ordering::Relaxed) {
+        return mount_overlay_legacy(target, lowers, upper_work, extra_opts);
+    }
     let each = (|| {
         let fc = FsContext::open("overlay")?;
         fc.set_string("source", OsStr::new("overlay"))?;
@@ -306,8 +311,13 @@ pub fn mount_overlay(
     if !lowerdir_plus_unknown(&first) {
         return Err(first);
     }
-    mount_overlay_legacy(target, lowers, upper_work, extra_opts)
+    mount_overlay_legacy(target, lowers, upper_work, extra_opts)?;
+    NO_LOWERDIR_PLUS.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
+
+/// Set once an overlay refused with `lowerdir+` mounted through [`mount_overlay_legacy`].
+static NO_LOWERDIR_PLUS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Largest `mount(2)` option string (one page, with its NUL).
 const LEGACY_OPTIONS_MAX: usize = 4095;
