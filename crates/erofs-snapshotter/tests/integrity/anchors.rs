@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use snapshotter::error::Result;
 use snapshotter::mount::{Mounter, OpenImage, SystemMounter};
-use snapshotter::{Config, Snapshotter};
+use snapshotter::{Cancel, Config, Snapshotter};
 
 /// The real mounter, which first renames a file over the layer about to be mounted (once).
 #[derive(Debug)]
@@ -76,7 +76,8 @@ pub fn layer(s: &Snapshotter, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
         std::fs::create_dir_all(f.parent().unwrap()).unwrap();
         std::fs::write(f, data).unwrap();
     }
-    s.commit(name, &key, BTreeMap::new(), "").unwrap();
+    s.commit(name, &key, BTreeMap::new(), "", &Cancel::never())
+        .unwrap();
     upper.parent().unwrap().to_path_buf()
 }
 
