@@ -202,7 +202,7 @@ fn a_file_swapped_for_a_fifo_is_refused_without_blocking() {
     fs::remove_file(f.root.join("f")).unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &f.root.join("f"),
+        f.root.join("f"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o600),
         0,
@@ -257,7 +257,7 @@ fn xattrs_of_links_and_devices_are_their_own() {
     ] {
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &f.root.join(name),
+            f.root.join(name),
             rustix::fs::FileType::CharacterDevice,
             rustix::fs::Mode::from_raw_mode(0o600),
             dev,
