@@ -15,7 +15,15 @@ use std::time::Instant;
 use crate::error::{Error, ErrorKind, Result};
 
 /// A condition that stops work when it fails.
-type Condition = Arc<dyn Fn() -> Result<()> + Send + Sync>;
+type Condition = Arc<Tripwire>;
+
+/// A condition and its first failure, kept: the condition may be rate-limited or pass again
+/// later (space freed meanwhile), but work it stopped must be reported as stopped by it, and
+/// must not start again.
+struct Tripwire {
+    test: Box<dyn Fn() -> Result<()> + Send + Sync>,
+    tripped: std::sync::OnceLock<(ErrorKind, String)>,
+}
 
 /// A request's cancellation token. Clones share the state.
 #[derive(Clone, Default)]
@@ -65,7 +73,10 @@ impl Cancel {
     ) -> Cancel {
         Cancel {
             inner: self.inner.clone(),
-            condition: Some(Arc::new(condition)),
+            condition: Some(Arc::new(Tripwire {
+                test: Box::new(condition),
+                tripped: Default::default(),
+            })),
         }
     }
 
@@ -95,10 +106,18 @@ impl Cancel {
         {
             return Err(Error::deadline_exceeded("the request's deadline passed"));
         }
-        match &self.condition {
-            Some(c) => c(),
-            None => Ok(()),
+        let Some(c) = &self.condition else {
+            return Ok(());
+        };
+        if let Some((kind, message)) = c.tripped.get() {
+            return Err(Error::Kind {
+                kind: *kind,
+                message: message.clone(),
+            });
         }
+        (c.test)().inspect_err(|e| {
+            let _ = c.tripped.set((e.kind(), e.to_string()));
+        })
     }
 
     /// What to report for `e`, an error of work this token governs: once the token has
@@ -203,6 +222,27 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::ResourceExhausted);
         c.cancel();
         assert_eq!(full.check().unwrap_err().kind(), ErrorKind::Cancelled);
+    }
+
+    /// A condition that fails once (a rate-limited free-space watch) keeps the token tripped:
+    /// the work it stopped is reported as stopped by it, not as an internal error.
+    #[test]
+    fn a_tripped_condition_stays_tripped() {
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let n = calls.clone();
+        let c = Cancel::never().with_condition(move || {
+            if n.fetch_add(1, Ordering::Relaxed) == 1 {
+                Err(Error::resource_exhausted("below the reserve"))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(c.check().is_ok());
+        assert_eq!(c.check().unwrap_err().kind(), ErrorKind::ResourceExhausted);
+        let e = c.explain(Error::from(erofs_image::Error::Interrupted));
+        assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+        assert!(e.to_string().contains("below the reserve"), "{e}");
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
     }
 
     #[test]
