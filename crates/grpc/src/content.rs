@@ -249,6 +249,74 @@ impl ContentSource for GrpcContent {
     }
 }
 
+/// containerd's content store directory, read only for blobs containerd's Content service
+/// says are in the request's namespace.
+///
+/// The directory holds the blobs of every namespace: containerd scopes them in its metadata
+/// store, so a client of namespace `b` gets NotFound for a blob only `a` has. Reading the
+/// directory without asking would hand `b` whatever `a` pulled, given only its digest. The
+/// question costs one Info round trip per blob; the bytes still come from the file.
+#[derive(Debug)]
+pub struct NamespacedDir {
+    dir: snapshotter::diff::DirContent,
+    containerd: std::sync::Arc<GrpcContent>,
+}
+
+impl NamespacedDir {
+    /// The directory `dir`, gated by `containerd`'s Content service.
+    pub fn new(
+        dir: snapshotter::diff::DirContent,
+        containerd: std::sync::Arc<GrpcContent>,
+    ) -> Self {
+        NamespacedDir { dir, containerd }
+    }
+}
+
+impl ContentSource for NamespacedDir {
+    fn open(&self, desc: &Descriptor, namespace: &str, cancel: &Cancel) -> Result<Blob> {
+        parse_digest(&desc.digest)?;
+        let mut client = ContentClient::new(self.containerd.channel()?);
+        let req = with_namespace(
+            pb::InfoRequest {
+                digest: desc.digest.clone(),
+            },
+            namespace,
+        )?;
+        let cancel2 = cancel.clone();
+        // Apply calls this on a blocking thread, never from the runtime itself.
+        let info = self.containerd.rt.block_on(async move {
+            tokio::select! {
+                r = client.info(req) => r.map_err(status_to_core),
+                e = tripped(&cancel2) => Err(e),
+            }
+        });
+        match info {
+            Ok(r) => {
+                let size = r.into_inner().info.map_or(-1, |i| i.size);
+                if desc.size >= 0 && size >= 0 && size != desc.size {
+                    return Err(Error::failed_precondition(format!(
+                        "blob {} is {size} bytes in namespace {namespace:?}, descriptor says {}",
+                        desc.digest, desc.size
+                    )));
+                }
+            }
+            Err(e) if e.kind() == snapshotter::ErrorKind::NotFound => {
+                return Err(Error::not_found(format!(
+                    "blob {} is not in namespace {namespace:?} ({e})",
+                    desc.digest
+                )));
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "asking containerd whether {} is in namespace {namespace:?}",
+                    desc.digest
+                )));
+            }
+        }
+        self.dir.open(desc, namespace, cancel)
+    }
+}
+
 /// A status from containerd as a core error.
 pub fn status_to_core(s: tonic::Status) -> Error {
     use tonic::Code;

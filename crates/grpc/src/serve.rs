@@ -88,8 +88,14 @@ pub async fn serve(
         differ.containerd_address.clone(),
         tokio::runtime::Handle::current(),
     ));
+    let dir = snapshotter::diff::DirContent::new(&differ.content_root);
+    let first: Box<dyn snapshotter::diff::ContentSource> = if differ.verify_content_namespace {
+        Box::new(crate::content::NamespacedDir::new(dir, containerd.clone()))
+    } else {
+        Box::new(dir)
+    };
     let content = Arc::new(snapshotter::diff::Fallback {
-        first: snapshotter::diff::DirContent::new(&differ.content_root),
+        first,
         second: containerd.clone(),
     });
     tonic::transport::Server::builder()

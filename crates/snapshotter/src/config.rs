@@ -186,6 +186,11 @@ pub struct DifferConfig {
     pub containerd_address: PathBuf,
     /// Namespace used for Content calls when a request carries none.
     pub default_namespace: String,
+    /// Read a blob from `content_root` only after containerd's Content service says it is in
+    /// the request's namespace (the directory holds every namespace's blobs; containerd scopes
+    /// them in its metadata). Off: the directory is trusted for any namespace (only where
+    /// there is one tenant, or no containerd to ask).
+    pub verify_content_namespace: bool,
     /// Largest `layer.erofs` Apply writes (go-units notation, binary units). Each layer is
     /// also held to what its blob can honestly expand to (see README, "Limits").
     pub max_layer_size: String,
@@ -228,6 +233,7 @@ impl Default for DifferConfig {
             content_root: "/var/lib/containerd/io.containerd.content.v1.content".into(),
             containerd_address: "/run/containerd/containerd.sock".into(),
             default_namespace: "default".into(),
+            verify_content_namespace: true,
             max_layer_size: "256GiB".into(),
         }
     }

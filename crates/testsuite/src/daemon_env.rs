@@ -87,9 +87,10 @@ impl Cfg {
             .iter()
             .any(|l| l.starts_with("containerd_address"))
         {
-            // Nothing listens there: blobs come from the content directory only.
+            // Nothing listens there: blobs come from the content directory only, with no
+            // containerd to say which namespace holds them.
             t.push_str(&format!(
-                "containerd_address = {:?}\n",
+                "containerd_address = {:?}\nverify_content_namespace = false\n",
                 base.join("no-containerd.sock").display().to_string()
             ));
         }

@@ -219,13 +219,24 @@ pub struct Daemon {
 /// Start a daemon in `dir` whose differ asks `containerd` for blobs (no content directory),
 /// with `extra` TOML lines appended to its config.
 pub fn daemon(dir: &Path, containerd: &Path, extra: &str) -> Daemon {
+    daemon_with_content(dir, containerd, &dir.join("no-content"), extra, "")
+}
+
+/// [`daemon`] with the content store directory `content` and `differ` lines for `[differ]`.
+pub fn daemon_with_content(
+    dir: &Path,
+    containerd: &Path,
+    content: &Path,
+    extra: &str,
+    differ: &str,
+) -> Daemon {
     let root = dir.join("root");
     let socket = dir.join("daemon.sock");
     let cfg = Config::parse(&format!(
-        "root_path = {:?}\naddress = {:?}\n{extra}\n[differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\n",
+        "root_path = {:?}\naddress = {:?}\n{extra}\n[differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\n{differ}\n",
         root.display().to_string(),
         socket.display().to_string(),
-        dir.join("no-content").display().to_string(),
+        content.display().to_string(),
         containerd.display().to_string(),
     ))
     .expect("config");

@@ -35,6 +35,12 @@ impl<T: ContentSource + ?Sized> ContentSource for std::sync::Arc<T> {
     }
 }
 
+impl<T: ContentSource + ?Sized> ContentSource for Box<T> {
+    fn open(&self, desc: &Descriptor, namespace: &str, cancel: &Cancel) -> Result<Blob> {
+        (**self).open(desc, namespace, cancel)
+    }
+}
+
 /// An open blob: a stream, and the file behind it when there is one (for copy_file_range).
 pub struct Blob {
     /// The bytes.
