@@ -15,6 +15,7 @@ mod writer;
 
 pub use writer::TarWriter;
 
+use std::collections::HashMap;
 use std::io::{self, Read};
 
 use header::BLOCK;
@@ -565,7 +566,9 @@ impl<R: Read> TarReader<R> {
     /// Read headers up to the next member. `None` at the end of the archive, or when the
     /// member was of an unknown type (then `finished` is false and its data is pending).
     fn next_member(&mut self) -> Result<Option<Entry>, TarError> {
-        let mut local: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        // The payloads of this member's `x` headers, checked, kept whole: their records are
+        // read (borrowed) once, when the entry is finished.
+        let mut local: Vec<Vec<u8>> = Vec::new();
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
         let mut header_offset: Option<u64> = None;
@@ -620,22 +623,24 @@ impl<R: Read> TarReader<R> {
             match h.typeflag {
                 b'x' | b'X' => {
                     let data = self.read_payload(h.size, &name_hint)?;
-                    let recs =
-                        pax::parse_records(&data).map_err(|k| self.err_entry(&name_hint, k))?;
-                    local.extend(recs);
+                    pax::check_records(&data).map_err(|k| self.err_entry(&name_hint, k))?;
+                    local.push(data);
                 }
                 b'g' => {
                     let data = self.read_payload(h.size, &name_hint)?;
-                    let recs =
-                        pax::parse_records(&data).map_err(|k| self.err_entry(&name_hint, k))?;
-                    for (k, v) in recs {
-                        if let Some(old) = self.global.remove(&k) {
+                    pax::check_records(&data).map_err(|k| self.err_entry(&name_hint, k))?;
+                    for (k, v) in pax::records(&data).flatten() {
+                        if let Some(old) = self.global.remove(k) {
                             self.global_bytes -= (k.len() + old.len()) as u64;
                         }
                         // An empty value deletes the record.
                         if !v.is_empty() {
                             self.global_bytes += (k.len() + v.len()) as u64;
-                            self.global.insert(k, v);
+                            self.global.insert(k.to_vec(), v.to_vec());
+                        }
+                        // Checked per record: the map never holds more than the limit.
+                        if self.global.len() > self.limits.max_global_records {
+                            break;
                         }
                     }
                     if self.global.len() > self.limits.max_global_records {
@@ -681,7 +686,7 @@ impl<R: Read> TarReader<R> {
     fn finish_entry(
         &mut self,
         h: header::RawHeader,
-        local: Vec<(Vec<u8>, Vec<u8>)>,
+        local: Vec<Vec<u8>>,
         long_name: Option<Vec<u8>>,
         long_link: Option<Vec<u8>>,
         header_offset: u64,
@@ -692,20 +697,26 @@ impl<R: Read> TarReader<R> {
         let mut uid = h.uid;
         let mut gid = h.gid;
         let mut mtime = (h.mtime, 0u32);
-        let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut libarchive_xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let max_xattrs = self.limits.max_xattrs;
+        let mut xattrs = LastOfEach::default();
+        let mut libarchive_xattrs = LastOfEach::default();
         let mut devmajor = h.devmajor;
         let mut devminor = h.devminor;
         let mut sparse = SparsePax::default();
 
         // Global records first, then local ones override them. Borrowed, not cloned: the
         // globals apply to every entry.
-        let records = self.global.iter().chain(local.iter().map(|(k, v)| (k, v)));
+        // (The local payloads were checked when they were read.)
+        let records = self
+            .global
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .chain(local.iter().flat_map(|d| pax::records(d).flatten()));
         let name_for_err = raw_name.clone();
+        let too_many = || self.err_entry(&name_for_err, TarErrorKind::TooManyXattrs(max_xattrs));
         for (k, v) in records {
             let e = |kind| self.err_entry(&name_for_err, kind);
-            let v = v.as_slice();
-            match k.as_slice() {
+            match k {
                 b"path" => raw_name = v.to_vec(),
                 b"linkpath" => raw_link = v.to_vec(),
                 b"size" => size = pax::parse_u64(v, "size").map_err(e)?,
@@ -729,11 +740,15 @@ impl<R: Read> TarReader<R> {
                     .push(pax::parse_u64(v, "sparse numbytes").map_err(e)?),
                 _ => {
                     if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
-                        xattrs.push((name.to_vec(), v.to_vec()));
+                        if !xattrs.put(name.to_vec(), v.to_vec(), max_xattrs) {
+                            return Err(too_many());
+                        }
                     } else if let Some(name) = k.strip_prefix(b"LIBARCHIVE.xattr.") {
                         let name = pax::url_decode(name).map_err(e)?;
                         let value = pax::base64_decode(v).map_err(e)?;
-                        libarchive_xattrs.push((name, value));
+                        if !libarchive_xattrs.put(name, value, max_xattrs) {
+                            return Err(too_many());
+                        }
                     }
                     // Others (uname, gname, atime, ctime, SCHILY.acl.*, comment, charset)
                     // carry nothing EROFS stores.
@@ -745,13 +760,7 @@ impl<R: Read> TarReader<R> {
         if !libarchive_xattrs.is_empty() {
             xattrs = libarchive_xattrs;
         }
-        let xattrs = last_of_each(xattrs);
-        if xattrs.len() > self.limits.max_xattrs {
-            return Err(self.err_entry(
-                &name_for_err,
-                TarErrorKind::TooManyXattrs(self.limits.max_xattrs),
-            ));
-        }
+        let xattrs = xattrs.into_vec();
         if size > MAX_SIZE {
             return Err(self.err_entry(&name_for_err, TarErrorKind::SizeTooLarge(size)));
         }
@@ -1082,17 +1091,52 @@ fn validate_sparse(map: &[(u64, u64)], stored: u64, file_size: u64) -> Result<()
     Ok(())
 }
 
-/// Keep the last value of each name, in the order of those last occurrences (a later record
-/// for a name replaces the earlier one), in time linear in the number of records.
-fn last_of_each(xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut seen = std::collections::HashSet::with_capacity(xattrs.len());
-    let mut out: Vec<(Vec<u8>, Vec<u8>)> = xattrs
-        .into_iter()
-        .rev()
-        .filter(|(n, _)| seen.insert(n.clone()))
-        .collect();
-    out.reverse();
-    out
+/// Xattrs by name as records arrive, the last value of each name kept, in the order of
+/// the last occurrences (a later record of a name overrides an earlier one, as tar does).
+/// Linear in the records, and refusing a new name past the limit at once, so a header of
+/// many tiny records never materialises more than `max` names.
+#[derive(Default)]
+struct LastOfEach {
+    slots: Vec<Option<(Vec<u8>, Vec<u8>)>>,
+    at: HashMap<Vec<u8>, usize>,
+}
+
+impl LastOfEach {
+    /// Record `name = value`; false when `name` is new and `max` names are held already.
+    fn put(&mut self, name: Vec<u8>, value: Vec<u8>, max: usize) -> bool {
+        match self.at.get_mut(&name) {
+            Some(i) => {
+                self.slots[*i] = None;
+                *i = self.slots.len();
+            }
+            None => {
+                if self.at.len() >= max {
+                    return false;
+                }
+                self.at.insert(name.clone(), self.slots.len());
+            }
+        }
+        self.slots.push(Some((name, value)));
+        // Overridden slots are dropped once they outnumber the live ones (amortised linear),
+        // so a name repeated a million times holds one slot, not a million.
+        if self.slots.len() > 2 * self.at.len() + 64 {
+            self.slots.retain(Option::is_some);
+            for (i, (n, _)) in self.slots.iter().flatten().enumerate() {
+                if let Some(at) = self.at.get_mut(n) {
+                    *at = i;
+                }
+            }
+        }
+        true
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    fn into_vec(self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.slots.into_iter().flatten().collect()
+    }
 }
 
 fn io_kind(e: io::Error) -> TarErrorKind {

@@ -2,45 +2,76 @@
 
 use super::TarErrorKind;
 
-/// Split a PAX header payload into (key, value) records, in order. Values are raw bytes: xattr
-/// values in `SCHILY.xattr.*` are binary.
-/// One PAX record: key, raw value.
-pub(crate) type Record = (Vec<u8>, Vec<u8>);
-
-pub(crate) fn parse_records(mut data: &[u8]) -> Result<Vec<Record>, TarErrorKind> {
-    let mut out = Vec::new();
-    loop {
-        // Trailing NUL padding ends the record list.
-        if data.is_empty() || data[0] == 0 {
-            return Ok(out);
-        }
-        let sp = data
-            .iter()
-            .position(|&c| c == b' ')
-            .ok_or_else(|| bad("record without length"))?;
-        let len_str = &data[..sp];
-        if len_str.is_empty() || len_str.len() > 20 || !len_str.iter().all(u8::is_ascii_digit) {
-            return Err(bad("bad record length"));
-        }
-        let len: usize = std::str::from_utf8(len_str)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("bad record length"))?;
-        if len <= sp + 1 || len > data.len() {
-            return Err(bad("record length out of range"));
-        }
-        let record = &data[sp + 1..len];
-        if record.last() != Some(&b'\n') {
-            return Err(bad("record not terminated by newline"));
-        }
-        let record = &record[..record.len() - 1];
-        let eq = record
-            .iter()
-            .position(|&c| c == b'=')
-            .ok_or_else(|| bad("record without '='"))?;
-        out.push((record[..eq].to_vec(), record[eq + 1..].to_vec()));
-        data = &data[len..];
+/// The records of a PAX header payload, in order, borrowed from it: `(key, value)`. Values
+/// are raw bytes (xattr values in `SCHILY.xattr.*` are binary). Nothing is copied, so a
+/// payload of many tiny records costs no more memory than the payload itself.
+pub(crate) fn records(data: &[u8]) -> Records<'_> {
+    Records {
+        data,
+        failed: false,
     }
+}
+
+/// See [`records`]. Ends at the payload's end or its NUL padding; after an error, ends.
+pub(crate) struct Records<'a> {
+    data: &'a [u8],
+    failed: bool,
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Result<(&'a [u8], &'a [u8]), TarErrorKind>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        // Trailing NUL padding ends the record list.
+        if self.failed || self.data.is_empty() || self.data[0] == 0 {
+            return None;
+        }
+        let r = split_record(self.data);
+        match r {
+            Ok((k, v, rest)) => {
+                self.data = rest;
+                Some(Ok((k, v)))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// The first record of `data`: key, value, and what follows it.
+fn split_record(data: &[u8]) -> Result<(&[u8], &[u8], &[u8]), TarErrorKind> {
+    let sp = data
+        .iter()
+        .position(|&c| c == b' ')
+        .ok_or_else(|| bad("record without length"))?;
+    let len_str = &data[..sp];
+    if len_str.is_empty() || len_str.len() > 20 || !len_str.iter().all(u8::is_ascii_digit) {
+        return Err(bad("bad record length"));
+    }
+    let len: usize = std::str::from_utf8(len_str)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad record length"))?;
+    if len <= sp + 1 || len > data.len() {
+        return Err(bad("record length out of range"));
+    }
+    let record = &data[sp + 1..len];
+    if record.last() != Some(&b'\n') {
+        return Err(bad("record not terminated by newline"));
+    }
+    let record = &record[..record.len() - 1];
+    let eq = record
+        .iter()
+        .position(|&c| c == b'=')
+        .ok_or_else(|| bad("record without '='"))?;
+    Ok((&record[..eq], &record[eq + 1..], &data[len..]))
+}
+
+/// Every record of `data`, or its first error (the payload is checked whole before use).
+pub(crate) fn check_records(data: &[u8]) -> Result<(), TarErrorKind> {
+    records(data).try_for_each(|r| r.map(drop))
 }
 
 fn bad(what: &'static str) -> TarErrorKind {
@@ -145,15 +176,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn records() {
-        let r = parse_records(b"12 path=a/b\n26 SCHILY.xattr.user.x=\x00\x01\n\0\0").unwrap();
-        assert_eq!(r[0], (b"path".to_vec(), b"a/b".to_vec()));
-        assert_eq!(
-            r[1],
-            (b"SCHILY.xattr.user.x".to_vec(), b"\x00\x01".to_vec())
-        );
-        assert!(parse_records(b"99 path=a\n").is_err());
-        assert!(parse_records(b"x path=a\n").is_err());
+    fn records_are_borrowed_and_checked() {
+        let data = b"12 path=a/b\n26 SCHILY.xattr.user.x=\x00\x01\n\0\0";
+        let r: Vec<_> = records(data).collect::<Result<_, _>>().unwrap();
+        assert_eq!(r[0], (&b"path"[..], &b"a/b"[..]));
+        assert_eq!(r[1], (&b"SCHILY.xattr.user.x"[..], &b"\x00\x01"[..]));
+        assert_eq!(r.len(), 2);
+        assert!(check_records(b"99 path=a\n").is_err());
+        assert!(check_records(b"x path=a\n").is_err());
+        assert!(check_records(b"12 path=a/b\nx").is_err());
+        let mut it = records(b"9 a=b\n\n");
+        assert!(it.next().unwrap().is_err());
+        assert!(it.next().is_none(), "an error ends the records");
     }
 
     #[test]
