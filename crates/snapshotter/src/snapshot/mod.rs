@@ -68,6 +68,9 @@ pub struct Snapshotter {
     /// Per-layer locks (by snapshot id) held while a layer is verified and mounted, so two
     /// requests do not hash the same layer at once.
     layer_locks: KeyLocks,
+    /// Manager mode: layers whose digest was checked before their paths were handed to
+    /// containerd, by snapshot id, with the file's identity then (re-checked when it changes).
+    manager_verified: Mutex<std::collections::HashMap<u64, FileStamp>>,
     /// Creation holds it shared between staging and recording; Cleanup holds it exclusively,
     /// so it never mistakes a directory being recorded for an orphan.
     sweep_lock: RwLock<()>,
@@ -78,6 +81,28 @@ pub struct Snapshotter {
     heavy: gate::Gate,
     /// The free-space reserve under the root.
     space: space::Space,
+}
+
+/// A file's identity and last change: any write, rename over or attribute change makes a
+/// different stamp (ctime cannot be set by anyone but the kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    pub(crate) fn of(md: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            ctime: (md.ctime(), md.ctime_nsec()),
+        }
+    }
 }
 
 /// Check a key or name from a request.
@@ -167,6 +192,7 @@ impl Snapshotter {
             locks: KeyLocks::default(),
             mount_lock: Mutex::new(()),
             layer_locks: KeyLocks::default(),
+            manager_verified: Default::default(),
             sweep_lock: RwLock::new(()),
             integrity,
         };

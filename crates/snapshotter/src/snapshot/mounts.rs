@@ -51,6 +51,13 @@ impl Snapshotter {
             if own_layer.is_some() {
                 self.ensure_layer_mounted(key, rec, LayerState::Applied(rec.layer.as_ref()))?;
             }
+        } else {
+            for (name, p) in parents {
+                self.verify_for_manager(name, p, LayerState::Committed(p.layer.as_ref()))?;
+            }
+            if own_layer.is_some() {
+                self.verify_for_manager(key, rec, LayerState::Applied(rec.layer.as_ref()))?;
+            }
         }
         let idmap = IdMap::from_labels(
             rec.labels.get(super::LABEL_UIDMAPPING),
@@ -119,6 +126,35 @@ impl Snapshotter {
         crate::mount::idmap::mount_clone(&self.layout.fs(id), &target, map)
             .map_err(|e| e.context(format!("layer {id}")))?;
         Ok(target)
+    }
+
+    /// Manager mode: containerd mounts the layer files itself, so each is checked against its
+    /// recorded digest before its path is handed out, as host mode checks before mounting.
+    /// A layer checked before and unchanged since (same inode, size and ctime: a write, a
+    /// rename over it or `chattr` all change them) is not re-hashed. What containerd then
+    /// opens is the path: with kernel fs-verity the kernel checks every read; in userspace
+    /// mode this check is the last one.
+    fn verify_for_manager(&self, name: &str, rec: &Record, state: LayerState<'_>) -> Result<()> {
+        let layer = self.layout.layer(rec.id);
+        let _layer = self.layer_locks.lock(&[&rec.id.to_string()]);
+        let now = std::fs::symlink_metadata(&layer)
+            .map_err(|e| Error::io(format!("stat of layer {name:?} ({})", layer.display()), e))?;
+        let stamp = super::FileStamp::of(&now);
+        let cache = || {
+            self.manager_verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        if cache().get(&rec.id) == Some(&stamp) {
+            return Ok(());
+        }
+        let verified = self.integrity.open_verified(&layer, state, name)?;
+        let md = verified
+            .file()
+            .metadata()
+            .map_err(|e| Error::io("stat of a verified layer", e))?;
+        cache().insert(rec.id, super::FileStamp::of(&md));
+        Ok(())
     }
 
     /// Manager mode: the sidecar containerd is to read for the layer of snapshot `name`

@@ -18,6 +18,10 @@ impl Snapshotter {
             Err(e) => return Err(e.context(format!("failed to remove snapshot {key:?}"))),
         };
         crate::failpoint::hit("remove:after-db-commit");
+        self.manager_verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&rec.id);
         if let Err(e) = self.destroy_dir(&self.layout.dir(rec.id)) {
             // The record is gone; Cleanup and the next start-up sweep the directory.
             tracing::warn!(snapshot = key, error = %e, "removing the snapshot directory");
