@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
 
+mod config;
 mod fsck;
 mod inspect;
 mod mkfs;
@@ -12,6 +13,7 @@ mod serve;
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(a) => serve::run(a),
+        Command::Config(c) => config::run(c),
         Command::Mkfs(a) => mkfs::run(a),
         Command::Fsck(a) => fsck::run(a),
         Command::Ls(a) => inspect::ls(a),
