@@ -25,6 +25,9 @@ pub enum Command {
     /// The daemon's configuration file: print the defaults, or check a file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Ask a running daemon whether it answers (one gRPC call on its socket); exit status 0
+    /// if it does, 1 if not. For service managers and Kubernetes probes.
+    Health(HealthArgs),
     /// Build an EROFS image from a directory or a tar stream (like mkfs.erofs).
     Mkfs(MkfsArgs),
     /// Check an image: every invariant the kernel relies on; exit status 1 on any error.
@@ -65,6 +68,20 @@ pub enum ConfigCommand {
 pub struct ConfigCheckArgs {
     /// The file, or `-` for standard input.
     pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The daemon's socket (`address` in its configuration).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/erofs-snapshotter/snapshotter.sock"
+    )]
+    pub socket: PathBuf,
+    /// Longest to wait for the answer (Go-style duration: "5s", "500ms").
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub timeout: String,
 }
 
 /// Log output format.

@@ -15,13 +15,25 @@
 //!
 //! 5 needs root (the daemon mounts); 2 and 3 need scripts/setup's private packages.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use snapshotter::Config;
 
 const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn contrib(rel: &str) -> PathBuf {
+    repo().join("contrib").join(rel)
+}
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -116,4 +128,609 @@ fn config_check_names_file_line_and_key() {
         "{}",
         text(&o)
     );
+}
+
+// ---- 2. systemd ----
+
+/// Debian 12's systemd, unpacked by scripts/setup (never installed, never run as PID 1).
+fn systemd_root() -> PathBuf {
+    std::env::var_os("TESTSUITE_SYSTEMD_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/opt/systemd-bookworm/root".into())
+}
+
+fn systemd_analyze(args: &[&str]) -> Output {
+    let root = systemd_root();
+    let exe = root.join("usr/bin/systemd-analyze");
+    assert!(
+        exe.exists(),
+        "{} is missing: run scripts/setup (it unpacks Debian 12's systemd there)",
+        exe.display()
+    );
+    Command::new(&exe)
+        .args(args)
+        .env(
+            "LD_LIBRARY_PATH",
+            root.join("usr/lib/x86_64-linux-gnu/systemd"),
+        )
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+        .unwrap()
+}
+
+/// Debian 12's containerd package, as scripts/setup unpacks it for the tests.
+fn containerd_16_root() -> PathBuf {
+    testsuite::Version::V1_6
+        .containerd()
+        .parent()
+        .and_then(|p| p.parent())
+        .and_then(|p| p.parent())
+        .unwrap()
+        .to_path_buf()
+}
+
+fn link_or_copy(from: &Path, to: &Path) {
+    fs::create_dir_all(to.parent().unwrap()).unwrap();
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).unwrap();
+    }
+}
+
+/// A root for `systemd-analyze --root`: systemd's own units, Debian's containerd.service and
+/// binary, our unit, drop-in and binary, at the paths the README installs them to.
+fn unit_root(unit_text: &str) -> tempfile::TempDir {
+    let root = tempfile::Builder::new()
+        .prefix("units-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let r = root.path();
+    let sd = systemd_root();
+    let units = r.join("usr/lib/systemd/system");
+    fs::create_dir_all(&units).unwrap();
+    for dir in ["lib/systemd/system", "usr/lib/systemd/system"] {
+        let Ok(rd) = fs::read_dir(sd.join(dir)) else {
+            continue;
+        };
+        for e in rd {
+            let e = e.unwrap();
+            let t = units.join(e.file_name());
+            if e.file_type().unwrap().is_file() && !t.exists() {
+                fs::copy(e.path(), t).unwrap();
+            }
+        }
+    }
+    let ctd = containerd_16_root();
+    let service = ["lib/systemd/system", "usr/lib/systemd/system"]
+        .iter()
+        .map(|d| ctd.join(d).join("containerd.service"))
+        .find(|p| p.exists())
+        .expect("containerd.service of Debian's containerd: run scripts/setup");
+    fs::copy(service, units.join("containerd.service")).unwrap();
+    link_or_copy(
+        &testsuite::Version::V1_6.containerd(),
+        &r.join("usr/bin/containerd"),
+    );
+    // containerd.service's `ExecStartPre=-/sbin/modprobe overlay`.
+    link_or_copy(
+        Path::new("/usr/sbin/modprobe"),
+        &r.join("usr/sbin/modprobe"),
+    );
+    std::os::unix::fs::symlink("usr/sbin", r.join("sbin")).unwrap();
+    link_or_copy(Path::new(BIN), &r.join("usr/local/bin/erofs-snapshotter"));
+    let etc = r.join("etc/systemd/system");
+    fs::create_dir_all(etc.join("containerd.service.d")).unwrap();
+    fs::write(etc.join("erofs-snapshotter.service"), unit_text).unwrap();
+    fs::copy(
+        contrib("systemd/containerd.service.d/erofs-snapshotter.conf"),
+        etc.join("containerd.service.d/erofs-snapshotter.conf"),
+    )
+    .unwrap();
+    root
+}
+
+fn verify(root: &Path) -> Output {
+    systemd_analyze(&[
+        "verify",
+        &format!("--root={}", root.display()),
+        "--man=no",
+        "--generators=no",
+        "erofs-snapshotter.service",
+        "containerd.service",
+    ])
+}
+
+/// `KEY=value` lines of one `[section]` of a unit file.
+fn unit_section(text: &str, section: &str) -> Vec<(String, String)> {
+    let mut cur = String::new();
+    let mut out = Vec::new();
+    for l in text.lines().map(str::trim) {
+        if l.starts_with('#') || l.is_empty() {
+            continue;
+        }
+        if let Some(s) = l.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            cur = s.to_string();
+        } else if cur == section {
+            let (k, v) = l.split_once('=').expect("KEY=value");
+            out.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn systemd_units_verify() {
+    let unit = fs::read_to_string(contrib("systemd/erofs-snapshotter.service")).unwrap();
+    let root = unit_root(&unit);
+    let o = verify(root.path());
+    // verify reports unknown keys and bad values only as messages, with status 0: both
+    // must be clean.
+    assert!(
+        o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
+        "systemd-analyze verify: {:?}\n{}",
+        o.status,
+        text(&o)
+    );
+    // The verifier is not blind: a typo, a bad value and a missing binary each show up.
+    for (bad, needle) in [
+        (
+            unit.replace("Restart=always", "Restart=sometimes"),
+            "restart",
+        ),
+        (
+            unit.replace("Type=notify", "Type=notify\nPrivateMount=yes"),
+            "PrivateMount",
+        ),
+        (
+            unit.replace("/usr/local/bin/erofs-snapshotter", "/usr/local/bin/nope"),
+            "/usr/local/bin/nope",
+        ),
+    ] {
+        let root = unit_root(&bad);
+        let t = text(&verify(root.path()));
+        assert!(t.contains(needle), "{needle}: {t}");
+    }
+
+    // What the README promises about it.
+    let u = unit_section(&unit, "Unit");
+    let s = unit_section(&unit, "Service");
+    let has = |sec: &[(String, String)], k: &str, v: &str| {
+        sec.iter()
+            .any(|(a, b)| a == k && b.split_whitespace().any(|w| w == v))
+    };
+    assert!(has(&u, "Before", "containerd.service"), "{u:?}");
+    assert!(has(&s, "Type", "notify"), "{s:?}");
+    assert!(has(&s, "Restart", "always"), "{s:?}");
+    let cfg = Config::default();
+    assert!(
+        has(
+            &s,
+            "RuntimeDirectory",
+            cfg.address
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+        ),
+        "the runtime directory is the default socket's: {s:?}"
+    );
+    assert!(s.iter().any(|(k, v)| k == "ExecStart"
+        && v.starts_with(
+            "/usr/local/bin/erofs-snapshotter serve --config /etc/erofs-snapshotter/config.toml"
+        )));
+    for k in [
+        "PrivateMounts",
+        "MountFlags",
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "ReadOnlyPaths",
+        "InaccessiblePaths",
+        "TemporaryFileSystem",
+    ] {
+        assert!(
+            !s.iter().any(|(a, _)| a == k),
+            "{k} would give the daemon its own mount namespace"
+        );
+    }
+    let dropin = fs::read_to_string(contrib(
+        "systemd/containerd.service.d/erofs-snapshotter.conf",
+    ))
+    .unwrap();
+    let d = unit_section(&dropin, "Unit");
+    assert!(has(&d, "After", "erofs-snapshotter.service"), "{d:?}");
+    assert!(has(&d, "Wants", "erofs-snapshotter.service"), "{d:?}");
+    assert!(
+        !d.iter().any(|(k, _)| k == "Requires" || k == "BindsTo"),
+        "{d:?}"
+    );
+}
+
+// ---- 3. containerd snippets ----
+
+/// containerd 1.7 (Debian 13's), unpacked by scripts/setup.
+fn containerd_17() -> PathBuf {
+    std::env::var_os("TESTSUITE_CONTAINERD_1_7_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/opt/containerd-1.7/root".into())
+        .join("usr/bin/containerd")
+}
+
+/// `containerd --config FILE config dump`: what that containerd makes of the file.
+fn dump(containerd: &Path, file: &Path) -> (toml::Table, String) {
+    assert!(
+        containerd.exists(),
+        "{} is missing: run scripts/setup",
+        containerd.display()
+    );
+    let o = Command::new(containerd)
+        .arg("--config")
+        .arg(file)
+        .args(["config", "dump"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{} on {}: {}",
+        containerd.display(),
+        file.display(),
+        text(&o)
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    let t = toml::from_str(&String::from_utf8_lossy(&o.stdout)).expect("a TOML dump");
+    (t, stderr)
+}
+
+fn at<'a>(t: &'a toml::Table, path: &[&str]) -> &'a toml::Value {
+    let mut v = t.get(path[0]).unwrap_or_else(|| panic!("no {}", path[0]));
+    for p in &path[1..] {
+        v = v.get(p).unwrap_or_else(|| panic!("no {p} in {path:?}"));
+    }
+    v
+}
+
+fn s<'a>(t: &'a toml::Table, path: &[&str]) -> &'a str {
+    at(t, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("{path:?} is not a string"))
+}
+
+#[test]
+fn containerd_snippets_are_read_as_intended() {
+    let cfg = Config::default();
+    let sock = cfg.address.to_str().unwrap();
+    let root = cfg.root_path.to_str().unwrap();
+    let cri1 = ["plugins", "io.containerd.grpc.v1.cri", "containerd"];
+
+    let (d, _) = dump(
+        &testsuite::Version::V1_6.containerd(),
+        &contrib("containerd/config-1.6.toml"),
+    );
+    assert_eq!(s(&d, &["proxy_plugins", "erofs-rs", "address"]), sock);
+    assert_eq!(s(&d, &["proxy_plugins", "erofs-rs", "type"]), "snapshot");
+    assert_eq!(s(&d, &[&cri1[..], &["snapshotter"]].concat()), "erofs-rs");
+
+    let (d, _) = dump(&containerd_17(), &contrib("containerd/config-1.7.toml"));
+    assert_eq!(s(&d, &["proxy_plugins", "erofs-rs", "address"]), sock);
+    assert_eq!(
+        s(&d, &["proxy_plugins", "erofs-rs", "exports", "root"]),
+        root
+    );
+    assert_eq!(s(&d, &["proxy_plugins", "erofs-rs-diff", "type"]), "diff");
+    assert_eq!(s(&d, &["proxy_plugins", "erofs-rs-diff", "address"]), sock);
+    assert_eq!(s(&d, &[&cri1[..], &["snapshotter"]].concat()), "erofs-rs");
+    let diff = at(
+        &d,
+        &[
+            "plugins",
+            "io.containerd.service.v1.diff-service",
+            "default",
+        ],
+    );
+    assert_eq!(diff.as_array().unwrap()[0].as_str(), Some("erofs-rs-diff"));
+    assert_eq!(
+        s(
+            &d,
+            &[&cri1[..], &["runtimes", "runc-overlayfs", "snapshotter"]].concat()
+        ),
+        "overlayfs"
+    );
+
+    let (d, warnings) = dump(
+        &testsuite::Version::V2_1.containerd(),
+        &contrib("containerd/config-2.x.toml"),
+    );
+    // 2.x reads plugin sections strictly and says which keys it ignored.
+    assert!(!warnings.contains("nknown"), "{warnings}");
+    assert_eq!(s(&d, &["proxy_plugins", "erofs-rs", "address"]), sock);
+    assert_eq!(
+        s(&d, &["proxy_plugins", "erofs-rs", "exports", "root"]),
+        root
+    );
+    let caps: BTreeSet<&str> = at(&d, &["proxy_plugins", "erofs-rs", "capabilities"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(caps, BTreeSet::from(["rebase", "remap-ids"]));
+    assert_eq!(s(&d, &["proxy_plugins", "erofs-rs-diff", "address"]), sock);
+    assert_eq!(
+        s(
+            &d,
+            &["plugins", "io.containerd.cri.v1.images", "snapshotter"]
+        ),
+        "erofs-rs"
+    );
+    let unpack = at(
+        &d,
+        &[
+            "plugins",
+            "io.containerd.transfer.v1.local",
+            "unpack_config",
+        ],
+    )
+    .as_array()
+    .unwrap();
+    assert!(
+        unpack.iter().any(
+            |e| e.get("snapshotter").and_then(|v| v.as_str()) == Some("erofs-rs")
+                && e.get("differ").and_then(|v| v.as_str()) == Some("erofs-rs-diff")
+        ),
+        "{unpack:?}"
+    );
+    assert!(
+        unpack
+            .iter()
+            .any(|e| e.get("snapshotter").and_then(|v| v.as_str()) == Some("overlayfs")),
+        "the overlayfs entry must stay: {unpack:?}"
+    );
+    assert_eq!(
+        s(
+            &d,
+            &[
+                "plugins",
+                "io.containerd.cri.v1.runtime",
+                "containerd",
+                "runtimes",
+                "runc-overlayfs",
+                "snapshotter"
+            ]
+        ),
+        "overlayfs"
+    );
+    // The strict reading has teeth: a misspelt key is reported.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    fs::write(
+        &bad,
+        fs::read_to_string(contrib("containerd/config-2.x.toml"))
+            .unwrap()
+            .replace(
+                "  snapshotter = \"erofs-rs\"\n\n",
+                "  snapshoter = \"erofs-rs\"\n\n",
+            ),
+    )
+    .unwrap();
+    let (_, w) = dump(&testsuite::Version::V2_1.containerd(), &bad);
+    assert!(w.contains("nknown key") && w.contains("snapshoter"), "{w}");
+}
+
+// ---- 4. Kubernetes ----
+
+#[test]
+fn daemonset_manifest_is_consistent() {
+    use yaml_rust2::{Yaml, YamlLoader};
+    let manifest = fs::read_to_string(contrib("kubernetes/daemonset.yaml")).unwrap();
+    let docs = YamlLoader::load_from_str(&manifest).expect("valid YAML");
+    let kind = |k: &str| -> &Yaml {
+        let found: Vec<&Yaml> = docs
+            .iter()
+            .filter(|d| d["kind"].as_str() == Some(k))
+            .collect();
+        assert_eq!(found.len(), 1, "one {k}");
+        found[0]
+    };
+    for d in &docs {
+        assert!(d["apiVersion"].as_str().is_some(), "{d:?}");
+        assert!(d["metadata"]["name"].as_str().is_some(), "{d:?}");
+    }
+    let ns = kind("Namespace")["metadata"]["name"].as_str().unwrap();
+    let rc = kind("RuntimeClass");
+    assert_eq!(rc["apiVersion"].as_str(), Some("node.k8s.io/v1"));
+    // The handler the containerd snippets define for the daemon's own pods.
+    let handler = rc["handler"].as_str().unwrap();
+    for v in ["1.7", "2.x"] {
+        let snippet = fs::read_to_string(contrib(&format!("containerd/config-{v}.toml"))).unwrap();
+        assert!(snippet.contains(&format!("runtimes.{handler}]")), "{v}");
+    }
+
+    // The ConfigMap's config is one the daemon accepts.
+    let cm = kind("ConfigMap");
+    assert_eq!(cm["metadata"]["namespace"].as_str(), Some(ns));
+    let cfg = Config::check(cm["data"]["config.toml"].as_str().unwrap()).expect("config.toml");
+
+    let ds = kind("DaemonSet");
+    assert_eq!(ds["apiVersion"].as_str(), Some("apps/v1"));
+    assert_eq!(ds["metadata"]["namespace"].as_str(), Some(ns));
+    let spec = &ds["spec"];
+    let pod = &spec["template"]["spec"];
+    for (k, v) in spec["selector"]["matchLabels"].as_hash().unwrap() {
+        assert_eq!(
+            &spec["template"]["metadata"]["labels"][k.as_str().unwrap()],
+            v
+        );
+    }
+    assert_eq!(
+        pod["runtimeClassName"].as_str(),
+        rc["metadata"]["name"].as_str()
+    );
+    assert_eq!(pod["hostNetwork"].as_bool(), Some(true));
+    assert_eq!(
+        spec["updateStrategy"]["rollingUpdate"]["maxUnavailable"].as_i64(),
+        Some(1)
+    );
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["privileged"].as_bool(), Some(true));
+
+    // Volumes: hostPath where the config says, the root propagating both ways.
+    let host_path = |vol: &str| -> String {
+        let v = pod["volumes"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"].as_str() == Some(vol))
+            .unwrap_or_else(|| panic!("volume {vol}"));
+        v["hostPath"]["path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{vol} is not a hostPath"))
+            .into()
+    };
+    let mount = |path: &Path| -> &Yaml {
+        c["volumeMounts"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"].as_str() == path.to_str())
+            .unwrap_or_else(|| panic!("nothing mounted at {}", path.display()))
+    };
+    let root = mount(&cfg.root_path);
+    assert_eq!(root["mountPropagation"].as_str(), Some("Bidirectional"));
+    assert_eq!(
+        host_path(root["name"].as_str().unwrap()),
+        cfg.root_path.to_str().unwrap()
+    );
+    let sock_dir = cfg.address.parent().unwrap();
+    assert_eq!(
+        host_path(mount(sock_dir)["name"].as_str().unwrap()),
+        sock_dir.to_str().unwrap()
+    );
+    let content = mount(&cfg.differ.content_root);
+    assert_eq!(
+        host_path(content["name"].as_str().unwrap()),
+        cfg.differ.content_root.to_str().unwrap()
+    );
+    let ctd_dir = cfg.differ.containerd_address.parent().unwrap();
+    assert_eq!(
+        host_path(mount(ctd_dir)["name"].as_str().unwrap()),
+        ctd_dir.to_str().unwrap()
+    );
+    assert_eq!(
+        host_path(mount(Path::new("/dev"))["name"].as_str().unwrap()),
+        "/dev"
+    );
+
+    // The container runs the daemon on the ConfigMap's file.
+    let cm_mount =
+        c["volumeMounts"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|m| {
+                pod["volumes"].as_vec().unwrap().iter().any(|v| {
+                    v["name"] == m["name"] && v["configMap"]["name"] == cm["metadata"]["name"]
+                })
+            })
+            .expect("the ConfigMap is mounted");
+    let args: Vec<&str> = c["args"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert_eq!(args[0], "serve");
+    let file = args[args.iter().position(|a| *a == "--config").unwrap() + 1];
+    assert_eq!(
+        Path::new(file),
+        Path::new(cm_mount["mountPath"].as_str().unwrap()).join("config.toml")
+    );
+
+    // Every probe runs `health` on the configured socket, and that command line parses.
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let cmd: Vec<&str> = c[probe]["exec"]["command"]
+            .as_vec()
+            .unwrap_or_else(|| panic!("{probe}"))
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert_eq!(cmd[1], "health", "{probe}");
+        let socket = cmd[cmd.iter().position(|a| *a == "--socket").unwrap() + 1];
+        assert_eq!(Path::new(socket), cfg.address, "{probe}");
+        assert!(c[probe]["timeoutSeconds"].as_i64().unwrap() >= 5, "{probe}");
+        // Against a socket nobody serves: the command runs and says unhealthy.
+        let mut args: Vec<&str> = cmd[1..].to_vec();
+        let i = args.iter().position(|a| *a == "--socket").unwrap();
+        args[i + 1] = "/nonexistent/s.sock";
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1), "{probe}: {}", text(&o));
+    }
+    assert!(
+        pod["terminationGracePeriodSeconds"].as_i64().unwrap() >= 60,
+        "Applies must get to finish"
+    );
+}
+
+// ---- 5. against a daemon ----
+
+/// A daemon config in `dir`, with extra top-level lines.
+fn daemon_config(dir: &Path, extra: &str) -> (String, PathBuf) {
+    let socket = dir.join("s.sock");
+    let cfg = format!(
+        "root_path = {:?}\naddress = {:?}\n{extra}\n[differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\n",
+        dir.join("root").to_str().unwrap(),
+        socket.to_str().unwrap(),
+        dir.join("content").to_str().unwrap(),
+        dir.join("no-containerd.sock").to_str().unwrap(),
+    );
+    (cfg, socket)
+}
+
+#[test]
+fn notify_ready_and_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let rx = UnixDatagram::bind(&notify).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (cfg, socket) = daemon_config(dir.path(), "");
+    let mut opts = testsuite::daemon::DaemonOpts::new(Path::new(BIN), &cfg, &socket);
+    opts.env
+        .push(("NOTIFY_SOCKET".into(), notify.clone().into()));
+    let mut d = testsuite::Daemon::start_with(opts).unwrap();
+    let mut buf = [0u8; 256];
+    let n = rx.recv(&mut buf).expect("READY=1 on NOTIFY_SOCKET");
+    assert_eq!(&buf[..n], b"READY=1");
+
+    let o = run(&[
+        "health",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--timeout",
+        "10s",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).starts_with("ok: "), "{}", text(&o));
+
+    d.stop();
+    let n = rx.recv(&mut buf).expect("STOPPING=1 on NOTIFY_SOCKET");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    let o = run(&["health", "--socket", socket.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).starts_with("unhealthy: "), "{}", text(&o));
+
+    // A socket that accepts but never answers: unhealthy within the timeout.
+    let stuck = dir.path().join("stuck.sock");
+    let _l = std::os::unix::net::UnixListener::bind(&stuck).unwrap();
+    let t = Instant::now();
+    let o = run(&[
+        "health",
+        "--socket",
+        stuck.to_str().unwrap(),
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("no answer within"), "{}", text(&o));
+    assert!(t.elapsed() < Duration::from_secs(10));
 }

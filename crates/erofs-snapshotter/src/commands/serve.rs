@@ -9,6 +9,33 @@ use snapshotter::{Config, Snapshotter};
 
 use crate::cli::ServeArgs;
 
+/// Tell a service manager that started us with `Type=notify` (systemd's `$NOTIFY_SOCKET`) how
+/// we are: `READY=1` once the sockets accept connections, so containerd, ordered after us,
+/// never starts before them. Without the variable, nothing to do; a failure only loses the
+/// notification (systemd then times the start out, which the log explains).
+fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| {
+        use std::os::unix::ffi::OsStrExt;
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_bytes();
+        match bytes.strip_prefix(b"@") {
+            // An abstract socket (systemd's default is a path under /run/systemd).
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(state.as_bytes(), &addr)
+            }
+            None => sock.send_to(state.as_bytes(), &path),
+        }
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(socket = ?path, error = %e, state, "notifying the service manager");
+    }
+}
+
 /// Install SIGTERM/SIGINT handlers now (before the socket exists, so no signal can arrive
 /// unhandled) and return a future that resolves on the first of them.
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
@@ -21,6 +48,12 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
         }
     })
+}
+
+/// `shutdown`, telling the service manager when it comes.
+async fn notify_stopping(shutdown: impl std::future::Future<Output = ()>) {
+    shutdown.await;
+    notify("STOPPING=1");
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -56,7 +89,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
             capabilities = ?core.capabilities(),
             "serving containerd.services.snapshots.v1.Snapshots"
         );
-        erofs_grpc::serve(core.clone(), listener, shutdown).await?;
+        notify("READY=1");
+        erofs_grpc::serve(core.clone(), listener, notify_stopping(shutdown)).await?;
         let _ = std::fs::remove_file(&cfg.address);
         // Dropping the last reference closes the store.
         drop(core);
