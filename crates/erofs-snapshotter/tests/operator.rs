@@ -15,15 +15,19 @@
 //!
 //! 5 needs root (the daemon mounts); 2 and 3 need scripts/setup's private packages.
 
+#[path = "operator/prom.rs"]
+mod prom;
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Write;
-use std::os::unix::net::UnixDatagram;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use snapshotter::Config;
+use testsuite::daemon_env::{Cfg, Env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
 
@@ -733,4 +737,213 @@ fn notify_ready_and_health() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("no answer within"), "{}", text(&o));
     assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+/// One HTTP/1.1 request on `stream`; the status line and the body.
+fn http(mut stream: impl Read + Write, request: &str) -> (String, String) {
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a response head");
+    let status = head.lines().next().unwrap().to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .expect("Content-Length")
+        .parse()
+        .unwrap();
+    assert_eq!(body.len(), len, "{head}");
+    (status, body.to_string())
+}
+
+fn scrape_unix(sock: &Path) -> prom::Scrape {
+    let (status, body) = http(
+        UnixStream::connect(sock).unwrap(),
+        "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    prom::parse(&body).unwrap_or_else(|e| panic!("{e:#}\n{body}"))
+}
+
+const DUR: &str = "erofs_snapshotter_request_duration_seconds";
+
+fn count(s: &prom::Scrape, op: &str, code: &str) -> f64 {
+    s.get0(&format!("{DUR}_count"), &[("op", op), ("code", code)])
+}
+
+fn code_name(c: tonic::Code) -> String {
+    match c {
+        tonic::Code::Ok => "OK".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_layers_and_bytes() {
+    let base = tempfile::Builder::new()
+        .prefix("eit-metrics-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let msock = base.path().join("metrics.sock");
+    let mut env = Env::in_dir(
+        BIN,
+        base.path().join("env"),
+        Cfg::new().top(&format!("metrics.address = \"unix:{}\"", msock.display())),
+        true,
+    )
+    .unwrap();
+    env.start().await.unwrap();
+    let before = scrape_unix(&msock);
+    assert_eq!(before.types.get(DUR).map(String::as_str), Some("histogram"));
+    assert_eq!(
+        before.get("erofs_snapshotter_snapshots", &[("kind", "committed")]),
+        Some(0.0)
+    );
+
+    // A layer committed from an upper directory, a view of it, mounts, a removal.
+    let base_id = env
+        .layer_with(
+            "k1",
+            "",
+            "L1",
+            &[("etc/motd", b"hello\n"), ("bin/x", &[7u8; 70000])],
+        )
+        .await
+        .unwrap();
+    env.c().view("v1", "L1").await.unwrap();
+    env.c().mounts("v1").await.unwrap();
+    env.c().remove("v1").await.unwrap();
+    // A layer the differ applies from a tar blob.
+    let mut tar = testsuite::oci::LayerBuilder::new();
+    tar.dir("a", 0o755).file("a/b.txt", 0o644, b"applied\n");
+    let tar = tar.finish().unwrap();
+    let desc = env
+        .add_blob("application/vnd.oci.image.layer.v1.tar", &tar)
+        .unwrap();
+    let (applied_id, _) = env.apply_layer("k2", "L2", &desc).await.unwrap();
+    // Refused and failed requests count under their codes.
+    let missing = env.c().prepare("k3", "no-such-parent").await.unwrap_err();
+    let mounts = env.c().prepare("k4", "L1").await.unwrap();
+    let compare = env
+        .c()
+        .compare(
+            &env.c().view("v2", "L1").await.unwrap(),
+            &mounts,
+            "application/vnd.oci.image.layer.v1.tar",
+            None,
+        )
+        .await;
+
+    let after = scrape_unix(&msock);
+    let moved = |op: &str, code: &str| count(&after, op, code) - count(&before, op, code);
+    assert_eq!(moved("prepare", "OK"), 3.0); // k1, k2, k4
+    assert_eq!(moved("view", "OK"), 2.0);
+    assert_eq!(moved("mounts", "OK"), 1.0);
+    assert_eq!(moved("commit", "OK"), 2.0);
+    assert_eq!(moved("remove", "OK"), 1.0);
+    assert_eq!(moved("apply", "OK"), 1.0);
+    assert_eq!(moved("prepare", &code_name(missing.code())), 1.0);
+    let compare_code = match &compare {
+        Ok(_) => "OK".to_string(),
+        Err(s) => code_name(s.code()),
+    };
+    assert_eq!(moved("compare", &compare_code), 1.0, "{compare:?}");
+    // Durations were recorded with them.
+    assert!(after.get0(&format!("{DUR}_sum"), &[("op", "apply"), ("code", "OK")]) > 0.0);
+
+    let conv = |s: &prom::Scrape, op: &str| {
+        (
+            s.get0("erofs_snapshotter_layers_converted_total", &[("op", op)]),
+            s.get0("erofs_snapshotter_converted_bytes_total", &[("op", op)]),
+        )
+    };
+    let len = |id: u64| fs::metadata(env.layer(id)).unwrap().len() as f64;
+    assert_eq!(conv(&after, "commit").0 - conv(&before, "commit").0, 1.0);
+    assert_eq!(
+        conv(&after, "commit").1 - conv(&before, "commit").1,
+        len(base_id)
+    );
+    assert_eq!(conv(&after, "apply").0 - conv(&before, "apply").0, 1.0);
+    assert_eq!(
+        conv(&after, "apply").1 - conv(&before, "apply").1,
+        len(applied_id)
+    );
+    assert_eq!(
+        after.get("erofs_snapshotter_snapshots", &[("kind", "committed")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        after.get("erofs_snapshotter_snapshots", &[("kind", "active")]),
+        Some(1.0)
+    );
+    assert!(
+        after
+            .get("erofs_snapshotter_layer_disk_bytes", &[])
+            .unwrap()
+            >= len(base_id)
+    );
+    for kind in ["loop_device", "fsverity_userspace", "dmverity_skipped"] {
+        assert!(
+            after
+                .get("erofs_snapshotter_fallbacks_total", &[("kind", kind)])
+                .is_some(),
+            "{kind}"
+        );
+    }
+    assert!(
+        after
+            .get("erofs_snapshotter_heavy_requests_limit", &[])
+            .unwrap()
+            >= 1.0
+    );
+
+    // Only GET /metrics.
+    let (st, _) = http(
+        UnixStream::connect(&msock).unwrap(),
+        "GET / HTTP/1.1\r\n\r\n",
+    );
+    assert_eq!(st, "HTTP/1.1 404 Not Found");
+    let (st, _) = http(
+        UnixStream::connect(&msock).unwrap(),
+        "POST /metrics HTTP/1.1\r\n\r\n",
+    );
+    assert_eq!(st, "HTTP/1.1 405 Method Not Allowed");
+    // A client that sends an endless head is cut off.
+    let mut s = UnixStream::connect(&msock).unwrap();
+    let junk = vec![b'x'; 64 << 10];
+    let _ = s.write_all(&junk);
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(
+        resp.is_empty() || resp.starts_with("HTTP/1.1 400"),
+        "{resp}"
+    );
+
+    env.stop().unwrap();
+    assert!(!msock.exists(), "the metrics socket goes with the daemon");
+}
+
+#[test]
+fn metrics_on_loopback_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (cfg, socket) = daemon_config(
+        dir.path(),
+        &format!("metrics.address = \"127.0.0.1:{port}\""),
+    );
+    let _d = testsuite::Daemon::start(Path::new(BIN), &cfg, &socket).unwrap();
+    let o = run(&["health", "--socket", socket.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (status, body) = http(
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(),
+        "GET /metrics HTTP/1.0\r\n\r\n",
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let s = prom::parse(&body).unwrap();
+    // The health probe's Stat is counted.
+    assert_eq!(count(&s, "stat", "NotFound"), 1.0, "{body}");
 }

@@ -8,6 +8,7 @@ use snapshotter::mount::SystemMounter;
 use snapshotter::{Config, Snapshotter};
 
 use crate::cli::ServeArgs;
+use crate::metrics::{self, Metrics};
 
 /// Tell a service manager that started us with `Type=notify` (systemd's `$NOTIFY_SOCKET`) how
 /// we are: `READY=1` once the sockets accept connections, so containerd, ordered after us,
@@ -79,6 +80,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .await?
         .with_context(|| format!("opening the snapshotter at {}", cfg.root_path.display()))?;
         let core = Arc::new(core);
+        // The metrics endpoint first: its observer sees every request from the first on.
+        let scrapes = match cfg.metrics_address() {
+            Some(addr) => {
+                let m = Metrics::new(&core);
+                let l = metrics::bind(&addr, cfg.socket_mode_bits(), cfg.socket_gid).await?;
+                tracing::info!(metrics = %cfg.metrics.address, "serving metrics (GET /metrics)");
+                Some((tokio::spawn(metrics::serve(l, m)), addr))
+            }
+            None => None,
+        };
         let listener =
             erofs_grpc::serve::bind(&cfg.address, cfg.socket_mode_bits(), cfg.socket_gid).await?;
         tracing::info!(
@@ -90,7 +101,15 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
             "serving containerd.services.snapshots.v1.Snapshots"
         );
         notify("READY=1");
-        erofs_grpc::serve(core.clone(), listener, notify_stopping(shutdown)).await?;
+        let served = erofs_grpc::serve(core.clone(), listener, notify_stopping(shutdown)).await;
+        if let Some((task, addr)) = scrapes {
+            task.abort();
+            let _ = task.await;
+            if let snapshotter::config::MetricsAddress::Unix(p) = addr {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        served?;
         let _ = std::fs::remove_file(&cfg.address);
         // Dropping the last reference closes the store.
         drop(core);
