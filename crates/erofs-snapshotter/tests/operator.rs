@@ -947,3 +947,72 @@ fn metrics_on_loopback_tcp() {
     // The health probe's Stat is counted.
     assert_eq!(count(&s, "stat", "NotFound"), 1.0, "{body}");
 }
+
+/// The core's counters behind the endpoint, in process with the real kernel: conversions and
+/// their bytes, loop-device mounts (a mounter told to use them, as on kernels before 6.12),
+/// and layers sealed without kernel fs-verity where it is wanted but missing.
+#[test]
+fn core_counts_conversions_and_fallbacks() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use snapshotter::mount::SystemMounter;
+    use snapshotter::{Cancel, Snapshotter};
+    assert!(rustix::process::geteuid().is_root(), "needs root (mounts)");
+    /// The layer mounts go before the directory, also when the test fails.
+    struct Unmount(tempfile::TempDir);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = testsuite::mounts::unmount_all_under(self.0.path());
+        }
+    }
+    let dir = Unmount(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
+    let cfg = Config::check(&format!(
+        "root_path = {:?}\n[snapshotter]\nenable_fsverity = true\n",
+        dir.path().join("root").to_str().unwrap()
+    ))
+    .unwrap();
+    let s = Snapshotter::open(cfg, Arc::new(SystemMounter::with_loop_devices())).unwrap();
+    assert_eq!(s.stats(), Default::default());
+    let mut sizes = 0;
+    for (name, parent) in [("l1", ""), ("l2", "l1")] {
+        let key = format!("{name}-active");
+        let mounts = s.prepare(&key, parent, BTreeMap::new()).unwrap();
+        // The upper directory: the bind source, or the overlay's upperdir.
+        let upper = match mounts[0].kind.as_str() {
+            "bind" => PathBuf::from(&mounts[0].source),
+            _ => PathBuf::from(
+                mounts[0]
+                    .options
+                    .iter()
+                    .find_map(|o| o.strip_prefix("upperdir="))
+                    .unwrap(),
+            ),
+        };
+        fs::write(upper.join(name), vec![1u8; 50_000]).unwrap();
+        s.commit(name, &key, BTreeMap::new(), "", &Cancel::never())
+            .unwrap();
+        sizes += fs::metadata(upper.parent().unwrap().join("layer.erofs"))
+            .unwrap()
+            .len();
+    }
+    s.view("v", "l2", BTreeMap::new()).unwrap();
+    let st = s.stats();
+    assert_eq!((st.commit_layers, st.commit_bytes), (2, sizes));
+    assert_eq!((st.apply_layers, st.apply_bytes), (0, 0));
+    // The view mounted both layers (l2's Prepare already mounted l1).
+    assert_eq!(st.loop_mounts, 2, "{st:?}");
+    let userspace = s.verity_mode() == snapshotter::integrity::VerityMode::Userspace;
+    assert_eq!(
+        st.fsverity_userspace,
+        if userspace { 2 } else { 0 },
+        "{:?}",
+        s.verity_mode()
+    );
+    let store = s.store_stats().unwrap();
+    assert_eq!((store.committed, store.views, store.active), (2, 1, 0));
+    assert!(store.layer_bytes >= sizes, "{store:?}");
+    s.remove("v").unwrap();
+    drop(s);
+}
