@@ -788,7 +788,11 @@ async fn metrics_count_requests_layers_and_bytes() {
     let mut env = Env::in_dir(
         BIN,
         base.path().join("env"),
-        Cfg::new().top(&format!("metrics.address = \"unix:{}\"", msock.display())),
+        Cfg::new()
+            .top(&format!("metrics.address = \"unix:{}\"", msock.display()))
+            // Applied layers get a dm-verity tree: mounted without dm-verity where the
+            // kernel has none (a fallback counted).
+            .df("enable_dmverity = true"),
         true,
     )
     .unwrap();
@@ -821,6 +825,7 @@ async fn metrics_count_requests_layers_and_bytes() {
         .add_blob("application/vnd.oci.image.layer.v1.tar", &tar)
         .unwrap();
     let (applied_id, _) = env.apply_layer("k2", "L2", &desc).await.unwrap();
+    env.c().view("v3", "L2").await.unwrap();
     // Refused and failed requests count under their codes.
     let missing = env.c().prepare("k3", "no-such-parent").await.unwrap_err();
     let mounts = env.c().prepare("k4", "L1").await.unwrap();
@@ -837,7 +842,7 @@ async fn metrics_count_requests_layers_and_bytes() {
     let after = scrape_unix(&msock);
     let moved = |op: &str, code: &str| count(&after, op, code) - count(&before, op, code);
     assert_eq!(moved("prepare", "OK"), 3.0); // k1, k2, k4
-    assert_eq!(moved("view", "OK"), 2.0);
+    assert_eq!(moved("view", "OK"), 3.0);
     assert_eq!(moved("mounts", "OK"), 1.0);
     assert_eq!(moved("commit", "OK"), 2.0);
     assert_eq!(moved("remove", "OK"), 1.0);
@@ -881,6 +886,15 @@ async fn metrics_count_requests_layers_and_bytes() {
             .get("erofs_snapshotter_layer_disk_bytes", &[])
             .unwrap()
             >= len(base_id)
+    );
+    // The view of L2 mounted a layer with a tree: through dm-verity where the kernel has it.
+    let dm_kernel = Path::new("/sys/module/dm_verity").exists();
+    assert_eq!(
+        after.get(
+            "erofs_snapshotter_fallbacks_total",
+            &[("kind", "dmverity_skipped")]
+        ),
+        Some(if dm_kernel { 0.0 } else { 1.0 })
     );
     for kind in ["loop_device", "fsverity_userspace", "dmverity_skipped"] {
         assert!(
