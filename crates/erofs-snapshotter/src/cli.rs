@@ -22,6 +22,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: containerd's Snapshots (and Diff) services on a Unix socket.
     Serve(ServeArgs),
+    /// The daemon's configuration file: print the defaults, or check a file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Ask a running daemon whether it answers (one gRPC call on its socket); exit status 0
+    /// if it does, 1 if not. For service managers and Kubernetes probes.
+    Health(HealthArgs),
     /// Build an EROFS image from a directory or a tar stream (like mkfs.erofs).
     Mkfs(MkfsArgs),
     /// Check an image: every invariant the kernel relies on; exit status 1 on any error.
@@ -45,6 +51,37 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the whole default configuration, every key commented: a starting point for
+    /// /etc/erofs-snapshotter/config.toml.
+    Default,
+    /// Check a configuration file as `serve` would read it: syntax, unknown keys, values
+    /// (sizes, durations, paths, addresses). Exit status 0 if it is valid, 1 if not (the
+    /// first problem is printed with its line and key), 2 if it cannot be read.
+    Check(ConfigCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigCheckArgs {
+    /// The file, or `-` for standard input.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The daemon's socket (`address` in its configuration).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/erofs-snapshotter/snapshotter.sock"
+    )]
+    pub socket: PathBuf,
+    /// Longest to wait for the answer (Go-style duration: "5s", "500ms").
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub timeout: String,
 }
 
 /// Log output format.

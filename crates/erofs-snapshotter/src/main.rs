@@ -6,6 +6,7 @@ use clap::Parser;
 
 mod cli;
 mod commands;
+mod metrics;
 mod output;
 
 fn main() -> ExitCode {

@@ -91,7 +91,7 @@ impl Diff for DiffService {
             namespace = %ns
         );
         let (core, content) = (self.core.clone(), self.content.clone());
-        traced(span, Method::Change, async move {
+        traced(&self.core, "apply", span, Method::Change, async move {
             let d = desc_from(r.diff.ok_or_else(|| missing("diff"))?);
             let mounts: Vec<snapshotter::Mount> =
                 r.mounts.into_iter().map(convert::mount_from).collect();
@@ -124,7 +124,7 @@ impl Diff for DiffService {
         );
         let core = self.core.clone();
         let containerd = self.containerd.clone();
-        traced(span, Method::Change, async move {
+        traced(&self.core, "compare", span, Method::Change, async move {
             let lower: Vec<snapshotter::Mount> =
                 r.left.into_iter().map(convert::mount_from).collect();
             let upper: Vec<snapshotter::Mount> =

@@ -11,6 +11,7 @@ pub mod convert;
 pub mod deadline;
 pub mod diff;
 pub mod lease;
+pub mod probe;
 pub mod request;
 pub mod serve;
 pub mod snapshots;

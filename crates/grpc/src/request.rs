@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::time::Instant;
 
+use snapshotter::Snapshotter;
 use tonic::{Code, Status};
 use tracing::{Instrument, Span};
 
@@ -25,14 +26,42 @@ fn server_fault(code: Code) -> bool {
     matches!(code, Code::Internal | Code::Unknown | Code::DataLoss)
 }
 
-/// Run `request` in `span`, then log its outcome and duration in that span.
+/// The name of a status code, as metrics label it (`OK`, `NotFound`, ...).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// Run request `op` in `span`, then log its outcome and duration in that span and report
+/// them to the core's observer (the metrics endpoint).
 pub async fn traced<T>(
+    core: &Snapshotter,
+    op: &'static str,
     span: Span,
     method: Method,
     request: impl Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
     let start = Instant::now();
     let result = request.instrument(span.clone()).await;
+    let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+    core.observe_request(op, code_name(code), start.elapsed());
     // Microsecond resolution: most metadata calls take well under a millisecond.
     let elapsed_ms = start.elapsed().as_micros() as f64 / 1000.0;
     let _entered = span.enter();
@@ -103,8 +132,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn blocking_work_runs_in_the_request_span() {
         captured();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            root_path: dir.path().join("root"),
+            ..Config::default()
+        };
+        let core = Snapshotter::open(cfg, Arc::new(SystemMounter::default())).unwrap();
         let span = tracing::info_span!("probe", key = "blocking-span-key");
-        super::traced(span, super::Method::Query, async {
+        super::traced(&core, "probe", span, super::Method::Query, async {
             crate::deadline::run(
                 crate::deadline::Budget {
                     deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),

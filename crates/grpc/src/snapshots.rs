@@ -44,7 +44,7 @@ impl Snapshots for SnapshotsService {
         let r = req.into_inner();
         let span = tracing::info_span!("prepare", key = %r.key, parent = %r.parent);
         let core = self.core.clone();
-        traced(span, Method::Change, async move {
+        traced(&self.core, "prepare", span, Method::Change, async move {
             let m = run(budget, move |_| {
                 core.prepare(&r.key, &r.parent, r.labels.into_iter().collect())
             })
@@ -64,7 +64,7 @@ impl Snapshots for SnapshotsService {
         let r = req.into_inner();
         let span = tracing::info_span!("view", key = %r.key, parent = %r.parent);
         let core = self.core.clone();
-        traced(span, Method::Change, async move {
+        traced(&self.core, "view", span, Method::Change, async move {
             let m = run(budget, move |_| {
                 core.view(&r.key, &r.parent, r.labels.into_iter().collect())
             })
@@ -84,7 +84,7 @@ impl Snapshots for SnapshotsService {
         let r = req.into_inner();
         let span = tracing::debug_span!("mounts", key = %r.key);
         let core = self.core.clone();
-        traced(span, Method::Query, async move {
+        traced(&self.core, "mounts", span, Method::Query, async move {
             let m = run(budget, move |_| core.mounts(&r.key)).await?;
             Ok(Response::new(pb::MountsResponse { mounts: mounts(m) }))
         })
@@ -99,7 +99,7 @@ impl Snapshots for SnapshotsService {
         let r = req.into_inner();
         let span = tracing::info_span!("commit", name = %r.name, key = %r.key);
         let core = self.core.clone();
-        traced(span, Method::Change, async move {
+        traced(&self.core, "commit", span, Method::Change, async move {
             run(budget, move |c| {
                 core.commit(
                     &r.name,
@@ -123,7 +123,7 @@ impl Snapshots for SnapshotsService {
         let r = req.into_inner();
         let span = tracing::info_span!("remove", key = %r.key);
         let core = self.core.clone();
-        traced(span, Method::Change, async move {
+        traced(&self.core, "remove", span, Method::Change, async move {
             run(budget, move |_| core.remove(&r.key)).await?;
             Ok(Response::new(()))
         })
@@ -138,7 +138,7 @@ impl Snapshots for SnapshotsService {
         let r = req.into_inner();
         let span = tracing::debug_span!("stat", key = %r.key);
         let core = self.core.clone();
-        traced(span, Method::Query, async move {
+        traced(&self.core, "stat", span, Method::Query, async move {
             let i = run(budget, move |_| core.stat(&r.key)).await?;
             Ok(Response::new(pb::StatSnapshotResponse {
                 info: Some(convert::info(i)),
@@ -156,7 +156,7 @@ impl Snapshots for SnapshotsService {
         let key = r.info.as_ref().map(|i| i.name.as_str()).unwrap_or_default();
         let span = tracing::info_span!("update", key = %key);
         let core = self.core.clone();
-        traced(span, Method::Change, async move {
+        traced(&self.core, "update", span, Method::Change, async move {
             let info = r.info.ok_or_else(|| missing("info"))?;
             let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
             let i = run(budget, move |_| {
@@ -180,7 +180,7 @@ impl Snapshots for SnapshotsService {
         let r = req.into_inner();
         let span = tracing::debug_span!("list", filters = ?r.filters);
         let core = self.core.clone();
-        traced(span, Method::Query, async move {
+        traced(&self.core, "list", span, Method::Query, async move {
             let infos = run(budget, move |_| core.list(&r.filters)).await?;
             let mut batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = Vec::new();
             let mut it = infos.into_iter().map(convert::info).peekable();
@@ -203,7 +203,7 @@ impl Snapshots for SnapshotsService {
         let r = req.into_inner();
         let span = tracing::debug_span!("usage", key = %r.key);
         let core = self.core.clone();
-        traced(span, Method::Query, async move {
+        traced(&self.core, "usage", span, Method::Query, async move {
             let u = run(budget, move |_| core.usage(&r.key)).await?;
             Ok(Response::new(pb::UsageResponse {
                 size: u.size as i64,
@@ -217,7 +217,7 @@ impl Snapshots for SnapshotsService {
         let budget = Budget::of(_req.metadata(), Weight::Light, self.core.config());
         let span = tracing::info_span!("cleanup");
         let core = self.core.clone();
-        traced(span, Method::Change, async move {
+        traced(&self.core, "cleanup", span, Method::Change, async move {
             run(budget, move |_| core.cleanup()).await?;
             Ok(Response::new(()))
         })

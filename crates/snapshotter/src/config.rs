@@ -2,16 +2,17 @@
 //! `ovl_mount_options`, `enable_fsverity`, `set_immutable`, `default_size`, `dmverity_mode`,
 //! and the differ's `mkfs_options`, `enable_tar_index`, `enable_dmverity`) plus ours.
 //!
-//! Unknown keys and bad values are errors that name the key.
+//! Unknown keys and bad values are errors that name the key (and, through [`Config::check`],
+//! the line). [`DEFAULT_TOML`] is the whole default configuration with a comment per key.
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// How mounts are handed to containerd.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MountMode {
     /// The daemon mounts each committed layer read-only itself and returns plain `bind` and
@@ -24,7 +25,7 @@ pub enum MountMode {
 }
 
 /// fs-verity policy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Toggle {
     /// Use it where the kernel and filesystem support it; warn once and go on without it
@@ -38,7 +39,7 @@ pub enum Toggle {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Snapshotter root directory.
@@ -57,10 +58,60 @@ pub struct Config {
     pub differ: DifferConfig,
     /// How requests are run: concurrency, time limits, the free-space reserve.
     pub daemon: DaemonConfig,
+    /// The metrics endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where to serve Prometheus metrics over HTTP: "" (off), a loopback `IP:PORT`
+    /// ("127.0.0.1:9464", "[::1]:9464") or `unix:/ABSOLUTE/PATH`. Only loopback: the
+    /// endpoint has no authentication.
+    pub address: String,
+}
+
+/// Where the metrics endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsAddress {
+    /// A loopback TCP address.
+    Tcp(std::net::SocketAddr),
+    /// A Unix socket.
+    Unix(PathBuf),
+}
+
+/// Parse `[metrics] address`: `None` when it is off.
+pub fn parse_metrics_address(s: &str) -> std::result::Result<Option<MetricsAddress>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Some(p) = s.strip_prefix("unix:") {
+        let p = Path::new(p);
+        if !p.is_absolute() {
+            return Err(format!("{s:?}: the socket path must be absolute"));
+        }
+        if p.as_os_str().len() >= 108 {
+            return Err(format!(
+                "{s:?}: longer than a Unix socket path may be (107 bytes)"
+            ));
+        }
+        return Ok(Some(MetricsAddress::Unix(p.to_path_buf())));
+    }
+    let addr: std::net::SocketAddr = s.parse().map_err(|_| {
+        format!("{s:?} is neither IP:PORT nor unix:/PATH (e.g. \"127.0.0.1:9464\")")
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{s:?} is not a loopback address: the endpoint has no authentication; bind 127.0.0.1 or a unix: socket and expose it through something that has"
+        ));
+    }
+    Ok(Some(MetricsAddress::Tcp(addr)))
 }
 
 /// `[daemon]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DaemonConfig {
     /// Most heavy requests (Apply, Compare, a Commit that converts an upper directory)
@@ -148,7 +199,7 @@ pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, Strin
 }
 
 /// `[snapshotter]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SnapshotterConfig {
     /// Appended verbatim to every overlay mount (e.g. `["volatile"]`).
@@ -169,7 +220,7 @@ pub struct SnapshotterConfig {
 }
 
 /// `[differ]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DifferConfig {
     /// mkfs.erofs options with upstream meaning (`-T0`, `--mkfs-time`, `-U`, `--sort=none`,
@@ -207,6 +258,7 @@ impl Default for Config {
             snapshotter: SnapshotterConfig::default(),
             differ: DifferConfig::default(),
             daemon: DaemonConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -273,6 +325,79 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// The whole default configuration, every key with its default value and why it is there
+/// (`erofs-snapshotter config default`). It parses to exactly [`Config::default`].
+pub const DEFAULT_TOML: &str = include_str!("default-config.toml");
+
+/// What [`Config::check`] found wrong: the key (when the problem is one key's value), the
+/// 1-based line it is on (when the text names it), and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The key, dotted (`snapshotter.default_size`).
+    pub key: Option<String>,
+    /// The line of the text.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(l) = self.line {
+            write!(f, "line {l}: ")?;
+        }
+        if let Some(k) = &self.key {
+            write!(f, "{k}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Problem {}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line where `text` sets the dotted `key`, if it does.
+fn locate(text: &str, key: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut table = doc.get_ref();
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+        if parts.peek().is_none() {
+            return Some(line_of(text, k.span().start));
+        }
+        table = v.get_ref().as_table()?;
+    }
+    None
+}
+
+/// The dotted key whose value starts at byte `offset` of `text`, if one does.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    fn walk(t: &toml::de::DeTable<'_>, prefix: &str, offset: usize) -> Option<String> {
+        for (k, v) in t {
+            let path = format!("{prefix}{}", k.get_ref());
+            if let Some(sub) = v.get_ref().as_table() {
+                if let Some(found) = walk(sub, &format!("{path}."), offset) {
+                    return Some(found);
+                }
+            } else if v.span().contains(&offset) {
+                return Some(path);
+            }
+        }
+        None
+    }
+    walk(toml::de::DeTable::parse(text).ok()?.get_ref(), "", offset)
+}
+
 impl Config {
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Self> {
@@ -283,32 +408,55 @@ impl Config {
 
     /// Parse and validate config text.
     pub fn parse(text: &str) -> Result<Self> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| Error::invalid_argument(e.to_string()))?;
-        cfg.validate()?;
+        Self::check(text).map_err(|p| Error::invalid_argument(p.to_string()))
+    }
+
+    /// Parse and validate config text, saying where the first problem is: the key, and the
+    /// line when the text names it (`erofs-snapshotter config check`).
+    pub fn check(text: &str) -> std::result::Result<Self, Problem> {
+        let cfg: Config = toml::from_str(text).map_err(|e| Problem {
+            // A bad value's key; unknown keys and syntax errors are named in the message.
+            key: e.span().and_then(|s| key_at(text, s.start)),
+            line: e.span().map(|s| line_of(text, s.start)),
+            message: e.message().trim().to_string(),
+        })?;
+        cfg.problem().map_err(|(key, message)| Problem {
+            line: locate(text, &key),
+            key: Some(key),
+            message,
+        })?;
         Ok(cfg)
     }
 
     /// Check values serde cannot.
     pub fn validate(&self) -> Result<()> {
-        let bad = |key: &str, why: String| Err(Error::invalid_argument(format!("{key}: {why}")));
-        if !self.root_path.is_absolute() {
-            return bad(
-                "root_path",
-                format!("{} is not an absolute path", self.root_path.display()),
-            );
+        self.problem()
+            .map_err(|(key, why)| Error::invalid_argument(format!("{key}: {why}")))
+    }
+
+    /// The first value serde accepted but the daemon cannot use: its key and why.
+    fn problem(&self) -> std::result::Result<(), (String, String)> {
+        let bad = |key: &str, why: String| Err((key.to_string(), why));
+        for (key, path) in [
+            ("root_path", &self.root_path),
+            ("address", &self.address),
+            ("differ.content_root", &self.differ.content_root),
+            ("differ.containerd_address", &self.differ.containerd_address),
+        ] {
+            if !path.is_absolute() {
+                return bad(key, format!("{} is not an absolute path", path.display()));
+            }
         }
-        if !self.address.is_absolute() {
-            return bad(
-                "address",
-                format!("{} is not an absolute path", self.address.display()),
-            );
-        }
-        if self.address.as_os_str().len() >= 108 {
-            return bad(
-                "address",
-                "longer than a Unix socket path may be (107 bytes)".into(),
-            );
+        for (key, path) in [
+            ("address", &self.address),
+            ("differ.containerd_address", &self.differ.containerd_address),
+        ] {
+            if path.as_os_str().len() >= 108 {
+                return bad(
+                    key,
+                    "longer than a Unix socket path may be (107 bytes)".into(),
+                );
+            }
         }
         match u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8) {
             Ok(m) if m <= 0o777 => {}
@@ -359,7 +507,23 @@ impl Config {
         if let Err(e) = parse_reserve(&self.daemon.min_free_space) {
             return bad("daemon.min_free_space", e);
         }
+        if let Err(e) = parse_metrics_address(&self.metrics.address) {
+            return bad("metrics.address", e);
+        }
+        if let Ok(Some(MetricsAddress::Unix(p))) = parse_metrics_address(&self.metrics.address)
+            && p == self.address
+        {
+            return bad(
+                "metrics.address",
+                "is the gRPC socket (address): give the metrics a socket of their own".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// `metrics.address` (validated at start-up); `None` when metrics are off.
+    pub fn metrics_address(&self) -> Option<MetricsAddress> {
+        parse_metrics_address(&self.metrics.address).ok().flatten()
     }
 
     /// `daemon.max_concurrent_heavy`, with 0 as the number of CPUs.
@@ -520,5 +684,138 @@ enable_tar_index = true
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    /// Every dotted key of a TOML table, tables themselves excluded.
+    fn keys(t: &toml::Table, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+        for (k, v) in t {
+            let path = format!("{prefix}{k}");
+            match v {
+                toml::Value::Table(sub) => keys(sub, &format!("{path}."), out),
+                _ => {
+                    out.insert(path);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn default_toml_is_exactly_the_defaults() {
+        let parsed = Config::check(DEFAULT_TOML).unwrap();
+        assert_eq!(parsed, Config::default());
+        // Every key the daemon accepts is in it (the serialized defaults have them all) and
+        // nothing else, each with a comment right above it saying why.
+        let want = match toml::Value::try_from(Config::default()).unwrap() {
+            toml::Value::Table(t) => t,
+            v => panic!("defaults serialize to {v:?}"),
+        };
+        let (mut a, mut b) = (Default::default(), Default::default());
+        keys(&want, "", &mut a);
+        keys(&toml::from_str(DEFAULT_TOML).unwrap(), "", &mut b);
+        assert_eq!(a, b);
+        assert!(a.len() > 20 && a.contains("metrics.address"), "{a:?}");
+        let lines: Vec<&str> = DEFAULT_TOML.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            if !l.is_empty() && !l.starts_with('#') && !l.starts_with('[') {
+                assert!(
+                    i > 0 && lines[i - 1].starts_with('#'),
+                    "no comment above line {}: {l}",
+                    i + 1
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn check_names_the_key_and_line() {
+        for (text, key, line, needle) in [
+            (
+                "root_path = \"/x\"\n\n[snapshotter]\nbogus = 1\n",
+                None,
+                4,
+                "bogus",
+            ),
+            (
+                "[snapshotter]\nset_immutable = true\ndefault_size = \"12 parsecs\"\n",
+                Some("snapshotter.default_size"),
+                3,
+                "12 parsecs",
+            ),
+            (
+                "socket_mode = \"0660\"\nroot_path = \"var/lib/x\"\n",
+                Some("root_path"),
+                2,
+                "absolute",
+            ),
+            (
+                "[daemon]\nmax_concurrent_heavy = -1\n",
+                Some("daemon.max_concurrent_heavy"),
+                2,
+                "max_concurrent_heavy",
+            ),
+            (
+                "[metrics]\naddress = \"0.0.0.0:9464\"\n",
+                Some("metrics.address"),
+                2,
+                "loopback",
+            ),
+            (
+                "differ.content_root = \"relative/dir\"\n",
+                Some("differ.content_root"),
+                1,
+                "absolute",
+            ),
+            ("root_path = [\n", None, 1, "unclosed array"),
+        ] {
+            let p = Config::check(text).unwrap_err();
+            assert_eq!(p.key.as_deref(), key, "{text:?}: {p}");
+            assert_eq!(p.line, Some(line), "{text:?}: {p}");
+            assert!(p.to_string().contains(needle), "{text:?}: {p}");
+        }
+        // A value left at a bad default is not in the text: no line.
+        let cfg = Config {
+            root_path: "rel".into(),
+            ..Config::default()
+        };
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("root_path")
+        );
+    }
+
+    #[test]
+    fn metrics_addresses() {
+        use std::net::SocketAddr;
+        assert_eq!(parse_metrics_address("").unwrap(), None);
+        assert_eq!(
+            parse_metrics_address("127.0.0.1:9464").unwrap(),
+            Some(MetricsAddress::Tcp(
+                "127.0.0.1:9464".parse::<SocketAddr>().unwrap()
+            ))
+        );
+        assert!(matches!(
+            parse_metrics_address("[::1]:0").unwrap(),
+            Some(MetricsAddress::Tcp(_))
+        ));
+        assert_eq!(
+            parse_metrics_address("unix:/run/x/m.sock").unwrap(),
+            Some(MetricsAddress::Unix("/run/x/m.sock".into()))
+        );
+        for bad in [
+            "0.0.0.0:9464",
+            "10.1.2.3:80",
+            "localhost:9464",
+            "unix:rel.sock",
+            "9464",
+        ] {
+            assert!(parse_metrics_address(bad).is_err(), "{bad}");
+        }
+        let same = "address = \"/run/a.sock\"\n[metrics]\naddress = \"unix:/run/a.sock\"";
+        assert_eq!(
+            Config::check(same).unwrap_err().key.as_deref(),
+            Some("metrics.address")
+        );
     }
 }

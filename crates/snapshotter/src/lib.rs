@@ -14,6 +14,7 @@ pub mod layout;
 pub mod mkfs;
 pub mod mount;
 pub mod snapshot;
+pub mod stats;
 pub mod store;
 pub mod writeback;
 

@@ -70,7 +70,10 @@ fn layers_are_checked_before_their_paths_go_out() {
     sn.mounts("v").unwrap();
     sn.view("v2", "layer", BTreeMap::new()).unwrap();
     let read = read_bytes() - before;
-    assert!(read < 4 << 20, "an unchanged layer was re-hashed ({read} bytes read)");
+    assert!(
+        read < 4 << 20,
+        "an unchanged layer was re-hashed ({read} bytes read)"
+    );
 
     // One flipped byte: refused, naming the layer, by Mounts and by a new View.
     let f = std::fs::OpenOptions::new().write(true).open(layer).unwrap();

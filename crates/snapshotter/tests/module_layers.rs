@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&str] = &[
     "error",
     "cancel",
+    "stats",
     "failpoint",
     "layout",
     "writeback",

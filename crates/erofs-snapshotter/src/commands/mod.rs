@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
 
+mod config;
 mod fsck;
+mod health;
 mod inspect;
 mod mkfs;
 mod serve;
@@ -12,6 +14,8 @@ mod serve;
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(a) => serve::run(a),
+        Command::Config(c) => config::run(c),
+        Command::Health(a) => health::run(a),
         Command::Mkfs(a) => mkfs::run(a),
         Command::Fsck(a) => fsck::run(a),
         Command::Ls(a) => inspect::ls(a),

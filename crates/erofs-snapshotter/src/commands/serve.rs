@@ -8,6 +8,34 @@ use snapshotter::mount::SystemMounter;
 use snapshotter::{Config, Snapshotter};
 
 use crate::cli::ServeArgs;
+use crate::metrics::{self, Metrics};
+
+/// Tell a service manager that started us with `Type=notify` (systemd's `$NOTIFY_SOCKET`) how
+/// we are: `READY=1` once the sockets accept connections, so containerd, ordered after us,
+/// never starts before them. Without the variable, nothing to do; a failure only loses the
+/// notification (systemd then times the start out, which the log explains).
+fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| {
+        use std::os::unix::ffi::OsStrExt;
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_bytes();
+        match bytes.strip_prefix(b"@") {
+            // An abstract socket (systemd's default is a path under /run/systemd).
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(state.as_bytes(), &addr)
+            }
+            None => sock.send_to(state.as_bytes(), &path),
+        }
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(socket = ?path, error = %e, state, "notifying the service manager");
+    }
+}
 
 /// Install SIGTERM/SIGINT handlers now (before the socket exists, so no signal can arrive
 /// unhandled) and return a future that resolves on the first of them.
@@ -21,6 +49,12 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
         }
     })
+}
+
+/// `shutdown`, telling the service manager when it comes.
+async fn notify_stopping(shutdown: impl std::future::Future<Output = ()>) {
+    shutdown.await;
+    notify("STOPPING=1");
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -46,6 +80,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .await?
         .with_context(|| format!("opening the snapshotter at {}", cfg.root_path.display()))?;
         let core = Arc::new(core);
+        // The metrics endpoint first: its observer sees every request from the first on.
+        let scrapes = match cfg.metrics_address() {
+            Some(addr) => {
+                let m = Metrics::new(&core);
+                let l = metrics::bind(&addr, cfg.socket_mode_bits(), cfg.socket_gid).await?;
+                tracing::info!(metrics = %cfg.metrics.address, "serving metrics (GET /metrics)");
+                Some((tokio::spawn(metrics::serve(l, m)), addr))
+            }
+            None => None,
+        };
         let listener =
             erofs_grpc::serve::bind(&cfg.address, cfg.socket_mode_bits(), cfg.socket_gid).await?;
         tracing::info!(
@@ -56,7 +100,16 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
             capabilities = ?core.capabilities(),
             "serving containerd.services.snapshots.v1.Snapshots"
         );
-        erofs_grpc::serve(core.clone(), listener, shutdown).await?;
+        notify("READY=1");
+        let served = erofs_grpc::serve(core.clone(), listener, notify_stopping(shutdown)).await;
+        if let Some((task, addr)) = scrapes {
+            task.abort();
+            let _ = task.await;
+            if let snapshotter::config::MetricsAddress::Unix(p) = addr {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        served?;
         let _ = std::fs::remove_file(&cfg.address);
         // Dropping the last reference closes the store.
         drop(core);

@@ -163,6 +163,11 @@ impl Integrity {
         self.verity
     }
 
+    /// Whether dm-verity is wanted at all (`dmverity_mode` is not "off").
+    pub fn dmverity_enabled(&self) -> bool {
+        self.dmverity_mode != Toggle::Off
+    }
+
     /// After a layer is durable: enable fs-verity and record its digest, note the immutable
     /// flag. `applied` is what Apply recorded of this very file (its userspace digest and
     /// dm-verity tree), if the differ wrote it: in kernel mode the measurement must equal that

@@ -15,7 +15,7 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -39,6 +39,11 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     fn unmount(&self, target: &Path) -> Result<()>;
     /// Whether `path` is a mount point.
     fn is_mountpoint(&self, path: &Path) -> Result<bool>;
+    /// EROFS mounts made through a loop device so far (the fallback for kernels that cannot
+    /// mount EROFS from a file).
+    fn loop_mounts(&self) -> u64 {
+        0
+    }
     /// The mount points at or below `dir`, deepest first (the order to unmount them in).
     /// The kernel's table by default, so mounts made outside the mounter count too.
     fn mounts_under(&self, dir: &Path) -> Result<Vec<PathBuf>> {
@@ -54,6 +59,7 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Default)]
 pub struct SystemMounter {
     force_loop: AtomicBool,
+    loop_mounts: AtomicU64,
 }
 
 impl SystemMounter {
@@ -62,6 +68,7 @@ impl SystemMounter {
     pub fn with_loop_devices() -> Self {
         SystemMounter {
             force_loop: AtomicBool::new(true),
+            loop_mounts: AtomicU64::new(0),
         }
     }
 }
@@ -96,6 +103,7 @@ impl SystemMounter {
         })?;
         // Autoclear frees the device when the mount goes; our fd may close now.
         drop(dev);
+        self.loop_mounts.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -142,6 +150,10 @@ impl Mounter for SystemMounter {
 
     fn mount_ext4(&self, image: &Path, target: &Path) -> Result<()> {
         self.mount_ext4_via_loop(image, target)
+    }
+
+    fn loop_mounts(&self) -> u64 {
+        self.loop_mounts.load(Ordering::Relaxed)
     }
 
     fn unmount(&self, target: &Path) -> Result<()> {

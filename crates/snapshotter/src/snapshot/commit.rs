@@ -120,6 +120,11 @@ impl Snapshotter {
                 .and_then(|_| sync_dir(&dir))?;
         }
         self.integrity.set_immutable(&layer);
+        if converted {
+            let bytes = fs::metadata(&layer).map_or(0, |m| m.len());
+            self.counters
+                .converted(crate::stats::Conversion::Commit, bytes);
+        }
         // The writable layer is no longer needed; failures here only waste space and are
         // retried at start-up.
         if let Err(e) = self.release_writable(id, block) {
@@ -188,6 +193,9 @@ impl Snapshotter {
             ..Default::default()
         };
         self.integrity.seal(layer, &mut meta, applied)?;
+        if self.integrity.verity_mode() == crate::integrity::VerityMode::Userspace {
+            self.counters.fsverity_userspace();
+        }
         Ok(meta)
     }
 

@@ -162,8 +162,11 @@ impl Snapshotter {
             // upper directory and ignores them, a new Apply replaces them).
             self.store
                 .write(|tx| tx.record_applied(&key, id, anchors.clone()))?;
+            let bytes = out.metadata().map_or(0, |m| m.len());
             fs::rename(&tmp, dir.join(LAYER)).map_err(|e| Error::io("renaming the layer", e))?;
             sync_dir(&dir)?;
+            self.counters
+                .converted(crate::stats::Conversion::Apply, bytes);
             Ok(written)
         });
         if result.is_err() {

@@ -81,6 +81,10 @@ pub struct Snapshotter {
     heavy: gate::Gate,
     /// The free-space reserve under the root.
     space: space::Space,
+    /// What the metrics endpoint reads ([`Self::stats`]).
+    pub(crate) counters: crate::stats::Counters,
+    /// Told about every request ([`Self::observe_request`]).
+    observer: std::sync::OnceLock<Arc<dyn crate::stats::Observer>>,
 }
 
 /// A file's identity and last change: any write, rename over or attribute change makes a
@@ -195,6 +199,8 @@ impl Snapshotter {
             manager_verified: Default::default(),
             sweep_lock: RwLock::new(()),
             integrity,
+            counters: Default::default(),
+            observer: std::sync::OnceLock::new(),
         };
         s.recover()?;
         Ok(s)
@@ -244,6 +250,45 @@ impl Snapshotter {
         } else {
             e
         }
+    }
+
+    /// Install the observer told about every request (the first one installed stays).
+    pub fn set_observer(&self, observer: Arc<dyn crate::stats::Observer>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Request `op` ended with `code` after `elapsed`: tell the observer, if there is one.
+    pub fn observe_request(
+        &self,
+        op: &'static str,
+        code: &'static str,
+        elapsed: std::time::Duration,
+    ) {
+        if let Some(o) = self.observer.get() {
+            o.request(op, code, elapsed);
+        }
+    }
+
+    /// The counters since start-up: conversions, integrity steps left out, loop mounts.
+    pub fn stats(&self) -> crate::stats::Stats {
+        self.counters.snapshot(self.mounter.loop_mounts())
+    }
+
+    /// What the store holds now: snapshots by kind and the committed layers' disk use.
+    pub fn store_stats(&self) -> Result<crate::stats::StoreStats> {
+        let all = self.store.read(|tx| tx.all())?;
+        let mut st = crate::stats::StoreStats::default();
+        for (_, rec) in &all {
+            match rec.kind {
+                crate::store::Kind::Active => st.active += 1,
+                crate::store::Kind::View => st.views += 1,
+                crate::store::Kind::Committed => {
+                    st.committed += 1;
+                    st.layer_bytes += rec.size;
+                }
+            }
+        }
+        Ok(st)
     }
 
     /// The capabilities to advertise to containerd.

@@ -245,6 +245,12 @@ impl Snapshotter {
         let source =
             self.integrity
                 .mount_source(&verified, tree.as_ref().map(|a| &a.record), id, name)?;
+        if tree.is_some()
+            && self.integrity.dmverity_enabled()
+            && matches!(source, crate::integrity::MountSource::Layer(_))
+        {
+            self.counters.dmverity_skipped();
+        }
         self.mounter
             .mount_erofs(source.image(), &fs_dir)
             .map_err(|e| e.context(format!("layer {name:?}")))
