@@ -125,18 +125,26 @@ fn layer_blob(rng: &mut fastrand::Rng, gzip: bool) -> (Vec<u8>, &'static str) {
     }
 }
 
+/// What the clients of a round share.
+struct Shared<'a> {
+    env: &'a Env,
+    stop: &'a std::sync::atomic::AtomicBool,
+    model: &'a Mutex<Model>,
+    counts: &'a Mutex<Counts>,
+    /// Operation numbers (unique keys across clients and rounds).
+    seq: &'a std::sync::atomic::AtomicU64,
+}
+
 /// One client's round: operations until `stop`.
-async fn worker(
-    env: &Env,
-    client: Client,
-    wid: usize,
-    seed: u64,
-    stop: &std::sync::atomic::AtomicBool,
-    model: &Mutex<Model>,
-    counts: &Mutex<Counts>,
-    seq: &std::sync::atomic::AtomicU64,
-) {
+async fn worker(sh: &Shared<'_>, client: Client, wid: usize, seed: u64) {
     use std::sync::atomic::Ordering::Relaxed;
+    let Shared {
+        env,
+        stop,
+        model,
+        counts,
+        seq,
+    } = *sh;
     let mut rng = fastrand::Rng::with_seed(seed);
     while !stop.load(Relaxed) {
         let n = seq.fetch_add(1, Relaxed);
@@ -504,19 +512,15 @@ fn soak(rounds: u64, workers: usize, seed: u64, tamper: Option<fn(&Env)>) -> Cou
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 stop.store(true, std::sync::atomic::Ordering::Relaxed);
             };
+            let shared = Shared {
+                env: envr,
+                stop: &stop,
+                model: &model,
+                counts: &counts,
+                seq: &seq,
+            };
             let clients: Vec<_> = (0..workers)
-                .map(|w| {
-                    worker(
-                        envr,
-                        envr.c().clone(),
-                        w,
-                        seeds[w],
-                        &stop,
-                        &model,
-                        &counts,
-                        &seq,
-                    )
-                })
+                .map(|w| worker(&shared, envr.c().clone(), w, seeds[w]))
                 .collect();
             let all = futures_join(clients);
             tokio::join!(killer, all);

@@ -40,8 +40,11 @@ impl<'a> Iterator for Records<'a> {
     }
 }
 
-/// The first record of `data`: key, value, and what follows it.
-fn split_record(data: &[u8]) -> Result<(&[u8], &[u8], &[u8]), TarErrorKind> {
+/// A record split off a payload: key, value, and the payload after it.
+type Split<'a> = (&'a [u8], &'a [u8], &'a [u8]);
+
+/// The first record of `data`.
+fn split_record(data: &[u8]) -> Result<Split<'_>, TarErrorKind> {
     let sp = data
         .iter()
         .position(|&c| c == b' ')
