@@ -95,7 +95,7 @@ impl World {
             version,
             EnvOpts {
                 cri: Some(cfg),
-                // Where containerd 1.x looks for a snapshotter's files (see `imagefs_root`).
+                // Where containerd 1.6 looks for a snapshotter's files (see `imagefs_root`).
                 root_rel: (!cri_mod::imagefs_from_exports(version))
                     .then(|| format!("root/io.containerd.snapshotter.v1.{SN}")),
                 ..EnvOpts::default()
@@ -167,7 +167,7 @@ impl World {
     }
 
     /// What `ImageFsInfo`'s image filesystem must be: our root, taken from the proxy
-    /// plugin's `exports.root` (2.x), or (1.6, 1.7) the directory containerd derives from its
+    /// plugin's `exports.root` (1.7, 2.1), or (1.6) the directory containerd derives from its
     /// own root and the snapshotter name, where [`World::start`] put our root.
     fn imagefs_root(&self) -> PathBuf {
         self.env.root.clone()
@@ -506,4 +506,136 @@ fn pod_lifecycle_containerd_1_7() {
 #[test]
 fn pod_lifecycle_containerd_2_1() {
     e2e(|| lifecycle(Version::V2_1));
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. VOLUME images, two pods of one image at once, a pod restarted.
+
+/// Snapshots in our store that are committed layers.
+fn committed(w: &World) -> Result<BTreeSet<String>> {
+    Ok(w.snapshots()?
+        .into_iter()
+        .filter(|i| i.kind == pb::Kind::Committed as i32)
+        .map(|i| i.name)
+        .collect())
+}
+
+/// Whether `path` is a mount point in container `id` (its `/proc/self/mountinfo`).
+fn is_mount_point(w: &World, id: &str, path: &str) -> Result<bool> {
+    let table = w.cri.exec_ok(id, &["cat", "/proc/self/mountinfo"])?;
+    Ok(table.lines().any(|l| l.split(' ').nth(4) == Some(path)))
+}
+
+fn volumes_pods_restart(version: Version) -> Result<()> {
+    let w = World::start(version)?;
+    let mut top = LayerBuilder::new();
+    top.file("etc/motd", 0o644, MOTD.as_bytes())
+        .dir("data", 0o755)
+        .file("data/seed", 0o644, b"seeded by the image\n");
+    let spec = ImageSpec::new("cri-volumes")
+        .layer(oci::busybox_base_layer()?, Compression::Gzip)
+        .layer(top.finish()?, Compression::Zstd)
+        .cmd(SLEEP_UNTIL_TERM)
+        .volume("/data")
+        .volume("/scratch");
+    let (img, img_ref) = w.push(&spec, "testsuite/cri-volumes")?;
+    let image_id = w.cri.pull_image(&img_ref)?;
+    ensure!(
+        image_id == img.config.digest,
+        "PullImage returned {image_id}"
+    );
+
+    // Two pods of the image at once.
+    let (pod_a, a) = w.run_pod("twin-a", 0)?;
+    let (pod_b, b) = w.run_pod("twin-b", 0)?;
+    let ca = w.start_container(&a, &pod_a, "app", &img_ref)?;
+    let cb = w.start_container(&b, &pod_b, "app", &img_ref)?;
+    let layers = committed(&w)?;
+    let applied = w.applied_layers();
+    for c in [&ca, &cb] {
+        // containerd copied the image's /data into the volume, reading it through our mounts.
+        let seed = w.cri.exec_ok(c, &["cat", "/data/seed"])?;
+        ensure!(
+            seed == "seeded by the image\n",
+            "/data/seed in {c}: {seed:?}"
+        );
+        for v in ["/data", "/scratch"] {
+            ensure!(
+                is_mount_point(&w, c, v)?,
+                "{v} is not a volume mount in {c}"
+            );
+        }
+        ensure!(
+            w.cri.exec_ok(c, &["cat", "/etc/motd"])? == MOTD,
+            "motd in {c}"
+        );
+    }
+    let (ka, kb) = (
+        w.key_of(&ca)?.context("container a's snapshot")?,
+        w.key_of(&cb)?.context("container b's snapshot")?,
+    );
+    ensure!(ka.name != kb.name, "both containers on one snapshot");
+    ensure!(
+        ka.parent == kb.parent,
+        "parents {} and {}",
+        ka.parent,
+        kb.parent
+    );
+    // Writes stay in each pod's own volume and writable layer.
+    w.cri.exec_ok(
+        &ca,
+        &["/bin/sh", "-c", "echo a > /data/who && echo a > /who"],
+    )?;
+    let other = w.cri.exec_sync(
+        &cb,
+        &["/bin/sh", "-c", "test ! -e /data/who && test ! -e /who"],
+    )?;
+    ensure!(other.exit_code == 0, "pod b sees pod a's writes");
+
+    // Pod a restarted (kubelet's next sandbox attempt) on the image pulled before: nothing
+    // is unpacked again, the container starts on a fresh writable layer.
+    w.tear_down(&a, &[&ca])?;
+    let (pod_a1, a1) = w.run_pod("twin-a", 1)?;
+    let ca1 = w.start_container(&a1, &pod_a1, "app", &img_ref)?;
+    ensure!(
+        w.cri.exec_ok(&ca1, &["cat", "/data/seed"])? == "seeded by the image\n",
+        "seed after restart"
+    );
+    let fresh = w.cri.exec_sync(
+        &ca1,
+        &["/bin/sh", "-c", "test ! -e /who && test ! -e /data/who"],
+    )?;
+    ensure!(
+        fresh.exit_code == 0,
+        "the restarted pod sees the old pod's writes"
+    );
+    ensure!(
+        w.applied_layers() == applied,
+        "layers applied again for the restarted pod"
+    );
+    ensure!(
+        committed(&w)? == layers,
+        "committed layers changed by the restart"
+    );
+
+    w.tear_down(&a1, &[&ca1])?;
+    w.tear_down(&b, &[&cb])?;
+    w.cri.remove_image(&img_ref)?;
+    w.cri.remove_image(&w.pause_ref)?;
+    w.wait_all_gone()
+}
+
+#[test]
+fn volumes_two_pods_and_restart_containerd_1_6() {
+    e2e(|| volumes_pods_restart(Version::V1_6));
+}
+
+#[test]
+fn volumes_two_pods_and_restart_containerd_1_7() {
+    e2e(|| volumes_pods_restart(Version::V1_7));
+}
+
+#[test]
+fn volumes_two_pods_and_restart_containerd_2_1() {
+    e2e(|| volumes_pods_restart(Version::V2_1));
 }

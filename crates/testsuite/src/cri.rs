@@ -76,11 +76,12 @@ impl CriConfig {
 
 /// Whether the CRI plugin of `version` takes the image filesystem (`ImageFsInfo`'s
 /// mountpoint, which kubelet stats for capacity) from the snapshotter plugin's
-/// `exports.root` (2.x). containerd 1.6 and 1.7 always name
-/// `<containerd root>/io.containerd.snapshotter.v1.<snapshotter>`, whatever the proxy plugin
-/// exports: a proxy snapshotter's root must be that directory there.
+/// `exports.root`: 1.7 (Debian 13's 1.7.24) and 2.1 do, and without the export name
+/// `<containerd root>/io.containerd.snapshotter.v1.<snapshotter>` (a directory a proxy
+/// snapshotter does not have); 1.6 has no proxy plugin exports and always names that
+/// directory, so there a proxy snapshotter's root must be it.
 pub fn imagefs_from_exports(version: Version) -> bool {
-    version == Version::V2_1
+    version != Version::V1_6
 }
 
 /// The CRI plugins of `version`, which the harness disables unless CRI is configured.

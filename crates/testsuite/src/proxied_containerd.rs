@@ -56,7 +56,7 @@ pub struct EnvOpts {
     pub ctr_timeout: Option<Duration>,
     /// containerd's CRI plugin on our snapshotter ([`crate::cri`]); with it, on versions
     /// whose proxy plugins take `exports`, our snapshotter exports `root` = the daemon's root
-    /// (what the CRI plugin of 2.x reports as the image filesystem).
+    /// (what the CRI plugin of 1.7 and 2.x reports as the image filesystem).
     pub cri: Option<crate::cri::CriConfig>,
     /// The daemon's root relative to containerd's base directory (default `erofs/root`).
     pub root_rel: Option<String>,
