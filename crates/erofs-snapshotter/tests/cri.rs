@@ -11,10 +11,16 @@
 //!    layer's usage is our Usage of the container's snapshot), Stop/Remove container and pod,
 //!    RemoveImage; then containerd's garbage collector removes our snapshots: nothing is left
 //!    in our store, below our root, or in either mount table.
+//!    `pod_lifecycle_transfer_service_containerd_2_1`: the same with snapshot annotations off,
+//!    so that 2.1 pulls through the transfer service (with them on, every version's CRI
+//!    plugin pulls in the client and unpacks through the diff service).
 //! 2. `volumes_two_pods_and_restart_*`: an image with `VOLUME`s (containerd copies the
 //!    image's content into each volume through our mounts), two pods of one image at once,
 //!    and a pod restarted (a new sandbox attempt) on the image pulled before, with no second
 //!    unpack.
+//! 3. `image_volume_containerd_2_1`: a Kubernetes image volume (CRI `Mount.image`), an image
+//!    mounted read-only in a container from our snapshots. containerd 1.6 and 1.7 do not
+//!    know the field (1.7 fails CreateContainer with `mkdir ""`).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -85,11 +91,18 @@ struct World {
 
 impl World {
     fn start(version: Version) -> Result<World> {
+        Self::start_with(version, false)
+    }
+
+    /// [`start`](Self::start), with the CRI plugin's `disable_snapshot_annotations` set to
+    /// `disable_annotations` (containerd 2.x pulls through the transfer service only then).
+    fn start_with(version: Version, disable_annotations: bool) -> Result<World> {
         let reg = Registry::start()?;
         let scratch = tempfile::tempdir()?;
         let pause = oci::build_archive(&pause_image()?, scratch.path())?;
         let pause_ref = reg.push_as(&pause, "testsuite/pause", "1")?;
-        let cfg = CriConfig::new(SN, &pause_ref).plain_http(&reg.host());
+        let mut cfg = CriConfig::new(SN, &pause_ref).plain_http(&reg.host());
+        cfg.disable_snapshot_annotations = disable_annotations;
         let env = Env::start_opts(
             Path::new(BIN),
             version,
@@ -280,7 +293,11 @@ fn poll<T: std::fmt::Debug>(
 // 1. One pod, one container, from pull to garbage collection.
 
 fn lifecycle(version: Version) -> Result<()> {
-    let w = World::start(version)?;
+    lifecycle_with(World::start(version)?)
+}
+
+fn lifecycle_with(w: World) -> Result<()> {
+    let version = w.env.version;
     let (app, app_ref) = w.push(&app_image("cri-app")?, "testsuite/cri-app")?;
 
     let v = w.cri.version()?;
@@ -508,6 +525,14 @@ fn pod_lifecycle_containerd_2_1() {
     e2e(|| lifecycle(Version::V2_1));
 }
 
+/// With snapshot annotations off (its default), containerd 2.1's CRI plugin pulls through
+/// the transfer service, whose `unpack_config` names our differ; with them on (the other
+/// tests) it pulls in the client, through the diff service's `default` list.
+#[test]
+fn pod_lifecycle_transfer_service_containerd_2_1() {
+    e2e(|| lifecycle_with(World::start_with(Version::V2_1, true)?));
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. VOLUME images, two pods of one image at once, a pod restarted.
 
@@ -638,4 +663,56 @@ fn volumes_two_pods_and_restart_containerd_1_7() {
 #[test]
 fn volumes_two_pods_and_restart_containerd_2_1() {
     e2e(|| volumes_pods_restart(Version::V2_1));
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Kubernetes image volumes (CRI `Mount.image`, containerd 2.1).
+
+fn image_volume(version: Version) -> Result<()> {
+    let w = World::start(version)?;
+    let (_, app_ref) = w.push(&app_image("cri-app")?, "testsuite/cri-app")?;
+    let mut content = LayerBuilder::new();
+    content
+        .dir("models", 0o755)
+        .file("models/weights", 0o644, b"an image mounted as a volume\n");
+    let vol_spec = ImageSpec::new("cri-image-volume").layer(content.finish()?, Compression::Gzip);
+    let (_, vol_ref) = w.push(&vol_spec, "testsuite/cri-image-volume")?;
+    w.cri.pull_image(&app_ref)?;
+    // kubelet pulls an image volume's image like any other, then names it in the mount.
+    let vol_id = w.cri.pull_image(&vol_ref)?;
+
+    let (pod, pod_id) = w.run_pod("imgvol", 0)?;
+    let mut cfg = container_config("app", &app_ref, &[]);
+    cfg.mounts.push(cri::Mount {
+        container_path: "/img".to_owned(),
+        readonly: true,
+        image: Some(cri::ImageSpec {
+            image: vol_id.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    fs::create_dir_all(Path::new(&pod.log_directory).join("app"))?;
+    let id = w.cri.create_container(&pod_id, &cfg, &pod)?;
+    w.cri.start_container(&id)?;
+    let seen = w.cri.exec_ok(&id, &["cat", "/img/models/weights"])?;
+    ensure!(
+        seen == "an image mounted as a volume\n",
+        "/img/models/weights: {seen:?}"
+    );
+    let write = w
+        .cri
+        .exec_sync(&id, &["/bin/sh", "-c", "echo x > /img/new"])?;
+    ensure!(write.exit_code != 0, "the image volume is writable");
+
+    w.tear_down(&pod_id, &[&id])?;
+    w.cri.remove_image(&vol_ref)?;
+    w.cri.remove_image(&app_ref)?;
+    w.cri.remove_image(&w.pause_ref)?;
+    w.wait_all_gone()
+}
+
+#[test]
+fn image_volume_containerd_2_1() {
+    e2e(|| image_volume(Version::V2_1));
 }
