@@ -1,11 +1,13 @@
 //! Generated Rust code for the parts of containerd's gRPC API that
 //! erofs-snapshotter serves or calls: the snapshots and diff services (served
 //! by the proxy plugin) and the content and leases services (called by the differ), plus
-//! the shared `containerd.types` messages.
+//! the shared `containerd.types` messages; and a client of the Kubernetes CRI API
+//! ([`runtime::v1`]) for the tests that play kubelet.
 //!
-//! This crate holds generated code only. The `.proto` files under `proto/`
+//! This crate holds generated code only. The containerd `.proto` files under `proto/`
 //! are our own, written to match containerd's wire API (package, message,
-//! field and enum names, field numbers and types); `build.rs` compiles them
+//! field and enum names, field numbers and types); the CRI one is k8s.io/cri-api's,
+//! vendored with its licence header; `build.rs` compiles them
 //! with `protox` and `tonic-prost-build`. The module tree mirrors the
 //! protobuf packages so that generated cross-package references resolve, e.g.
 //! [`containerd::services::snapshots::v1::snapshots_server::Snapshots`].
@@ -67,5 +69,17 @@ pub mod containerd {
                 tonic::include_proto!("containerd.services.content.v1");
             }
         }
+    }
+}
+
+/// Protobuf package `runtime.v1`: the Kubernetes Container Runtime Interface (clients of
+/// `RuntimeService` and `ImageService`), from k8s.io/cri-api.
+pub mod runtime {
+    /// Protobuf package `runtime.v1`.
+    pub mod v1 {
+        // Generated code: prost/tonic emit no docs for undocumented items.
+        #![allow(missing_docs)]
+        #![allow(clippy::doc_lazy_continuation, clippy::doc_overindented_list_items)]
+        tonic::include_proto!("runtime.v1");
     }
 }

@@ -1,14 +1,15 @@
-//! End to end with real containerd (Debian 12's 1.6 and 2.1): our daemon serves as
-//! containerd's proxy snapshotter `erofs-rs` (and on 2.1 its proxy differ `erofs-rs-diff`),
-//! images are imported with `ctr images import --snapshotter erofs-rs` and containers run with
-//! `ctr run --snapshotter erofs-rs`. Needs root, erofs and overlayfs, and both containerd
-//! versions (`scripts/setup`).
+//! End to end with real containerd (Debian 12's 1.6, Debian 13's 1.7 and 2.1 from sid): our
+//! daemon serves as containerd's proxy snapshotter `erofs-rs` (and on 1.7 and 2.1 its proxy
+//! differ `erofs-rs-diff`), images are imported with `ctr images import --snapshotter
+//! erofs-rs` and containers run with `ctr run --snapshotter erofs-rs`. Needs root, erofs and
+//! overlayfs, and the three containerd versions (`scripts/setup`).
 //!
 //! On 1.6 (no proxy differ) layers are unpacked by containerd's walking differ into our
-//! active snapshots and converted to `layer.erofs` at Commit; on 2.1 our differ writes
+//! active snapshots and converted to `layer.erofs` at Commit; on 1.7 and 2.1 (imports through
+//! the transfer service, whose `unpack_config` names our differ) our differ writes
 //! `layer.erofs` straight from the layer blob.
 //!
-//! Each test runs on both versions where the version allows it, on its own containerd and
+//! Each test runs on every version where the version allows it, on its own containerd and
 //! daemon (module [`env`]), with images built in the test (module [`images`]):
 //!
 //! 1. `run_busybox_*`: `ctr run --rm ... /bin/sh -c 'echo hello; ls /'`, the layers on disk
@@ -179,6 +180,11 @@ fn run_busybox_containerd_1_6() {
 }
 
 #[test]
+fn run_busybox_containerd_1_7() {
+    e2e(|| run_busybox(Version::V1_7));
+}
+
+#[test]
 fn run_busybox_containerd_2_1() {
     e2e(|| run_busybox(Version::V2_1));
 }
@@ -190,7 +196,7 @@ fn whiteouts(version: Version) -> Result<()> {
     let env = Env::start(Path::new(BIN), version, MountMode::Host)?;
     let img = env.build(&images::whiteouts("whiteouts")?)?;
     env.import(&img)?;
-    // 2.1: our differ writes each layer.erofs; 1.6: the walking differ fills fs/ and our
+    // 1.7, 2.1: our differ writes each layer.erofs; 1.6: the walking differ fills fs/ and our
     // Commit converts it.
     let applied = if version.proxy_diff() {
         img.layers.len()
@@ -227,10 +233,10 @@ fn applied_layers(env: &Env) -> usize {
         .count()
 }
 
-/// containerd 2.1 unpacking in the client (`ctr images import --local`): through the diff
-/// service, whose first differ is ours.
-fn local_import() -> Result<()> {
-    let env = Env::start(Path::new(BIN), Version::V2_1, MountMode::Host)?;
+/// containerd 1.7 or 2.1 unpacking in the client (`ctr images import --local`): through the
+/// diff service, whose first differ is ours.
+fn local_import(version: Version) -> Result<()> {
+    let env = Env::start(Path::new(BIN), version, MountMode::Host)?;
     let img = env.build(&images::whiteouts("local")?)?;
     let mut o = oci::ImportOpts::new(SN);
     o.local = true;
@@ -247,13 +253,23 @@ fn local_import() -> Result<()> {
 }
 
 #[test]
+fn local_import_through_diff_service_containerd_1_7() {
+    e2e(|| local_import(Version::V1_7));
+}
+
+#[test]
 fn local_import_through_diff_service_containerd_2_1() {
-    e2e(local_import);
+    e2e(|| local_import(Version::V2_1));
 }
 
 #[test]
 fn whiteouts_and_opaque_dirs_containerd_1_6() {
     e2e(|| whiteouts(Version::V1_6));
+}
+
+#[test]
+fn whiteouts_and_opaque_dirs_containerd_1_7() {
+    e2e(|| whiteouts(Version::V1_7));
 }
 
 #[test]
@@ -381,6 +397,11 @@ fn writes_stay_in_upper(version: Version) -> Result<()> {
 #[test]
 fn container_writes_stay_in_upper_dir_containerd_1_6() {
     e2e(|| writes_stay_in_upper(Version::V1_6));
+}
+
+#[test]
+fn container_writes_stay_in_upper_dir_containerd_1_7() {
+    e2e(|| writes_stay_in_upper(Version::V1_7));
 }
 
 #[test]
@@ -571,6 +592,11 @@ fn ctr_snapshots_by_hand_containerd_1_6() {
 }
 
 #[test]
+fn ctr_snapshots_by_hand_containerd_1_7() {
+    e2e(|| snapshots_by_hand(Version::V1_7));
+}
+
+#[test]
 fn ctr_snapshots_by_hand_containerd_2_1() {
     e2e(|| snapshots_by_hand(Version::V2_1));
 }
@@ -661,6 +687,11 @@ fn daemon_kill_9_and_restart_containerd_1_6() {
 }
 
 #[test]
+fn daemon_kill_9_and_restart_containerd_1_7() {
+    e2e(|| restart(Version::V1_7));
+}
+
+#[test]
 fn daemon_kill_9_and_restart_containerd_2_1() {
     e2e(|| restart(Version::V2_1));
 }
@@ -730,6 +761,11 @@ fn parallel_imports_and_runs_containerd_1_6() {
 }
 
 #[test]
+fn parallel_imports_and_runs_containerd_1_7() {
+    e2e(|| parallel(Version::V1_7));
+}
+
+#[test]
 fn parallel_imports_and_runs_containerd_2_1() {
     e2e(|| parallel(Version::V2_1));
 }
@@ -754,6 +790,11 @@ fn deep_image_40_layers_containerd_1_6() {
 }
 
 #[test]
+fn deep_image_40_layers_containerd_1_7() {
+    e2e(|| deep(Version::V1_7, 40));
+}
+
+#[test]
 fn deep_image_40_layers_containerd_2_1() {
     e2e(|| deep(Version::V2_1, 40));
 }
@@ -762,6 +803,11 @@ fn deep_image_40_layers_containerd_2_1() {
 #[test]
 fn deep_image_130_layers_containerd_1_6() {
     e2e(|| deep(Version::V1_6, 130));
+}
+
+#[test]
+fn deep_image_130_layers_containerd_1_7() {
+    e2e(|| deep(Version::V1_7, 130));
 }
 
 #[test]
@@ -895,6 +941,11 @@ fn manager_shapes(version: Version) -> Result<()> {
 #[test]
 fn manager_mode_mount_shapes_containerd_1_6() {
     e2e(|| manager_shapes(Version::V1_6));
+}
+
+#[test]
+fn manager_mode_mount_shapes_containerd_1_7() {
+    e2e(|| manager_shapes(Version::V1_7));
 }
 
 #[test]
@@ -1038,6 +1089,16 @@ fn kill_during_import_containerd_1_6() {
 }
 
 #[test]
+fn kill_during_import_containerd_1_7() {
+    e2e(|| {
+        for p in crash_points(Version::V1_7) {
+            crash_during_import(Version::V1_7, p).with_context(|| format!("crash at {p}"))?;
+        }
+        Ok(())
+    });
+}
+
+#[test]
 fn kill_during_import_containerd_2_1() {
     e2e(|| {
         for p in crash_points(Version::V2_1) {
@@ -1052,6 +1113,16 @@ fn kill_during_remove_containerd_1_6() {
     e2e(|| {
         for p in ["remove:after-db-commit", "remove:after-rename"] {
             crash_during_remove(Version::V1_6, p).with_context(|| format!("crash at {p}"))?;
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn kill_during_remove_containerd_1_7() {
+    e2e(|| {
+        for p in ["remove:after-db-commit", "remove:after-rename"] {
+            crash_during_remove(Version::V1_7, p).with_context(|| format!("crash at {p}"))?;
         }
         Ok(())
     });

@@ -67,11 +67,16 @@ use crate::process::{self, ProcInfo, ProcessGroupGuard};
 /// and the shim are in `usr/bin` below it, runc in `usr/sbin`).
 pub const CONTAINERD_1_6_ROOT_ENV: &str = "TESTSUITE_CONTAINERD_1_6_ROOT";
 
+/// Environment variable naming the root where Debian 13's containerd 1.7 was
+/// unpacked (default `/opt/containerd-1.7/root`; containerd, `ctr` and the
+/// shim are in `usr/bin` below it; it runs Debian 12's runc like the others).
+pub const CONTAINERD_1_7_ROOT_ENV: &str = "TESTSUITE_CONTAINERD_1_7_ROOT";
+
 /// Environment variable naming the root where containerd 2.1 was unpacked
 /// (default `/opt/containerd-new/root`; binaries are in `usr/bin` below it).
 pub const CONTAINERD_NEW_ROOT_ENV: &str = "TESTSUITE_CONTAINERD_NEW_ROOT";
 
-/// Which containerd to run. Both are private copies unpacked by
+/// Which containerd to run. All are private copies unpacked by
 /// `scripts/setup`, never the host's containerd or runc.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Version {
@@ -79,19 +84,25 @@ pub enum Version {
     /// `/opt/containerd-1.6/root` (its own `ctr` and
     /// `containerd-shim-runc-v2`). Config `version = 2`.
     V1_6,
+    /// Debian 13's containerd 1.7, unpacked under `/opt/containerd-1.7/root`
+    /// (its own `ctr` and `containerd-shim-runc-v2`, Debian 12's runc). Config
+    /// `version = 2`; proxy differs, proxy plugin `platform`/`capabilities`/
+    /// `exports`, and the transfer service (which `ctr images import`/`pull` use).
+    V1_7,
     /// containerd 2.1 from Debian sid, unpacked under `/opt/containerd-new/root`
     /// with its own `containerd-shim-runc-v2`. Config `version = 3`.
     V2_1,
 }
 
 impl Version {
-    /// Both versions, oldest first.
-    pub const ALL: [Version; 2] = [Version::V1_6, Version::V2_1];
+    /// Every version, oldest first.
+    pub const ALL: [Version; 3] = [Version::V1_6, Version::V1_7, Version::V2_1];
 
     /// The root this version was unpacked into.
     fn root(self) -> PathBuf {
         let (env, default) = match self {
             Version::V1_6 => (CONTAINERD_1_6_ROOT_ENV, "/opt/containerd-1.6/root"),
+            Version::V1_7 => (CONTAINERD_1_7_ROOT_ENV, "/opt/containerd-1.7/root"),
             Version::V2_1 => (CONTAINERD_NEW_ROOT_ENV, "/opt/containerd-new/root"),
         };
         std::env::var_os(env)
@@ -119,8 +130,8 @@ impl Version {
         self.bin_dir().join("containerd-shim-runc-v2")
     }
 
-    /// The `runc` both versions' shims run: Debian 12's, unpacked next to
-    /// containerd 1.6 (2.1 from sid has none of its own). The shims find it
+    /// The `runc` every version's shim runs: Debian 12's, unpacked next to
+    /// containerd 1.6 (2.1 from sid has none of its own, and 1.7's is not unpacked). The shims find it
     /// on `PATH` (no `BinaryName` in the runtime options).
     pub fn runc(self) -> PathBuf {
         Version::V1_6.root().join("usr/sbin/runc")
@@ -142,15 +153,16 @@ impl Version {
     /// The `version` of the config file format this containerd reads.
     pub fn config_version(self) -> u32 {
         match self {
-            Version::V1_6 => 2,
+            Version::V1_6 | Version::V1_7 => 2,
             Version::V2_1 => 3,
         }
     }
 
     /// Whether proxy plugins accept `platform`, `capabilities` and `exports`
-    /// (containerd 2.0+; 1.6 only knows `type` and `address`).
+    /// (containerd 1.7 (1.7.24 shows all three in `ctr plugins ls -d`) and 2.x;
+    /// 1.6 only knows `type` and `address`).
     pub fn proxy_plugin_extras(self) -> bool {
-        self == Version::V2_1
+        self != Version::V1_6
     }
 
     /// Whether a proxy plugin of type `diff` is supported (containerd
@@ -158,13 +170,13 @@ impl Version {
     /// type=diff` and then panics (`plugin: no type`) at start-up, so
     /// [`render_config`] refuses such an entry for 1.6.
     pub fn proxy_diff(self) -> bool {
-        self == Version::V2_1
+        self != Version::V1_6
     }
 
     /// Whether the transfer service (and its `unpack_config`) exists; `ctr
-    /// images import`/`pull` go through it by default from 2.0 on.
+    /// images import`/`pull` go through it by default from 1.7 on.
     pub fn transfer_service(self) -> bool {
-        self == Version::V2_1
+        self != Version::V1_6
     }
 
     /// Whether the binaries are installed.
@@ -180,6 +192,7 @@ impl std::fmt::Display for Version {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Version::V1_6 => "containerd-1.6",
+            Version::V1_7 => "containerd-1.7",
             Version::V2_1 => "containerd-2.1",
         })
     }
@@ -190,7 +203,7 @@ impl std::fmt::Display for Version {
 pub enum ProxyKind {
     /// `type = "snapshot"` (a `containerd.services.snapshots.v1.Snapshots` server).
     Snapshot,
-    /// `type = "diff"` (a `containerd.services.diff.v1.Diff` server; 2.x only).
+    /// `type = "diff"` (a `containerd.services.diff.v1.Diff` server; 1.7 and 2.x).
     Diff,
 }
 
@@ -206,11 +219,12 @@ pub struct ProxyPlugin {
     /// the instance's base directory (which does not exist before
     /// [`Containerd::start`]); see [`Containerd::proxy_address`].
     pub address: PathBuf,
-    /// `platform = "..."` (2.x only), e.g. `linux/amd64`.
+    /// `platform = "..."` (1.7 and 2.x), e.g. `linux/amd64`.
     pub platform: Option<String>,
-    /// `capabilities = [...]` (2.x only), e.g. `rebase`, `remap-ids`.
+    /// `capabilities = [...]` (1.7 and 2.x), e.g. `rebase`, `remap-ids`.
     pub capabilities: Vec<String>,
-    /// `[proxy_plugins.<name>.exports]` (2.x only).
+    /// `[proxy_plugins.<name>.exports]` (1.7 and 2.x). A relative `root` is
+    /// taken relative to the instance's base directory, like `address`.
     pub exports: Vec<(String, String)>,
 }
 
@@ -229,7 +243,7 @@ impl ProxyPlugin {
 }
 
 /// One `[[plugins."io.containerd.transfer.v1.local".unpack_config]]` entry
-/// (2.x only): which differ unpacks layers for a snapshotter on a platform.
+/// (1.7 and 2.x): which differ unpacks layers for a snapshotter on a platform.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnpackConfig {
     /// Platform, e.g. `linux/amd64`.
@@ -264,20 +278,23 @@ pub struct ContainerdOpts {
     /// `[plugins."io.containerd.service.v1.diff-service"] default = [...]`;
     /// empty leaves containerd's default (`["walking"]`).
     pub diff_service_default: Vec<String>,
-    /// `unpack_config` entries of the transfer service (2.x only). A non-empty
+    /// `unpack_config` entries of the transfer service (1.7 and 2.x). A non-empty
     /// list replaces containerd's defaults, so unless `keep_overlayfs_unpack`
     /// is false an `overlayfs`/`walking` entry is added when no entry names
     /// `overlayfs`.
     pub unpack_config: Vec<UnpackConfig>,
     /// See `unpack_config`. Default true.
     pub keep_overlayfs_unpack: bool,
-    /// `max_concurrent_unpacks` of the transfer service (2.x only). containerd
+    /// `max_concurrent_unpacks` of the transfer service (1.7 and 2.x). containerd
     /// 2.1.9 does not know this key: it logs "Ignoring unknown key in TOML for
     /// plugin" and unpacks one layer at a time.
     pub max_concurrent_unpacks: Option<u32>,
     /// Plugins to disable besides the ones the harness always disables (CRI,
     /// NRI and the pod sandbox controller).
     pub disabled_plugins: Vec<String>,
+    /// containerd's CRI plugin, enabled and configured for tests ([`crate::cri`]);
+    /// `None` (the default) disables it.
+    pub cri: Option<crate::cri::CriConfig>,
     /// Raw TOML appended to the generated config. It must not repeat a table
     /// the harness generates (see [`Containerd::config_toml`]).
     pub extra_toml: String,
@@ -306,6 +323,7 @@ impl ContainerdOpts {
             keep_overlayfs_unpack: true,
             max_concurrent_unpacks: None,
             disabled_plugins: Vec::new(),
+            cri: None,
             extra_toml: String::new(),
             log_level: "debug".to_owned(),
             start_timeout: Duration::from_secs(30),
@@ -341,7 +359,7 @@ impl ContainerdOpts {
         self
     }
 
-    /// Adds an `unpack_config` entry (2.x).
+    /// Adds an `unpack_config` entry (1.7 and 2.x).
     pub fn unpack(mut self, entry: UnpackConfig) -> Self {
         self.unpack_config.push(entry);
         self
@@ -419,7 +437,7 @@ fn q_list(items: &[String]) -> String {
 }
 
 /// Plugins the harness always disables: CRI (and its CNI networking), NRI
-/// (socket in `/var/run/nri`), on 1.6 the unconfigured devmapper snapshotter
+/// (socket in `/var/run/nri`), on 1.6 and 1.7 the unconfigured devmapper snapshotter
 /// (it only logs an error) and, on 2.x, the pod sandbox controller that needs
 /// CRI and the sandbox-controllers service that needs it.
 fn always_disabled(version: Version) -> Vec<String> {
@@ -427,6 +445,11 @@ fn always_disabled(version: Version) -> Vec<String> {
         Version::V1_6 => &[
             "io.containerd.grpc.v1.cri",
             "io.containerd.snapshotter.v1.devmapper",
+        ],
+        Version::V1_7 => &[
+            "io.containerd.grpc.v1.cri",
+            "io.containerd.snapshotter.v1.devmapper",
+            "io.containerd.nri.v1.nri",
         ],
         Version::V2_1 => &[
             "io.containerd.grpc.v1.cri",
@@ -447,6 +470,9 @@ pub fn render_config(opts: &ContainerdOpts, base: &Path) -> Result<String> {
     let v = opts.version;
     let mut t = String::new();
     let mut disabled = always_disabled(v);
+    if opts.cri.is_some() {
+        disabled.retain(|p| !crate::cri::plugins(v).contains(&p.as_str()));
+    }
     disabled.extend(opts.disabled_plugins.iter().cloned());
     writeln!(t, "version = {}", v.config_version())?;
     writeln!(t, "root = {}", q_path(&l.root))?;
@@ -503,7 +529,9 @@ pub fn render_config(opts: &ContainerdOpts, base: &Path) -> Result<String> {
             }
         }
     } else if !opts.unpack_config.is_empty() || opts.max_concurrent_unpacks.is_some() {
-        bail!("{v} has no transfer service: unpack_config and max_concurrent_unpacks need 2.x");
+        bail!(
+            "{v} has no transfer service: unpack_config and max_concurrent_unpacks need 1.7 or later"
+        );
     }
     for p in &opts.proxy_plugins {
         if p.kind == ProxyKind::Diff && !v.proxy_diff() {
@@ -527,7 +555,7 @@ pub fn render_config(opts: &ContainerdOpts, base: &Path) -> Result<String> {
         let extras = p.platform.is_some() || !p.capabilities.is_empty() || !p.exports.is_empty();
         if extras && !v.proxy_plugin_extras() {
             bail!(
-                "{v}: proxy plugin {:?}: platform, capabilities and exports need containerd 2.x (use extra_toml to force them)",
+                "{v}: proxy plugin {:?}: platform, capabilities and exports need containerd 1.7 or later (use extra_toml to force them)",
                 p.name
             );
         }
@@ -540,9 +568,18 @@ pub fn render_config(opts: &ContainerdOpts, base: &Path) -> Result<String> {
         if !p.exports.is_empty() {
             writeln!(t, "  [proxy_plugins.{}.exports]", q(&p.name))?;
             for (k, val) in &p.exports {
+                let val = if k == "root" && Path::new(val).is_relative() {
+                    base.join(val).to_string_lossy().into_owned()
+                } else {
+                    val.clone()
+                };
                 writeln!(t, "    {} = {}", q(k), q(val))?;
             }
         }
+    }
+    if let Some(cri) = &opts.cri {
+        writeln!(t, "\n# CRI")?;
+        t.push_str(&crate::cri::render(v, cri, base)?);
     }
     if !opts.extra_toml.is_empty() {
         writeln!(t, "\n# extra_toml")?;
@@ -695,6 +732,9 @@ impl Containerd {
             if let Some(dir) = resolve_address(&l.base, &p.address).parent() {
                 fs::create_dir_all(dir)?;
             }
+        }
+        if let Some(cri) = &self.opts.cri {
+            crate::cri::write_files(cri, &l.base)?;
         }
         self.config_toml = render_config(&self.opts, &l.base)?;
         fs::write(&l.config, &self.config_toml)?;
@@ -971,7 +1011,7 @@ impl Containerd {
     }
 
     /// `ctr images pull --plain-http --snapshotter SNAPSHOTTER REFERENCE` (e.g.
-    /// from a [`Registry`](crate::Registry)); on 2.x through the transfer
+    /// from a [`Registry`](crate::Registry)); on 1.7 and 2.x through the transfer
     /// service, which unpacks only if an `unpack_config` entry names the
     /// snapshotter (the default one names `overlayfs`).
     pub fn pull_plain_http(&self, reference: &str, snapshotter: &str) -> Result<()> {

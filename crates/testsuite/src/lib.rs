@@ -1,7 +1,7 @@
 //! End-to-end test harness for erofs-snapshotter: real containerd, real
 //! containers, no network.
 //!
-//! - [`containerd`]: a private containerd (1.6 or 2.1) per test, with its own
+//! - [`containerd`]: a private containerd (1.6, 1.7 or 2.1) per test, with its own
 //!   root, state, sockets, config and mount namespace; proxy snapshotter and
 //!   differ plugins can be wired in through [`ContainerdOpts`].
 //! - [`oci`]: OCI image layouts and archives built from layer tars (written
@@ -14,8 +14,10 @@
 //!   its own (root, socket, content store), its client and snapshot-directory helpers.
 //! - [`wired_containerd`]: containerd 2.1 wired to our daemon as proxy snapshotter and
 //!   differ on one socket, with helpers that look at what the daemon did.
-//! - [`proxied_containerd`]: containerd 1.6 or 2.1 with our daemon as its proxy snapshotter
-//!   (and differ, on 2.1), with helpers to look at what ends up on disk.
+//! - [`proxied_containerd`]: containerd 1.6, 1.7 or 2.1 with our daemon as its proxy
+//!   snapshotter (and differ, on 1.7 and 2.1), with helpers to look at what ends up on disk.
+//! - [`cri`]: containerd's CRI plugin configured for a test, and a client that plays kubelet
+//!   over the CRI API.
 //! - [`client`]: a gRPC client of a daemon's Snapshots and Diff services.
 //! - [`rootfs`]: performing a snapshotter's host-mode mount list (`bind`,
 //!   `overlay`) on a directory, as containerd does, and parsing overlay options.
@@ -51,6 +53,7 @@
 
 pub mod client;
 pub mod containerd;
+pub mod cri;
 pub mod daemon;
 pub mod daemon_env;
 pub mod mounts;

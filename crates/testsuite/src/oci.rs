@@ -295,6 +295,8 @@ pub struct ImageSpec {
     pub entrypoint: Option<Vec<String>>,
     /// `config.Env` (default: a `PATH`).
     pub env: Vec<String>,
+    /// `config.Volumes` (the image's `VOLUME` entries).
+    pub volumes: Vec<String>,
     /// `architecture` (default `amd64`).
     pub architecture: String,
     /// `os` (default `linux`).
@@ -321,6 +323,7 @@ impl ImageSpec {
             env: vec![
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
             ],
+            volumes: Vec::new(),
             architecture: "amd64".to_owned(),
             os: "linux".to_owned(),
         }
@@ -341,6 +344,12 @@ impl ImageSpec {
     /// Sets `config.Entrypoint`.
     pub fn entrypoint(mut self, ep: &[&str]) -> Self {
         self.entrypoint = Some(ep.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
+    /// Adds a `VOLUME` (`config.Volumes`).
+    pub fn volume(mut self, path: &str) -> Self {
+        self.volumes.push(path.to_owned());
         self
     }
 
@@ -529,6 +538,14 @@ pub fn build_archive(spec: &ImageSpec, out_dir: &Path) -> Result<OciArchive> {
     }
     if let Some(ep) = &spec.entrypoint {
         cfg.insert("Entrypoint".into(), json!(ep));
+    }
+    if !spec.volumes.is_empty() {
+        let v: serde_json::Map<String, Value> = spec
+            .volumes
+            .iter()
+            .map(|p| (p.clone(), json!({})))
+            .collect();
+        cfg.insert("Volumes".into(), Value::Object(v));
     }
     cfg.insert("WorkingDir".into(), json!("/"));
     let config = json!({

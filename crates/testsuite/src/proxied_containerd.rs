@@ -1,6 +1,6 @@
-//! An end-to-end environment ([`Env`]): a private containerd (1.6 or 2.1, from the testsuite harness)
-//! with our daemon (`erofs-snapshotter serve --config FILE`) as its proxy snapshotter (and,
-//! on 2.1, its proxy differ), plus helpers to look at what ends up on disk.
+//! An end-to-end environment ([`Env`]): a private containerd (1.6, 1.7 or 2.1, from the testsuite
+//! harness) with our daemon (`erofs-snapshotter serve --config FILE`) as its proxy snapshotter
+//! (and, on 1.7 and 2.1, its proxy differ), optionally with its CRI plugin on our snapshotter, plus helpers to look at what ends up on disk.
 //!
 //! The daemon's root and socket live below the containerd instance's base directory, so the
 //! layer mounts it makes in the host namespace propagate into containerd's private mount
@@ -15,14 +15,16 @@ use std::time::{Duration, Instant};
 use crate::daemon::DaemonOpts;
 use crate::mounts::{self, MountInfo};
 use crate::oci::{self, OciArchive};
-use crate::{Containerd, ContainerdOpts, Daemon, RunOpts, UnpackConfig, Version};
+use crate::{
+    Containerd, ContainerdOpts, Daemon, ProxyKind, ProxyPlugin, RunOpts, UnpackConfig, Version,
+};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 /// Our proxy snapshotter's name in containerd (not `erofs`: containerd 2.1 has a built-in
 /// plugin of that name and panics on the clash).
 pub const SN: &str = "erofs-rs";
-/// Our proxy differ's name in containerd (2.1 only).
+/// Our proxy differ's name in containerd (1.7 and 2.1).
 pub const DIFF: &str = "erofs-rs-diff";
 /// The socket, relative to the containerd base directory.
 pub const SOCK_REL: &str = "erofs/erofs.sock";
@@ -52,6 +54,12 @@ pub struct EnvOpts {
     pub containerd_log_level: Option<String>,
     /// Deadline of each `ctr` call (default: the harness's).
     pub ctr_timeout: Option<Duration>,
+    /// containerd's CRI plugin on our snapshotter ([`crate::cri`]); with it, on versions
+    /// whose proxy plugins take `exports`, our snapshotter exports `root` = the daemon's root
+    /// (what the CRI plugin of 1.7 and 2.x reports as the image filesystem).
+    pub cri: Option<crate::cri::CriConfig>,
+    /// The daemon's root relative to containerd's base directory (default `erofs/root`).
+    pub root_rel: Option<String>,
 }
 
 /// containerd + our daemon.
@@ -110,7 +118,16 @@ impl Env {
     pub fn start_opts(bin: &Path, version: Version, o: EnvOpts) -> Result<Env> {
         crate::require_root()?;
         let sock_rel = Path::new(SOCK_REL);
-        let mut opts = ContainerdOpts::new(version).proxy_snapshotter(SN, sock_rel);
+        let root_rel = o
+            .root_rel
+            .clone()
+            .unwrap_or_else(|| "erofs/root".to_owned());
+        let mut plugin = ProxyPlugin::new(SN, ProxyKind::Snapshot, sock_rel);
+        if o.cri.is_some() && version.proxy_plugin_extras() {
+            plugin.exports.push(("root".to_owned(), root_rel.clone()));
+        }
+        let mut opts = ContainerdOpts::new(version).proxy_plugin(plugin);
+        opts.cri = o.cri.clone();
         if let Some(level) = &o.containerd_log_level {
             opts.log_level = level.clone();
         }
@@ -125,7 +142,7 @@ impl Env {
         }
         let mut ctd = Containerd::prepare(opts)?;
         let sock = ctd.proxy_address(SN).context("proxy address")?;
-        let root = ctd.dir("erofs/root")?;
+        let root = ctd.dir(&root_rel)?;
         let mode = match o.mode {
             MountMode::Host => "host",
             MountMode::Manager => "manager",

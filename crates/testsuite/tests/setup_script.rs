@@ -1,5 +1,5 @@
 //! `scripts/setup` is safe on a machine that already runs containerd (issue
-//! 10): run twice while private containerd 1.6 and 2.1 instances each run a
+//! 10): run twice while private containerd 1.6, 1.7 and 2.1 instances each run a
 //! container, it leaves their containerd, shim and container processes alive,
 //! replaces none of the containerd/runc binaries (the host's or the private
 //! copies in use), changes no containerd/runc/Docker package, leaves

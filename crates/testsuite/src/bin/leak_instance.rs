@@ -1,4 +1,4 @@
-//! Starts a containerd instance (`testsuite-leak-instance 1.6|2.1`), runs a
+//! Starts a containerd instance (`testsuite-leak-instance 1.6|1.7|2.1`), runs a
 //! detached container on a busybox image, prints the base directory and exits
 //! without cleaning up: the situation `containerd::sweep_stale` handles after
 //! a test process dies.
@@ -11,9 +11,10 @@ use testsuite::{Containerd, ContainerdOpts, RunOpts, Version};
 fn main() -> ExitCode {
     let version = match std::env::args().nth(1).as_deref() {
         Some("1.6") => Version::V1_6,
+        Some("1.7") => Version::V1_7,
         Some("2.1") => Version::V2_1,
         _ => {
-            eprintln!("usage: testsuite-leak-instance 1.6|2.1");
+            eprintln!("usage: testsuite-leak-instance 1.6|1.7|2.1");
             return ExitCode::from(2);
         }
     };
