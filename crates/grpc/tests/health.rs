@@ -90,39 +90,6 @@ fn tar(size: usize, seed: u8) -> Vec<u8> {
 
 const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
-/// Apply `desc` onto `mounts` over `ch`, with a grpc-timeout when given.
-async fn apply(
-    ch: tonic::transport::Channel,
-    desc: &snapshotter::diff::Descriptor,
-    mounts: &[snapshotter::Mount],
-    timeout: Option<Duration>,
-) -> Result<(), tonic::Status> {
-    use containerd_api::containerd::services::diff::v1 as dpb;
-    use containerd_api::containerd::types;
-    let mut req = tonic::Request::new(dpb::ApplyRequest {
-        diff: Some(types::Descriptor {
-            media_type: desc.media_type.clone(),
-            digest: desc.digest.clone(),
-            size: desc.size,
-            annotations: Default::default(),
-        }),
-        mounts: mounts
-            .iter()
-            .cloned()
-            .map(erofs_grpc::convert::mount)
-            .collect(),
-        payloads: Default::default(),
-        sync_fs: false,
-    });
-    if let Some(t) = timeout {
-        req.set_timeout(t);
-    }
-    dpb::diff_client::DiffClient::new(ch)
-        .apply(req)
-        .await
-        .map(drop)
-}
-
 /// Files left under `dir` (recursively).
 fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -204,7 +171,7 @@ fn cancelled_and_late_applies_stop_and_leave_nothing() {
     let dropped = client.block_on(async {
         tokio::time::timeout(
             Duration::from_millis(700),
-            apply(ch.clone(), &desc, &m, None),
+            common::apply(ch.clone(), None, &desc, &m, None),
         )
         .await
     });
@@ -217,8 +184,9 @@ fn cancelled_and_late_applies_stop_and_leave_nothing() {
 
     // 2. The caller's deadline passes (tonic drops the call at the grpc-timeout).
     let t = Instant::now();
-    let r = client.block_on(apply(
+    let r = client.block_on(common::apply(
         ch.clone(),
+        None,
         &desc,
         &m,
         Some(Duration::from_millis(600)),
@@ -237,7 +205,7 @@ fn cancelled_and_late_applies_stop_and_leave_nothing() {
     // 3. No deadline from the caller: the server's maximum (1.5 s here) applies.
     let t = Instant::now();
     let s = client
-        .block_on(apply(ch.clone(), &desc, &m, None))
+        .block_on(common::apply(ch.clone(), None, &desc, &m, None))
         .unwrap_err();
     let answered = t.elapsed();
     assert_eq!(s.code(), tonic::Code::DeadlineExceeded, "{s:?}");
@@ -256,7 +224,7 @@ fn cancelled_and_late_applies_stop_and_leave_nothing() {
     assert_eq!(info.kind, snapshotter::Kind::Active);
     blobs.pace(0);
     client
-        .block_on(apply(ch.clone(), &desc, &m, None))
+        .block_on(common::apply(ch.clone(), None, &desc, &m, None))
         .expect("the same Apply, unhurried");
     assert!(snap.join("layer.erofs").exists());
     d.core

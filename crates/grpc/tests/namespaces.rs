@@ -9,8 +9,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::{Blobs, channel, daemon_with_content, runtime, serve_content};
-use containerd_api::containerd::services::diff::v1 as dpb;
-use containerd_api::containerd::types;
 
 const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 
@@ -24,36 +22,6 @@ fn tar() -> Vec<u8> {
     w.finish().unwrap()
 }
 
-/// Apply `desc` onto `mounts` in containerd namespace `ns`.
-async fn apply_in(
-    ch: tonic::transport::Channel,
-    ns: &str,
-    desc: &snapshotter::diff::Descriptor,
-    mounts: &[snapshotter::Mount],
-) -> Result<(), tonic::Status> {
-    let mut req = tonic::Request::new(dpb::ApplyRequest {
-        diff: Some(types::Descriptor {
-            media_type: desc.media_type.clone(),
-            digest: desc.digest.clone(),
-            size: desc.size,
-            annotations: Default::default(),
-        }),
-        mounts: mounts
-            .iter()
-            .cloned()
-            .map(erofs_grpc::convert::mount)
-            .collect(),
-        payloads: Default::default(),
-        sync_fs: false,
-    });
-    req.metadata_mut()
-        .insert("containerd-namespace", ns.parse().unwrap());
-    dpb::diff_client::DiffClient::new(ch)
-        .apply(req)
-        .await
-        .map(drop)
-}
-
 /// Write `data` where containerd's content store keeps the blob `digest`.
 fn store_in_dir(content: &Path, digest: &str, data: &[u8]) {
     let hex = digest.strip_prefix("sha256:").unwrap();
@@ -62,25 +30,51 @@ fn store_in_dir(content: &Path, digest: &str, data: &[u8]) {
     std::fs::write(dir.join(hex), data).unwrap();
 }
 
+/// A daemon whose content directory and Content stand-in hold one blob, in namespace `a`
+/// only; `differ` lines for its `[differ]` table.
+struct World {
+    daemon: common::Daemon,
+    desc: snapshotter::diff::Descriptor,
+    client: common::Runtime,
+    ch: tonic::transport::Channel,
+    _ctd: common::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new(differ: &str) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let ctd_sock = dir.path().join("containerd.sock");
+        let content = dir.path().join("content");
+        let blobs = Blobs::default();
+        let data = tar();
+        let desc = blobs.add("a", TAR, &data);
+        store_in_dir(&content, &desc.digest, &data);
+        let ctd = serve_content(&ctd_sock, blobs);
+        let daemon = daemon_with_content(dir.path(), &ctd_sock, &content, "", differ);
+        let client = runtime(1);
+        let ch = client.block_on(channel(&daemon.socket));
+        World {
+            daemon,
+            desc,
+            client,
+            ch,
+            _ctd: ctd,
+            _dir: dir,
+        }
+    }
+}
+
 /// A blob in the directory and in namespace `a` only: an Apply in namespace `b` is NotFound
 /// (naming the namespace) and writes no layer; the same Apply in `a` succeeds.
 #[test]
 fn a_blob_of_another_namespace_is_not_found() {
-    let dir = tempfile::tempdir().unwrap();
-    let ctd_sock = dir.path().join("containerd.sock");
-    let content = dir.path().join("content");
-    let blobs = Blobs::default();
-    let data = tar();
-    let desc = blobs.add("a", TAR, &data);
-    store_in_dir(&content, &desc.digest, &data);
-    let _ctd = serve_content(&ctd_sock, blobs);
-    let d = daemon_with_content(dir.path(), &ctd_sock, &content, "", "");
-    let client = runtime(1);
-    let ch = client.block_on(channel(&d.socket));
+    let w = World::new("");
+    let (d, desc, client, ch) = (&w.daemon, &w.desc, &w.client, w.ch.clone());
 
     let m = d.core.prepare("in-b", "", BTreeMap::new()).unwrap();
     let e = client
-        .block_on(apply_in(ch.clone(), "b", &desc, &m))
+        .block_on(common::apply(ch.clone(), Some("b"), desc, &m, None))
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
     assert!(e.message().contains("not found in b"), "{e:?}");
@@ -97,7 +91,7 @@ fn a_blob_of_another_namespace_is_not_found() {
 
     let m = d.core.prepare("in-a", "", BTreeMap::new()).unwrap();
     client
-        .block_on(apply_in(ch.clone(), "a", &desc, &m))
+        .block_on(common::apply(ch.clone(), Some("a"), desc, &m, None))
         .expect("Apply in the blob's own namespace");
 }
 
@@ -105,25 +99,10 @@ fn a_blob_of_another_namespace_is_not_found() {
 /// single-tenant setting): the same Apply in `b` succeeds, so the refusal above is the check's.
 #[test]
 fn without_the_check_the_directory_serves_every_namespace() {
-    let dir = tempfile::tempdir().unwrap();
-    let ctd_sock = dir.path().join("containerd.sock");
-    let content = dir.path().join("content");
-    let blobs = Blobs::default();
-    let data = tar();
-    let desc = blobs.add("a", TAR, &data);
-    store_in_dir(&content, &desc.digest, &data);
-    let _ctd = serve_content(&ctd_sock, blobs);
-    let d = daemon_with_content(
-        dir.path(),
-        &ctd_sock,
-        &content,
-        "",
-        "verify_content_namespace = false",
-    );
-    let client = runtime(1);
-    let ch = client.block_on(channel(&d.socket));
+    let w = World::new("verify_content_namespace = false");
+    let (d, desc, client, ch) = (&w.daemon, &w.desc, &w.client, w.ch.clone());
     let m = d.core.prepare("in-b", "", BTreeMap::new()).unwrap();
     client
-        .block_on(apply_in(ch, "b", &desc, &m))
+        .block_on(common::apply(ch, Some("b"), desc, &m, None))
         .expect("the directory, unchecked");
 }

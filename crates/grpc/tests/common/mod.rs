@@ -311,3 +311,42 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Apply `desc` onto `mounts` over `ch`, in containerd namespace `ns` (none: the daemon's
+/// default), with a grpc-timeout when given.
+pub async fn apply(
+    ch: tonic::transport::Channel,
+    ns: Option<&str>,
+    desc: &snapshotter::diff::Descriptor,
+    mounts: &[snapshotter::Mount],
+    timeout: Option<std::time::Duration>,
+) -> Result<(), tonic::Status> {
+    use containerd_api::containerd::services::diff::v1 as dpb;
+    use containerd_api::containerd::types;
+    let mut req = tonic::Request::new(dpb::ApplyRequest {
+        diff: Some(types::Descriptor {
+            media_type: desc.media_type.clone(),
+            digest: desc.digest.clone(),
+            size: desc.size,
+            annotations: Default::default(),
+        }),
+        mounts: mounts
+            .iter()
+            .cloned()
+            .map(erofs_grpc::convert::mount)
+            .collect(),
+        payloads: Default::default(),
+        sync_fs: false,
+    });
+    if let Some(t) = timeout {
+        req.set_timeout(t);
+    }
+    if let Some(ns) = ns {
+        req.metadata_mut()
+            .insert("containerd-namespace", ns.parse().expect("a namespace"));
+    }
+    dpb::diff_client::DiffClient::new(ch)
+        .apply(req)
+        .await
+        .map(drop)
+}
