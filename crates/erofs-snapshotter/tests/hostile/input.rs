@@ -183,6 +183,9 @@ pub struct Snap {
     pub mounts: Vec<Mount>,
     /// The differ wrote its layer (Apply succeeded on it).
     pub applied: bool,
+    /// An Update set one of the snapshotter's own labels (id mappings, max size): the
+    /// daemon takes them as given, and Mounts may then refuse them.
+    pub own_labels: bool,
 }
 
 impl Model {

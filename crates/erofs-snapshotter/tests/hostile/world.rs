@@ -458,7 +458,9 @@ impl World {
                 } else {
                     match m.get(k) {
                         None => nf,
-                        Some(s) if s.kind != pb::Kind::Committed => Some(Expect::Ok),
+                        Some(s) if s.kind != pb::Kind::Committed && !s.own_labels => {
+                            Some(Expect::Ok)
+                        }
                         Some(_) => None,
                     }
                 }
@@ -655,6 +657,7 @@ impl World {
                         parent: p.parent.clone(),
                         mounts: m.clone(),
                         applied: false,
+                        own_labels: false,
                     },
                 );
             }
@@ -666,6 +669,7 @@ impl World {
                         parent: v.parent.clone(),
                         mounts: m.clone(),
                         applied: false,
+                        own_labels: false,
                     },
                 );
             }
@@ -683,12 +687,23 @@ impl World {
                             parent,
                             mounts: Vec::new(),
                             applied: false,
+                            own_labels: false,
                         },
                     );
                 }
             }
             (Req::Remove(k), _) => {
                 snaps.remove(k);
+            }
+            (Req::Update(u), _) => {
+                if let Some(i) = &u.info
+                    && i.labels
+                        .keys()
+                        .any(|k| k.starts_with("containerd.io/snapshot/"))
+                    && let Some(s) = snaps.get_mut(&i.name)
+                {
+                    s.own_labels = true;
+                }
             }
             (Req::Apply(..), _) => {
                 // Which snapshot a (possibly mangled) mount list names is the daemon's call:
