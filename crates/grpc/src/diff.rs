@@ -70,6 +70,25 @@ fn desc(d: Descriptor) -> types::Descriptor {
     }
 }
 
+/// protobuf's Timestamp range (`google/protobuf/timestamp.proto`: 0001-01-01 to 9999-12-31).
+const TIMESTAMP_SECS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_299_799;
+
+/// `source_date_epoch` as the core takes it; a timestamp protobuf calls invalid (nanos
+/// outside 0..1e9, seconds outside years 1 to 9999) is the caller's mistake, as Go's
+/// `timestamppb.CheckValid` says.
+fn epoch_from(t: prost_types::Timestamp) -> Result<snapshotter::store::Timestamp, Status> {
+    if !(0..1_000_000_000).contains(&t.nanos) || !TIMESTAMP_SECS.contains(&t.seconds) {
+        return Err(Status::invalid_argument(format!(
+            "source_date_epoch {}s {}ns is not a valid timestamp",
+            t.seconds, t.nanos
+        )));
+    }
+    Ok(snapshotter::store::Timestamp {
+        secs: t.seconds,
+        nanos: t.nanos as u32,
+    })
+}
+
 #[tonic::async_trait]
 impl Diff for DiffService {
     async fn apply(
@@ -129,10 +148,7 @@ impl Diff for DiffService {
                 r.left.into_iter().map(convert::mount_from).collect();
             let upper: Vec<snapshotter::Mount> =
                 r.right.into_iter().map(convert::mount_from).collect();
-            let epoch = r.source_date_epoch.map(|t| snapshotter::store::Timestamp {
-                secs: t.seconds,
-                nanos: t.nanos.max(0) as u32,
-            });
+            let epoch = r.source_date_epoch.map(epoch_from).transpose()?;
             let media_type = r.media_type.clone();
             let blob = run(budget, move |c| {
                 core.compare(&lower, &upper, &media_type, epoch, c)
@@ -178,5 +194,35 @@ impl Diff for DiffService {
             }))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_date_epoch_must_be_a_valid_timestamp() {
+        let ts = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+        for (s, n) in [
+            (0, 0),
+            (1_700_000_000, 999_999_999),
+            (-1, 5),
+            (253_402_299_799, 0),
+        ] {
+            let t = epoch_from(ts(s, n)).unwrap();
+            assert_eq!((t.secs, t.nanos), (s, n as u32));
+        }
+        for (s, n) in [
+            (0, i32::MAX),
+            (0, 1_000_000_000),
+            (0, -1),
+            (i64::MIN, 0),
+            (i64::MAX, 0),
+            (-62_135_596_801, 0),
+        ] {
+            let e = epoch_from(ts(s, n)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{s} {n}");
+        }
     }
 }

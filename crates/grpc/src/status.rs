@@ -4,6 +4,27 @@
 use snapshotter::{Error, ErrorKind};
 use tonic::{Code, Status};
 
+/// The longest status message sent, in bytes. gRPC carries the message in the
+/// `grpc-message` header, percent-encoded (up to three bytes per byte), and clients refuse a
+/// header list past their limit (16 KiB in hyper, tonic's client): an error that quotes a
+/// caller's field of a few hundred kilobytes (a media type, a digest) would reach the caller
+/// as a transport error instead of its code. 2 KiB encodes to at most 6 KiB.
+pub const MAX_MESSAGE: usize = 2048;
+
+/// `message`, cut to [`MAX_MESSAGE`] bytes (at a character boundary) with a note of how
+/// long it was.
+pub fn bounded(message: String) -> String {
+    if message.len() <= MAX_MESSAGE {
+        return message;
+    }
+    let suffix = format!("… (message truncated, {} bytes)", message.len());
+    let mut cut = MAX_MESSAGE - suffix.len();
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", &message[..cut])
+}
+
 /// Map a core error to a status.
 pub fn from_core(e: Error) -> Status {
     let code = match e.kind() {
@@ -19,7 +40,7 @@ pub fn from_core(e: Error) -> Status {
         ErrorKind::Internal => Code::Internal,
     };
     // Logged once, with the code and the duration, where the request ends (crate::request).
-    Status::new(code, e.to_string())
+    Status::new(code, bounded(e.to_string()))
 }
 
 /// A missing required field.
@@ -29,5 +50,36 @@ pub fn missing(field: &str) -> Status {
 
 /// A blocking task that panicked or was cancelled.
 pub fn join_error(e: tokio::task::JoinError) -> Status {
-    Status::internal(format!("request task failed: {e}"))
+    Status::internal(bounded(format!("request task failed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_bounded_at_a_char_boundary() {
+        let short = "unsupported media type \"x\"".to_string();
+        assert_eq!(bounded(short.clone()), short);
+        let at = "a".repeat(MAX_MESSAGE);
+        assert_eq!(bounded(at.clone()), at);
+        for long in [
+            format!("unsupported media type {:?}", "y".repeat(188_481)),
+            "🦀".repeat(10_000),
+            format!("a{}", "é".repeat(5000)),
+        ] {
+            let b = bounded(long.clone());
+            assert!(b.len() <= MAX_MESSAGE, "{}", b.len());
+            assert!(
+                b.ends_with(&format!("(message truncated, {} bytes)", long.len())),
+                "{}",
+                &b[b.len() - 60..]
+            );
+            let kept = b.split('…').next().unwrap();
+            assert!(long.starts_with(kept));
+        }
+        let s = from_core(Error::invalid_argument("x".repeat(100_000)));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().len() <= MAX_MESSAGE);
+    }
 }

@@ -265,6 +265,19 @@ impl Env {
         Ok(())
     }
 
+    /// The running daemon's process id.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|p| p.pid())
+    }
+
+    /// Fails with the log tail if the daemon has exited (or was never started).
+    pub fn ensure_running(&mut self) -> Result<()> {
+        match self.daemon.as_mut() {
+            Some(p) => p.ensure_running(),
+            None => anyhow::bail!("no daemon running"),
+        }
+    }
+
     /// Whether [`start`](Self::start) waits for one request to be served (default true).
     pub fn set_ping(&mut self, on: bool) {
         self.ping = on;

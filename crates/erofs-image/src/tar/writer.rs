@@ -169,6 +169,10 @@ impl<W: Write> TarWriter<W> {
 }
 
 fn format_time(secs: i64, nsec: u32) -> Vec<u8> {
+    // Nanoseconds past a second carry into the seconds (an entry built by a caller need
+    // not be normalised; `1e9 - nsec` below must not wrap).
+    let secs = secs.saturating_add(i64::from(nsec / 1_000_000_000));
+    let nsec = nsec % 1_000_000_000;
     if nsec == 0 {
         return secs.to_string().into_bytes();
     }
@@ -239,4 +243,23 @@ fn octal(field: &mut [u8], v: u64) {
     let s = &s.as_bytes()[s.len() - digits..];
     field[..digits].copy_from_slice(s);
     field[digits] = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_time;
+
+    #[test]
+    fn times_with_nanoseconds_past_a_second_carry() {
+        assert_eq!(format_time(5, 0), b"5");
+        assert_eq!(format_time(5, 1), b"5.000000001");
+        assert_eq!(format_time(-2, 250_000_000), b"-1.750000000");
+        assert_eq!(format_time(5, 1_000_000_000), b"6");
+        assert_eq!(format_time(0, u32::MAX), b"4.294967295");
+        assert_eq!(format_time(-1, 2_147_483_647), b"1.147483647");
+        assert_eq!(
+            format_time(i64::MAX, u32::MAX),
+            b"9223372036854775807.294967295"
+        );
+    }
 }

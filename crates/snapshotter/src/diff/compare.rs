@@ -175,6 +175,14 @@ impl Snapshotter {
         cancel: &Cancel,
     ) -> Result<DiffBlob> {
         let (compression, media_type) = super::media_type::diff_compression(media_type)?;
+        if let Some(t) = source_date_epoch
+            && t.nanos >= 1_000_000_000
+        {
+            return Err(Error::invalid_argument(format!(
+                "source date epoch {}s {}ns: nanoseconds must be below 1e9",
+                t.secs, t.nanos
+            )));
+        }
         self.require_space("Compare")?;
         let work = self.guarded(cancel, "Compare".into());
         let _slot = self.heavy_slot(&work, "Compare")?;

@@ -264,6 +264,14 @@ impl Snapshotter {
                     .first()
                     .ok_or_else(|| Error::invalid_argument("no upper mounts"))?;
                 let (key, rec) = record(top)?;
+                if rec.kind != Kind::Committed && !self.layout.layer(top).exists() {
+                    // A read-only mount of a snapshot the differ never filled (a parentless
+                    // view, an active snapshot's directory mounted `ro`): no layer of ours
+                    // holds its changes, so the next differ reads the mounts themselves.
+                    return Err(not_ours(format!(
+                        "snapshot {key:?} has no layer to take the changes from"
+                    )));
+                }
                 ChangeSource::Layer(self.open_layer(rec, key)?)
             }
         };
@@ -275,6 +283,11 @@ impl Snapshotter {
             let empty = rec.kind != Kind::Committed && rec.parent.is_none();
             if empty && !self.layout.layer(id).exists() {
                 continue;
+            }
+            if rec.kind != Kind::Committed && !self.layout.layer(id).exists() {
+                // An uncommitted snapshot named as a lower (its directory mounted `ro`): its
+                // files are not in a layer of ours.
+                return Err(not_ours(format!("lower snapshot {key:?} has no layer")));
             }
             lowers.push(self.open_layer(rec, key)?);
         }
