@@ -305,11 +305,6 @@ impl Env {
         Ok(())
     }
 
-    /// The running daemon's pid.
-    pub fn daemon_pid(&self) -> Option<u32> {
-        self.daemon.as_ref().map(|p| p.pid())
-    }
-
     /// `kill -9` the daemon's process group and reap it (its mounts and devices stay).
     pub fn kill9(&mut self) -> Option<ExitStatus> {
         self.client = None;
