@@ -504,13 +504,19 @@ fi
 chmod 1777 /newroot/tmp
 mount -t tmpfs vartmp /newroot/var/tmp
 echo "vm: $(cut -d' ' -f1 /proc/uptime)s: running $out/run.sh"
-chroot /newroot /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+# The host's root is moved onto / (as switch_root does) rather than chrooted into below it:
+# the kernel refuses user namespaces to a chrooted process (EPERM), and setns(2) into a mount
+# namespace (nsenter) puts the caller at that namespace's root. /init keeps the initramfs as
+# its own root (for poweroff) and the moved tree as its working directory.
+cd /newroot
+mount --move . / || fail "moving the host root onto / failed"
+chroot . /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   HOME=/tmp TMPDIR=/tmp LANG=C.UTF-8 VM_OUT="$out" /bin/sh "$out/run.sh"
 st=$?
-echo "$st" > "/newroot$out/exit-status"
+echo "$st" > ".$out/exit-status"
 echo "vm: $(cut -d' ' -f1 /proc/uptime)s: run.sh exited with $st"
 sync
-umount /newroot/tmp 2>/dev/null
+umount ./tmp 2>/dev/null
 poweroff -f
 "#;
 
