@@ -631,6 +631,10 @@ pub struct VmOpts {
     pub timeout: Duration,
     /// Size of the scratch disk (ext4, `-O verity`) mounted on the guest's `/tmp`.
     pub scratch_bytes: u64,
+    /// The guest must reach userspace (its `/init` writes `boot-seconds`) within this, else
+    /// the run ends with [`BootHang`] (it takes 2-4 s; once in a while under software
+    /// emulation a guest hangs before printing anything).
+    pub boot_timeout: Duration,
     /// Extra kernel command line arguments.
     pub cmdline: String,
 }
@@ -642,6 +646,7 @@ impl Default for VmOpts {
             cpus: 2,
             timeout: Duration::from_secs(1800),
             scratch_bytes: 4 << 30,
+            boot_timeout: Duration::from_secs(120),
             cmdline: String::new(),
         }
     }
@@ -765,6 +770,14 @@ pub fn run(
         if Instant::now() >= deadline {
             break None;
         }
+        if t0.elapsed() >= opts.boot_timeout && !out.join("boot-seconds").exists() {
+            drop(qemu);
+            drop(scratch_dir);
+            return Err(anyhow::Error::new(BootHang {
+                after: opts.boot_timeout,
+                console_tail: crate::process::log_tail(&console, 20),
+            }));
+        }
         std::thread::sleep(Duration::from_millis(200));
     };
     drop(qemu);
@@ -797,6 +810,27 @@ pub fn run(
         Some(_) => Ok(run),
     }
 }
+
+/// A guest that did not reach userspace within [`VmOpts::boot_timeout`] (qemu killed).
+#[derive(Debug)]
+pub struct BootHang {
+    /// The boot timeout.
+    pub after: Duration,
+    /// The console's last lines.
+    pub console_tail: String,
+}
+
+impl std::fmt::Display for BootHang {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the guest did not reach userspace within {:?}; killed qemu. Console tail:\n{}",
+            self.after, self.console_tail
+        )
+    }
+}
+
+impl std::error::Error for BootHang {}
 
 /// Counts of a libtest run's results, from its output.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -137,7 +137,16 @@ fn run_kernel(args: &Args, spec: &KernelSpec, busybox: &Path) -> Result<(Kernel,
     let out = args
         .out
         .join(format!("{}-{}", kernel.spec.suite, kernel.release));
-    let run = vm::run(&kernel, &initrd, &out, &script(&args.runs), &args.opts)?;
+    let script = script(&args.runs);
+    // A guest that hangs before userspace (rare, under software emulation) is booted once
+    // more; a second hang fails the kernel.
+    let run = match vm::run(&kernel, &initrd, &out, &script, &args.opts) {
+        Err(e) if e.downcast_ref::<vm::BootHang>().is_some() => {
+            eprintln!("vm-test: {}: {e:#}; booting once more", kernel.release);
+            vm::run(&kernel, &initrd, &out, &script, &args.opts)?
+        }
+        r => r?,
+    };
     let mut total = Tally::default();
     let console = vm::read_text(&run.console);
     for (name, _) in &args.runs {
