@@ -14,14 +14,22 @@
 //!   reads with EIO and the next mount.
 //! - [`dmverity`]: a dm-verity device per layer (`dmverity_mode = "on"`), unique names,
 //!   removed on Remove and after `kill -9` + restart; a flipped byte fails reads with EIO.
+//! - [`containerd`]: a container from a multi-layer image with whiteouts through containerd
+//!   1.6, a container committed, the daemon killed and restarted, containerd restarted, the
+//!   layers' loop devices counted all along and none left at the end.
 
 #[path = "integrity/common.rs"]
 #[allow(dead_code)]
 mod common;
+#[path = "kernel/containerd.rs"]
+mod containerd;
 #[path = "kernel/dmverity.rs"]
 mod dmverity;
 #[path = "kernel/fsverity.rs"]
 mod fsverity;
+#[path = "containerd_e2e/images.rs"]
+#[allow(dead_code)]
+mod images;
 #[path = "kernel/loops.rs"]
 mod loops;
 #[path = "kernel/sys.rs"]

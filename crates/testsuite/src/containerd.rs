@@ -55,7 +55,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use rustix::fs::{FlockOperation, flock};
 use rustix::mount::{MountPropagationFlags, mount_bind, mount_change};
 
@@ -809,6 +809,49 @@ impl Containerd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Restarts containerd as an operator's `systemctl restart containerd` would: the
+    /// process is stopped (SIGTERM, then SIGKILL of its process group; the shims have groups
+    /// of their own and live on) and started again with the same config, root and state, in
+    /// the same mount namespace (entered with `nsenter` through the handle this instance
+    /// holds, so the mounts containerd made stay visible to it), and waits until it answers.
+    pub fn restart(&mut self) -> Result<()> {
+        ensure!(
+            !self.cleaned && self.process.is_some(),
+            "{} is not running",
+            self.layout.base.display()
+        );
+        let ns = self
+            .ns
+            .clone()
+            .context("containerd's mount namespace is not known")?;
+        if let Some(p) = self.process.as_mut() {
+            p.stop();
+        }
+        self.process = None;
+        let l = self.layout.clone();
+        let v = self.opts.version;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!(
+            "--mount=/proc/{}/fd/{}",
+            std::process::id(),
+            std::os::fd::AsRawFd::as_raw_fd(&ns._fd)
+        ))
+        .arg("--")
+        .arg(v.containerd())
+        .arg("--config")
+        .arg(&l.config)
+        .env_clear()
+        .env("PATH", v.path_env())
+        .env("TMPDIR", &l.tmp)
+        .current_dir(&l.base);
+        let mut child = ProcessGroupGuard::spawn(&mut cmd, &v.to_string(), Some(&l.log))?;
+        child.set_stop_timeout(self.opts.stop_timeout);
+        self.process = Some(child);
+        register(&self.instance());
+        self.wait_ready()
+            .with_context(|| format!("restart {v} in {}", l.base.display()))
     }
 
     /// Which containerd this is.

@@ -242,6 +242,12 @@ impl Env {
         Ok(())
     }
 
+    /// Restarts containerd ([`Containerd::restart`]) and waits until it reaches the daemon.
+    pub fn restart_containerd(&mut self) -> Result<()> {
+        self.ctd.restart()?;
+        self.wait_reachable()
+    }
+
     /// Whether the daemon process has exited (not reaped yet).
     pub fn daemon_exited(&mut self) -> bool {
         self.daemon

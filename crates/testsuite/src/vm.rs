@@ -235,30 +235,7 @@ fn resolve(spec: &KernelSpec, suite_dir: &Path, tools: &Path) -> Result<(String,
     if spec.package != "linux-image-amd64" {
         return Ok((spec.package.clone(), version));
     }
-    // debian-pkgs keeps the downloaded .deb in its apt cache; its control file names the
-    // real kernel package.
-    let archives = std::env::var_os("DEBIAN_PKGS_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/debian-pkgs"))
-        .join(&spec.suite)
-        .join("archives");
-    let deb = fs::read_dir(&archives)
-        .with_context(|| format!("reading {}", archives.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            let n = p.file_name().unwrap_or_default().to_string_lossy();
-            n.starts_with(&format!("{}_", spec.package))
-                && n.ends_with(".deb")
-                && deb_field(p, "Version").is_ok_and(|v| v == version)
-        })
-        .with_context(|| {
-            format!(
-                "no {} {version} .deb in {}",
-                spec.package,
-                archives.display()
-            )
-        })?;
+    let deb = cached_deb(&spec.suite, &spec.package, &version)?;
     let depends = deb_field(&deb, "Depends")?;
     parse_kernel_depends(&depends).with_context(|| {
         format!(
@@ -266,6 +243,27 @@ fn resolve(spec: &KernelSpec, suite_dir: &Path, tools: &Path) -> Result<(String,
             deb.display()
         )
     })
+}
+
+/// The `.deb` of `pkg` `version` that debian-pkgs left in its apt cache (its control file
+/// is what says which packages make up a kernel).
+fn cached_deb(suite: &str, pkg: &str, version: &str) -> Result<PathBuf> {
+    let archives = std::env::var_os("DEBIAN_PKGS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/debian-pkgs"))
+        .join(suite)
+        .join("archives");
+    fs::read_dir(&archives)
+        .with_context(|| format!("reading {}", archives.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy();
+            n.starts_with(&format!("{pkg}_"))
+                && n.ends_with(".deb")
+                && deb_field(p, "Version").is_ok_and(|v| v == version)
+        })
+        .with_context(|| format!("no {pkg} {version} .deb in {}", archives.display()))
 }
 
 fn deb_field(deb: &Path, field: &str) -> Result<String> {
@@ -279,25 +277,71 @@ fn deb_field(deb: &Path, field: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// The `(name, version)` pins of a `Depends` field: `name (= version)` entries (the first
+/// alternative of each).
+fn pinned_depends(depends: &str) -> Vec<(String, String)> {
+    depends
+        .split(',')
+        .filter_map(|dep| {
+            let first = dep.split('|').next()?.trim();
+            let (name, rest) = first.split_once(' ')?;
+            let version = rest.trim().strip_prefix("(=")?.strip_suffix(')')?.trim();
+            (!version.is_empty()).then(|| (name.to_string(), version.to_string()))
+        })
+        .collect()
+}
+
 /// `linux-image-6.1.0-47-amd64 (= 6.1.170-3)` in a `Depends` field: the package and the
 /// version it pins.
 fn parse_kernel_depends(depends: &str) -> Option<(String, String)> {
-    depends.split(',').find_map(|dep| {
-        let first = dep.split('|').next()?.trim();
-        let (name, rest) = first.split_once(' ').unwrap_or((first, ""));
-        let version = rest
-            .trim()
-            .strip_prefix("(=")?
-            .strip_suffix(')')?
-            .trim()
-            .to_string();
-        (name.starts_with("linux-image-") && !version.is_empty())
-            .then(|| (name.to_string(), version))
-    })
+    pinned_depends(depends)
+        .into_iter()
+        .find(|(name, _)| name.starts_with("linux-image-"))
 }
 
-/// Unpacks kernel `package` into `dir`: `vmlinuz`, `lib/modules/RELEASE` (depmod'ed) and a
-/// `ready` file naming package, version and release, written last.
+/// The packages a split kernel package (Debian's kernels since 6.17: `linux-image-R` holds
+/// nothing but depends on `linux-binary-R` with the kernel image, `linux-modules-R` and
+/// `linux-base-R` with `config` and `modules.builtin`) pins to its own `version`.
+fn kernel_parts(depends: &str, version: &str) -> Vec<String> {
+    pinned_depends(depends)
+        .into_iter()
+        .filter(|(name, v)| {
+            v == version
+                && ["linux-binary-", "linux-modules-", "linux-base-"]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+        })
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// The kernel image in an unpacked package tree and its release: `/boot/vmlinuz-R` (Debian
+/// until 6.16) or `/usr/lib/modules/R/vmlinuz` (the split packages).
+fn find_vmlinuz(root: &Path) -> Result<Option<(PathBuf, String)>> {
+    if let Ok(rd) = fs::read_dir(root.join("boot")) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(release) = n.strip_prefix("vmlinuz-") {
+                return Ok(Some((e.path(), release.to_string())));
+            }
+        }
+    }
+    for mods in ["lib/modules", "usr/lib/modules"] {
+        let Ok(rd) = fs::read_dir(root.join(mods)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.path().join("vmlinuz").is_file() {
+                let release = e.file_name().to_string_lossy().into_owned();
+                return Ok(Some((e.path().join("vmlinuz"), release)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Unpacks kernel `package` into `dir`: `vmlinuz`, `config`, `lib/modules/RELEASE`
+/// (depmod'ed) and a `ready` file naming package, version and release, written last.
 fn unpack(spec: &KernelSpec, package: &str, version: &str, dir: &Path, tools: &Path) -> Result<()> {
     let parent = dir.parent().context("cache dir")?;
     let tmp = tempfile::Builder::new()
@@ -309,33 +353,43 @@ fn unpack(spec: &KernelSpec, package: &str, version: &str, dir: &Path, tools: &P
         got == version,
         "{package}: wanted version {version}, the archive has {got}"
     );
-    let boot = root.join("boot");
-    let vmlinuz = fs::read_dir(&boot)
-        .with_context(|| format!("{package} has no /boot"))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .with_context(|| format!("{package} has no /boot/vmlinuz-*"))?;
-    let release = vmlinuz.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
+    if find_vmlinuz(&root)?.is_none() {
+        let deb = cached_deb(&spec.suite, package, version)?;
+        let parts = kernel_parts(&deb_field(&deb, "Depends")?, version);
+        ensure!(
+            !parts.is_empty(),
+            "{package} {version} has no kernel image and depends on no linux-binary-/linux-modules- package of its version"
+        );
+        for p in &parts {
+            let got = debian_pkgs(tools, &root, &spec.suite, p)?;
+            ensure!(
+                got == version,
+                "{p}: wanted version {version} (as {package} pins), the archive has {got}"
+            );
+        }
+    }
+    let (vmlinuz, release) = find_vmlinuz(&root)?.with_context(|| {
+        format!("{package} (and its parts) has no /boot/vmlinuz-* or lib/modules/*/vmlinuz")
+    })?;
     // Merged-/usr packages (trixie on) ship modules under /usr/lib/modules.
     let modules = [
         root.join("lib/modules").join(&release),
         root.join("usr/lib/modules").join(&release),
     ]
     .into_iter()
-    .find(|p| p.is_dir())
+    .find(|p| p.join("kernel").is_dir())
     .with_context(|| format!("{package} has no modules for {release}"))?;
     let out = tmp.path().join("kernel");
     fs::create_dir_all(out.join("lib/modules"))?;
     fs::rename(&vmlinuz, out.join("vmlinuz"))?;
-    if let Some(cfg) = fs::read_dir(&boot)?
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("config-"))
-    {
-        fs::rename(cfg.path(), out.join("config"))?;
+    let config = [
+        root.join("boot").join(format!("config-{release}")),
+        modules.join("config"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file());
+    if let Some(cfg) = config {
+        fs::copy(cfg, out.join("config"))?;
     }
     fs::rename(&modules, out.join("lib/modules").join(&release))?;
     let st = Command::new("depmod")
@@ -450,13 +504,19 @@ fi
 chmod 1777 /newroot/tmp
 mount -t tmpfs vartmp /newroot/var/tmp
 echo "vm: $(cut -d' ' -f1 /proc/uptime)s: running $out/run.sh"
-chroot /newroot /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+# The host's root is moved onto / (as switch_root does) rather than chrooted into below it:
+# the kernel refuses user namespaces to a chrooted process (EPERM), and setns(2) into a mount
+# namespace (nsenter) puts the caller at that namespace's root. /init keeps the initramfs as
+# its own root (for poweroff) and the moved tree as its working directory.
+cd /newroot
+mount --move . / || fail "moving the host root onto / failed"
+chroot . /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   HOME=/tmp TMPDIR=/tmp LANG=C.UTF-8 VM_OUT="$out" /bin/sh "$out/run.sh"
 st=$?
-echo "$st" > "/newroot$out/exit-status"
+echo "$st" > ".$out/exit-status"
 echo "vm: $(cut -d' ' -f1 /proc/uptime)s: run.sh exited with $st"
 sync
-umount /newroot/tmp 2>/dev/null
+umount ./tmp 2>/dev/null
 poweroff -f
 "#;
 
@@ -571,6 +631,10 @@ pub struct VmOpts {
     pub timeout: Duration,
     /// Size of the scratch disk (ext4, `-O verity`) mounted on the guest's `/tmp`.
     pub scratch_bytes: u64,
+    /// The guest must reach userspace (its `/init` writes `boot-seconds`) within this, else
+    /// the run ends with [`BootHang`] (it takes 2-4 s; once in a while under software
+    /// emulation a guest hangs before printing anything).
+    pub boot_timeout: Duration,
     /// Extra kernel command line arguments.
     pub cmdline: String,
 }
@@ -582,6 +646,7 @@ impl Default for VmOpts {
             cpus: 2,
             timeout: Duration::from_secs(1800),
             scratch_bytes: 4 << 30,
+            boot_timeout: Duration::from_secs(120),
             cmdline: String::new(),
         }
     }
@@ -705,6 +770,14 @@ pub fn run(
         if Instant::now() >= deadline {
             break None;
         }
+        if t0.elapsed() >= opts.boot_timeout && !out.join("boot-seconds").exists() {
+            drop(qemu);
+            drop(scratch_dir);
+            return Err(anyhow::Error::new(BootHang {
+                after: opts.boot_timeout,
+                console_tail: crate::process::log_tail(&console, 20),
+            }));
+        }
         std::thread::sleep(Duration::from_millis(200));
     };
     drop(qemu);
@@ -737,6 +810,27 @@ pub fn run(
         Some(_) => Ok(run),
     }
 }
+
+/// A guest that did not reach userspace within [`VmOpts::boot_timeout`] (qemu killed).
+#[derive(Debug)]
+pub struct BootHang {
+    /// The boot timeout.
+    pub after: Duration,
+    /// The console's last lines.
+    pub console_tail: String,
+}
+
+impl std::fmt::Display for BootHang {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the guest did not reach userspace within {:?}; killed qemu. Console tail:\n{}",
+            self.after, self.console_tail
+        )
+    }
+}
+
+impl std::error::Error for BootHang {}
 
 /// Counts of a libtest run's results, from its output.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -825,6 +919,32 @@ mod tests {
             Some(("linux-image-6.19-amd64".into(), "6.19.2-1".into()))
         );
         assert_eq!(parse_kernel_depends("linux-image-6.1.0-47-amd64"), None);
+        // sid's metapackage names linux-base-amd64 first.
+        assert_eq!(
+            parse_kernel_depends(
+                "linux-base-amd64 (= 7.2.13-1), linux-image-7.2.13+deb14-amd64 (= 7.2.13-1)"
+            ),
+            Some(("linux-image-7.2.13+deb14-amd64".into(), "7.2.13-1".into()))
+        );
+    }
+
+    #[test]
+    fn split_kernel_parts() {
+        // sid's linux-image-7.2.13+deb14-amd64 (Debian's kernels since 6.17).
+        let depends = "dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, \
+                       linux-base-7.2.13+deb14-amd64 (= 7.2.13-1), linux-binary-7.2.13+deb14-amd64 (= 7.2.13-1), \
+                       linux-modules-7.2.13+deb14-amd64 (= 7.2.13-1)";
+        assert_eq!(
+            kernel_parts(depends, "7.2.13-1"),
+            [
+                "linux-base-7.2.13+deb14-amd64",
+                "linux-binary-7.2.13+deb14-amd64",
+                "linux-modules-7.2.13+deb14-amd64"
+            ]
+        );
+        assert!(kernel_parts(depends, "7.2.12-1").is_empty());
+        // bookworm's: a whole package, no parts.
+        assert!(kernel_parts("kmod, linux-base (>= 4.3~), initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool", "6.1.176-1").is_empty());
     }
 
     #[test]

@@ -93,17 +93,22 @@ fn immutable_layers_on_ext4() {
 }
 
 /// On a tmpfs root (tmpfs has had FS_IOC_SETFLAGS with the immutable flag since Linux 6.0).
+/// Its size is set (a limit, nothing is allocated): the default, half the RAM, is below the
+/// daemon's 1 GiB free-space reserve on a small machine (the kernel matrix's 1.5 GiB guests).
 #[test]
 fn immutable_layers_on_tmpfs() {
-    run(Env::on_fs(BIN, cfg(), "tmpfs"), async |env| {
-        ensure!(
-            testsuite::mounts::self_mounts_under(&env.root)?
-                .iter()
-                .any(|m| m.mount_point == env.root && m.fs_type == "tmpfs"),
-            "the root is not a tmpfs"
-        );
-        lifecycle(env, true).await
-    });
+    run(
+        Env::on_fs_with(BIN, cfg(), "tmpfs", "mode=0700,size=4g"),
+        async |env| {
+            ensure!(
+                testsuite::mounts::self_mounts_under(&env.root)?
+                    .iter()
+                    .any(|m| m.mount_point == env.root && m.fs_type == "tmpfs"),
+                "the root is not a tmpfs"
+            );
+            lifecycle(env, true).await
+        },
+    );
 }
 
 /// On ramfs, which has no inode-flag ioctls at all (FS_IOC_GETFLAGS gives ENOTTY; this kernel

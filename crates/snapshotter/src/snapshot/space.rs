@@ -32,6 +32,13 @@ fn statvfs(path: &Path) -> Result<(u64, u64)> {
     ))
 }
 
+/// Whether `free` of `total` bytes is below `reserve`. A filesystem that reports no size at
+/// all (ramfs: 0 blocks, 0 free) has no limit a reserve could keep us from, so never: else
+/// every write on it would be refused.
+fn below(free: u64, total: u64, reserve: Reserve) -> bool {
+    total != 0 && free < reserve.bytes(total)
+}
+
 /// Bytes, with a binary-unit figure for people.
 pub(crate) fn human(n: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -64,13 +71,8 @@ impl Space {
     /// reserve; `what` says who asks ("Apply", "Commit of \"k\"").
     pub(crate) fn check(&self, what: &str) -> Result<()> {
         let (free, total) = statvfs(&self.root)?;
-        // A filesystem that reports no size at all (ramfs) has no free-space figure to keep a
-        // reserve of: it is bounded by memory, not by its blocks.
-        if total == 0 {
-            return Ok(());
-        }
         let reserve = self.reserve.bytes(total);
-        if free < reserve {
+        if below(free, total, self.reserve) {
             return Err(Error::resource_exhausted(format!(
                 "{what}: only {} free on the filesystem of {} (of {}), below the reserve of {} (daemon.min_free_space = {:?})",
                 human(free),
@@ -137,7 +139,18 @@ mod tests {
         assert!(m.contains(&dir.path().display().to_string()), "{m}");
         assert!(m.contains("daemon.min_free_space = \"100%\""), "{m}");
         assert_eq!(human(512), "512 bytes");
+    }
 
+    /// ramfs reports 0 blocks and 0 free (found by the kernel matrix: every Prepare on a
+    /// ramfs root was refused; integrity's `immutable_on_a_filesystem_without_flags` shows it
+    /// on a real ramfs): no size, no reserve.
+    #[test]
+    fn a_filesystem_without_a_size_has_no_reserve() {
+        assert!(!below(0, 0, Reserve::Bytes(1 << 30)));
+        assert!(!below(0, 0, Reserve::Percent(50.0)));
+        assert!(below(0, 4096, Reserve::Bytes(1)));
+        assert!(below(1 << 20, 1 << 30, Reserve::Bytes(2 << 20)));
+        assert!(!below(3 << 20, 1 << 30, Reserve::Bytes(2 << 20)));
         assert_eq!(human(3 << 20), "3.0 MiB (3145728 bytes)");
     }
 }

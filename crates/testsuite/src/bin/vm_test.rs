@@ -7,7 +7,7 @@
 //!              --run 'NAME=PATH [ARG...]'...
 //! ```
 //!
-//! SPEC is `SUITE` (its `linux-image-amd64`) or `SUITE:PACKAGE`; the default is `bookworm`.
+//! SPEC is `SUITE` (its `linux-image-amd64`) or `SUITE:PACKAGE`; the default is `bookworm` and `sid`.
 //! Each `--run` is a libtest binary run in the guest, in order, with its output in
 //! `DIR/SUITE-RELEASE/NAME.log` next to the guest's `console.log`. Exits 1 if any test failed
 //! or a guest did not finish.
@@ -67,6 +67,7 @@ fn parse_args() -> Result<Args> {
     }
     if kernels.is_empty() {
         kernels.push("bookworm".parse()?);
+        kernels.push("sid".parse()?);
     }
     ensure!(!runs.is_empty(), "nothing to run (--run)");
     Ok(Args {
@@ -105,6 +106,23 @@ fn script(runs: &[(String, Vec<String>)]) -> String {
     s
 }
 
+/// How long run `name` took in the guest, from the script's `start at` and `exit ... at`
+/// lines on the console (guest uptime, seconds).
+fn run_seconds(console: &str, name: &str) -> Option<f64> {
+    let at = |l: &str| -> Option<f64> { l.rsplit(" at ").next()?.strip_suffix('s')?.parse().ok() };
+    let start = format!("vm-test: {name}: start at ");
+    let exit = format!("vm-test: {name}: exit ");
+    let t0 = console
+        .lines()
+        .find(|l| l.starts_with(&start))
+        .and_then(at)?;
+    let t1 = console
+        .lines()
+        .find(|l| l.starts_with(&exit))
+        .and_then(at)?;
+    Some(t1 - t0)
+}
+
 fn run_kernel(args: &Args, spec: &KernelSpec, busybox: &Path) -> Result<(Kernel, Tally)> {
     let t0 = Instant::now();
     let kernel = Kernel::fetch(spec, &vm::cache_dir(), &vm::shared_tools()?)?;
@@ -119,22 +137,45 @@ fn run_kernel(args: &Args, spec: &KernelSpec, busybox: &Path) -> Result<(Kernel,
     let out = args
         .out
         .join(format!("{}-{}", kernel.spec.suite, kernel.release));
-    let run = vm::run(&kernel, &initrd, &out, &script(&args.runs), &args.opts)?;
+    let script = script(&args.runs);
+    // A guest that hangs before userspace (rare, under software emulation) is booted once
+    // more; a second hang fails the kernel.
+    let run = match vm::run(&kernel, &initrd, &out, &script, &args.opts) {
+        Err(e) if e.downcast_ref::<vm::BootHang>().is_some() => {
+            eprintln!("vm-test: {}: {e:#}; booting once more", kernel.release);
+            vm::run(&kernel, &initrd, &out, &script, &args.opts)?
+        }
+        r => r?,
+    };
     let mut total = Tally::default();
+    let console = vm::read_text(&run.console);
     for (name, _) in &args.runs {
         let log = out.join(format!("{name}.log"));
         let text = vm::read_text(&log);
-        let t = vm::tally(&text);
+        let mut t = vm::tally(&text);
+        // A filter that matches nothing (a renamed test) must not pass as "0 failed".
+        let empty = t.passed == 0 && t.failed == 0;
+        if empty {
+            t.failed += 1;
+        }
         let failures: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("test ") && l.ends_with(" FAILED"))
             .collect();
+        let took = run_seconds(&console, name)
+            .map(|s| format!("{s:.0}s"))
+            .unwrap_or_else(|| "?".into());
         eprintln!(
-            "vm-test: {}: {name}: {} passed, {} failed, {} ignored ({})",
+            "vm-test: {}: {name}: {} passed, {} failed, {} ignored in {took}{} ({})",
             kernel.release,
             t.passed,
             t.failed,
             t.ignored,
+            if empty {
+                " (no test ran: counted as a failure)"
+            } else {
+                ""
+            },
             log.display()
         );
         for f in failures {
@@ -185,4 +226,17 @@ fn main() -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn run_seconds_from_the_console() {
+        let c = "vm: 4.41s: running x\nvm-test: kernel: start at 5.31s\nvm-test: kernel: exit 0 at 29.01s\n\
+                 vm-test: conformance: start at 29.27s\n";
+        let k = super::run_seconds(c, "kernel").unwrap();
+        assert!((k - 23.7).abs() < 0.01, "{k}");
+        assert_eq!(super::run_seconds(c, "conformance"), None);
+        assert_eq!(super::run_seconds(c, "e2e"), None);
+    }
 }
