@@ -144,24 +144,25 @@ fn below_the_reserve_prepare_and_apply_refuse_to_start() {
     )
 }
 
-/// An Apply whose writes would take free space below the reserve stops when they do, and
-/// leaves nothing; once space is freed the same Apply succeeds.
-#[test]
-fn apply_stops_at_the_reserve() {
+/// An Apply of a 24 MiB layer with `left` bytes free under a `reserve`: RESOURCE_EXHAUSTED
+/// (`what`, its message naming the root and the numbers, and holding `says`), nothing left,
+/// the daemon still serving; once space is freed the same Apply succeeds.
+fn apply_runs_out(reserve: &str, seed: u64, left: u64, what: &'static str, says: &'static str) {
     run(
-        Env::on_fs_with(BIN, cfg("16MiB"), "tmpfs", TMPFS),
+        Env::on_fs_with(BIN, cfg(reserve), "tmpfs", TMPFS),
         async |env| {
-            let desc = layer_blob(env, 24 << 20, 2)?;
+            let desc = layer_blob(env, 24 << 20, seed)?;
             let m = env.c().prepare("a", "").await?;
             let id = env.id_of_mounts(&m)?;
-            fill_to(&env.root, 30 * MIB)?;
+            fill_to(&env.root, left)?;
             let s = expect_code(
                 env.c().apply(&desc, &m).await,
                 Code::ResourceExhausted,
-                "Apply that reaches the reserve",
+                what,
             )?;
-            eprintln!("Apply: {}", s.message());
+            eprintln!("{what}: {}", s.message());
             names_root_and_numbers(env, &s)?;
+            ensure!(s.message().contains(says), "{}", s.message());
             nothing_partial(env, id)?;
             env.c().stat("a").await?;
             unfill(&env.root)?;
@@ -172,33 +173,22 @@ fn apply_stops_at_the_reserve() {
     )
 }
 
-/// Without a reserve, an Apply that fills the filesystem (ENOSPC) fails with
-/// RESOURCE_EXHAUSTED saying how full it is, leaves nothing, and succeeds after freeing space.
+/// An Apply whose writes would take free space below the reserve stops when they do.
+#[test]
+fn apply_stops_at_the_reserve() {
+    apply_runs_out(
+        "16MiB",
+        2,
+        30 * MIB,
+        "Apply that reaches the reserve",
+        "daemon.min_free_space",
+    );
+}
+
+/// Without a reserve, an Apply that fills the filesystem (ENOSPC) says how full it is.
 #[test]
 fn apply_that_fills_the_disk() {
-    run(
-        Env::on_fs_with(BIN, cfg("0"), "tmpfs", TMPFS),
-        async |env| {
-            let desc = layer_blob(env, 24 << 20, 3)?;
-            let m = env.c().prepare("a", "").await?;
-            let id = env.id_of_mounts(&m)?;
-            fill_to(&env.root, 10 * MIB)?;
-            let s = expect_code(
-                env.c().apply(&desc, &m).await,
-                Code::ResourceExhausted,
-                "Apply onto a full disk",
-            )?;
-            eprintln!("Apply: {}", s.message());
-            names_root_and_numbers(env, &s)?;
-            ensure!(s.message().contains("out of space"), "{}", s.message());
-            nothing_partial(env, id)?;
-            env.c().stat("a").await?;
-            unfill(&env.root)?;
-            env.c().apply(&desc, &m).await?;
-            env.c().commit("a-layer", "a").await?;
-            Ok(())
-        },
-    )
+    apply_runs_out("0", 3, 10 * MIB, "Apply onto a full disk", "out of space");
 }
 
 /// A Commit that converts an upper directory: refused below the reserve, stopped when its
