@@ -2,32 +2,12 @@
 //! checked against its recorded fs-verity digest before its path goes out (as host mode checks
 //! before it mounts), and re-checked only when the file changed. In process, unprivileged.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use snapshotter::mount::RecordingMounter;
-use snapshotter::{Cancel, Config, ErrorKind, Snapshotter};
-
-fn core(dir: &Path) -> Snapshotter {
-    let cfg = Config::parse(&format!(
-        "root_path = {:?}\naddress = {:?}\nmount_mode = \"manager\"\n[snapshotter]\nenable_fsverity = true\n[daemon]\nmin_free_space = \"0\"\n",
-        dir.join("root").display().to_string(),
-        dir.join("unused.sock").display().to_string(),
-    ))
-    .expect("config");
-    Snapshotter::open(cfg, std::sync::Arc::new(RecordingMounter::new())).expect("core")
-}
-
-/// Bytes this process has read (`/proc/self/io`, `rchar`).
-fn read_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("rchar: "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
-}
+use snapshotter::ErrorKind;
 
 /// The layer files named by `mounts` (erofs sources and `device=` options).
 fn layer_paths(mounts: &[snapshotter::Mount]) -> Vec<PathBuf> {
@@ -48,17 +28,11 @@ fn layer_paths(mounts: &[snapshotter::Mount]) -> Vec<PathBuf> {
 #[test]
 fn layers_are_checked_before_their_paths_go_out() {
     let dir = tempfile::tempdir().unwrap();
-    let sn = core(dir.path());
-    let m = sn.prepare("a", "", BTreeMap::new()).unwrap();
-    let upper = PathBuf::from(&m[0].source);
-    let mut f = std::fs::File::create(upper.join("data")).unwrap();
-    let piece: Vec<u8> = (0..1usize << 20).map(|i| (i * 13 + 1) as u8).collect();
-    for _ in 0..16 {
-        f.write_all(&piece).unwrap();
-    }
-    drop(f);
-    sn.commit("layer", "a", BTreeMap::new(), "", &Cancel::never())
-        .unwrap();
+    let (sn, _rec) = common::core(
+        dir.path(),
+        "mount_mode = \"manager\"\n[snapshotter]\nenable_fsverity = true\n[daemon]\nmin_free_space = \"0\"",
+    );
+    common::layer(&sn, "layer", 16 << 20);
 
     let v = sn.view("v", "layer", BTreeMap::new()).unwrap();
     let layers = layer_paths(&v);
@@ -66,10 +40,10 @@ fn layers_are_checked_before_their_paths_go_out() {
     let layer = &layers[0];
 
     // Unchanged since its check: not hashed again (16 MiB would show in rchar).
-    let before = read_bytes();
+    let before = common::read_bytes();
     sn.mounts("v").unwrap();
     sn.view("v2", "layer", BTreeMap::new()).unwrap();
-    let read = read_bytes() - before;
+    let read = common::read_bytes() - before;
     assert!(
         read < 4 << 20,
         "an unchanged layer was re-hashed ({read} bytes read)"

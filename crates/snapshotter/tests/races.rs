@@ -11,28 +11,24 @@
 //! us"): what it must never hold is a byte of the host files, and Usage must never count
 //! them.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use snapshotter::mount::RecordingMounter;
-use snapshotter::{Cancel, Config, ErrorKind, Snapshotter};
+use snapshotter::{Cancel, ErrorKind, Snapshotter};
 
 /// What the host files hold; never to be found in a diff or a layer.
 const SECRET: &[u8] = b"HOST-SECRET-7f3a9c1e-never-in-a-layer";
 /// Size of the host file (so that counting it in Usage would show).
 const SECRET_SIZE: usize = 8 << 20;
 
+/// A host-mode core with no free-space reserve (the temporary directory may be small).
 fn core(dir: &Path) -> Arc<Snapshotter> {
-    let cfg = Config::parse(&format!(
-        "root_path = {:?}\naddress = {:?}\n[daemon]\nmin_free_space = \"0\"\n",
-        dir.join("root").display().to_string(),
-        dir.join("unused.sock").display().to_string(),
-    ))
-    .expect("config");
-    Arc::new(Snapshotter::open(cfg, Arc::new(RecordingMounter::new())).expect("core"))
+    common::core(dir, "[daemon]\nmin_free_space = \"0\"").0
 }
 
 /// The host side: `secret` (a big file of the marker) and `sdir/inner`, outside the root.
@@ -119,11 +115,6 @@ fn race(upper: &Path, dur: Duration, mut victim: impl FnMut()) -> u64 {
     swaps.load(Ordering::Relaxed)
 }
 
-fn upper_of(mounts: &[snapshotter::Mount]) -> PathBuf {
-    assert_eq!(mounts.len(), 1, "{mounts:?}");
-    PathBuf::from(&mounts[0].source)
-}
-
 /// Compare of the racing upper: each diff is read back whole (uncompressed tar) and must not
 /// hold a host byte; a refusal must say the tree changed.
 #[test]
@@ -132,7 +123,7 @@ fn compare_of_a_racing_upper_never_reads_the_host() {
     let (secret, sdir) = host_files(dir.path());
     let sn = core(dir.path());
     let m = sn.prepare("racer", "", BTreeMap::new()).unwrap();
-    let upper = upper_of(&m);
+    let upper = common::upper(&m);
     container_files(&upper, &secret, &sdir);
     let (mut ok, mut refused) = (0, 0);
     let swaps = race(&upper, Duration::from_secs(3), || {
@@ -166,7 +157,7 @@ fn usage_of_a_racing_upper_never_counts_the_host() {
     let (secret, sdir) = host_files(dir.path());
     let sn = core(dir.path());
     let m = sn.prepare("racer", "", BTreeMap::new()).unwrap();
-    let upper = upper_of(&m);
+    let upper = common::upper(&m);
     container_files(&upper, &secret, &sdir);
     let mut calls = 0;
     let swaps = race(&upper, Duration::from_secs(2), || {
@@ -194,7 +185,7 @@ fn commit_of_a_racing_upper_never_reads_the_host() {
     while Instant::now() < end || ok + refused < 10 {
         let key = format!("racer-{round}");
         let m = sn.prepare(&key, "", BTreeMap::new()).unwrap();
-        let upper = upper_of(&m);
+        let upper = common::upper(&m);
         container_files(&upper, &secret, &sdir);
         let mut done = false;
         swaps += race(&upper, Duration::from_millis(100), || {
