@@ -723,6 +723,12 @@ pub fn run(
         "q35",
         "-cpu",
         "max",
+        // One host thread for all vCPUs: with multi-threaded TCG, sid's kernel oopsed now
+        // and then on a half-patched static-branch NOP (an int3 or `0f <1f> 44 00 00` at
+        // RIP, in get_page_from_freelist, allocate_slab): the guest's cross-CPU text patching
+        // racing TCG's translated code. Single-threaded TCG serialises the vCPUs.
+        "-accel",
+        "tcg,thread=single",
         "-nodefaults",
         "-no-reboot",
     ])
