@@ -21,6 +21,15 @@
 //! 3. `image_volume_containerd_2_1`: a Kubernetes image volume (CRI `Mount.image`), an image
 //!    mounted read-only in a container from our snapshots. containerd 1.6 and 1.7 do not
 //!    know the field (1.7 fails CreateContainer with `mkdir ""`).
+//! 4. `userns_pod_containerd_2_1`: a user-namespaced pod (CRI `userns_options`, mode POD,
+//!    container ids 0-65535 on host ids 200000-265535) in a pod network namespace (a tap
+//!    device with a fixed address, `CriConfig::pod_network`), run by sid's runc 1.3
+//!    (`ContainerdOpts::sid_runc`: containerd 2.1 refuses user namespaces with Debian 12's
+//!    runc 1.1.5, which has no idmapped mounts). With `remap-ids` in the proxy plugin's
+//!    capabilities containerd hands the mapping to us as snapshot labels: inside, the image's
+//!    files are root's (not the overflow id), a file root writes is the host's 200000 in the
+//!    writable layer, and no layer is copied, re-applied or changed. (Without the capability
+//!    the sandbox fails: runc cannot create `/etc/resolv.conf` on unmapped layers.)
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -97,23 +106,31 @@ impl World {
     /// [`start`](Self::start), with the CRI plugin's `disable_snapshot_annotations` set to
     /// `disable_annotations` (containerd 2.x pulls through the transfer service only then).
     fn start_with(version: Version, disable_annotations: bool) -> Result<World> {
+        Self::start_custom(version, |cfg, _| {
+            cfg.disable_snapshot_annotations = disable_annotations
+        })
+    }
+
+    /// [`start`](Self::start), with the CRI config and the environment's options changed by
+    /// `custom` first.
+    fn start_custom(
+        version: Version,
+        custom: impl FnOnce(&mut CriConfig, &mut EnvOpts),
+    ) -> Result<World> {
         let reg = Registry::start()?;
         let scratch = tempfile::tempdir()?;
         let pause = oci::build_archive(&pause_image()?, scratch.path())?;
         let pause_ref = reg.push_as(&pause, "testsuite/pause", "1")?;
         let mut cfg = CriConfig::new(SN, &pause_ref).plain_http(&reg.host());
-        cfg.disable_snapshot_annotations = disable_annotations;
-        let env = Env::start_opts(
-            Path::new(BIN),
-            version,
-            EnvOpts {
-                cri: Some(cfg),
-                // Where containerd 1.6 looks for a snapshotter's files (see `imagefs_root`).
-                root_rel: (!cri_mod::imagefs_from_exports(version))
-                    .then(|| format!("root/io.containerd.snapshotter.v1.{SN}")),
-                ..EnvOpts::default()
-            },
-        )?;
+        let mut opts = EnvOpts {
+            // Where containerd 1.6 looks for a snapshotter's files (see `imagefs_root`).
+            root_rel: (!cri_mod::imagefs_from_exports(version))
+                .then(|| format!("root/io.containerd.snapshotter.v1.{SN}")),
+            ..EnvOpts::default()
+        };
+        custom(&mut cfg, &mut opts);
+        opts.cri = Some(cfg);
+        let env = Env::start_opts(Path::new(BIN), version, opts)?;
         let cri = CriClient::connect(env.ctd.address())?;
         let sn = Client::new(cri.block_on(client::connect(&env.sock))?, SN);
         let logs = env.ctd.dir("pod-logs")?;
@@ -715,4 +732,148 @@ fn image_volume(version: Version) -> Result<()> {
 #[test]
 fn image_volume_containerd_2_1() {
     e2e(|| image_volume(Version::V2_1));
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. A user-namespaced pod (CRI `userns_options`, containerd 2.1 with sid's runc).
+
+/// The pod's user namespace: container ids 0..65536 are host ids 200000..265536.
+const USERNS_HOST_ID: u32 = 200_000;
+const USERNS_LENGTH: u32 = 65_536;
+
+/// The user namespace kubelet asks for (`hostUsers: false`): mode POD, one range each.
+fn userns() -> cri::UserNamespace {
+    let m = cri::IdMapping {
+        host_id: USERNS_HOST_ID,
+        container_id: 0,
+        length: USERNS_LENGTH,
+    };
+    cri::UserNamespace {
+        mode: cri::NamespaceMode::Pod as i32,
+        uids: vec![m.clone()],
+        gids: vec![m],
+    }
+}
+
+/// `options` with a pod network namespace and the user namespace of [`userns`] (kubelet
+/// sends both in the pod's and in each container's config).
+fn set_userns(options: &mut Option<cri::NamespaceOption>) {
+    let o = options.get_or_insert_with(Default::default);
+    o.network = cri::NamespaceMode::Pod as i32;
+    o.userns_options = Some(userns());
+}
+
+fn userns_pod(version: Version) -> Result<()> {
+    let w = World::start_custom(version, |cfg, opts| {
+        cfg.pod_network = Some(testsuite::containerd::sid_userspace().join("usr/lib/cni"));
+        // containerd passes the mapping to a snapshotter as labels only if its config says
+        // the plugin can remap; otherwise it makes a chowned copy of the image's layers.
+        opts.capabilities = vec!["rebase".into(), "remap-ids".into()];
+        opts.sid_runc = true;
+    })?;
+    let (app, app_ref) = w.push(&app_image("cri-userns")?, "testsuite/cri-userns")?;
+    w.cri.pull_image(&app_ref)?;
+    let layers = committed(&w)?;
+    let hashes = w.env.layer_hashes()?;
+    ensure!(
+        hashes.len() == app.layers.len(),
+        "{} layer files for {} layers",
+        hashes.len(),
+        app.layers.len()
+    );
+    let applied = w.applied_layers();
+
+    let log_dir = w.logs.join("userns-0");
+    fs::create_dir_all(log_dir.join("app"))?;
+    let cgroup = format!("{}/userns-0", w.env.ctd.cgroup_parent());
+    let mut pod = pod_config("userns", 0, &cgroup, &log_dir);
+    set_userns(
+        &mut pod
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .context("pod security context")?
+            .namespace_options,
+    );
+    let pod_id = w.cri.run_pod(&pod)?;
+    let mut cfg = container_config("app", &app_ref, &[]);
+    set_userns(
+        &mut cfg
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .context("container security context")?
+            .namespace_options,
+    );
+    let id = w.cri.create_container(&pod_id, &cfg, &pod)?;
+    w.cri.start_container(&id)?;
+
+    // Inside: the pod's user namespace, and the image's root-owned files owned by root.
+    // Without the mapping on the mounts they would show as the overflow id (65534).
+    let map = w.cri.exec_ok(&id, &["cat", "/proc/self/uid_map"])?;
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    let want = [
+        "0".to_string(),
+        USERNS_HOST_ID.to_string(),
+        USERNS_LENGTH.to_string(),
+    ];
+    ensure!(fields == want, "uid_map in the container: {map:?}");
+    let owners = w.cri.exec_ok(
+        &id,
+        &["stat", "-c", "%u:%g %n", "/etc/motd", "/bin/busybox", "/"],
+    )?;
+    for l in owners.lines() {
+        ensure!(l.starts_with("0:0 "), "owners in the container: {owners}");
+    }
+    ensure!(owners.lines().count() == 3, "stat printed {owners:?}");
+    ensure!(w.cri.exec_ok(&id, &["cat", "/etc/motd"])? == MOTD, "motd");
+    w.cri
+        .exec_ok(&id, &["/bin/sh", "-c", "echo x > /made-inside"])?;
+
+    // Outside: the container's root is the host's 200000, in its writable layer too, and
+    // the rootfs is our overlay on the layers themselves (no chowned copy: no new layer, no
+    // layer applied again, every layer file unchanged).
+    let rootfs = w
+        .env
+        .ctd
+        .mountinfo()?
+        .into_iter()
+        .find(|m| m.mount_point.ends_with(format!("{id}/rootfs")))
+        .context("no rootfs mount of the container in containerd's namespace")?;
+    ensure!(rootfs.fs_type == "overlay", "rootfs is {}", rootfs.fs_type);
+    let upper = PathBuf::from(rootfs.super_option("upperdir").unwrap_or_default());
+    ensure!(
+        upper.starts_with(&w.env.root),
+        "upperdir {} is not below our root",
+        upper.display()
+    );
+    let made = fs::metadata(upper.join("made-inside"))
+        .context("the file written in the container is not in its writable layer")?;
+    use std::os::unix::fs::MetadataExt as _;
+    ensure!(
+        (made.uid(), made.gid()) == (USERNS_HOST_ID, USERNS_HOST_ID),
+        "a file root made in the container is {}:{} on the host",
+        made.uid(),
+        made.gid()
+    );
+    ensure!(
+        committed(&w)? == layers,
+        "the pod added committed snapshots (a chowned copy): {:?}",
+        committed(&w)?.difference(&layers).collect::<Vec<_>>()
+    );
+    ensure!(w.applied_layers() == applied, "layers applied again");
+    ensure!(
+        w.env.layer_hashes()? == hashes,
+        "layer files changed under the pod"
+    );
+
+    w.tear_down(&pod_id, &[&id])?;
+    w.cri.remove_image(&app_ref)?;
+    w.cri.remove_image(&w.pause_ref)?;
+    w.wait_all_gone()
+}
+
+#[test]
+fn userns_pod_containerd_2_1() {
+    e2e(|| userns_pod(Version::V2_1));
 }

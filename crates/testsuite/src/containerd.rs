@@ -76,6 +76,21 @@ pub const CONTAINERD_1_7_ROOT_ENV: &str = "TESTSUITE_CONTAINERD_1_7_ROOT";
 /// (default `/opt/containerd-new/root`; binaries are in `usr/bin` below it).
 pub const CONTAINERD_NEW_ROOT_ENV: &str = "TESTSUITE_CONTAINERD_NEW_ROOT";
 
+/// Environment variable naming the root where sid's runc (1.3), the glibc and libseccomp it
+/// links against and sid's CNI plugins were unpacked (default `/opt/runc-sid/root`; runc in
+/// `usr/sbin`, the libraries in `usr/lib/x86_64-linux-gnu`, the plugins in `usr/lib/cni`).
+pub const RUNC_SID_ROOT_ENV: &str = "TESTSUITE_RUNC_SID_ROOT";
+
+/// The root of sid's runc and its userspace ([`RUNC_SID_ROOT_ENV`]).
+pub fn sid_userspace() -> PathBuf {
+    std::env::var_os(RUNC_SID_ROOT_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/runc-sid/root"))
+}
+
+/// The host's library directory, where [`ContainerdOpts::sid_runc`] binds sid's libraries.
+const HOST_LIBDIR: &str = "/usr/lib/x86_64-linux-gnu";
+
 /// Which containerd to run. All are private copies unpacked by
 /// `scripts/setup`, never the host's containerd or runc.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -309,6 +324,14 @@ pub struct ContainerdOpts {
     /// Where to create the base directory (default: `std::env::temp_dir()`).
     /// It must not be below `/run`, and must be short enough for socket paths.
     pub tmp_parent: Option<PathBuf>,
+    /// Run sid's runc 1.3 ([`sid_userspace`]) instead of Debian 12's 1.1.5: containerd 2.1
+    /// starts user-namespaced containers only with a runc that reports idmapped-mount support.
+    /// sid's runc needs sid's glibc (2.38 symbols; Debian 12 has 2.36), so in containerd's
+    /// mount namespace only, each of sid's libraries is bind-mounted over the host's file of
+    /// that name (glibc is backwards compatible, so the host's binaries keep working there),
+    /// and `/var/lib/cni` (libcni's result cache, which no config moves) gets a private
+    /// tmpfs. Default false.
+    pub sid_runc: bool,
 }
 
 impl ContainerdOpts {
@@ -330,6 +353,7 @@ impl ContainerdOpts {
             ctr_timeout: Duration::from_secs(180),
             stop_timeout: Duration::from_secs(10),
             tmp_parent: None,
+            sid_runc: false,
         }
     }
 
@@ -673,6 +697,16 @@ impl Containerd {
                 v.runc().display()
             );
         }
+        if opts.sid_runc {
+            let r = sid_userspace();
+            for f in ["usr/sbin/runc", "usr/lib/x86_64-linux-gnu/libc.so.6"] {
+                ensure!(
+                    r.join(f).is_file(),
+                    "sid's runc is not installed ({} is missing); run scripts/setup",
+                    r.join(f).display()
+                );
+            }
+        }
         let parent = opts.tmp_parent.clone().unwrap_or_else(std::env::temp_dir);
         let parent = fs::canonicalize(&parent)
             .with_context(|| format!("temporary directory {}", parent.display()))?;
@@ -756,13 +790,29 @@ impl Containerd {
         let l = self.layout.clone();
         let v = self.opts.version;
         let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "slave", "--", "/bin/sh", "-c"])
-            .arg("mount -t tmpfs -o mode=0755,size=256m testsuite-run /run && exec \"$0\" \"$@\"")
-            .arg(v.containerd())
+        cmd.args(["--mount", "--propagation", "slave", "--"]);
+        if self.opts.sid_runc {
+            // busybox is static: a dynamic `mount` would load a half-swapped libc (a sid
+            // ld.so with the host's libc.so.6, or the other way round) and crash.
+            cmd.args(["/bin/busybox", "sh", "-c"]).arg(format!(
+                "set -e; mount -t tmpfs -o mode=0755,size=256m testsuite-run /run; \
+                 for f in {sid}{HOST_LIBDIR}/*; do n=${{f##*/}}; \
+                   if [ ! -d \"$f\" ] && [ -e {HOST_LIBDIR}/\"$n\" ]; then mount -o bind \"$f\" {HOST_LIBDIR}/\"$n\"; fi; \
+                 done; \
+                 mkdir -p /var/lib/cni; mount -t tmpfs -o mode=0755,size=16m testsuite-cni /var/lib/cni; \
+                 exec \"$0\" \"$@\"",
+                sid = sid_userspace().display()
+            ));
+        } else {
+            cmd.args(["/bin/sh", "-c"]).arg(
+                "mount -t tmpfs -o mode=0755,size=256m testsuite-run /run && exec \"$0\" \"$@\"",
+            );
+        }
+        cmd.arg(v.containerd())
             .arg("--config")
             .arg(&l.config)
             .env_clear()
-            .env("PATH", v.path_env())
+            .env("PATH", self.path_env())
             .env("TMPDIR", &l.tmp)
             .current_dir(&l.base);
         let mut child = ProcessGroupGuard::spawn(&mut cmd, &v.to_string(), Some(&l.log))?;
@@ -843,7 +893,7 @@ impl Containerd {
         .arg("--config")
         .arg(&l.config)
         .env_clear()
-        .env("PATH", v.path_env())
+        .env("PATH", self.path_env())
         .env("TMPDIR", &l.tmp)
         .current_dir(&l.base);
         let mut child = ProcessGroupGuard::spawn(&mut cmd, &v.to_string(), Some(&l.log))?;
@@ -852,6 +902,17 @@ impl Containerd {
         register(&self.instance());
         self.wait_ready()
             .with_context(|| format!("restart {v} in {}", l.base.display()))
+    }
+
+    /// `PATH` for containerd, its shims and `ctr`: [`Version::path_env`], with sid's runc
+    /// first when [`ContainerdOpts::sid_runc`] is set.
+    fn path_env(&self) -> String {
+        let p = self.opts.version.path_env();
+        if self.opts.sid_runc {
+            format!("{}:{p}", sid_userspace().join("usr/sbin").display())
+        } else {
+            p
+        }
     }
 
     /// Which containerd this is.
@@ -975,7 +1036,7 @@ impl Containerd {
             .arg(namespace)
             .args(args)
             .env_clear()
-            .env("PATH", self.opts.version.path_env())
+            .env("PATH", self.path_env())
             .env("TMPDIR", &self.layout.tmp);
         Ok(cmd)
     }

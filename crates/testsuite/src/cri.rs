@@ -7,7 +7,8 @@
 //! the instance's base directory), a short stats period, and nothing that touches the host:
 //! CNI directories below the base directory, no AppArmor profile loading, no CDI, and
 //! `restrict_oom_score_adj` (a sandbox's `oom_score_adj` cannot be lowered on these
-//! machines). Pods run with host networking, so no CNI plugin is needed.
+//! machines). Pods run with host networking, so no CNI plugin is needed, unless
+//! [`CriConfig::pod_network`] gives them a network of their own.
 //!
 //! [`CriClient`] calls the `runtime.v1` `RuntimeService` and `ImageService` on containerd's
 //! gRPC socket, blocking, with a deadline on every call, and builds the pod and container
@@ -53,7 +54,20 @@ pub struct CriConfig {
     /// `disable_snapshot_annotations` (default false: the snapshotter gets the image
     /// reference and layer digest labels, as remote snapshotters need).
     pub disable_snapshot_annotations: bool,
+    /// A pod network for pods that do not use the node's (user-namespaced pods cannot): the
+    /// directory holding the CNI plugins `loopback`, `tap` and `static` (sid's
+    /// `containernetworking-plugins`, which need [`ContainerdOpts::sid_runc`](crate::ContainerdOpts::sid_runc)'s glibc).
+    /// The network gives each pod a tap device `eth0` with a fixed address ([`POD_ADDRESS`])
+    /// inside the pod's own network namespace: containerd wants an address on `eth0`, and
+    /// nothing on the node (no bridge, no veth, no IPAM state) is touched. A tap rather than
+    /// a `dummy` device: the test machines' kernels have no dummy driver (`operation not
+    /// supported`), and tun is everywhere.
+    /// `None` (the default): pods run with host networking only.
+    pub pod_network: Option<PathBuf>,
 }
+
+/// The address [`CriConfig::pod_network`] gives every pod.
+pub const POD_ADDRESS: &str = "10.88.77.2/24";
 
 impl CriConfig {
     /// CRI on `snapshotter` with `sandbox_image`, a 1 s stats period, snapshot annotations on.
@@ -64,6 +78,7 @@ impl CriConfig {
             plain_http_registries: Vec::new(),
             stats_collect_period: 1,
             disable_snapshot_annotations: false,
+            pod_network: None,
         }
     }
 
@@ -109,6 +124,22 @@ pub fn write_files(cfg: &CriConfig, base: &Path) -> Result<()> {
     for d in ["cri/cni/bin", "cri/cni/conf"] {
         fs::create_dir_all(base.join(d))?;
     }
+    if let Some(plugins) = &cfg.pod_network {
+        for p in ["loopback", "tap", "static"] {
+            if !plugins.join(p).is_file() {
+                bail!(
+                    "the CNI plugin {p} is not in {}; run scripts/setup",
+                    plugins.display()
+                );
+            }
+        }
+        fs::write(
+            base.join("cri/cni/conf/10-testsuite.conflist"),
+            format!(
+                r#"{{"cniVersion": "1.0.0", "name": "testsuite", "plugins": [{{"type": "tap", "ipam": {{"type": "static", "addresses": [{{"address": "{POD_ADDRESS}"}}]}}}}]}}"#
+            ),
+        )?;
+    }
     for host in &cfg.plain_http_registries {
         if host.contains('/') || host.contains("..") || host.is_empty() {
             bail!("bad registry host {host:?}");
@@ -130,7 +161,10 @@ pub fn render(version: Version, cfg: &CriConfig, base: &Path) -> Result<String> 
     let q = |s: &str| format!("{s:?}");
     let qp = |p: PathBuf| format!("{:?}", p.to_string_lossy());
     let certs = qp(certs_dir(base));
-    let cni_bin = qp(base.join("cri/cni/bin"));
+    let cni_bin = qp(cfg
+        .pod_network
+        .clone()
+        .unwrap_or_else(|| base.join("cri/cni/bin")));
     let cni_conf = qp(base.join("cri/cni/conf"));
     let mut t = String::new();
     match version {

@@ -60,6 +60,11 @@ pub struct EnvOpts {
     pub cri: Option<crate::cri::CriConfig>,
     /// The daemon's root relative to containerd's base directory (default `erofs/root`).
     pub root_rel: Option<String>,
+    /// The snapshotter plugin's `capabilities` (1.7 and 2.x), e.g. `remap-ids`: a proxy
+    /// plugin's come from containerd's config, not from the daemon.
+    pub capabilities: Vec<String>,
+    /// containerd runs sid's runc ([`crate::ContainerdOpts::sid_runc`]).
+    pub sid_runc: bool,
 }
 
 /// containerd + our daemon.
@@ -126,7 +131,9 @@ impl Env {
         if o.cri.is_some() && version.proxy_plugin_extras() {
             plugin.exports.push(("root".to_owned(), root_rel.clone()));
         }
+        plugin.capabilities = o.capabilities.clone();
         let mut opts = ContainerdOpts::new(version).proxy_plugin(plugin);
+        opts.sid_runc = o.sid_runc;
         opts.cri = o.cri.clone();
         if let Some(level) = &o.containerd_log_level {
             opts.log_level = level.clone();
