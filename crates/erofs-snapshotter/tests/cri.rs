@@ -21,7 +21,7 @@
 //! 3. `image_volume_containerd_2_1`: a Kubernetes image volume (CRI `Mount.image`), an image
 //!    mounted read-only in a container from our snapshots. containerd 1.6 and 1.7 do not
 //!    know the field (1.7 fails CreateContainer with `mkdir ""`).
-//! 4. `userns_pod_containerd_2_1`: a user-namespaced pod (CRI `userns_options`, mode POD,
+//! 4. `userns_pod_*`: a user-namespaced pod (CRI `userns_options`, mode POD,
 //!    container ids 0-65535 on host ids 200000-265535) in a pod network namespace (a tap
 //!    device with a fixed address, `CriConfig::pod_network`), run by sid's runc 1.3
 //!    (`ContainerdOpts::sid_runc`: containerd 2.1 refuses user namespaces with Debian 12's
@@ -30,6 +30,8 @@
 //!    files are root's (not the overflow id), a file root writes is the host's 200000 in the
 //!    writable layer, and no layer is copied, re-applied or changed. (Without the capability
 //!    the sandbox fails: runc cannot create `/etc/resolv.conf` on unmapped layers.)
+//!    containerd 1.7 needs no idmapped mounts from runc, so Debian 12's runc serves there;
+//!    containerd 1.6 ignores `userns_options` and runs the pod in the node's user namespace.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -763,13 +765,16 @@ fn set_userns(options: &mut Option<cri::NamespaceOption>) {
     o.userns_options = Some(userns());
 }
 
-fn userns_pod(version: Version) -> Result<()> {
+/// A user-namespaced pod on `version` (with sid's runc if `sid_runc`): see the module docs.
+fn userns_pod(version: Version, sid_runc: bool) -> Result<()> {
     let w = World::start_custom(version, |cfg, opts| {
         cfg.pod_network = Some(testsuite::containerd::sid_userspace().join("usr/lib/cni"));
         // containerd passes the mapping to a snapshotter as labels only if its config says
         // the plugin can remap; otherwise it makes a chowned copy of the image's layers.
-        opts.capabilities = vec!["rebase".into(), "remap-ids".into()];
-        opts.sid_runc = true;
+        if version.proxy_plugin_extras() {
+            opts.capabilities = vec!["rebase".into(), "remap-ids".into()];
+        }
+        opts.sid_runc = sid_runc;
     })?;
     let (app, app_ref) = w.push(&app_image("cri-userns")?, "testsuite/cri-userns")?;
     w.cri.pull_image(&app_ref)?;
@@ -812,6 +817,18 @@ fn userns_pod(version: Version) -> Result<()> {
     // Without the mapping on the mounts they would show as the overflow id (65534).
     let map = w.cri.exec_ok(&id, &["cat", "/proc/self/uid_map"])?;
     let fields: Vec<&str> = map.split_whitespace().collect();
+    if version == Version::V1_6 {
+        // containerd 1.6 does not know `userns_options` and runs the pod in the node's
+        // user namespace, without a word: what an operator must know.
+        ensure!(
+            fields == ["0", "0", "4294967295"],
+            "containerd 1.6 gave the pod a user namespace: uid_map {map:?}"
+        );
+        w.tear_down(&pod_id, &[&id])?;
+        w.cri.remove_image(&app_ref)?;
+        w.cri.remove_image(&w.pause_ref)?;
+        return w.wait_all_gone();
+    }
     let want = [
         "0".to_string(),
         USERNS_HOST_ID.to_string(),
@@ -873,7 +890,23 @@ fn userns_pod(version: Version) -> Result<()> {
     w.wait_all_gone()
 }
 
+/// containerd 2.1 starts the container only with a runc that lists `mountExtensions.idmap`
+/// in `runc features` (1.2 or later): with Debian 12's 1.1.5, StartContainer fails with
+/// "idmap mounts not supported".
 #[test]
 fn userns_pod_containerd_2_1() {
-    e2e(|| userns_pod(Version::V2_1));
+    e2e(|| userns_pod(Version::V2_1, true));
+}
+
+/// containerd 1.7 asks no idmapped mounts of runc (the snapshotter maps the layers), so
+/// Debian 12's runc 1.1.5 runs the pod.
+#[test]
+fn userns_pod_containerd_1_7() {
+    e2e(|| userns_pod(Version::V1_7, false));
+}
+
+/// containerd 1.6 ignores the user namespace options (see [`userns_pod`]).
+#[test]
+fn userns_options_ignored_containerd_1_6() {
+    e2e(|| userns_pod(Version::V1_6, false));
 }

@@ -328,9 +328,8 @@ pub struct ContainerdOpts {
     /// starts user-namespaced containers only with a runc that reports idmapped-mount support.
     /// sid's runc needs sid's glibc (2.38 symbols; Debian 12 has 2.36), so in containerd's
     /// mount namespace only, each of sid's libraries is bind-mounted over the host's file of
-    /// that name (glibc is backwards compatible, so the host's binaries keep working there),
-    /// and `/var/lib/cni` (libcni's result cache, which no config moves) gets a private
-    /// tmpfs. Default false.
+    /// that name (glibc is backwards compatible, so the host's binaries keep working there).
+    /// Default false.
     pub sid_runc: bool,
 }
 
@@ -791,23 +790,39 @@ impl Containerd {
         let v = self.opts.version;
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "slave", "--"]);
+        // Mounts private to containerd's namespace, then containerd itself.
+        let mut sh =
+            String::from("set -e; mount -t tmpfs -o mode=0755,size=256m testsuite-run /run; ");
         if self.opts.sid_runc {
-            // busybox is static: a dynamic `mount` would load a half-swapped libc (a sid
-            // ld.so with the host's libc.so.6, or the other way round) and crash.
-            cmd.args(["/bin/busybox", "sh", "-c"]).arg(format!(
-                "set -e; mount -t tmpfs -o mode=0755,size=256m testsuite-run /run; \
-                 for f in {sid}{HOST_LIBDIR}/*; do n=${{f##*/}}; \
+            write!(
+                sh,
+                "for f in {sid}{HOST_LIBDIR}/*; do n=${{f##*/}}; \
                    if [ ! -d \"$f\" ] && [ -e {HOST_LIBDIR}/\"$n\" ]; then mount -o bind \"$f\" {HOST_LIBDIR}/\"$n\"; fi; \
-                 done; \
-                 mkdir -p /var/lib/cni; mount -t tmpfs -o mode=0755,size=16m testsuite-cni /var/lib/cni; \
-                 exec \"$0\" \"$@\"",
+                 done; ",
                 sid = sid_userspace().display()
-            ));
-        } else {
-            cmd.args(["/bin/sh", "-c"]).arg(
-                "mount -t tmpfs -o mode=0755,size=256m testsuite-run /run && exec \"$0\" \"$@\"",
+            )?;
+        }
+        if self
+            .opts
+            .cri
+            .as_ref()
+            .is_some_and(|c| c.pod_network.is_some())
+        {
+            // libcni caches each pod's network result there; no config moves it.
+            sh.push_str(
+                "mkdir -p /var/lib/cni; mount -t tmpfs -o mode=0755,size=16m testsuite-cni /var/lib/cni; ",
             );
         }
+        sh.push_str("exec \"$0\" \"$@\"");
+        // With sid's libraries, a static shell (busybox) makes the binds: a dynamic `mount`
+        // would load a half-swapped libc (sid's ld.so with the host's libc.so.6, or the
+        // other way round) and crash.
+        let shell: &[&str] = if self.opts.sid_runc {
+            &["/bin/busybox", "sh", "-c"]
+        } else {
+            &["/bin/sh", "-c"]
+        };
+        cmd.args(shell).arg(sh);
         cmd.arg(v.containerd())
             .arg("--config")
             .arg(&l.config)

@@ -56,7 +56,9 @@ pub struct CriConfig {
     pub disable_snapshot_annotations: bool,
     /// A pod network for pods that do not use the node's (user-namespaced pods cannot): the
     /// directory holding the CNI plugins `loopback`, `tap` and `static` (sid's
-    /// `containernetworking-plugins`, which need [`ContainerdOpts::sid_runc`](crate::ContainerdOpts::sid_runc)'s glibc).
+    /// `containernetworking-plugins` 1.9, for its `tap`; they need glibc 2.34, which Debian
+    /// 12 has). containerd's namespace gets a private tmpfs on
+    /// `/var/lib/cni` (libcni's result cache, which no config moves).
     /// The network gives each pod a tap device `eth0` with a fixed address ([`POD_ADDRESS`])
     /// inside the pod's own network namespace: containerd wants an address on `eth0`, and
     /// nothing on the node (no bridge, no veth, no IPAM state) is touched. A tap rather than

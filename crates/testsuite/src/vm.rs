@@ -32,7 +32,8 @@ use sha2::{Digest, Sha256};
 
 /// Modules every guest loads (with their dependencies): virtio transport and disks, 9p for
 /// the shared trees, and what the snapshotter uses (erofs, overlayfs, loop devices, ext4 for
-/// writable layers and the scratch disk, dm-verity).
+/// writable layers and the scratch disk, dm-verity), and tun (the tap device of the CRI
+/// test's pod network).
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
@@ -43,6 +44,7 @@ pub const GUEST_MODULES: &[&str] = &[
     "loop",
     "ext4",
     "dm_verity",
+    "tun",
 ];
 
 /// Where kernels and initramfs images are cached unless `VM_CACHE` says otherwise.
@@ -474,6 +476,8 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# The loopback interface (local registries listen on 127.0.0.1).
+ip link set lo up
 boot=$(cut -d' ' -f1 /proc/uptime)
 echo "vm: userspace at ${boot}s"
 fail() { echo "vm: $*"; sync; poweroff -f; sleep 10; }
