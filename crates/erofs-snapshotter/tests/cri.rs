@@ -752,7 +752,7 @@ fn userns() -> cri::UserNamespace {
     };
     cri::UserNamespace {
         mode: cri::NamespaceMode::Pod as i32,
-        uids: vec![m.clone()],
+        uids: vec![m],
         gids: vec![m],
     }
 }
