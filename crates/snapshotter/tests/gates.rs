@@ -174,3 +174,36 @@ fn layers_without_a_recorded_digest_are_refused() {
     layer(&s, "new", "", &[("etc/two", b"two\n")]);
     s.view("v2", "new", BTreeMap::new()).unwrap();
 }
+
+#[test]
+fn update_refuses_id_mapping_labels_that_mounts_cannot_use() {
+    use snapshotter::Info;
+    let root = Root::new("");
+    let s = root.open();
+    s.prepare("a", "", BTreeMap::new()).unwrap();
+    let info = s.stat("a").unwrap();
+    let with = |pairs: &[(&str, &str)]| Info {
+        labels: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..info.clone()
+    };
+    let uid = "containerd.io/snapshot/uidmapping";
+    let gid = "containerd.io/snapshot/gidmapping";
+    // One of the pair alone, and a pair that does not parse: refused, nothing stored.
+    for bad in [
+        with(&[(uid, "0:1000:65536")]),
+        with(&[(uid, "0:1000:65536"), (gid, "zero:1000:65536")]),
+    ] {
+        let e = s.update(bad, &["labels".into()]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(s.stat("a").unwrap().labels.is_empty());
+        s.mounts("a").unwrap();
+    }
+    // A valid pair is stored and Mounts still works.
+    let good = with(&[(uid, "0:1000:65536"), (gid, "0:1000:65536")]);
+    let got = s.update(good, &["labels".into()]).unwrap();
+    assert_eq!(got.labels.len(), 2);
+    s.mounts("a").unwrap();
+}

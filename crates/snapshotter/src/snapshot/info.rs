@@ -101,6 +101,12 @@ impl Snapshotter {
                 }
             }
             validate_labels(&rec.labels)?;
+            // Mounts reads the id-mapping labels on every call: refuse a pair it could not
+            // use now, rather than store it and fail every later Mounts of the snapshot.
+            crate::mount::IdMap::from_labels(
+                rec.labels.get(super::LABEL_UIDMAPPING),
+                rec.labels.get(super::LABEL_GIDMAPPING),
+            )?;
             rec.updated = Timestamp::now();
             tx.replace(&info.name, &rec)?;
             Ok(rec)
