@@ -1,0 +1,753 @@
+//! fsmeta: one metadata-only EROFS image for a whole chain of layer images.
+//!
+//! [`merge_layers`] takes committed layer images, bottom to top, and writes `fsmeta`: an image
+//! whose device table lists the layers (device 1 = bottom layer, ..., N = top) and whose tree is
+//! the tree overlayfs shows when the layers are stacked: whiteouts (character devices 0:0) hide
+//! what is below them, opaque directories (`trusted.overlay.opaque=y`) hide lower directories'
+//! contents, the top-most entry of each path wins, directories present in several layers are
+//! merged (attributes of the top-most), hardlinks within a layer stay hardlinks, xattrs are kept
+//! except the `trusted.overlay.*` ones, which overlayfs never shows and which a merged tree must
+//! not carry (fsmeta may itself become an overlay lower). Like `mkfs.erofs --ovlfs-strip=1`,
+//! no whiteout is left in the result.
+//!
+//! Regular files become chunk tables ([`FileData::Chunks`], 8-byte indexes with device ids)
+//! pointing into the layers' own blocks: no file data is copied, except data a layer keeps in
+//! its metadata (inline tails), which is copied into fsmeta (inline after the inode when it
+//! fits, otherwise into fsmeta's own blocks). Holes stay holes.
+//!
+//! The kernel mounts the result with one `device=` option per layer, in order:
+//! `mount -t erofs -o ro,device=L1,...,device=LN fsmeta.erofs /mnt` (file-backed when fsmeta
+//! is a regular file: the devices are then opened as files too). Layers may be full images and
+//! tar-index images (`[index][tar]`, 512-byte blocks) mixed in one chain; the fsmeta block size
+//! is the smallest layer block size, so every layer's data is addressable in fsmeta blocks.
+//!
+//! The output is a function of the layers' bytes and the options only (same inputs, same
+//! bytes). The work is top-down, as overlayfs looks things up: a layer's directory is read only
+//! where it is still visible, so hidden subtrees cost nothing. Memory is linear in the merged
+//! tree's metadata, and hostile layers get errors naming the layer ([`Error::Layer`]): loops,
+//! chunk references outside their layer, names EROFS cannot hold, budgets of [`Limits`].
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs::File;
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use crate::builder::{Interrupt, Limits, layout, write_superblock};
+use crate::error::{CorruptKind, EntryError, Error, Result};
+use crate::format::{self, ChunkIndex, DeviceSlot, NULL_ADDR, Superblock, mode};
+use crate::reader::{Extent, Image, Inode};
+use crate::tree::{self, Body, FileData, Meta, Node, NodeId, ROOT, Tree, Xattr};
+
+/// Most layers one fsmeta can list (device ids are 16-bit, 0 being fsmeta itself).
+pub const MAX_LAYERS: usize = u16::MAX as usize;
+/// Byte offset of the device table / 128: right after the superblock, as mkfs.erofs does.
+const DEVT_SLOTOFF: u16 = 9;
+/// Prefix of the xattrs overlayfs owns.
+const OVERLAY_PREFIX: &[u8] = b"trusted.overlay.";
+const OPAQUE: &[u8] = b"trusted.overlay.opaque";
+const AUFS_WH: &[u8] = b".wh.";
+const AUFS_OPQ: &[u8] = b".wh..wh..opq";
+
+/// How to merge.
+#[derive(Debug, Clone, Default)]
+pub struct MergeOptions {
+    /// Also honour aufs-style markers kept as plain entries in the layers (layers built
+    /// without whiteout conversion): `.wh.NAME` hides `NAME` below its layer and
+    /// `.wh..wh..opq` makes its directory opaque; the markers themselves are dropped.
+    /// (`mkfs.erofs --aufs` documents this meaning; its rebuild mode for EROFS inputs, as of
+    /// erofs-utils 1.9, ignores the flag and keeps such entries as files.)
+    pub aufs: bool,
+    /// Filesystem UUID; `None` derives one from the layers' superblocks and sizes, so the
+    /// output stays a function of its inputs.
+    pub uuid: Option<[u8; 16]>,
+    /// Budgets on the merged tree (entries, depth, metadata bytes including chunk tables).
+    pub limits: Limits,
+    /// Asked between directories: stop with [`Error::Interrupted`] once it says so.
+    pub interrupt: Interrupt,
+}
+
+/// What [`merge_layers`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeSummary {
+    /// fsmeta's block size (the smallest layer block size).
+    pub block_size: u32,
+    /// Blocks of fsmeta itself (its size is `blocks * block_size`).
+    pub blocks: u64,
+    /// Each layer's size in fsmeta blocks, as recorded in the device table (bottom first).
+    pub device_blocks: Vec<u32>,
+    /// Inodes in fsmeta.
+    pub inodes: u64,
+    /// Regular files among them.
+    pub files: u64,
+    /// Bytes of regular file data, all layers' visible files together.
+    pub file_bytes: u64,
+    /// Bytes of inline layer data copied into fsmeta.
+    pub copied_bytes: u64,
+    /// Filesystem UUID.
+    pub uuid: [u8; 16],
+}
+
+impl MergeSummary {
+    /// fsmeta's size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.blocks * self.block_size as u64
+    }
+}
+
+/// Open layer image files (bottom first) and merge them into `out`: see [`merge_layers`].
+pub fn merge_layer_files<P: AsRef<Path>, W: Write>(
+    layers: &[P],
+    out: W,
+    opts: &MergeOptions,
+) -> Result<MergeSummary> {
+    let images = open_layers(layers)?;
+    merge_layers(&images, out, opts)
+}
+
+/// Open layer image files (bottom first), each on its own, as [`merge_layers`] wants them.
+pub fn open_layers<P: AsRef<Path>>(layers: &[P]) -> Result<Vec<Image>> {
+    layers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let p = p.as_ref();
+            let f = File::open(p)
+                .map_err(|e| Error::io(format!("opening layer {}", p.display()), e))?;
+            Image::open(f).map_err(|e| Error::in_layer(i + 1, e))
+        })
+        .collect()
+}
+
+/// Open an fsmeta with its layer files as devices (bottom first), for reading it in
+/// userspace as the kernel would with `device=` options.
+pub fn open_fsmeta<P: AsRef<Path>, Q: AsRef<Path>>(fsmeta: P, layers: &[Q]) -> Result<Image> {
+    let fsmeta = fsmeta.as_ref();
+    let primary =
+        File::open(fsmeta).map_err(|e| Error::io(format!("opening {}", fsmeta.display()), e))?;
+    let mut devices: Vec<Box<dyn crate::reader::ReadAt>> = Vec::with_capacity(layers.len());
+    for p in layers {
+        let p = p.as_ref();
+        devices.push(Box::new(File::open(p).map_err(|e| {
+            Error::io(format!("opening layer {}", p.display()), e)
+        })?));
+    }
+    Image::open_with_devices(primary, devices)
+}
+
+/// Write fsmeta for `layers` (bottom first; each opened on its own with [`Image::open`], so
+/// a tar-index layer reads its tar from the same file) into `out`, front to back (`out` need
+/// not seek). The layers' bytes are only read; their data is referenced, not copied.
+pub fn merge_layers<W: Write>(
+    layers: &[Image],
+    mut out: W,
+    opts: &MergeOptions,
+) -> Result<MergeSummary> {
+    if layers.is_empty() {
+        return Err(Error::InvalidOption("no layers to merge".into()));
+    }
+    if layers.len() > MAX_LAYERS {
+        return Err(Error::TooLarge(format!(
+            "{} layers; an EROFS device table holds at most {MAX_LAYERS}",
+            layers.len()
+        )));
+    }
+    let bits = layers
+        .iter()
+        .map(|l| l.superblock().blkszbits)
+        .min()
+        .expect("at least one layer");
+    let bs = 1u64 << bits;
+    let mut device_blocks = Vec::with_capacity(layers.len());
+    for (i, l) in layers.iter().enumerate() {
+        if !l.is_flat() {
+            return Err(Error::in_layer(
+                i + 1,
+                Error::InvalidOption(
+                    "layer opened with separate devices; open each layer on its own".into(),
+                ),
+            ));
+        }
+        let size = l.device_size(0).unwrap_or(0);
+        let blocks = u32::try_from(size.div_ceil(bs)).map_err(|_| {
+            Error::in_layer(
+                i + 1,
+                Error::TooLarge(format!("{size} bytes exceed 2^32 blocks of {bs} bytes")),
+            )
+        })?;
+        device_blocks.push(blocks);
+    }
+    let head_end = DEVT_SLOTOFF as u64 * format::DEVICE_SLOT_SIZE as u64
+        + (layers.len() * format::DEVICE_SLOT_SIZE) as u64;
+    let first_data = head_end.div_ceil(bs);
+
+    let top = &layers[layers.len() - 1];
+    let root = top
+        .inode(top.root_nid())
+        .map_err(|e| Error::in_layer(layers.len(), e))?;
+    let mut m = Merger {
+        layers,
+        opts,
+        bits,
+        tree: Tree::new(meta_of(&root)),
+        data: Vec::new(),
+        first_data,
+        metadata: 0,
+        files: 0,
+        file_bytes: 0,
+        copied: 0,
+    };
+    let root_xattrs = m
+        .xattrs(layers.len() - 1, &root)
+        .map_err(|e| Error::in_layer(layers.len(), e))?;
+    m.tree.node_mut(ROOT).xattrs = root_xattrs;
+    for k in (0..layers.len()).rev() {
+        m.layer(k).map_err(|e| Error::in_layer(k + 1, e))?;
+    }
+    m.strip_whiteouts();
+
+    let data_blocks = (m.data.len() as u64) / bs;
+    let meta_blkaddr = u32::try_from(first_data + data_blocks)
+        .map_err(|_| Error::TooLarge("fsmeta exceeds 2^32 blocks".into()))?;
+    let emitted = layout::emit(
+        &m.tree,
+        layout::Params {
+            blkszbits: bits,
+            meta_blkaddr,
+            // nid 0 stays unused: glibc treats d_ino 0 as a deleted entry.
+            start: format::INODE_SLOT_SIZE,
+        },
+    )?;
+
+    let uuid = opts.uuid.unwrap_or_else(|| derived_uuid(layers));
+    let mut head = vec![0u8; (first_data * bs) as usize];
+    for (i, &blocks) in device_blocks.iter().enumerate() {
+        let at = DEVT_SLOTOFF as usize * format::DEVICE_SLOT_SIZE + i * format::DEVICE_SLOT_SIZE;
+        let slot = DeviceSlot {
+            tag: [0; 64],
+            blocks,
+            // Separate devices (`device=`), not one file: no unified address.
+            uniaddr: 0,
+        };
+        head[at..at + format::DEVICE_SLOT_SIZE].copy_from_slice(&slot.encode());
+    }
+    let mut feature_incompat = format::FEATURE_INCOMPAT_DEVICE_TABLE;
+    if emitted.chunked {
+        feature_incompat |= format::FEATURE_INCOMPAT_CHUNKED_FILE;
+    }
+    let sb = Superblock {
+        magic: format::MAGIC,
+        feature_compat: format::FEATURE_COMPAT_SB_CHKSUM | format::FEATURE_COMPAT_MTIME,
+        blkszbits: bits,
+        root_nid: emitted.root_nid,
+        inos: emitted.inodes,
+        epoch: emitted.epoch,
+        fixed_nsec: emitted.fixed_nsec,
+        blocks: emitted.end_block as u32,
+        meta_blkaddr,
+        uuid,
+        feature_incompat,
+        extra_devices: layers.len() as u16,
+        devt_slotoff: DEVT_SLOTOFF,
+        ..Default::default()
+    };
+    write_superblock(&mut head, sb, bs as u32);
+    let wr = |e| Error::io("writing fsmeta", e);
+    out.write_all(&head).map_err(wr)?;
+    out.write_all(&m.data).map_err(wr)?;
+    out.write_all(&emitted.bytes).map_err(wr)?;
+    out.flush().map_err(wr)?;
+    tracing::debug!(
+        layers = layers.len(),
+        inodes = emitted.inodes,
+        blocks = emitted.end_block,
+        "fsmeta written"
+    );
+    Ok(MergeSummary {
+        block_size: bs as u32,
+        blocks: emitted.end_block,
+        device_blocks,
+        inodes: emitted.inodes,
+        files: m.files,
+        file_bytes: m.file_bytes,
+        copied_bytes: m.copied,
+        uuid,
+    })
+}
+
+/// A UUID from what identifies the chain: each layer's superblock block and size.
+fn derived_uuid(layers: &[Image]) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"erofs-image fsmeta v1");
+    for l in layers {
+        let mut sb = [0u8; format::SUPERBLOCK_SIZE];
+        if l.read_exact_at(0, format::SUPER_OFFSET, &mut sb).is_ok() {
+            h.update(sb);
+        }
+        h.update(l.device_size(0).unwrap_or(0).to_le_bytes());
+    }
+    let d = h.finalize();
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&d[..16]);
+    // RFC 4122 version 4 / variant bits, so tools show it as an ordinary UUID.
+    u[6] = (u[6] & 0x0F) | 0x40;
+    u[8] = (u[8] & 0x3F) | 0x80;
+    u
+}
+
+fn meta_of(i: &Inode) -> Meta {
+    Meta {
+        mode: i.mode(),
+        uid: i.raw.uid,
+        gid: i.raw.gid,
+        mtime: i.mtime,
+        mtime_nsec: i.mtime_nsec,
+    }
+}
+
+/// One piece of a file, in file order.
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    Hole(u64),
+    /// `len` bytes at byte `off` of the layer.
+    Layer {
+        off: u64,
+        len: u64,
+    },
+    /// `len` bytes at fsmeta block `blk` (copied inline data).
+    Own {
+        blk: u64,
+        len: u64,
+    },
+}
+
+impl Piece {
+    fn len(&self) -> u64 {
+        match *self {
+            Piece::Hole(l) | Piece::Layer { len: l, .. } | Piece::Own { len: l, .. } => l,
+        }
+    }
+}
+
+struct Merger<'a> {
+    layers: &'a [Image],
+    opts: &'a MergeOptions,
+    bits: u8,
+    tree: Tree,
+    /// fsmeta's own data blocks (copied inline tails), from block `first_data`.
+    data: Vec<u8>,
+    first_data: u64,
+    metadata: u64,
+    files: u64,
+    file_bytes: u64,
+    copied: u64,
+}
+
+impl Merger<'_> {
+    fn charge(&mut self, bytes: u64) -> Result<()> {
+        let l = &self.opts.limits;
+        self.metadata += bytes;
+        let over =
+            |what, value, limit| Err(Error::entry(b"", EntryError::Limit { what, value, limit }));
+        if self.metadata > l.max_metadata {
+            return over("merged metadata bytes", self.metadata, l.max_metadata);
+        }
+        if self.tree.len() as u64 > l.max_entries {
+            return over("merged entries", self.tree.len() as u64, l.max_entries);
+        }
+        Ok(())
+    }
+
+    /// Merge layer `k` under everything above it: walk its directories that are still
+    /// visible (present in the merged tree, not hidden by an opaque directory above).
+    fn layer(&mut self, k: usize) -> Result<()> {
+        let img = &self.layers[k];
+        let root = img.root_nid();
+        let mut seen_dirs: HashSet<u64> = HashSet::from([root]);
+        let mut links: HashMap<u64, NodeId> = HashMap::new();
+        let mut queue: VecDeque<(u64, NodeId, usize)> = VecDeque::from([(root, ROOT, 0)]);
+        while let Some((nid, merged, depth)) = queue.pop_front() {
+            self.opts.interrupt.check()?;
+            let dir = img.inode(nid)?;
+            let entries = img.read_dir(&dir)?;
+            let mut opaque = self.opts.aufs && entries.iter().any(|e| e.name == AUFS_OPQ);
+            if !opaque && dir.raw.xattr_icount != 0 {
+                opaque = img
+                    .xattrs(&dir)?
+                    .iter()
+                    .any(|(n, v)| n == OPAQUE && v == b"y");
+            }
+            let mut aufs_whiteouts = Vec::new();
+            for e in &entries {
+                let name = &e.name[..];
+                if name == b"." || name == b".." {
+                    continue;
+                }
+                if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+                    return Err(Error::Corrupt(
+                        CorruptKind::BadName(String::from_utf8_lossy(name).into_owned()).at(nid),
+                    ));
+                }
+                if self.opts.aufs && name.starts_with(AUFS_WH) {
+                    if name != AUFS_OPQ && name.len() > AUFS_WH.len() {
+                        aufs_whiteouts.push(&name[AUFS_WH.len()..]);
+                    }
+                    continue;
+                }
+                if let Some(c) = self.tree.child(merged, name) {
+                    // An upper layer has this name: it wins, unless both are directories
+                    // and the upper one lets lower layers show through. Anything else here
+                    // (a file, a whiteout) ends the lookup: layers below stay hidden.
+                    let upper = self.tree.node(c);
+                    if upper.is_dir() && !upper.opaque {
+                        if img.inode(e.nid)?.is_dir() {
+                            self.push_dir(&mut seen_dirs, &mut queue, e.nid, c, depth)?;
+                        } else {
+                            self.tree.node_mut(c).opaque = true;
+                        }
+                    }
+                    continue;
+                }
+                // Another name of a file already merged from this layer: a hardlink.
+                if let Some(&id) = links.get(&e.nid) {
+                    self.tree.insert_child(merged, name, id);
+                    self.charge(name.len() as u64)?;
+                    continue;
+                }
+                let inode = img.inode(e.nid)?;
+                if inode.is_whiteout() {
+                    let id = self.tree.add(whiteout())?;
+                    self.tree.insert_child(merged, name, id);
+                    continue;
+                }
+                let xattrs = self.xattrs(k, &inode)?;
+                let x: usize = xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+                let body = match inode.file_type() {
+                    mode::S_IFDIR => Body::Dir(BTreeMap::new()),
+                    mode::S_IFREG => {
+                        let xlen = layout::encode_xattrs(&xattrs)
+                            .map_err(|e| Error::entry(name, e))?
+                            .len();
+                        Body::File(self.file_data(k, &inode, xlen)?)
+                    }
+                    mode::S_IFLNK => Body::Symlink(img.read_link(&inode)?.into()),
+                    mode::S_IFCHR | mode::S_IFBLK => Body::Device(inode.raw.i_u),
+                    _ => Body::Special,
+                };
+                let link_len = match &body {
+                    Body::Symlink(t) => t.len(),
+                    _ => 0,
+                };
+                let is_dir = matches!(body, Body::Dir(_));
+                let id = self.tree.add(Node {
+                    meta: meta_of(&inode),
+                    xattrs,
+                    body,
+                    opaque: false,
+                })?;
+                self.tree.insert_child(merged, name, id);
+                self.charge((name.len() + x + link_len) as u64)?;
+                if is_dir {
+                    self.push_dir(&mut seen_dirs, &mut queue, e.nid, id, depth)?;
+                } else {
+                    links.insert(e.nid, id);
+                }
+            }
+            // A real entry of the same layer wins over an aufs whiteout of its name.
+            for name in aufs_whiteouts {
+                if self.tree.child(merged, name).is_none() {
+                    let id = self.tree.add(whiteout())?;
+                    self.tree.insert_child(merged, name, id);
+                }
+            }
+            // overlayfs never treats the root as opaque (it is not looked up).
+            if opaque && merged != ROOT {
+                self.tree.node_mut(merged).opaque = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn push_dir(
+        &mut self,
+        seen: &mut HashSet<u64>,
+        queue: &mut VecDeque<(u64, NodeId, usize)>,
+        nid: u64,
+        merged: NodeId,
+        depth: usize,
+    ) -> Result<()> {
+        if !seen.insert(nid) {
+            return Err(Error::Corrupt(
+                CorruptKind::Limit("directory reached twice (a loop or a hardlinked directory)")
+                    .at(nid),
+            ));
+        }
+        if depth + 1 > self.opts.limits.max_depth {
+            return Err(Error::entry(
+                b"",
+                EntryError::Limit {
+                    what: "path depth",
+                    value: (depth + 1) as u64,
+                    limit: self.opts.limits.max_depth as u64,
+                },
+            ));
+        }
+        queue.push_back((nid, merged, depth + 1));
+        Ok(())
+    }
+
+    /// The xattrs fsmeta keeps: storable ones, minus overlayfs' own.
+    fn xattrs(&self, k: usize, inode: &Inode) -> Result<Vec<Xattr>> {
+        if inode.raw.xattr_icount == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.layers[k]
+            .xattrs(inode)?
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with(OVERLAY_PREFIX) && tree::storable_xattr(n))
+            .map(|(n, v)| (n.into_boxed_slice(), v.into_boxed_slice()))
+            .collect())
+    }
+
+    /// Where a regular file's data is, as fsmeta describes it.
+    fn file_data(&mut self, k: usize, inode: &Inode, xattr_len: usize) -> Result<FileData> {
+        let img = &self.layers[k];
+        let size = inode.size();
+        self.files += 1;
+        self.file_bytes += size;
+        if size == 0 {
+            return Ok(FileData::Empty);
+        }
+        let layer_size = img.device_size(0).unwrap_or(0);
+        let lbs = img.block_size();
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut copy: Option<(u64, u64)> = None;
+        let push = |pieces: &mut Vec<Piece>, p: Piece| match (pieces.last_mut(), p) {
+            (Some(Piece::Hole(a)), Piece::Hole(b)) => *a += b,
+            (Some(Piece::Layer { off, len }), Piece::Layer { off: o, len: l })
+                if *off + *len == o =>
+            {
+                *len += l
+            }
+            (_, p) => pieces.push(p),
+        };
+        let data_piece = |e: Extent| -> Result<Piece> {
+            match e {
+                Extent::Hole(n) => Ok(Piece::Hole(n)),
+                Extent::Data {
+                    device: 0,
+                    offset,
+                    len,
+                } => {
+                    if offset.checked_add(len).is_none_or(|end| end > layer_size) {
+                        return Err(Error::Corrupt(
+                            CorruptKind::OutOfBounds {
+                                device: 0,
+                                offset,
+                                len,
+                                size: layer_size,
+                            }
+                            .at(inode.nid),
+                        ));
+                    }
+                    Ok(Piece::Layer { off: offset, len })
+                }
+                Extent::Data { device, .. } => Err(Error::Corrupt(
+                    CorruptKind::MissingDevice(device).at(inode.nid),
+                )),
+            }
+        };
+        match inode.layout {
+            format::LAYOUT_FLAT_PLAIN | format::LAYOUT_FLAT_INLINE => {
+                let inline = inode.layout == format::LAYOUT_FLAT_INLINE;
+                let blocks_len = if inline {
+                    (size.div_ceil(lbs) - 1) * lbs
+                } else {
+                    size
+                };
+                let mut off = 0;
+                while off < blocks_len {
+                    let e = img.map(inode, off, blocks_len - off)?;
+                    let p = data_piece(e)?;
+                    if p.len() == 0 {
+                        return Err(Error::Corrupt(
+                            CorruptKind::BadSize("file data ends early").at(inode.nid),
+                        ));
+                    }
+                    off += p.len();
+                    push(&mut pieces, p);
+                }
+                if inline {
+                    match img.map(inode, blocks_len, size - blocks_len)? {
+                        Extent::Data {
+                            device: 0,
+                            offset,
+                            len,
+                        } if len == size - blocks_len => copy = Some((offset, len)),
+                        _ => {
+                            return Err(Error::Corrupt(
+                                CorruptKind::BadInline("inline tail not in the metadata")
+                                    .at(inode.nid),
+                            ));
+                        }
+                    }
+                }
+            }
+            format::LAYOUT_CHUNK_BASED => {
+                let mut err = None;
+                img.for_each_chunk(inode, |_, _, e| {
+                    match e.and_then(data_piece) {
+                        Ok(p) => push(&mut pieces, p),
+                        Err(e) => {
+                            err = Some(e);
+                            return ControlFlow::Break(());
+                        }
+                    }
+                    ControlFlow::Continue(())
+                })?;
+                if let Some(e) = err {
+                    return Err(e);
+                }
+            }
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "nid {}: data layout {other}",
+                    inode.nid
+                )));
+            }
+        }
+        let bs = 1u64 << self.bits;
+        if let Some((off, len)) = copy {
+            let mut buf = vec![0u8; len as usize];
+            img.read_exact_at(0, off, &mut buf)?;
+            self.charge(len)?;
+            self.copied += len;
+            if pieces.is_empty()
+                && size < bs
+                && format::EXTENDED_INODE_SIZE + xattr_len + buf.len() <= bs as usize
+            {
+                return Ok(FileData::Tail {
+                    blkaddr: NULL_ADDR,
+                    size,
+                    tail: buf.into(),
+                });
+            }
+            let blk = self.first_data + self.data.len() as u64 / bs;
+            self.data.extend_from_slice(&buf);
+            self.data
+                .resize(self.data.len().next_multiple_of(bs as usize), 0);
+            if pieces.is_empty() {
+                let blkaddr = u32::try_from(blk)
+                    .ok()
+                    .filter(|&b| b != NULL_ADDR)
+                    .ok_or_else(|| Error::TooLarge("fsmeta exceeds 2^32 blocks".into()))?;
+                return Ok(FileData::Blocks { blkaddr, size });
+            }
+            pieces.push(Piece::Own { blk, len });
+        }
+        self.chunks(k, inode, size, &pieces)
+    }
+
+    /// A chunk table for `pieces`: the largest power-of-two chunk size such that every chunk
+    /// is one hole or one contiguous, block-aligned run on one device.
+    fn chunks(&mut self, k: usize, inode: &Inode, size: u64, pieces: &[Piece]) -> Result<FileData> {
+        let bits = self.bits as u32;
+        let bs = 1u64 << bits;
+        let at = |what| Error::Corrupt(CorruptKind::BadChunk(what).at(inode.nid));
+        let total: u64 = pieces.iter().map(Piece::len).sum();
+        if total != size {
+            return Err(at("file data does not cover the file size"));
+        }
+        let mut c = (64 - (size - 1).leading_zeros()).clamp(bits, bits + 31);
+        let mut pos = 0u64;
+        for p in pieces {
+            if pos > 0 {
+                c = c.min(pos.trailing_zeros());
+            }
+            if let Piece::Layer { off, .. } = p
+                && off % bs != 0
+            {
+                return Err(at("file data not aligned to fsmeta blocks"));
+            }
+            pos += p.len();
+        }
+        if c < bits {
+            return Err(at("file data pieces not aligned to fsmeta blocks"));
+        }
+        let count = size.div_ceil(1u64 << c);
+        self.charge(count * format::CHUNK_INDEX_SIZE as u64)?;
+        let mut chunks = Vec::with_capacity(count as usize);
+        let device_id = (k + 1) as u16;
+        let mut start = 0u64;
+        for p in pieces {
+            let end = start + p.len();
+            let mut at_off = start;
+            while at_off < end {
+                let within = at_off - start;
+                let chunk = match *p {
+                    Piece::Hole(_) => ChunkIndex {
+                        device_id: 0,
+                        blkaddr: NULL_ADDR,
+                    },
+                    Piece::Layer { off, .. } => ChunkIndex {
+                        device_id,
+                        blkaddr: block_u32((off + within) / bs)?,
+                    },
+                    Piece::Own { blk, .. } => ChunkIndex {
+                        device_id: 0,
+                        blkaddr: block_u32(blk + within / bs)?,
+                    },
+                };
+                chunks.push(chunk);
+                at_off += 1u64 << c;
+            }
+            start = end;
+        }
+        debug_assert_eq!(chunks.len() as u64, count);
+        Ok(FileData::Chunks {
+            size,
+            chunkbits: c as u8,
+            chunks,
+        })
+    }
+
+    /// Drop every whiteout: they only hid lower entries while merging.
+    fn strip_whiteouts(&mut self) {
+        for id in 0..self.tree.len() as NodeId {
+            if self.tree.node(id).is_dir() {
+                let wh: Vec<Box<[u8]>> = self
+                    .tree
+                    .dir_entries(id)
+                    .filter(|&(_, c)| self.tree.node(c).is_whiteout())
+                    .map(|(n, _)| n.into())
+                    .collect();
+                for n in wh {
+                    self.tree.remove_child(id, &n);
+                }
+            }
+        }
+    }
+}
+
+fn block_u32(b: u64) -> Result<u32> {
+    u32::try_from(b)
+        .ok()
+        .filter(|&b| b != NULL_ADDR)
+        .ok_or_else(|| Error::TooLarge("a chunk beyond 2^32 fsmeta blocks".into()))
+}
+
+fn whiteout() -> Node {
+    Node {
+        meta: Meta {
+            mode: mode::S_IFCHR,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+        },
+        xattrs: Vec::new(),
+        body: Body::Device(0),
+        opaque: false,
+    }
+}
