@@ -60,6 +60,8 @@ pub struct EnvOpts {
     pub cri: Option<crate::cri::CriConfig>,
     /// The daemon's root relative to containerd's base directory (default `erofs/root`).
     pub root_rel: Option<String>,
+    /// Lines of the daemon's `[snapshotter]` table (e.g. `max_unmerged_layers = 1`).
+    pub snapshotter_toml: String,
 }
 
 /// containerd + our daemon.
@@ -149,9 +151,11 @@ impl Env {
         };
         let config = format!(
             "root_path = {root:?}\naddress = {sock:?}\nmount_mode = {mode:?}\n\
-             [differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\n",
+             [differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\n\
+             [snapshotter]\n{}\n",
             ctd.content_root(),
             ctd.address(),
+            o.snapshotter_toml,
         );
         let binary = bin.to_path_buf();
         let daemon = start_daemon(&binary, &config, &sock, &o.crash_at)?;
