@@ -401,7 +401,9 @@ impl Env {
     /// The snapshot directories (`ROOT/snapshots/ID`) of the committed chain ending in
     /// `chain_id`, immediate parent first, read from the mounts of a temporary view (host mode).
     pub fn chain_dirs(&self, chain_id: &str) -> Result<Vec<PathBuf>> {
-        let key = crate::unique_name("chain-view");
+        // Named like containerd's unpack snapshots (`extract-...`), which the daemon never
+        // flattens (`max_unmerged_layers`): the view lists every layer.
+        let key = crate::unique_name("extract-chain-view");
         let m = self.create_mounts("view", &key, chain_id)?;
         self.snap(&["rm", &key])?;
         ensure!(

@@ -34,12 +34,22 @@ use crate::store::{LayerMeta, Record};
 /// them too.
 const UNPACK_PREFIX: &str = "extract-";
 
+/// Whether `key` is an unpack's snapshot: the client's key starts with [`UNPACK_PREFIX`].
+/// Through containerd the key a snapshotter sees is `<namespace>/<id>/<client key>`.
+fn is_unpack_key(key: &str) -> bool {
+    key.starts_with(UNPACK_PREFIX)
+        || key
+            .splitn(3, '/')
+            .nth(2)
+            .is_some_and(|k| k.starts_with(UNPACK_PREFIX))
+}
+
 impl Snapshotter {
     /// Whether a new snapshot `key` on `parents` (immediate parent first) gets a flattened
     /// lower.
     pub(crate) fn flatten_wanted(&self, key: &str, parents: &[(String, Record)]) -> bool {
         let n = self.cfg.snapshotter.max_unmerged_layers as usize;
-        if n == 0 || parents.len() <= n || key.starts_with(UNPACK_PREFIX) {
+        if n == 0 || parents.len() <= n || is_unpack_key(key) {
             return false;
         }
         // containerd's mount manager sets dm-verity up per `erofs` mount from its
@@ -423,6 +433,15 @@ pub(crate) fn vmdk_descriptor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpack_keys_directly_and_through_containerd() {
+        assert!(is_unpack_key("extract-123-abc sha256:x"));
+        assert!(is_unpack_key("default/17/extract-123-abc sha256:x"));
+        assert!(!is_unpack_key("default/17/container-1"));
+        assert!(!is_unpack_key("default/17/my/extract-thing"));
+        assert!(!is_unpack_key("k8s.io/3/sha256:extract-"));
+    }
 
     #[test]
     fn vmdk_places_layers_at_their_flat_addresses() {
