@@ -161,7 +161,11 @@ fn flattened_deep(version: Version, n: usize) -> Result<()> {
     assert_eq!(out, images::deep_expected(n));
     let dirs = env.chain_dirs(img.chain_id().as_str())?;
     assert_eq!(dirs.len(), n + 1);
-    check_merged_tree(&env, &dirs)?;
+    // The reference is an overlay of the layers, which overlayfs refuses past 500 lowers
+    // ("too many lower directories, limit is 500"): deeper chains are checked by the script.
+    if dirs.len() <= 500 {
+        check_merged_tree(&env, &dirs)?;
+    }
     remove_all(&env, &[&img.name])
 }
 
