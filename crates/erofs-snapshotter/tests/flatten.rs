@@ -524,3 +524,62 @@ fn fsmeta_is_checked_like_a_layer_and_an_unrecorded_one_is_never_used() {
         erofs_image::Image::open(std::fs::File::open(cdir.join("fsmeta.erofs")).unwrap()).unwrap();
     assert_eq!(img.device_slots().len(), 3);
 }
+
+#[test]
+fn manager_mode_hands_out_fsmeta_with_one_device_per_layer() {
+    let root = Root::new();
+    let rec = Arc::new(RecordingMounter::new());
+    let cfg = Config::parse(&format!(
+        "root_path = {:?}\naddress = {:?}\nmount_mode = \"manager\"\n[snapshotter]\nmax_unmerged_layers = 1\n",
+        root.dir.path().join("root").display().to_string(),
+        root.dir.path().join("unused.sock").display().to_string(),
+    ))
+    .unwrap();
+    let s = Snapshotter::open(cfg, rec.clone()).unwrap();
+    // Parentless snapshots are plain binds in manager mode too: commit through them.
+    let dirs: Vec<PathBuf> = [("a", ""), ("b", "a"), ("c", "b")]
+        .iter()
+        .map(|(n, p)| {
+            let key = format!("{n}-active");
+            let m = s.prepare(&key, p, BTreeMap::new()).unwrap();
+            let upper = match m.last().unwrap().kind.as_str() {
+                "bind" => PathBuf::from(&m[0].source),
+                _ => PathBuf::from(
+                    m.last()
+                        .unwrap()
+                        .options
+                        .iter()
+                        .find_map(|o| o.strip_prefix("upperdir="))
+                        .unwrap(),
+                ),
+            };
+            std::fs::write(upper.join(n), n.as_bytes()).unwrap();
+            s.commit(n, &key, BTreeMap::new(), "", &Cancel::never())
+                .unwrap();
+            upper.parent().unwrap().to_path_buf()
+        })
+        .collect();
+    let fsmeta = Mount {
+        kind: "erofs".into(),
+        source: dirs[2].join("fsmeta.erofs").display().to_string(),
+        target: String::new(),
+        options: ["ro".to_string(), "loop".to_string()]
+            .into_iter()
+            .chain(
+                dirs.iter()
+                    .map(|d| format!("device={}", d.join("layer.erofs").display())),
+            )
+            .collect(),
+    };
+    let v = s.view("v", "c", BTreeMap::new()).unwrap();
+    assert_eq!(v, [fsmeta.clone()]);
+    let a = s.prepare("x", "c", BTreeMap::new()).unwrap();
+    assert_eq!(a.len(), 2, "{a:?}");
+    assert_eq!(a[0], fsmeta);
+    assert_eq!(a[1].kind, "format/mkdir/overlay");
+    assert_eq!(a[1].options.last().unwrap(), "lowerdir={{ mount 0 }}");
+    assert_eq!(s.mounts("x").unwrap(), a, "Mounts is what Prepare returned");
+    // containerd mounts it; the daemon mounted nothing.
+    assert!(rec.mounted().is_empty(), "{:?}", rec.mounted());
+    assert!(dirs[2].join("fsmeta.vmdk").is_file());
+}
