@@ -60,8 +60,12 @@ fn case(dir: &Path, layers: usize, files: usize, mkfs: &Path) {
     let paths: Vec<PathBuf> = (0..layers)
         .map(|l| {
             let p = dir.join(format!("l{l}"));
-            tar_to_image(&layer_tar(l, layers, files)[..], File::create(&p).unwrap(), &opts)
-                .unwrap();
+            tar_to_image(
+                &layer_tar(l, layers, files)[..],
+                File::create(&p).unwrap(),
+                &opts,
+            )
+            .unwrap();
             p
         })
         .collect();
@@ -76,8 +80,12 @@ fn case(dir: &Path, layers: usize, files: usize, mkfs: &Path) {
     for _ in 0..runs {
         let _ = fs::remove_file(&out);
         let t = Instant::now();
-        let s = merge_layer_files(&paths, File::create(&out).unwrap(), &MergeOptions::default())
-            .unwrap();
+        let s = merge_layer_files(
+            &paths,
+            File::create(&out).unwrap(),
+            &MergeOptions::default(),
+        )
+        .unwrap();
         ours.push(t.elapsed());
         inodes = s.inodes;
     }
@@ -136,8 +144,12 @@ fn main() {
             .collect(),
     };
     let dir = tempfile::tempdir().unwrap();
-    println!("| layers |  files | inodes |  ours ms | mkfs.erofs ms | ratio | ours bytes | mkfs bytes |");
-    println!("|-------:|-------:|-------:|---------:|--------------:|------:|-----------:|-----------:|");
+    println!(
+        "| layers |  files | inodes |  ours ms | mkfs.erofs ms | ratio | ours bytes | mkfs bytes |"
+    );
+    println!(
+        "|-------:|-------:|-------:|---------:|--------------:|------:|-----------:|-----------:|"
+    );
     for (l, f) in cases {
         case(dir.path(), l, f, &mkfs);
     }

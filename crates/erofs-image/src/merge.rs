@@ -101,8 +101,33 @@ pub fn merge_layer_files<P: AsRef<Path>, W: Write>(
     out: W,
     opts: &MergeOptions,
 ) -> Result<MergeSummary> {
-    let images = open_layers(layers)?;
-    merge_layers(&images, out, opts)
+    // Each layer is opened twice (its superblock first, then for its own pass), so no more
+    // than one layer file is open at a time, however long the chain.
+    let open = |i: usize| -> Result<Image> {
+        let p = layers[i].as_ref();
+        let f =
+            File::open(p).map_err(|e| Error::io(format!("opening layer {}", p.display()), e))?;
+        Image::open(f).map_err(|e| Error::in_layer(i + 1, e))
+    };
+    let mut infos = Vec::with_capacity(layers.len());
+    for i in 0..layers.len() {
+        infos.push(LayerInfo::of(&open(i)?));
+    }
+    merge_with(
+        &infos,
+        |k, f| {
+            let img = open(k)?;
+            if LayerInfo::of(&img) != infos[k] {
+                return Err(Error::in_layer(
+                    k + 1,
+                    Error::InvalidOption("the layer changed during the merge".into()),
+                ));
+            }
+            f(&img)
+        },
+        out,
+        opts,
+    )
 }
 
 /// Open layer image files (bottom first), each on its own, as [`merge_layers`] wants them.
@@ -140,25 +165,9 @@ pub fn open_fsmeta<P: AsRef<Path>, Q: AsRef<Path>>(fsmeta: P, layers: &[Q]) -> R
 /// not seek). The layers' bytes are only read; their data is referenced, not copied.
 pub fn merge_layers<W: Write>(
     layers: &[Image],
-    mut out: W,
+    out: W,
     opts: &MergeOptions,
 ) -> Result<MergeSummary> {
-    if layers.is_empty() {
-        return Err(Error::InvalidOption("no layers to merge".into()));
-    }
-    if layers.len() > MAX_LAYERS {
-        return Err(Error::TooLarge(format!(
-            "{} layers; an EROFS device table holds at most {MAX_LAYERS}",
-            layers.len()
-        )));
-    }
-    let bits = layers
-        .iter()
-        .map(|l| l.superblock().blkszbits)
-        .min()
-        .expect("at least one layer");
-    let bs = 1u64 << bits;
-    let mut device_blocks = Vec::with_capacity(layers.len());
     for (i, l) in layers.iter().enumerate() {
         if !l.is_flat() {
             return Err(Error::in_layer(
@@ -168,7 +177,59 @@ pub fn merge_layers<W: Write>(
                 ),
             ));
         }
-        let size = l.device_size(0).unwrap_or(0);
+    }
+    let infos: Vec<LayerInfo> = layers.iter().map(LayerInfo::of).collect();
+    merge_with(&infos, |k, f| f(&layers[k]), out, opts)
+}
+
+/// What the merge needs of a layer before its own pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LayerInfo {
+    blkszbits: u8,
+    size: u64,
+    /// The superblock's bytes (for the derived UUID).
+    sb: Vec<u8>,
+}
+
+impl LayerInfo {
+    fn of(img: &Image) -> Self {
+        let mut sb = vec![0u8; format::SUPERBLOCK_SIZE];
+        if img.read_exact_at(0, format::SUPER_OFFSET, &mut sb).is_err() {
+            sb.clear();
+        }
+        LayerInfo {
+            blkszbits: img.superblock().blkszbits,
+            size: img.device_size(0).unwrap_or(0),
+            sb,
+        }
+    }
+}
+
+/// The merge, visiting layer `k` through `with_layer(k, f)` (top first, once each).
+fn merge_with<W: Write>(
+    infos: &[LayerInfo],
+    mut with_layer: impl FnMut(usize, &mut dyn FnMut(&Image) -> Result<()>) -> Result<()>,
+    mut out: W,
+    opts: &MergeOptions,
+) -> Result<MergeSummary> {
+    let n = infos.len();
+    if n == 0 {
+        return Err(Error::InvalidOption("no layers to merge".into()));
+    }
+    if n > MAX_LAYERS {
+        return Err(Error::TooLarge(format!(
+            "{n} layers; an EROFS device table holds at most {MAX_LAYERS}"
+        )));
+    }
+    let bits = infos
+        .iter()
+        .map(|l| l.blkszbits)
+        .min()
+        .expect("at least one layer");
+    let bs = 1u64 << bits;
+    let mut device_blocks = Vec::with_capacity(n);
+    for (i, l) in infos.iter().enumerate() {
+        let size = l.size;
         let blocks = u32::try_from(size.div_ceil(bs)).map_err(|_| {
             Error::in_layer(
                 i + 1,
@@ -178,18 +239,19 @@ pub fn merge_layers<W: Write>(
         device_blocks.push(blocks);
     }
     let head_end = DEVT_SLOTOFF as u64 * format::DEVICE_SLOT_SIZE as u64
-        + (layers.len() * format::DEVICE_SLOT_SIZE) as u64;
+        + (n * format::DEVICE_SLOT_SIZE) as u64;
     let first_data = head_end.div_ceil(bs);
 
-    let top = &layers[layers.len() - 1];
-    let root = top
-        .inode(top.root_nid())
-        .map_err(|e| Error::in_layer(layers.len(), e))?;
     let mut m = Merger {
-        layers,
         opts,
         bits,
-        tree: Tree::new(meta_of(&root)),
+        tree: Tree::new(Meta {
+            mode: mode::S_IFDIR | 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+        }),
         data: Vec::new(),
         first_data,
         metadata: 0,
@@ -197,12 +259,22 @@ pub fn merge_layers<W: Write>(
         file_bytes: 0,
         copied: 0,
     };
-    let root_xattrs = m
-        .xattrs(layers.len() - 1, &root)
-        .map_err(|e| Error::in_layer(layers.len(), e))?;
-    m.tree.node_mut(ROOT).xattrs = root_xattrs;
-    for k in (0..layers.len()).rev() {
-        m.layer(k).map_err(|e| Error::in_layer(k + 1, e))?;
+    for k in (0..n).rev() {
+        with_layer(k, &mut |img| {
+            if k == n - 1 {
+                // The merged root has the top layer's attributes.
+                let root = img.inode(img.root_nid())?;
+                let xattrs = m.xattrs(img, &root)?;
+                let r = m.tree.node_mut(ROOT);
+                r.meta = meta_of(&root);
+                r.xattrs = xattrs;
+            }
+            m.layer(k, img)
+        })
+        .map_err(|e| match e {
+            e @ Error::Layer { .. } => e,
+            e => Error::in_layer(k + 1, e),
+        })?;
     }
     m.strip_whiteouts();
 
@@ -219,7 +291,7 @@ pub fn merge_layers<W: Write>(
         },
     )?;
 
-    let uuid = opts.uuid.unwrap_or_else(|| derived_uuid(layers));
+    let uuid = opts.uuid.unwrap_or_else(|| derived_uuid(infos));
     let mut head = vec![0u8; (first_data * bs) as usize];
     for (i, &blocks) in device_blocks.iter().enumerate() {
         let at = DEVT_SLOTOFF as usize * format::DEVICE_SLOT_SIZE + i * format::DEVICE_SLOT_SIZE;
@@ -247,7 +319,7 @@ pub fn merge_layers<W: Write>(
         meta_blkaddr,
         uuid,
         feature_incompat,
-        extra_devices: layers.len() as u16,
+        extra_devices: n as u16,
         devt_slotoff: DEVT_SLOTOFF,
         ..Default::default()
     };
@@ -258,7 +330,7 @@ pub fn merge_layers<W: Write>(
     out.write_all(&emitted.bytes).map_err(wr)?;
     out.flush().map_err(wr)?;
     tracing::debug!(
-        layers = layers.len(),
+        layers = n,
         inodes = emitted.inodes,
         blocks = emitted.end_block,
         "fsmeta written"
@@ -276,16 +348,13 @@ pub fn merge_layers<W: Write>(
 }
 
 /// A UUID from what identifies the chain: each layer's superblock block and size.
-fn derived_uuid(layers: &[Image]) -> [u8; 16] {
+fn derived_uuid(layers: &[LayerInfo]) -> [u8; 16] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(b"erofs-image fsmeta v1");
     for l in layers {
-        let mut sb = [0u8; format::SUPERBLOCK_SIZE];
-        if l.read_exact_at(0, format::SUPER_OFFSET, &mut sb).is_ok() {
-            h.update(sb);
-        }
-        h.update(l.device_size(0).unwrap_or(0).to_le_bytes());
+        h.update(&l.sb);
+        h.update(l.size.to_le_bytes());
     }
     let d = h.finalize();
     let mut u = [0u8; 16];
@@ -331,7 +400,6 @@ impl Piece {
 }
 
 struct Merger<'a> {
-    layers: &'a [Image],
     opts: &'a MergeOptions,
     bits: u8,
     tree: Tree,
@@ -361,8 +429,7 @@ impl Merger<'_> {
 
     /// Merge layer `k` under everything above it: walk its directories that are still
     /// visible (present in the merged tree, not hidden by an opaque directory above).
-    fn layer(&mut self, k: usize) -> Result<()> {
-        let img = &self.layers[k];
+    fn layer(&mut self, k: usize, img: &Image) -> Result<()> {
         let root = img.root_nid();
         let mut seen_dirs: HashSet<u64> = HashSet::from([root]);
         let mut links: HashMap<u64, NodeId> = HashMap::new();
@@ -421,7 +488,7 @@ impl Merger<'_> {
                     self.tree.insert_child(merged, name, id);
                     continue;
                 }
-                let xattrs = self.xattrs(k, &inode)?;
+                let xattrs = self.xattrs(img, &inode)?;
                 let x: usize = xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
                 let body = match inode.file_type() {
                     mode::S_IFDIR => Body::Dir(BTreeMap::new()),
@@ -429,7 +496,7 @@ impl Merger<'_> {
                         let xlen = layout::encode_xattrs(&xattrs)
                             .map_err(|e| Error::entry(name, e))?
                             .len();
-                        Body::File(self.file_data(k, &inode, xlen)?)
+                        Body::File(self.file_data(k, img, &inode, xlen)?)
                     }
                     mode::S_IFLNK => Body::Symlink(img.read_link(&inode)?.into()),
                     mode::S_IFCHR | mode::S_IFBLK => Body::Device(inode.raw.i_u),
@@ -498,11 +565,11 @@ impl Merger<'_> {
     }
 
     /// The xattrs fsmeta keeps: storable ones, minus overlayfs' own.
-    fn xattrs(&self, k: usize, inode: &Inode) -> Result<Vec<Xattr>> {
+    fn xattrs(&self, img: &Image, inode: &Inode) -> Result<Vec<Xattr>> {
         if inode.raw.xattr_icount == 0 {
             return Ok(Vec::new());
         }
-        Ok(self.layers[k]
+        Ok(img
             .xattrs(inode)?
             .into_iter()
             .filter(|(n, _)| !n.starts_with(OVERLAY_PREFIX) && tree::storable_xattr(n))
@@ -511,8 +578,13 @@ impl Merger<'_> {
     }
 
     /// Where a regular file's data is, as fsmeta describes it.
-    fn file_data(&mut self, k: usize, inode: &Inode, xattr_len: usize) -> Result<FileData> {
-        let img = &self.layers[k];
+    fn file_data(
+        &mut self,
+        k: usize,
+        img: &Image,
+        inode: &Inode,
+        xattr_len: usize,
+    ) -> Result<FileData> {
         let size = inode.size();
         self.files += 1;
         self.file_bytes += size;

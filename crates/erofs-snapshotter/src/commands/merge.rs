@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use erofs_image::builder::Interrupt;
-use erofs_image::merge::{MergeOptions, merge_layers, open_layers};
+use erofs_image::merge::{MergeOptions, merge_layer_files};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::MergeArgs;
@@ -38,7 +38,6 @@ pub fn run(a: MergeArgs) -> anyhow::Result<ExitCode> {
         )
     };
     let start = Instant::now();
-    let layers = open_layers(&a.layers).context("opening the layers")?;
     // The merge asks between directories whether to stop: a cheap place to count them.
     let tick = bar.clone();
     let opts = MergeOptions {
@@ -53,8 +52,13 @@ pub fn run(a: MergeArgs) -> anyhow::Result<ExitCode> {
     let image =
         PendingFile::create(&a.image).with_context(|| format!("creating {}", a.image.display()))?;
     let mut out = BufWriter::with_capacity(1 << 20, &image.file);
-    let summary = merge_layers(&layers, &mut out, &opts)
-        .with_context(|| format!("merging {} layers into {}", layers.len(), a.image.display()))?;
+    let summary = merge_layer_files(&a.layers, &mut out, &opts).with_context(|| {
+        format!(
+            "merging {} layers into {}",
+            a.layers.len(),
+            a.image.display()
+        )
+    })?;
     out.flush()?;
     drop(out);
     image
