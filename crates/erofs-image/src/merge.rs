@@ -16,8 +16,11 @@
 //! fits, otherwise into fsmeta's own blocks). Holes stay holes.
 //!
 //! The kernel mounts the result with one `device=` option per layer, in order:
-//! `mount -t erofs -o ro,device=L1,...,device=LN fsmeta.erofs /mnt` (file-backed when fsmeta
-//! is a regular file: the devices are then opened as files too). Layers may be full images and
+//! `mount -t erofs -o ro,device=L1,...,device=LN fsmeta.erofs /mnt`. When fsmeta is a regular
+//! file (a file-backed mount, Linux 6.12+) the kernel opens every `device=` path as a file and
+//! refuses anything but regular files; when fsmeta is a block device (a loop device) the
+//! devices must be block devices too. Without `device=` options the kernel would take each
+//! slot's tag as the path; fsmeta leaves the tags empty, so the options are required. Layers may be full images and
 //! tar-index images (`[index][tar]`, 512-byte blocks) mixed in one chain; the fsmeta block size
 //! is the smallest layer block size, so every layer's data is addressable in fsmeta blocks.
 //!

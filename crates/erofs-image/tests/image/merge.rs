@@ -152,7 +152,7 @@ fn gen_layer(rng: &mut fastrand::Rng, kind: Kind) -> GenLayer {
     let mut tar = Vec::new();
     let mut model = LayerModel::default();
     let mut files: Vec<String> = Vec::new();
-    let ops = rng.usize(1..14);
+    let ops = rng.usize(1..30);
     for _ in 0..ops {
         let path = random_path(rng);
         let op = rng.u8(..100);
