@@ -501,7 +501,19 @@ impl Merger<'_> {
                             .len();
                         Body::File(self.file_data(k, img, &inode, xlen)?)
                     }
-                    mode::S_IFLNK => Body::Symlink(img.read_link(&inode)?.into()),
+                    mode::S_IFLNK => {
+                        let target = img.read_link(&inode)?;
+                        // What the kernel could not return as a path: refused, not copied.
+                        if target.contains(&0) || target.len() > 4095 {
+                            return Err(Error::Corrupt(
+                                CorruptKind::BadSymlink(
+                                    "target contains NUL or exceeds 4095 bytes",
+                                )
+                                .at(e.nid),
+                            ));
+                        }
+                        Body::Symlink(target.into())
+                    }
                     mode::S_IFCHR | mode::S_IFBLK => Body::Device(inode.raw.i_u),
                     _ => Body::Special,
                 };
