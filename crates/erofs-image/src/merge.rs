@@ -20,9 +20,17 @@
 //! file (a file-backed mount, Linux 6.12+) the kernel opens every `device=` path as a file and
 //! refuses anything but regular files; when fsmeta is a block device (a loop device) the
 //! devices must be block devices too. Without `device=` options the kernel would take each
-//! slot's tag as the path; fsmeta leaves the tags empty, so the options are required. Layers may be full images and
-//! tar-index images (`[index][tar]`, 512-byte blocks) mixed in one chain; the fsmeta block size
-//! is the smallest layer block size, so every layer's data is addressable in fsmeta blocks.
+//! slot's tag as the path; fsmeta leaves the tags empty, so the options are required. Pass
+//! them one `fsconfig` call each (as `erofs_sys::mount::mount_erofs_file` does): `mount(2)`'s
+//! single option page limits a long chain.
+//!
+//! Layers may be full images and tar-index images (`[index][tar]`, 512-byte blocks) mixed in
+//! one chain; the fsmeta block size is the smallest layer block size, so every layer's data is
+//! addressable in fsmeta blocks (chunk addresses are in fsmeta blocks).
+//!
+//! API (stable): [`merge_layer_files`] (paths in, one layer file open at a time),
+//! [`merge_layers`] (opened [`Image`]s in), [`open_fsmeta`] (read fsmeta with its layers as
+//! devices), [`open_layers`], [`MergeOptions`], [`MergeSummary`], [`MAX_LAYERS`].
 //!
 //! The output is a function of the layers' bytes and the options only (same inputs, same
 //! bytes). The work is top-down, as overlayfs looks things up: a layer's directory is read only
