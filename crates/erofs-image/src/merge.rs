@@ -127,7 +127,14 @@ pub fn merge_layer_files<P: AsRef<Path>, W: Write>(
     merge_with(
         &infos,
         |k, f| {
-            let img = open(k)?;
+            let p = layers[k].as_ref();
+            let file = File::open(p)
+                .map_err(|e| Error::io(format!("opening layer {}", p.display()), e))?;
+            let img = Image::open(
+                PagedFile::new(file)
+                    .map_err(|e| Error::io(format!("reading layer {}", p.display()), e))?,
+            )
+            .map_err(|e| Error::in_layer(k + 1, e))?;
             if LayerInfo::of(&img) != infos[k] {
                 return Err(Error::in_layer(
                     k + 1,
@@ -139,6 +146,73 @@ pub fn merge_layer_files<P: AsRef<Path>, W: Write>(
         out,
         opts,
     )
+}
+
+/// A layer file read through pages kept for its pass: the merge reads inodes, directories
+/// and xattrs in small pieces, close together, so one `pread` per page rather than one per
+/// piece. Only metadata is read (file data stays where it is), and the pages kept are capped.
+struct PagedFile {
+    file: File,
+    size: u64,
+    pages: std::sync::Mutex<HashMap<u64, std::sync::Arc<[u8]>>>,
+}
+
+const PAGE: u64 = 64 << 10;
+/// Pages kept at most (256 MiB); past it the cache starts over.
+const MAX_PAGES: usize = 4096;
+
+impl PagedFile {
+    fn new(file: File) -> std::io::Result<Self> {
+        let size = file.metadata()?.len();
+        Ok(PagedFile {
+            file,
+            size,
+            pages: Default::default(),
+        })
+    }
+
+    fn page(&self, n: u64) -> std::io::Result<std::sync::Arc<[u8]>> {
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pages.get(&n) {
+            return Ok(p.clone());
+        }
+        let start = n * PAGE;
+        let len = PAGE.min(self.size.saturating_sub(start)) as usize;
+        let mut buf = vec![0u8; len];
+        let got = crate::reader::ReadAt::read_at(&self.file, &mut buf, start)?;
+        buf.truncate(got);
+        let page: std::sync::Arc<[u8]> = buf.into();
+        if pages.len() >= MAX_PAGES {
+            pages.clear();
+        }
+        pages.insert(n, page.clone());
+        Ok(page)
+    }
+}
+
+impl crate::reader::ReadAt for PagedFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        if buf.len() as u64 > PAGE {
+            return crate::reader::ReadAt::read_at(&self.file, buf, offset);
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let page = self.page(pos / PAGE)?;
+            let within = (pos % PAGE) as usize;
+            if within >= page.len() {
+                break;
+            }
+            let n = (page.len() - within).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&page[within..within + n]);
+            done += n;
+        }
+        Ok(done)
+    }
+
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.size)
+    }
 }
 
 /// Open layer image files (bottom first), each on its own, as [`merge_layers`] wants them.
