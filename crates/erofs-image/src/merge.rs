@@ -16,10 +16,21 @@
 //! fits, otherwise into fsmeta's own blocks). Holes stay holes.
 //!
 //! The kernel mounts the result with one `device=` option per layer, in order:
-//! `mount -t erofs -o ro,device=L1,...,device=LN fsmeta.erofs /mnt` (file-backed when fsmeta
-//! is a regular file: the devices are then opened as files too). Layers may be full images and
-//! tar-index images (`[index][tar]`, 512-byte blocks) mixed in one chain; the fsmeta block size
-//! is the smallest layer block size, so every layer's data is addressable in fsmeta blocks.
+//! `mount -t erofs -o ro,device=L1,...,device=LN fsmeta.erofs /mnt`. When fsmeta is a regular
+//! file (a file-backed mount, Linux 6.12+) the kernel opens every `device=` path as a file and
+//! refuses anything but regular files; when fsmeta is a block device (a loop device) the
+//! devices must be block devices too. Without `device=` options the kernel would take each
+//! slot's tag as the path; fsmeta leaves the tags empty, so the options are required. Pass
+//! them one `fsconfig` call each (as `erofs_sys::mount::mount_erofs_file` does): `mount(2)`'s
+//! single option page limits a long chain.
+//!
+//! Layers may be full images and tar-index images (`[index][tar]`, 512-byte blocks) mixed in
+//! one chain; the fsmeta block size is the smallest layer block size, so every layer's data is
+//! addressable in fsmeta blocks (chunk addresses are in fsmeta blocks).
+//!
+//! API (stable): [`merge_layer_files`] (paths in, one layer file open at a time),
+//! [`merge_layers`] (opened [`Image`]s in), [`open_fsmeta`] (read fsmeta with its layers as
+//! devices), [`open_layers`], [`MergeOptions`], [`MergeSummary`], [`MAX_LAYERS`].
 //!
 //! The output is a function of the layers' bytes and the options only (same inputs, same
 //! bytes). The work is top-down, as overlayfs looks things up: a layer's directory is read only
@@ -101,8 +112,107 @@ pub fn merge_layer_files<P: AsRef<Path>, W: Write>(
     out: W,
     opts: &MergeOptions,
 ) -> Result<MergeSummary> {
-    let images = open_layers(layers)?;
-    merge_layers(&images, out, opts)
+    // Each layer is opened twice (its superblock first, then for its own pass), so no more
+    // than one layer file is open at a time, however long the chain.
+    let open = |i: usize| -> Result<Image> {
+        let p = layers[i].as_ref();
+        let f =
+            File::open(p).map_err(|e| Error::io(format!("opening layer {}", p.display()), e))?;
+        Image::open(f).map_err(|e| Error::in_layer(i + 1, e))
+    };
+    let mut infos = Vec::with_capacity(layers.len());
+    for i in 0..layers.len() {
+        infos.push(LayerInfo::of(&open(i)?));
+    }
+    merge_with(
+        &infos,
+        |k, f| {
+            let p = layers[k].as_ref();
+            let file = File::open(p)
+                .map_err(|e| Error::io(format!("opening layer {}", p.display()), e))?;
+            let img = Image::open(
+                PagedFile::new(file)
+                    .map_err(|e| Error::io(format!("reading layer {}", p.display()), e))?,
+            )
+            .map_err(|e| Error::in_layer(k + 1, e))?;
+            if LayerInfo::of(&img) != infos[k] {
+                return Err(Error::in_layer(
+                    k + 1,
+                    Error::InvalidOption("the layer changed during the merge".into()),
+                ));
+            }
+            f(&img)
+        },
+        out,
+        opts,
+    )
+}
+
+/// A layer file read through pages kept for its pass: the merge reads inodes, directories
+/// and xattrs in small pieces, close together, so one `pread` per page rather than one per
+/// piece. Only metadata is read (file data stays where it is), and the pages kept are capped.
+struct PagedFile {
+    file: File,
+    size: u64,
+    pages: std::sync::Mutex<HashMap<u64, std::sync::Arc<[u8]>>>,
+}
+
+const PAGE: u64 = 64 << 10;
+/// Pages kept at most (256 MiB); past it the cache starts over.
+const MAX_PAGES: usize = 4096;
+
+impl PagedFile {
+    fn new(file: File) -> std::io::Result<Self> {
+        let size = file.metadata()?.len();
+        Ok(PagedFile {
+            file,
+            size,
+            pages: Default::default(),
+        })
+    }
+
+    fn page(&self, n: u64) -> std::io::Result<std::sync::Arc<[u8]>> {
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pages.get(&n) {
+            return Ok(p.clone());
+        }
+        let start = n * PAGE;
+        let len = PAGE.min(self.size.saturating_sub(start)) as usize;
+        let mut buf = vec![0u8; len];
+        let got = crate::reader::ReadAt::read_at(&self.file, &mut buf, start)?;
+        buf.truncate(got);
+        let page: std::sync::Arc<[u8]> = buf.into();
+        if pages.len() >= MAX_PAGES {
+            pages.clear();
+        }
+        pages.insert(n, page.clone());
+        Ok(page)
+    }
+}
+
+impl crate::reader::ReadAt for PagedFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        if buf.len() as u64 > PAGE {
+            return crate::reader::ReadAt::read_at(&self.file, buf, offset);
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let page = self.page(pos / PAGE)?;
+            let within = (pos % PAGE) as usize;
+            if within >= page.len() {
+                break;
+            }
+            let n = (page.len() - within).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&page[within..within + n]);
+            done += n;
+        }
+        Ok(done)
+    }
+
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.size)
+    }
 }
 
 /// Open layer image files (bottom first), each on its own, as [`merge_layers`] wants them.
@@ -140,25 +250,9 @@ pub fn open_fsmeta<P: AsRef<Path>, Q: AsRef<Path>>(fsmeta: P, layers: &[Q]) -> R
 /// not seek). The layers' bytes are only read; their data is referenced, not copied.
 pub fn merge_layers<W: Write>(
     layers: &[Image],
-    mut out: W,
+    out: W,
     opts: &MergeOptions,
 ) -> Result<MergeSummary> {
-    if layers.is_empty() {
-        return Err(Error::InvalidOption("no layers to merge".into()));
-    }
-    if layers.len() > MAX_LAYERS {
-        return Err(Error::TooLarge(format!(
-            "{} layers; an EROFS device table holds at most {MAX_LAYERS}",
-            layers.len()
-        )));
-    }
-    let bits = layers
-        .iter()
-        .map(|l| l.superblock().blkszbits)
-        .min()
-        .expect("at least one layer");
-    let bs = 1u64 << bits;
-    let mut device_blocks = Vec::with_capacity(layers.len());
     for (i, l) in layers.iter().enumerate() {
         if !l.is_flat() {
             return Err(Error::in_layer(
@@ -168,7 +262,59 @@ pub fn merge_layers<W: Write>(
                 ),
             ));
         }
-        let size = l.device_size(0).unwrap_or(0);
+    }
+    let infos: Vec<LayerInfo> = layers.iter().map(LayerInfo::of).collect();
+    merge_with(&infos, |k, f| f(&layers[k]), out, opts)
+}
+
+/// What the merge needs of a layer before its own pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LayerInfo {
+    blkszbits: u8,
+    size: u64,
+    /// The superblock's bytes (for the derived UUID).
+    sb: Vec<u8>,
+}
+
+impl LayerInfo {
+    fn of(img: &Image) -> Self {
+        let mut sb = vec![0u8; format::SUPERBLOCK_SIZE];
+        if img.read_exact_at(0, format::SUPER_OFFSET, &mut sb).is_err() {
+            sb.clear();
+        }
+        LayerInfo {
+            blkszbits: img.superblock().blkszbits,
+            size: img.device_size(0).unwrap_or(0),
+            sb,
+        }
+    }
+}
+
+/// The merge, visiting layer `k` through `with_layer(k, f)` (top first, once each).
+fn merge_with<W: Write>(
+    infos: &[LayerInfo],
+    mut with_layer: impl FnMut(usize, &mut dyn FnMut(&Image) -> Result<()>) -> Result<()>,
+    mut out: W,
+    opts: &MergeOptions,
+) -> Result<MergeSummary> {
+    let n = infos.len();
+    if n == 0 {
+        return Err(Error::InvalidOption("no layers to merge".into()));
+    }
+    if n > MAX_LAYERS {
+        return Err(Error::TooLarge(format!(
+            "{n} layers; an EROFS device table holds at most {MAX_LAYERS}"
+        )));
+    }
+    let bits = infos
+        .iter()
+        .map(|l| l.blkszbits)
+        .min()
+        .expect("at least one layer");
+    let bs = 1u64 << bits;
+    let mut device_blocks = Vec::with_capacity(n);
+    for (i, l) in infos.iter().enumerate() {
+        let size = l.size;
         let blocks = u32::try_from(size.div_ceil(bs)).map_err(|_| {
             Error::in_layer(
                 i + 1,
@@ -178,18 +324,19 @@ pub fn merge_layers<W: Write>(
         device_blocks.push(blocks);
     }
     let head_end = DEVT_SLOTOFF as u64 * format::DEVICE_SLOT_SIZE as u64
-        + (layers.len() * format::DEVICE_SLOT_SIZE) as u64;
+        + (n * format::DEVICE_SLOT_SIZE) as u64;
     let first_data = head_end.div_ceil(bs);
 
-    let top = &layers[layers.len() - 1];
-    let root = top
-        .inode(top.root_nid())
-        .map_err(|e| Error::in_layer(layers.len(), e))?;
     let mut m = Merger {
-        layers,
         opts,
         bits,
-        tree: Tree::new(meta_of(&root)),
+        tree: Tree::new(Meta {
+            mode: mode::S_IFDIR | 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+        }),
         data: Vec::new(),
         first_data,
         metadata: 0,
@@ -197,12 +344,22 @@ pub fn merge_layers<W: Write>(
         file_bytes: 0,
         copied: 0,
     };
-    let root_xattrs = m
-        .xattrs(layers.len() - 1, &root)
-        .map_err(|e| Error::in_layer(layers.len(), e))?;
-    m.tree.node_mut(ROOT).xattrs = root_xattrs;
-    for k in (0..layers.len()).rev() {
-        m.layer(k).map_err(|e| Error::in_layer(k + 1, e))?;
+    for k in (0..n).rev() {
+        with_layer(k, &mut |img| {
+            if k == n - 1 {
+                // The merged root has the top layer's attributes.
+                let root = img.inode(img.root_nid())?;
+                let xattrs = m.xattrs(img, &root)?;
+                let r = m.tree.node_mut(ROOT);
+                r.meta = meta_of(&root);
+                r.xattrs = xattrs;
+            }
+            m.layer(k, img)
+        })
+        .map_err(|e| match e {
+            e @ Error::Layer { .. } => e,
+            e => Error::in_layer(k + 1, e),
+        })?;
     }
     m.strip_whiteouts();
 
@@ -219,7 +376,7 @@ pub fn merge_layers<W: Write>(
         },
     )?;
 
-    let uuid = opts.uuid.unwrap_or_else(|| derived_uuid(layers));
+    let uuid = opts.uuid.unwrap_or_else(|| derived_uuid(infos));
     let mut head = vec![0u8; (first_data * bs) as usize];
     for (i, &blocks) in device_blocks.iter().enumerate() {
         let at = DEVT_SLOTOFF as usize * format::DEVICE_SLOT_SIZE + i * format::DEVICE_SLOT_SIZE;
@@ -247,7 +404,7 @@ pub fn merge_layers<W: Write>(
         meta_blkaddr,
         uuid,
         feature_incompat,
-        extra_devices: layers.len() as u16,
+        extra_devices: n as u16,
         devt_slotoff: DEVT_SLOTOFF,
         ..Default::default()
     };
@@ -258,7 +415,7 @@ pub fn merge_layers<W: Write>(
     out.write_all(&emitted.bytes).map_err(wr)?;
     out.flush().map_err(wr)?;
     tracing::debug!(
-        layers = layers.len(),
+        layers = n,
         inodes = emitted.inodes,
         blocks = emitted.end_block,
         "fsmeta written"
@@ -276,16 +433,13 @@ pub fn merge_layers<W: Write>(
 }
 
 /// A UUID from what identifies the chain: each layer's superblock block and size.
-fn derived_uuid(layers: &[Image]) -> [u8; 16] {
+fn derived_uuid(layers: &[LayerInfo]) -> [u8; 16] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(b"erofs-image fsmeta v1");
     for l in layers {
-        let mut sb = [0u8; format::SUPERBLOCK_SIZE];
-        if l.read_exact_at(0, format::SUPER_OFFSET, &mut sb).is_ok() {
-            h.update(sb);
-        }
-        h.update(l.device_size(0).unwrap_or(0).to_le_bytes());
+        h.update(&l.sb);
+        h.update(l.size.to_le_bytes());
     }
     let d = h.finalize();
     let mut u = [0u8; 16];
@@ -331,7 +485,6 @@ impl Piece {
 }
 
 struct Merger<'a> {
-    layers: &'a [Image],
     opts: &'a MergeOptions,
     bits: u8,
     tree: Tree,
@@ -361,8 +514,7 @@ impl Merger<'_> {
 
     /// Merge layer `k` under everything above it: walk its directories that are still
     /// visible (present in the merged tree, not hidden by an opaque directory above).
-    fn layer(&mut self, k: usize) -> Result<()> {
-        let img = &self.layers[k];
+    fn layer(&mut self, k: usize, img: &Image) -> Result<()> {
         let root = img.root_nid();
         let mut seen_dirs: HashSet<u64> = HashSet::from([root]);
         let mut links: HashMap<u64, NodeId> = HashMap::new();
@@ -421,7 +573,7 @@ impl Merger<'_> {
                     self.tree.insert_child(merged, name, id);
                     continue;
                 }
-                let xattrs = self.xattrs(k, &inode)?;
+                let xattrs = self.xattrs(img, &inode)?;
                 let x: usize = xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
                 let body = match inode.file_type() {
                     mode::S_IFDIR => Body::Dir(BTreeMap::new()),
@@ -429,9 +581,21 @@ impl Merger<'_> {
                         let xlen = layout::encode_xattrs(&xattrs)
                             .map_err(|e| Error::entry(name, e))?
                             .len();
-                        Body::File(self.file_data(k, &inode, xlen)?)
+                        Body::File(self.file_data(k, img, &inode, xlen)?)
                     }
-                    mode::S_IFLNK => Body::Symlink(img.read_link(&inode)?.into()),
+                    mode::S_IFLNK => {
+                        let target = img.read_link(&inode)?;
+                        // What the kernel could not return as a path: refused, not copied.
+                        if target.contains(&0) || target.len() > 4095 {
+                            return Err(Error::Corrupt(
+                                CorruptKind::BadSymlink(
+                                    "target contains NUL or exceeds 4095 bytes",
+                                )
+                                .at(e.nid),
+                            ));
+                        }
+                        Body::Symlink(target.into())
+                    }
                     mode::S_IFCHR | mode::S_IFBLK => Body::Device(inode.raw.i_u),
                     _ => Body::Special,
                 };
@@ -498,11 +662,11 @@ impl Merger<'_> {
     }
 
     /// The xattrs fsmeta keeps: storable ones, minus overlayfs' own.
-    fn xattrs(&self, k: usize, inode: &Inode) -> Result<Vec<Xattr>> {
+    fn xattrs(&self, img: &Image, inode: &Inode) -> Result<Vec<Xattr>> {
         if inode.raw.xattr_icount == 0 {
             return Ok(Vec::new());
         }
-        Ok(self.layers[k]
+        Ok(img
             .xattrs(inode)?
             .into_iter()
             .filter(|(n, _)| !n.starts_with(OVERLAY_PREFIX) && tree::storable_xattr(n))
@@ -511,8 +675,13 @@ impl Merger<'_> {
     }
 
     /// Where a regular file's data is, as fsmeta describes it.
-    fn file_data(&mut self, k: usize, inode: &Inode, xattr_len: usize) -> Result<FileData> {
-        let img = &self.layers[k];
+    fn file_data(
+        &mut self,
+        k: usize,
+        img: &Image,
+        inode: &Inode,
+        xattr_len: usize,
+    ) -> Result<FileData> {
         let size = inode.size();
         self.files += 1;
         self.file_bytes += size;
@@ -749,5 +918,350 @@ fn whiteout() -> Node {
         xattrs: Vec::new(),
         body: Body::Device(0),
         opaque: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::builder::BuildOptions;
+    use crate::reader::ReadAt;
+    use crate::tar::{Entry, EntryKind, TarWriter};
+
+    /// `(path, kind, content)`: kind `f` file, `d` dir, `l` symlink, `h` hardlink, `x` file
+    /// with xattrs (`user.k=content`, and an overlay xattr that must not survive).
+    fn tar(entries: &[(&str, char, &str)]) -> Vec<u8> {
+        let mut w = TarWriter::new(Vec::new());
+        for &(path, kind, content) in entries {
+            let k = match kind {
+                'd' => EntryKind::Directory,
+                'l' => EntryKind::Symlink,
+                'h' => EntryKind::Hardlink,
+                _ => EntryKind::Regular,
+            };
+            let mut e = Entry::new(path, k);
+            e.mode = if kind == 'd' { 0o755 } else { 0o644 };
+            e.mtime = 1000;
+            if matches!(kind, 'l' | 'h') {
+                e.link = content.into();
+            }
+            if kind == 'x' {
+                e.xattrs.push((b"user.k".to_vec(), content.into()));
+                e.xattrs
+                    .push((b"trusted.overlay.redirect".to_vec(), b"/x".to_vec()));
+            }
+            let data = if matches!(kind, 'f' | 'x') {
+                content.as_bytes()
+            } else {
+                b""
+            };
+            w.append_bytes(&e, data).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn opts(oci: bool, inline: bool) -> BuildOptions {
+        BuildOptions {
+            oci_whiteouts: oci,
+            inline_data: inline,
+            ..Default::default()
+        }
+    }
+
+    fn full(entries: &[(&str, char, &str)], o: &BuildOptions) -> Arc<Vec<u8>> {
+        let mut out = Cursor::new(Vec::new());
+        crate::tar_to_image(&tar(entries)[..], &mut out, o).unwrap();
+        Arc::new(out.into_inner())
+    }
+
+    fn index(entries: &[(&str, char, &str)], o: &BuildOptions) -> Arc<Vec<u8>> {
+        let mut out = Cursor::new(Vec::new());
+        crate::tar_to_index_file(&tar(entries)[..], &mut out, o).unwrap();
+        Arc::new(out.into_inner())
+    }
+
+    fn merge(layers: &[Arc<Vec<u8>>], o: &MergeOptions) -> Result<(Vec<u8>, MergeSummary)> {
+        let images = layers
+            .iter()
+            .map(|l| Image::open(l.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::new();
+        let s = merge_layers(&images, &mut out, o)?;
+        Ok((out, s))
+    }
+
+    fn open(fsmeta: Vec<u8>, layers: &[Arc<Vec<u8>>]) -> Image {
+        let devices = layers
+            .iter()
+            .map(|l| Box::new(l.clone()) as Box<dyn ReadAt>)
+            .collect();
+        Image::open_with_devices(fsmeta, devices).unwrap()
+    }
+
+    fn content(img: &Image, path: &str) -> Vec<u8> {
+        let i = img.resolve(path.as_bytes()).unwrap();
+        let mut buf = vec![0u8; i.size() as usize];
+        assert_eq!(img.read(&i, 0, &mut buf).unwrap(), buf.len());
+        buf
+    }
+
+    fn names(img: &Image, path: &str) -> Vec<String> {
+        let d = img.resolve(path.as_bytes()).unwrap();
+        img.read_dir(&d)
+            .unwrap()
+            .into_iter()
+            .map(|e| String::from_utf8(e.name).unwrap())
+            .filter(|n| n != "." && n != "..")
+            .collect()
+    }
+
+    fn stack() -> Vec<Arc<Vec<u8>>> {
+        let big = "B".repeat(9000);
+        let l1 = full(
+            &[
+                ("etc/keep", 'f', "keep"),
+                ("etc/gone", 'f', "gone"),
+                ("lib/a", 'f', "a"),
+                ("lib/sub/c", 'f', "c"),
+                ("usr/bin/sh", 'f', &big),
+                ("usr/bin/sh2", 'h', "usr/bin/sh"),
+                ("usr/bin/sh3", 'h', "usr/bin/sh"),
+                ("t", 'd', ""),
+                ("t/under", 'f', "hidden by a file above"),
+            ],
+            &opts(true, true),
+        );
+        let l2 = index(
+            &[
+                ("etc/.wh.gone", 'f', ""),
+                ("lib/.wh..wh..opq", 'f', ""),
+                ("lib/new", 'x', "v"),
+                ("usr/bin/.wh.sh3", 'f', ""),
+                ("t", 'f', "now a file"),
+            ],
+            &opts(true, true),
+        );
+        let l3 = full(
+            &[
+                ("etc/gone", 'l', "back as a link"),
+                ("t", 'd', ""),
+                ("t/x", 'f', "dir again"),
+                ("usr/bin/tail", 'f', &"T".repeat(5000)),
+            ],
+            &opts(true, false),
+        );
+        vec![l1, l2, l3]
+    }
+
+    #[test]
+    fn merged_tree_is_the_overlay_view() {
+        let layers = stack();
+        let (fsmeta, s) = merge(&layers, &MergeOptions::default()).unwrap();
+        assert_eq!(s.block_size, 512, "a tar index in the chain");
+        assert_eq!(s.device_blocks.len(), 3);
+        for (i, l) in layers.iter().enumerate() {
+            assert_eq!(s.device_blocks[i] as u64, (l.len() as u64).div_ceil(512));
+        }
+        assert_eq!(s.bytes(), fsmeta.len() as u64);
+        let img = open(fsmeta.clone(), &layers);
+        assert_eq!(img.device_slots().len(), 3);
+        let mut etc = names(&img, "etc");
+        etc.sort();
+        assert_eq!(etc, ["gone", "keep"]);
+        assert!(img.resolve(b"etc/gone").unwrap().is_symlink());
+        assert_eq!(names(&img, "lib"), ["new"], "opaque directory");
+        assert_eq!(content(&img, "lib/new"), b"v");
+        let x = img.xattrs(&img.resolve(b"lib/new").unwrap()).unwrap();
+        assert_eq!(
+            x,
+            [(b"user.k".to_vec(), b"v".to_vec())],
+            "overlay xattrs dropped"
+        );
+        assert!(
+            img.xattrs(&img.resolve(b"lib").unwrap())
+                .unwrap()
+                .is_empty(),
+            "no opaque xattr on the merged directory"
+        );
+        assert_eq!(
+            names(&img, "t"),
+            ["x"],
+            "a file between two dirs hides the lower"
+        );
+        assert_eq!(content(&img, "usr/bin/sh"), "B".repeat(9000).as_bytes());
+        assert_eq!(content(&img, "usr/bin/tail"), "T".repeat(5000).as_bytes());
+        let sh = img.resolve(b"usr/bin/sh").unwrap();
+        let sh2 = img.resolve(b"usr/bin/sh2").unwrap();
+        assert_eq!(sh.nid, sh2.nid, "hardlinks stay hardlinks");
+        assert_eq!(sh.raw.nlink, 2, "the whited-out third name is not counted");
+        assert!(img.resolve(b"usr/bin/sh3").is_err());
+        // Chunk indexes name the layer devices: no file data in fsmeta beyond the copied
+        // inline tails of sh (9000 % 4096 bytes) and etc/keep.
+        assert_eq!(s.copied_bytes, 9000 % 4096 + 4);
+        let report = crate::check::check(&img);
+        assert!(report.is_ok(), "{}", report.summary(10));
+        // Deterministic.
+        assert_eq!(merge(&layers, &MergeOptions::default()).unwrap().0, fsmeta);
+    }
+
+    #[test]
+    fn full_layers_keep_4096_byte_blocks_and_small_tails_inline() {
+        let l1 = full(
+            &[("a", 'f', "tiny"), ("b", 'f', &"x".repeat(4096))],
+            &opts(true, true),
+        );
+        let l2 = full(&[("c", 'f', &"y".repeat(5000))], &opts(true, false));
+        let layers = vec![l1, l2];
+        let (fsmeta, s) = merge(&layers, &MergeOptions::default()).unwrap();
+        assert_eq!(s.block_size, 4096);
+        assert_eq!(s.copied_bytes, 4, "only the inline file is copied");
+        let img = open(fsmeta, &layers);
+        assert_eq!(content(&img, "a"), b"tiny");
+        assert_eq!(
+            img.resolve(b"a").unwrap().layout,
+            format::LAYOUT_FLAT_INLINE,
+            "a tail-only file stays inline"
+        );
+        assert_eq!(content(&img, "b"), "x".repeat(4096).as_bytes());
+        assert_eq!(content(&img, "c"), "y".repeat(5000).as_bytes());
+        assert_eq!(
+            img.resolve(b"c").unwrap().layout,
+            format::LAYOUT_CHUNK_BASED
+        );
+    }
+
+    #[test]
+    fn aufs_markers_are_whiteouts_only_with_aufs() {
+        let l1 = full(
+            &[("d/x", 'f', "x"), ("d/y", 'f', "y"), ("z", 'f', "z")],
+            &opts(false, true),
+        );
+        let l2 = full(
+            &[
+                ("d/.wh..wh..opq", 'f', ""),
+                ("d/w", 'f', "w"),
+                (".wh.z", 'f', ""),
+            ],
+            &opts(false, true),
+        );
+        let layers = vec![l1, l2];
+        let (plain, _) = merge(&layers, &MergeOptions::default()).unwrap();
+        let img = open(plain, &layers);
+        let mut root = names(&img, "");
+        root.sort();
+        assert_eq!(root, [".wh.z", "d", "z"]);
+        let aufs = MergeOptions {
+            aufs: true,
+            ..Default::default()
+        };
+        let (merged, _) = merge(&layers, &aufs).unwrap();
+        let img = open(merged, &layers);
+        assert_eq!(names(&img, ""), ["d"]);
+        assert_eq!(names(&img, "d"), ["w"]);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let l = full(&[("a", 'f', "a")], &opts(true, true));
+        assert!(matches!(
+            merge(&[], &MergeOptions::default()),
+            Err(Error::InvalidOption(_))
+        ));
+        // More layers than device ids.
+        let img = Image::open(l.clone()).unwrap();
+        let many: Vec<Image> = (0..=MAX_LAYERS)
+            .map(|_| Image::open(l.clone()).unwrap())
+            .collect();
+        drop(img);
+        let e = merge_layers(&many, Vec::new(), &MergeOptions::default()).unwrap_err();
+        assert!(matches!(e, Error::TooLarge(_)), "{e}");
+        drop(many);
+
+        // A directory entry pointing back at the root: a loop.
+        let looped = full(&[("d/f", 'f', "f")], &opts(true, true));
+        let mut bytes = (*looped).clone();
+        let img = Image::open(looped.clone()).unwrap();
+        let root = img.inode(img.root_nid()).unwrap();
+        let Extent::Data { offset, .. } = img.map(&root, 0, root.size()).unwrap() else {
+            panic!("root data")
+        };
+        let d = img.resolve(b"d").unwrap();
+        let entries = img.read_dir(&root).unwrap();
+        let i = entries.iter().position(|e| e.name == b"d").unwrap();
+        let at = offset as usize + i * format::DIRENT_SIZE;
+        assert_eq!(
+            u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()),
+            d.nid
+        );
+        bytes[at..at + 8].copy_from_slice(&img.root_nid().to_le_bytes());
+        let e = merge(&[l.clone(), Arc::new(bytes)], &MergeOptions::default()).unwrap_err();
+        assert!(matches!(e, Error::Layer { layer: 2, .. }), "{e}");
+        assert!(e.to_string().contains("reached twice"), "{e}");
+
+        // A file whose data lies past the end of its layer.
+        let data = full(&[("big", 'f', &"d".repeat(20000))], &opts(true, false));
+        let img = Image::open(data.clone()).unwrap();
+        let f = img.resolve(b"big").unwrap();
+        let mut bytes = (*data).clone();
+        // i_u (the first data block) is at byte 16 of both inode forms.
+        let at = f.pos as usize + 16;
+        bytes[at..at + 4].copy_from_slice(&1_000_000u32.to_le_bytes());
+        let e = merge(&[Arc::new(bytes)], &MergeOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("layer 1"), "{e}");
+    }
+
+    /// Corrupted and truncated layers: every outcome is an error or a valid fsmeta, never a
+    /// panic; the fsmeta that results reads back and passes the checker with its devices.
+    #[test]
+    fn corrupted_layers_never_panic() {
+        let layers = stack();
+        let mut rng = fastrand::Rng::with_seed(14);
+        let (mut errors, mut oks) = (0, 0);
+        for round in 0..400 {
+            let victim = rng.usize(..layers.len());
+            let mut bytes = (*layers[victim]).clone();
+            if round % 10 == 0 {
+                bytes.truncate(rng.usize(..bytes.len()));
+            } else {
+                // Mostly past the checksummed superblock block, where metadata is.
+                let from = if rng.u8(..4) == 0 {
+                    0
+                } else {
+                    4096.min(bytes.len() - 1)
+                };
+                for _ in 0..rng.usize(1..8) {
+                    let i = rng.usize(from..bytes.len());
+                    bytes[i] ^= 1 << rng.u8(..8);
+                }
+            }
+            let mut chain = layers.clone();
+            chain[victim] = Arc::new(bytes);
+            let Ok(images) = chain
+                .iter()
+                .map(|l| Image::open(l.clone()))
+                .collect::<Result<Vec<_>>>()
+            else {
+                errors += 1;
+                continue;
+            };
+            let mut out = Vec::new();
+            match merge_layers(&images, &mut out, &MergeOptions::default()) {
+                Ok(_) => {
+                    let img = open(out, &chain);
+                    let r = crate::check::check(&img);
+                    // Whatever the layers held, what merge writes is sound.
+                    assert!(r.is_ok(), "round {round}: {}", r.summary(5));
+                    oks += 1;
+                }
+                Err(_) => errors += 1,
+            }
+        }
+        assert!(
+            errors > 20 && oks > 20,
+            "{errors} errors, {oks} merged: the corruptions do not reach both outcomes"
+        );
     }
 }
