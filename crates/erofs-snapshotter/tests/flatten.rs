@@ -572,7 +572,7 @@ fn manager_mode_hands_out_fsmeta_with_one_device_per_layer() {
             .collect(),
     };
     let v = s.view("v", "c", BTreeMap::new()).unwrap();
-    assert_eq!(v, [fsmeta.clone()]);
+    assert_eq!(v, std::slice::from_ref(&fsmeta));
     let a = s.prepare("x", "c", BTreeMap::new()).unwrap();
     assert_eq!(a.len(), 2, "{a:?}");
     assert_eq!(a[0], fsmeta);
