@@ -7,7 +7,8 @@
 //! ids against the device table), every directory (block structure, names, strict byte order
 //! across blocks, `.` and `..`, duplicates, dirent type against inode mode, nid range), link
 //! counts (directories: 2 + subdirs; others: number of entries), symlink targets, xattr bodies
-//! (shared and inline) and, when the image turns the xattr name filter on, that the filter
+//! (shared and inline), that given extra devices have the sizes their slots declare (fsmeta
+//! over its layers: every chunk must land inside its own layer) and, when the image turns the xattr name filter on, that the filter
 //! hides none of an inode's xattrs. Directories reachable from two parents are reported too,
 //! since the kernel would loop or mis-count on them.
 //!
@@ -368,16 +369,29 @@ impl Checker<'_> {
                         ),
                     );
                 }
-            } else if let Some(size) = self.img.device_size(id)
-                && size.next_multiple_of(bs) < need
-            {
-                sb_err(
-                    self,
-                    format!(
-                        "device {id} is {size} bytes but declares {} blocks",
-                        slot.blocks
-                    ),
-                );
+            } else if let Some(size) = self.img.device_size(id) {
+                if size.next_multiple_of(bs) < need {
+                    sb_err(
+                        self,
+                        format!(
+                            "device {id} is {size} bytes but declares {} blocks",
+                            slot.blocks
+                        ),
+                    );
+                } else if size.div_ceil(bs) != slot.blocks as u64 {
+                    // Larger than its slot: readable, but likely not the device the image
+                    // was built over (fsmeta over a different layer, a swapped order).
+                    self.add(
+                        Severity::Warning,
+                        None,
+                        At::Super,
+                        format!(
+                            "superblock: device {id} is {size} bytes, more than the {} blocks \
+                             its slot declares (a different device?)",
+                            slot.blocks
+                        ),
+                    );
+                }
             }
         }
     }

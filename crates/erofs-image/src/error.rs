@@ -41,6 +41,16 @@ pub enum Error {
     /// The caller's [`crate::builder::Interrupt`] said stop.
     #[error("interrupted by the caller")]
     Interrupted,
+    /// A layer given to [`crate::merge`] is unusable: which one (1 = bottom, its device id in
+    /// fsmeta), and why.
+    #[error("layer {layer}: {source}")]
+    Layer {
+        /// Position from the bottom, 1-based.
+        layer: usize,
+        /// What is wrong with it.
+        #[source]
+        source: Box<Error>,
+    },
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -58,6 +68,14 @@ impl Error {
         Error::Entry {
             path: crate::tar::path_for_message(path),
             kind,
+        }
+    }
+
+    /// Name the layer (1 = bottom) an error came from.
+    pub fn in_layer(layer: usize, e: Error) -> Self {
+        Error::Layer {
+            layer,
+            source: Box::new(e),
         }
     }
 

@@ -11,6 +11,8 @@
 //! * [`compression`]: gzip/zstd detection and decompression with a bomb guard.
 //! * [`builder`]: tar or directory to EROFS; OCI whiteouts become overlayfs whiteouts.
 //! * [`reader`]: stat, readdir, read, xattrs and path lookup on an image.
+//! * [`merge`]: fsmeta, one metadata-only image over a chain of layers (their devices).
+//! * [`flatdev`]: flat addresses in a device table, so an image and its devices form one disk.
 //! * [`check`]: verify every invariant the kernel relies on, reporting each problem.
 //! * [`format`](mod@format): the on-disk structures.
 //! * [`output`]: where images are written.
@@ -21,7 +23,9 @@ pub mod check;
 pub mod compression;
 pub mod debug;
 pub mod error;
+pub mod flatdev;
 pub mod format;
+pub mod merge;
 pub mod output;
 pub mod reader;
 pub mod tar;
@@ -32,5 +36,6 @@ pub use builder::{
     tar_file_to_index_file, tar_to_image, tar_to_index, tar_to_index_file,
 };
 pub use error::{Error, Result};
+pub use merge::{MergeOptions, MergeSummary, merge_layer_files, merge_layers};
 pub use output::{ImageOutput, PlainOutput};
 pub use reader::{Image, Inode, ReadAt};

@@ -266,6 +266,12 @@ impl Tree {
         self.children_mut(dir).insert(name.into(), target);
     }
 
+    /// Remove the entry `name` from directory `dir` (the node stays in the arena, unreachable
+    /// unless linked elsewhere).
+    pub fn remove_child(&mut self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
+        self.children_mut(dir).remove(name)
+    }
+
     /// Put `node` at `path`, following tar semantics: a directory over a directory updates the
     /// attributes and keeps the children; anything else replaces what was there.
     pub fn put(&mut self, path: &[u8], node: Node) -> Result<NodeId, Error> {

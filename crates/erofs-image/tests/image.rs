@@ -23,3 +23,5 @@ mod hostile;
 mod imagegen;
 #[path = "image/layers.rs"]
 mod layers;
+#[path = "image/merge.rs"]
+mod merge;

@@ -30,6 +30,15 @@ pub enum Command {
     Health(HealthArgs),
     /// Build an EROFS image from a directory or a tar stream (like mkfs.erofs).
     Mkfs(MkfsArgs),
+    /// Build fsmeta: one metadata-only EROFS image over a chain of layer images (what
+    /// `mkfs.erofs --aufs --ovlfs-strip=1 OUT LAYER...` makes for flattened snapshots).
+    ///
+    /// Its tree is the overlayfs view of the layers stacked (whiteouts and opaque
+    /// directories applied, then dropped); its files point into the layers' own blocks, so
+    /// nothing but inline tails is copied. Mount it with one `device=` per layer, in the
+    /// order given: `mount -t erofs -o ro,device=LAYER1,...,device=LAYERN OUT /mnt`. Check
+    /// or read it the same way: `fsck --device LAYER1 ... OUT`, `ls --device ...`.
+    Merge(MergeArgs),
     /// Check an image: every invariant the kernel relies on; exit status 1 on any error.
     Fsck(FsckArgs),
     /// List a directory of an image.
@@ -149,6 +158,36 @@ pub struct MkfsArgs {
     /// Refuse to produce an image larger than this many bytes.
     #[arg(long, value_name = "BYTES")]
     pub max_size: Option<u64>,
+    /// No progress output.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The fsmeta image to write. It appears only when the build succeeded (written under a
+    /// temporary name, synced, renamed).
+    pub image: PathBuf,
+    /// The layer images, bottom layer first (full images and `[index][tar]` tar indexes,
+    /// mixed as they come); device N of the result is the N-th.
+    #[arg(required = true, value_name = "LAYER")]
+    pub layers: Vec<PathBuf>,
+    /// Also treat aufs-style markers left as plain entries in the layers as whiteouts:
+    /// `.wh.NAME` hides NAME in the layers below and `.wh..wh..opq` makes its directory
+    /// opaque; the markers are not kept. This is mkfs.erofs's documented meaning ("replace
+    /// aufs special files with overlayfs metadata"); mkfs.erofs 1.9's rebuild mode itself
+    /// ignores the flag for EROFS inputs. Layers built with `mkfs --aufs` (as the differ
+    /// builds them) hold overlayfs whiteouts already, which are applied either way.
+    #[arg(long)]
+    pub aufs: bool,
+    /// Accepted for mkfs.erofs compatibility: overlayfs metadata (whiteouts, `trusted.overlay.*`
+    /// xattrs) is always stripped from the merged tree, so only 1 is accepted.
+    #[arg(long, value_name = "1", value_parser = ["1"])]
+    pub ovlfs_strip: Option<String>,
+    /// Filesystem UUID: a UUID, `clear` (all zeros) or `random`. By default one is derived
+    /// from the layers, so the same layers always give the same bytes.
+    #[arg(short = 'U', value_name = "UUID")]
+    pub uuid: Option<String>,
     /// No progress output.
     #[arg(long, short = 'q')]
     pub quiet: bool,

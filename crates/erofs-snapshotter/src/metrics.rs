@@ -141,6 +141,13 @@ impl Collector for CoreCollector {
                 ("dmverity_skipped", s.dmverity_skipped),
             ],
         )?;
+        counter(
+            &mut e,
+            "erofs_snapshotter_fsmeta_built",
+            "fsmeta.erofs images built for flattened layer chains (max_unmerged_layers), once per parent.",
+            "kind",
+            &[("fsmeta", s.fsmeta_built)],
+        )?;
         let h = core.heavy_stats();
         gauge(
             &mut e,

@@ -298,7 +298,9 @@ fn fsck_reports_corruption() {
 fn help_reads_well() {
     let o = run(&["--help"]);
     let h = text(&o);
-    for cmd in ["serve", "mkfs", "fsck", "ls", "cat", "stat", "dump"] {
+    for cmd in [
+        "serve", "mkfs", "merge", "fsck", "ls", "cat", "stat", "dump",
+    ] {
         assert!(h.contains(cmd), "{h}");
     }
     let h = text(&run(&["mkfs", "--help"]));
@@ -306,4 +308,91 @@ fn help_reads_well() {
         h.contains("--tar") && h.contains("--aufs") && h.contains("noinline_data"),
         "{h}"
     );
+}
+
+/// `merge`: fsmeta over a full layer and a tar-index layer; `fsck`, `ls` and `cat` read it
+/// through `--device`; a bad layer fails the command and leaves nothing behind.
+#[test]
+fn merge_builds_fsmeta_that_fsck_and_cat_read_with_devices() {
+    let t = tempfile::tempdir().unwrap();
+    let lower_tar = t.path().join("lower.tar");
+    let mut w = TarWriter::new(fs::File::create(&lower_tar).unwrap());
+    for (name, data) in [
+        ("etc/gone", &b"old"[..]),
+        ("etc/motd", b"lower\n"),
+        ("big", &[7u8; 10000][..]),
+    ] {
+        w.append_bytes(&Entry::new(name, EntryKind::Regular), data)
+            .unwrap();
+    }
+    w.finish().unwrap();
+    let upper_tar = t.path().join("upper.tar");
+    sample_tar(&upper_tar);
+    let (lower, upper) = (t.path().join("lower.erofs"), t.path().join("upper.idx"));
+    for (mode, tar, img) in [
+        ("--tar=f", &lower_tar, &lower),
+        ("--tar=i", &upper_tar, &upper),
+    ] {
+        let o = run(&[
+            "mkfs",
+            "-q",
+            "--aufs",
+            mode,
+            img.to_str().unwrap(),
+            tar.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let fsmeta = t.path().join("fsmeta.erofs");
+    let (f, l, u) = (
+        fsmeta.to_str().unwrap(),
+        lower.to_str().unwrap(),
+        upper.to_str().unwrap(),
+    );
+    let o = run(&["merge", "--aufs", "--ovlfs-strip=1", f, l, u]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("2 layers") && text(&o).contains("blocks of 512 bytes"),
+        "{}",
+        text(&o)
+    );
+    let devs = ["--device", l, "--device", u];
+    let with = |cmd: &str, rest: &[&str]| {
+        let mut a = vec![cmd];
+        a.extend_from_slice(&devs);
+        a.push(f);
+        a.extend_from_slice(rest);
+        run(&a)
+    };
+    let o = with("fsck", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("0 error(s)"), "{}", text(&o));
+    let o = with("cat", &["/etc/motd"]);
+    assert_eq!(o.stdout, b"hello\n", "{}", text(&o));
+    let o = with("cat", &["/big"]);
+    assert_eq!(o.stdout, vec![7u8; 10000], "{}", text(&o));
+    let o = with("ls", &["/etc"]);
+    let listing = text(&o);
+    assert!(
+        listing.contains("motd") && listing.contains("link") && !listing.contains("gone"),
+        "{listing}"
+    );
+    // The layers in the wrong number: refused, not misread.
+    let o = run(&["fsck", "--device", l, f]);
+    assert!(!o.status.success(), "{}", text(&o));
+
+    // A truncated layer: an error naming the layer, and no fsmeta.
+    let bad = t.path().join("bad.erofs");
+    fs::write(&bad, &fs::read(&lower).unwrap()[..1500]).unwrap();
+    let out = t.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let o = run(&[
+        "merge",
+        out.join("m.erofs").to_str().unwrap(),
+        l,
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("layer 2"), "{}", text(&o));
+    only(&out, &[]);
 }

@@ -13,6 +13,10 @@ mod badinput;
 mod cases {
     testsuite::snapshotter_suite!(crate::client::run);
 }
+/// The same cases with flattening on (`max_unmerged_layers = 1`).
+mod cases_flattened {
+    testsuite::snapshotter_suite!(crate::client::run_flattened);
+}
 #[path = "conformance/client.rs"]
 mod client;
 #[path = "conformance/faults.rs"]

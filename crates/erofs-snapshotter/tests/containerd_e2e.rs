@@ -25,10 +25,13 @@
 //! 7. `manager_mode_mount_shapes_*`: upstream's mount-manager shapes as `--mounts` JSON.
 //! 8. `kill_during_{import,remove}_*`: crash points in Apply/Commit/Remove, restart, the disk
 //!    converging on containerd's snapshot list.
+//! 9. `flattened_*` (module [`flatten`]): the same images with `max_unmerged_layers = 1`.
 //!
 //! The environment each test runs in is `testsuite::proxied_containerd`; the benchmark behind
 //! `bench/e2e` is the `bench-e2e` binary of crates/bench.
 
+#[path = "containerd_e2e/flatten.rs"]
+mod flatten;
 #[path = "containerd_e2e/images.rs"]
 mod images;
 

@@ -1,6 +1,7 @@
 //! Daemon configuration: a TOML file with containerd's EROFS plugin keys (`root_path`,
 //! `ovl_mount_options`, `enable_fsverity`, `set_immutable`, `default_size`, `dmverity_mode`,
-//! and the differ's `mkfs_options`, `enable_tar_index`, `enable_dmverity`) plus ours.
+//! `max_unmerged_layers`, and the differ's `mkfs_options`, `enable_tar_index`,
+//! `enable_dmverity`) plus ours.
 //!
 //! Unknown keys and bad values are errors that name the key (and, through [`Config::check`],
 //! the line). [`DEFAULT_TOML`] is the whole default configuration with a comment per key.
@@ -217,6 +218,10 @@ pub struct SnapshotterConfig {
     pub default_size: String,
     /// dm-verity policy for mounts: "auto", "on" or "off".
     pub dmverity_mode: Toggle,
+    /// Upstream's key: a Prepare or View whose parent chain has more than this many layers
+    /// gets one flattened lower (`fsmeta.erofs` over the chain's layers, built before the
+    /// request returns) instead of one lower per layer. 0 = never.
+    pub max_unmerged_layers: u32,
 }
 
 /// `[differ]`.
@@ -272,6 +277,7 @@ impl Default for SnapshotterConfig {
             set_immutable: false,
             default_size: String::new(),
             dmverity_mode: Toggle::Auto,
+            max_unmerged_layers: 0,
         }
     }
 }
@@ -632,6 +638,7 @@ ovl_mount_options = ["volatile"]
 enable_fsverity = true
 set_immutable = true
 default_size = "64MB"
+max_unmerged_layers = 1
 [differ]
 mkfs_options = ["-T0", "--mkfs-time", "--sort=none", "-Enoinline_data"]
 enable_tar_index = true
@@ -640,6 +647,7 @@ enable_tar_index = true
         .unwrap();
         assert_eq!(c.mount_mode, MountMode::Manager);
         assert_eq!(c.default_size_bytes(), 64 << 20);
+        assert_eq!(c.snapshotter.max_unmerged_layers, 1);
         assert!(c.differ.enable_tar_index);
     }
 
@@ -679,6 +687,10 @@ enable_tar_index = true
             (
                 "[daemon]\nmax_concurrent_heavy = -1",
                 "max_concurrent_heavy",
+            ),
+            (
+                "[snapshotter]\nmax_unmerged_layers = -1",
+                "max_unmerged_layers",
             ),
         ] {
             let err = Config::parse(text).unwrap_err().to_string();

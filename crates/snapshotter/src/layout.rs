@@ -9,6 +9,10 @@
 //! ROOT/snapshots/ID/layer.erofs         the layer image
 //! ROOT/snapshots/ID/layer.erofs.dmverity  dm-verity sidecar (JSON)
 //! ROOT/snapshots/ID/rwlayer.img         ext4 image of a size-limited writable layer
+//! ROOT/snapshots/ID/fsmeta.erofs        committed: the chain ending here flattened (metadata
+//!                                       only; the chain's layer.erofs files are its devices)
+//! ROOT/snapshots/ID/fsmeta.vmdk         VMDK descriptor: fsmeta.erofs then the layers, one disk
+//! ROOT/snapshots/ID/merged/             host mode: where fsmeta.erofs is mounted
 //! ROOT/snapshots/new-*                  a snapshot being created (renamed to ID when recorded)
 //! ROOT/snapshots/rm-*                   a snapshot being deleted (renamed from ID first)
 //! ```
@@ -35,6 +39,16 @@ pub const LAYER_PENDING: &str = "layer.erofs.pending";
 pub const DMVERITY_SIDECAR: &str = "layer.erofs.dmverity";
 /// The ext4 image of a size-limited writable layer.
 pub const RWLAYER: &str = "rwlayer.img";
+/// The flattened chain ending at a committed snapshot (upstream's name).
+pub const FSMETA: &str = "fsmeta.erofs";
+/// Temporary name while fsmeta is written.
+pub const FSMETA_TMP: &str = "fsmeta.erofs.tmp";
+/// The VMDK descriptor of fsmeta and the chain's layers as one disk.
+pub const FSMETA_VMDK: &str = "fsmeta.vmdk";
+/// Temporary name while the VMDK descriptor is written.
+pub const FSMETA_VMDK_TMP: &str = "fsmeta.vmdk.tmp";
+/// Host mode: the mount point of fsmeta.
+pub const MERGED_DIR: &str = "merged";
 
 /// Paths under one snapshotter root.
 #[derive(Debug, Clone)]
@@ -82,6 +96,18 @@ impl Layout {
     /// `ROOT/snapshots/ID/layer.erofs.dmverity`.
     pub fn dmverity(&self, id: u64) -> PathBuf {
         self.dir(id).join(DMVERITY_SIDECAR)
+    }
+    /// `ROOT/snapshots/ID/fsmeta.erofs`.
+    pub fn fsmeta(&self, id: u64) -> PathBuf {
+        self.dir(id).join(FSMETA)
+    }
+    /// `ROOT/snapshots/ID/fsmeta.vmdk`.
+    pub fn fsmeta_vmdk(&self, id: u64) -> PathBuf {
+        self.dir(id).join(FSMETA_VMDK)
+    }
+    /// `ROOT/snapshots/ID/merged`.
+    pub fn merged(&self, id: u64) -> PathBuf {
+        self.dir(id).join(MERGED_DIR)
     }
     /// The snapshot id a directory path belongs to, if `path` is `ROOT/snapshots/ID[/...]`.
     pub fn id_of(&self, path: &Path) -> Option<u64> {

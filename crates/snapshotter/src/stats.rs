@@ -33,6 +33,7 @@ pub(crate) struct Counters {
     commit_bytes: AtomicU64,
     fsverity_userspace: AtomicU64,
     dmverity_skipped: AtomicU64,
+    fsmeta_built: AtomicU64,
 }
 
 impl Counters {
@@ -58,6 +59,11 @@ impl Counters {
         self.dmverity_skipped.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A flattened chain's `fsmeta.erofs` was built (`max_unmerged_layers`).
+    pub(crate) fn fsmeta_built(&self) {
+        self.fsmeta_built.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, loop_mounts: u64) -> Stats {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {
@@ -67,6 +73,7 @@ impl Counters {
             commit_bytes: get(&self.commit_bytes),
             fsverity_userspace: get(&self.fsverity_userspace),
             dmverity_skipped: get(&self.dmverity_skipped),
+            fsmeta_built: get(&self.fsmeta_built),
             loop_mounts,
         }
     }
@@ -87,6 +94,8 @@ pub struct Stats {
     pub fsverity_userspace: u64,
     /// Mounts of a layer with a dm-verity tree made without dm-verity.
     pub dmverity_skipped: u64,
+    /// `fsmeta.erofs` images built for flattened chains.
+    pub fsmeta_built: u64,
     /// EROFS mounts made through a loop device instead of from the file (kernels before
     /// 6.12, or a mounter told to).
     pub loop_mounts: u64,

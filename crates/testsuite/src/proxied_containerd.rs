@@ -65,6 +65,8 @@ pub struct EnvOpts {
     pub capabilities: Vec<String>,
     /// containerd runs sid's runc ([`crate::ContainerdOpts::sid_runc`]).
     pub sid_runc: bool,
+    /// Lines of the daemon's `[snapshotter]` table (e.g. `max_unmerged_layers = 1`).
+    pub snapshotter_toml: String,
 }
 
 /// containerd + our daemon.
@@ -156,9 +158,11 @@ impl Env {
         };
         let config = format!(
             "root_path = {root:?}\naddress = {sock:?}\nmount_mode = {mode:?}\n\
-             [differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\n",
+             [differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\n\
+             [snapshotter]\n{}\n",
             ctd.content_root(),
             ctd.address(),
+            o.snapshotter_toml,
         );
         let binary = bin.to_path_buf();
         let daemon = start_daemon(&binary, &config, &sock, &o.crash_at)?;
@@ -404,7 +408,9 @@ impl Env {
     /// The snapshot directories (`ROOT/snapshots/ID`) of the committed chain ending in
     /// `chain_id`, immediate parent first, read from the mounts of a temporary view (host mode).
     pub fn chain_dirs(&self, chain_id: &str) -> Result<Vec<PathBuf>> {
-        let key = crate::unique_name("chain-view");
+        // Named like containerd's unpack snapshots (`extract-...`), which the daemon never
+        // flattens (`max_unmerged_layers`): the view lists every layer.
+        let key = crate::unique_name("extract-chain-view");
         let m = self.create_mounts("view", &key, chain_id)?;
         self.snap(&["rm", &key])?;
         ensure!(

@@ -16,7 +16,7 @@
 mod data;
 mod dir;
 mod index;
-mod layout;
+pub(crate) mod layout;
 mod tar;
 
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -8,6 +8,7 @@ mod config;
 mod fsck;
 mod health;
 mod inspect;
+mod merge;
 mod mkfs;
 mod serve;
 
@@ -17,6 +18,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(c) => config::run(c),
         Command::Health(a) => health::run(a),
         Command::Mkfs(a) => mkfs::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Fsck(a) => fsck::run(a),
         Command::Ls(a) => inspect::ls(a),
         Command::Cat(a) => inspect::cat(a),

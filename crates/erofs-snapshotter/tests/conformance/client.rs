@@ -56,6 +56,8 @@ pub struct Env {
     pub log: PathBuf,
     /// The configuration flavour.
     pub mode: Mode,
+    /// `max_unmerged_layers = 1` in the config.
+    pub flatten: bool,
     /// The client (replaced on every daemon start).
     pub sn: Client,
     daemon: Option<ProcessGroupGuard>,
@@ -75,6 +77,22 @@ pub fn run<F>(mode: Mode, f: F)
 where
     F: AsyncFnOnce(&mut Env) -> Result<()>,
 {
+    run_with(mode, false, f)
+}
+
+/// [`run`] with `max_unmerged_layers = 1`: every snapshot on two layers or more has a
+/// flattened lower (the parent's fsmeta.erofs).
+pub fn run_flattened<F>(mode: Mode, f: F)
+where
+    F: AsyncFnOnce(&mut Env) -> Result<()>,
+{
+    run_with(mode, true, f)
+}
+
+fn run_with<F>(mode: Mode, flatten: bool, f: F)
+where
+    F: AsyncFnOnce(&mut Env) -> Result<()>,
+{
     assert!(
         rustix::process::geteuid().is_root(),
         "the conformance suite needs root (it mounts)"
@@ -85,7 +103,7 @@ where
         .build()
         .expect("tokio runtime");
     rt.block_on(async move {
-        let mut env = match Env::new(mode) {
+        let mut env = match Env::new(mode, flatten) {
             Ok(e) => e,
             Err(e) => panic!("creating the test environment: {e:#}"),
         };
@@ -117,7 +135,7 @@ where
 }
 
 impl Env {
-    fn new(mode: Mode) -> Result<Env> {
+    fn new(mode: Mode, flatten: bool) -> Result<Env> {
         let base = tempfile::Builder::new()
             .prefix("ect-")
             .tempdir_in("/tmp")?
@@ -134,6 +152,12 @@ impl Env {
             socket.display().to_string()
         );
         toml.push_str(mode.config_toml());
+        if flatten {
+            if !mode.config_toml().contains("[snapshotter]") {
+                toml.push_str("[snapshotter]\n");
+            }
+            toml.push_str("max_unmerged_layers = 1\n");
+        }
         fs::write(&config, toml)?;
         let sn = client(Endpoint::try_from("http://[::]:50051")?.connect_lazy());
         let scratch = Scratch::new(&work);
@@ -145,6 +169,7 @@ impl Env {
             config,
             log,
             mode,
+            flatten,
             sn,
             daemon: None,
             scratch,
@@ -332,6 +357,10 @@ impl SnapshotterUnderTest for Env {
 
     fn can_mount(&self) -> bool {
         true
+    }
+
+    fn max_unmerged_layers(&self) -> usize {
+        usize::from(self.flatten)
     }
 
     fn mount(&self, mounts: &[Mount], prefix: &str) -> Result<Option<Mounted>> {

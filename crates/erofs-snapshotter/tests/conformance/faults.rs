@@ -20,7 +20,7 @@ use testsuite::client::{expect_code, labels};
 use testsuite::mounts::self_mounts_under;
 use tonic::Code;
 
-use crate::client::{Env, run};
+use crate::client::{Env, run, run_flattened};
 use testsuite::snapshots::cases::{check_snapshot, create_snapshot, flat_with};
 use testsuite::snapshots::fstest::{self, Op, dir, file};
 use testsuite::snapshots::{
@@ -51,6 +51,15 @@ both! {
     crash_remove_after_db_commit, crash_remove_after_db_commit_quota => remove_after_db_commit;
     crash_remove_after_rename, crash_remove_after_rename_quota => remove_after_rename;
     sigkill_during_commit, sigkill_during_commit_quota => sigkill_during_commit_case;
+}
+
+/// fsmeta (`max_unmerged_layers = 1`) killed while it is built, at each of its crash points:
+/// the Prepare that triggered it was recorded (its mounts hold no fsmeta yet), nothing
+/// half-made is left or used after the restart, and Mounts of that snapshot builds fsmeta
+/// then and shows the chain.
+#[test]
+fn crash_while_building_fsmeta() {
+    run_flattened(Mode::Plain, fsmeta_build_crash)
 }
 
 /// What [`check_consistent`] learnt.
@@ -214,7 +223,8 @@ pub async fn check_consistent(env: &Env) -> Result<Disk> {
         let id = env.id_of(&m.mount_point);
         ensure!(
             parts.len() == 2
-                && parts[1].as_os_str() == "fs"
+                // A layer's mount, or a flattened chain's (`max_unmerged_layers`).
+                && (parts[1].as_os_str() == "fs" || parts[1].as_os_str() == "merged")
                 && id.is_some_and(|id| dirs.contains(&id)),
             "stray mount {} ({} from {}) under {}",
             m.mount_point.display(),
@@ -339,6 +349,74 @@ async fn prepare_after_db_commit(env: &mut Env) -> Result<()> {
     check_snapshot(env, &name, &flat_with(env, &[&base_ops(), &extra])?).await?;
     check_consistent(env).await?;
     container_starts(env, &name, &flat_with(env, &[&base_ops(), &extra])?).await
+}
+
+async fn fsmeta_build_crash(env: &mut Env) -> Result<()> {
+    let (mut parent, _) = base_layer(env).await?;
+    let mut layers = vec![base_ops()];
+    for (i, point) in [
+        "fsmeta:mid-build",
+        "fsmeta:before-rename",
+        "fsmeta:before-db-commit",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // A new top layer each time, so each crash is in the first build of its chain.
+        let ops = vec![file(&format!("layer-{i}"), point.as_bytes(), 0o644)];
+        let (key, m) = filled_active(env, &parent, &ops).await?;
+        let dir = m
+            .iter()
+            .flat_map(|m| m.options.iter())
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(|u| Path::new(u).parent().expect("snapshot dir").to_path_buf())
+            .context("upperdir of the active snapshot")?;
+        let name = env.key(&format!("layer-{i}"));
+        env.sn.commit(&name, &key).await?;
+        layers.push(ops);
+        parent = name;
+        arm(env, point).await?;
+        let victim = env.key(&format!("victim-{i}"));
+        let r = env.sn.prepare(&victim, &parent).await;
+        crash(env, point, r).await?;
+        env.start_daemon(None).await?;
+        for f in [
+            "fsmeta.erofs",
+            "fsmeta.erofs.tmp",
+            "fsmeta.vmdk",
+            "fsmeta.vmdk.tmp",
+        ] {
+            ensure!(
+                !dir.join(f).exists(),
+                "{point}: {f} of an unrecorded build survived the restart"
+            );
+        }
+        let m = env
+            .sn
+            .mounts(&victim)
+            .await
+            .context("Mounts after the crash")?;
+        let lower = m
+            .iter()
+            .flat_map(|m| m.options.iter())
+            .find_map(|o| o.strip_prefix("lowerdir="))
+            .context("lowerdir")?;
+        ensure!(
+            Path::new(lower) == dir.join("merged"),
+            "{point}: the lower is {lower}, not the flattened chain"
+        );
+        let refs: Vec<&[Op]> = layers.iter().map(Vec::as_slice).collect();
+        let flat = flat_with(env, &refs)?;
+        let mnt = env.mount(&m, "victim")?;
+        fstest::check_equal(&flat, mnt.path()).with_context(|| format!("after {point}"))?;
+        mnt.unmount()?;
+        ensure!(dir.join("fsmeta.erofs").is_file());
+        env.sn.remove(&victim).await?;
+        check_consistent(env)
+            .await
+            .with_context(|| format!("after {point}"))?;
+    }
+    Ok(())
 }
 
 /// An active snapshot on `parent` holding `ops`, unmounted; returns (key, its mounts).

@@ -26,6 +26,14 @@ impl Mounter for SwapBeforeMount {
         }
         self.inner.mount_erofs(image, target)
     }
+    fn mount_erofs_devices(
+        &self,
+        image: OpenImage<'_>,
+        devices: &[OpenImage<'_>],
+        target: &Path,
+    ) -> Result<()> {
+        self.inner.mount_erofs_devices(image, devices, target)
+    }
     fn mount_ext4(&self, image: &Path, target: &Path) -> Result<()> {
         self.inner.mount_ext4(image, target)
     }

@@ -79,6 +79,36 @@ pub fn format_layer(
     })
 }
 
+/// Append a tree with `block`-byte blocks to the image at `tmp` (before it is put in place),
+/// fsynced, without a sidecar (`fsmeta.erofs`: only the store anchors it).
+pub fn format_image(tmp: &Path, block: u32) -> Result<DmVerityRecord> {
+    let len = std::fs::metadata(tmp)
+        .map_err(|e| Error::io("stat of the image", e))?
+        .len();
+    let meta = verity::dmverity_format(
+        tmp,
+        len,
+        block as usize,
+        *uuid::Uuid::new_v4().as_bytes(),
+        None,
+    )
+    .map_err(|e| {
+        Error::io(
+            format!("building the dm-verity tree of {}", tmp.display()),
+            e,
+        )
+    })?;
+    std::fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))?;
+    Ok(DmVerityRecord {
+        roothash: meta.roothash,
+        hashoffset: meta.hashoffset,
+        data_block_size: block,
+        hash_block_size: block,
+    })
+}
+
 /// Where [`format_layer`] leaves the sidecar.
 pub fn sidecar_tmp(layer_tmp: &Path) -> PathBuf {
     layer_tmp.with_file_name(format!("{SIDECAR}.tmp"))

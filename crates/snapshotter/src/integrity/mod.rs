@@ -355,13 +355,33 @@ impl Integrity {
         id: u64,
         name: &str,
     ) -> Result<MountSource<'a>> {
+        self.mount_source_as(layer, tree, &self.device_name(id), name)
+    }
+
+    /// [`Self::mount_source`] for snapshot `id`'s `fsmeta.erofs` (its own dm-verity device).
+    pub fn fsmeta_mount_source<'a>(
+        &self,
+        fsmeta: &'a VerifiedLayer,
+        tree: Option<&DmVerityRecord>,
+        id: u64,
+        name: &str,
+    ) -> Result<MountSource<'a>> {
+        self.mount_source_as(fsmeta, tree, &self.fsmeta_device_name(id), name)
+    }
+
+    fn mount_source_as<'a>(
+        &self,
+        layer: &'a VerifiedLayer,
+        tree: Option<&DmVerityRecord>,
+        device: &str,
+        name: &str,
+    ) -> Result<MountSource<'a>> {
         if self.dmverity_mode == Toggle::Off {
             return Ok(MountSource::Layer(layer));
         }
         match tree {
             Some(rec) if self.dmverity_kernel => {
-                let path =
-                    dmverity::activate(&layer.file, &layer.path, rec, &self.device_name(id))?;
+                let path = dmverity::activate(&layer.file, &layer.path, rec, device)?;
                 let file = open(&path)?;
                 Ok(MountSource::Device { file, path })
             }
@@ -402,8 +422,39 @@ impl Integrity {
         clear_immutable(layer);
     }
 
+    /// Before snapshot `id`'s flattened chain goes: close fsmeta's dm-verity device, clear its
+    /// immutable flag.
+    pub fn release_fsmeta(&self, id: u64, fsmeta: &Path) {
+        dmverity::deactivate(&self.fsmeta_device_name(id));
+        clear_immutable(fsmeta);
+    }
+
+    /// Whether `fsmeta.erofs` images get a dm-verity tree: when layers get one (the differ
+    /// appends them), or when every mount must go through dm-verity.
+    pub fn fsmeta_trees(&self) -> bool {
+        self.dmverity_trees || self.dmverity_mode == Toggle::On
+    }
+
+    /// Whether layers with dm-verity trees are mounted through dm-verity here.
+    pub fn dmverity_required(&self) -> bool {
+        self.dmverity_mode == Toggle::On
+    }
+
+    /// Append a dm-verity tree to fsmeta at `tmp` (not in place yet), when
+    /// [`Self::fsmeta_trees`]; fsynced. Its data blocks are the image's own block size.
+    pub fn fsmeta_tree(&self, tmp: &Path, block: u32) -> Result<Option<DmVerityRecord>> {
+        if !self.fsmeta_trees() {
+            return Ok(None);
+        }
+        dmverity::format_image(tmp, block).map(Some)
+    }
+
     fn device_name(&self, id: u64) -> String {
         dmverity::device_name(&self.root, id)
+    }
+
+    fn fsmeta_device_name(&self, id: u64) -> String {
+        format!("{}-fsmeta", dmverity::device_name(&self.root, id))
     }
 }
 

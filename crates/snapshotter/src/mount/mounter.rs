@@ -33,6 +33,15 @@ pub trait Mounter: Send + Sync + std::fmt::Debug {
     /// Mount an open EROFS image read-only (nodev, nosuid) at `target`: that very file, not
     /// whatever its path names by the time of the mount.
     fn mount_erofs(&self, image: OpenImage<'_>, target: &Path) -> Result<()>;
+    /// Mount an open EROFS image with extra devices (a flattened chain: `fsmeta.erofs` and
+    /// its layers, bottom first, one `device=` each) read-only at `target`, like
+    /// [`Self::mount_erofs`]: the very files (or devices) given, not what their paths name.
+    fn mount_erofs_devices(
+        &self,
+        image: OpenImage<'_>,
+        devices: &[OpenImage<'_>],
+        target: &Path,
+    ) -> Result<()>;
     /// Mount an ext4 image read-write at `target` (size-limited writable layers).
     fn mount_ext4(&self, image: &Path, target: &Path) -> Result<()>;
     /// Detach the mount at `target` (lazily, so a busy mount cannot fail a removal).
@@ -85,6 +94,16 @@ const fn libc_enotblk() -> i32 {
     15
 }
 
+fn is_block_device(img: &OpenImage<'_>) -> Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    Ok(img
+        .file
+        .metadata()
+        .map_err(|e| Error::io(format!("stat of {}", img.path.display()), e))?
+        .file_type()
+        .is_block_device())
+}
+
 impl SystemMounter {
     /// Kernels without file-backed EROFS: a read-only loop device bound from the open file.
     fn mount_erofs_via_loop(&self, image: OpenImage<'_>, target: &Path) -> Result<()> {
@@ -104,6 +123,60 @@ impl SystemMounter {
         // Autoclear frees the device when the mount goes; our fd may close now.
         drop(dev);
         self.loop_mounts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A flattened chain on loop devices: the kernel mounts an EROFS image and its devices
+    /// either all from regular files (file-backed, Linux 6.12+) or all from block devices, so
+    /// every regular file here (a layer, or fsmeta, next to dm-verity devices; or all of
+    /// them on kernels without file-backed mounts) gets a read-only loop device bound from
+    /// its open file, and block devices are used as they are.
+    fn mount_erofs_devices_via_loop(
+        &self,
+        image: OpenImage<'_>,
+        devices: &[OpenImage<'_>],
+        target: &Path,
+    ) -> Result<()> {
+        let as_block = |img: &OpenImage<'_>| -> Result<Option<erofs_sys::loop_device::LoopDevice>> {
+            if is_block_device(img)? {
+                return Ok(None);
+            }
+            erofs_sys::loop_device::attach_fd(img.file.as_fd(), false)
+                .map(Some)
+                .map_err(|e| mount_err("attaching a loop device to", img.path, e))
+        };
+        let main = as_block(&image)?;
+        // Held until the mount is made: autoclear frees each device once its mount goes.
+        let mut loops = Vec::with_capacity(devices.len());
+        for d in devices {
+            loops.push(as_block(d)?);
+        }
+        let paths: Vec<PathBuf> = devices
+            .iter()
+            .zip(&loops)
+            .map(|(d, l)| match l {
+                Some(l) => erofs_sys::mount::fd_path(l.file.as_fd()),
+                None => erofs_sys::mount::fd_path(d.file.as_fd()),
+            })
+            .collect();
+        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        let source = match &main {
+            Some(l) => l.file.as_fd(),
+            None => image.file.as_fd(),
+        };
+        erofs_sys::mount::mount_erofs_fd(source, target, &refs).map_err(|e| {
+            mount_err(
+                &format!(
+                    "mounting {} with {} devices on",
+                    image.path.display(),
+                    devices.len()
+                ),
+                target,
+                e,
+            )
+        })?;
+        let n = loops.iter().filter(|l| l.is_some()).count() + usize::from(main.is_some());
+        self.loop_mounts.fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -146,6 +219,47 @@ impl Mounter for SystemMounter {
             }
         }
         self.mount_erofs_via_loop(image, target)
+    }
+
+    fn mount_erofs_devices(
+        &self,
+        image: OpenImage<'_>,
+        devices: &[OpenImage<'_>],
+        target: &Path,
+    ) -> Result<()> {
+        let mut all_files = !is_block_device(&image)?;
+        for d in devices {
+            all_files &= !is_block_device(d)?;
+        }
+        if all_files && !self.force_loop.load(Ordering::Relaxed) {
+            // Devices are named `/proc/self/fd/N`: the kernel opens the very file checked.
+            let paths: Vec<PathBuf> = devices
+                .iter()
+                .map(|d| erofs_sys::mount::fd_path(d.file.as_fd()))
+                .collect();
+            let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+            match erofs_sys::mount::mount_erofs_fd(image.file.as_fd(), target, &refs) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_enotblk(&e) => {
+                    tracing::info!(
+                        "kernel cannot mount EROFS from a file (before Linux 6.12); using loop devices"
+                    );
+                    self.force_loop.store(true, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    return Err(mount_err(
+                        &format!(
+                            "mounting {} with {} devices on",
+                            image.path.display(),
+                            devices.len()
+                        ),
+                        target,
+                        e,
+                    ));
+                }
+            }
+        }
+        self.mount_erofs_devices_via_loop(image, devices, target)
     }
 
     fn mount_ext4(&self, image: &Path, target: &Path) -> Result<()> {

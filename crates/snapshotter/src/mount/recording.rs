@@ -28,6 +28,15 @@ pub enum MountEvent {
         /// Where it would be mounted.
         target: PathBuf,
     },
+    /// [`Mounter::mount_erofs_devices`].
+    ErofsDevices {
+        /// The metadata image (`fsmeta.erofs`).
+        image: PathBuf,
+        /// Its devices, in device-table order.
+        devices: Vec<PathBuf>,
+        /// Where it would be mounted.
+        target: PathBuf,
+    },
     /// [`Mounter::mount_ext4`].
     Ext4 {
         /// The writable-layer image.
@@ -50,6 +59,7 @@ impl MountEvent {
     pub fn target(&self) -> &Path {
         match self {
             MountEvent::Erofs { target, .. }
+            | MountEvent::ErofsDevices { target, .. }
             | MountEvent::Ext4 { target, .. }
             | MountEvent::Unmount { target, .. } => target,
         }
@@ -133,23 +143,46 @@ impl RecordingMounter {
     }
 }
 
+/// Refuse what is neither a regular file nor a block device, as the kernel would.
+fn check_image(image: &OpenImage<'_>, target: &Path) -> Result<()> {
+    let kind = image
+        .file
+        .metadata()
+        .map_err(|e| Error::io(format!("stat of {}", image.path.display()), e))?
+        .file_type();
+    use std::os::unix::fs::FileTypeExt;
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(Error::internal(format!(
+            "mounting {} on {}: the image is neither a regular file nor a block device",
+            image.path.display(),
+            target.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Mounter for RecordingMounter {
     fn mount_erofs(&self, image: OpenImage<'_>, target: &Path) -> Result<()> {
-        let kind = image
-            .file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat of {}", image.path.display()), e))?
-            .file_type();
-        use std::os::unix::fs::FileTypeExt;
-        if !kind.is_file() && !kind.is_block_device() {
-            return Err(Error::internal(format!(
-                "mounting {} on {}: the image is neither a regular file nor a block device",
-                image.path.display(),
-                target.display()
-            )));
-        }
+        check_image(&image, target)?;
         self.record(MountEvent::Erofs {
             image: image.path.to_path_buf(),
+            target: target.to_path_buf(),
+        })
+    }
+
+    fn mount_erofs_devices(
+        &self,
+        image: OpenImage<'_>,
+        devices: &[OpenImage<'_>],
+        target: &Path,
+    ) -> Result<()> {
+        check_image(&image, target)?;
+        for d in devices {
+            check_image(d, target)?;
+        }
+        self.record(MountEvent::ErofsDevices {
+            image: image.path.to_path_buf(),
+            devices: devices.iter().map(|d| d.path.to_path_buf()).collect(),
             target: target.to_path_buf(),
         })
     }

@@ -59,6 +59,31 @@ pub struct Shape<'a> {
     pub ovl_options: &'a [String],
     /// `uidmap=`/`gidmap=` overlay options (idmapped lowers), already formatted.
     pub idmap_options: Vec<String>,
+    /// The parents as one flattened lower (`max_unmerged_layers`), instead of
+    /// `lower_dirs`/`lower_layers`.
+    pub flat: Option<FlatShape>,
+}
+
+/// A flattened parent chain: one EROFS filesystem, `fsmeta.erofs` with the chain's layers as
+/// its devices.
+#[derive(Debug, Clone)]
+pub struct FlatShape {
+    /// Host mode: where the daemon mounted it (or an idmapped clone of that mount).
+    pub dir: PathBuf,
+    /// Manager mode: `fsmeta.erofs`.
+    pub fsmeta: PathBuf,
+    /// Manager mode: the layers, in device-table order (bottom layer first).
+    pub devices: Vec<PathBuf>,
+}
+
+impl FlatShape {
+    /// containerd's mount-manager shape (upstream's `fsmetaMount`): `erofs` of fsmeta, `ro`,
+    /// `loop`, one `device=` per layer, bottom first.
+    fn erofs(&self) -> Mount {
+        let mut opts = vec!["ro".to_string(), "loop".to_string()];
+        opts.extend(self.devices.iter().map(|d| format!("device={}", p(d))));
+        Mount::new("erofs", p(&self.fsmeta), opts)
+    }
 }
 
 /// The ext4 writable layer of a size-limited snapshot.
@@ -92,6 +117,23 @@ impl Shape<'_> {
     /// Host mode: plain mounts any containerd can perform. Lower layers are already mounted
     /// at their `fs` directories by the daemon.
     pub fn host(&self) -> Vec<Mount> {
+        if let Some(flat) = &self.flat {
+            if !self.writable {
+                return vec![Mount::new(
+                    "bind",
+                    p(&flat.dir),
+                    vec!["ro".into(), "rbind".into()],
+                )];
+            }
+            let mut opts = vec![
+                format!("workdir={}", p(&self.workdir())),
+                format!("upperdir={}", p(&self.upper())),
+            ];
+            opts.extend(self.idmap_options.iter().cloned());
+            opts.push(format!("lowerdir={}", p(&flat.dir)));
+            opts.extend(self.ovl_options.iter().cloned());
+            return vec![Mount::new("overlay", "overlay", opts)];
+        }
         match (self.lower_dirs.len(), self.writable) {
             (0, _) => {
                 let (src, rw) = if self.own_layer.is_some() {
@@ -151,6 +193,9 @@ impl Shape<'_> {
 
     /// Manager mode: upstream's exact shapes for containerd >= 2.2's mount manager.
     pub fn manager(&self) -> Vec<Mount> {
+        if let Some(flat) = &self.flat {
+            return self.manager_flat(flat);
+        }
         let n = self.lower_layers.len();
         if n == 0 {
             if let Some(own) = &self.own_layer {
@@ -216,6 +261,35 @@ impl Shape<'_> {
     }
 }
 
+impl Shape<'_> {
+    /// Manager mode, flattened: a view is the fsmeta mount alone; an active snapshot is an
+    /// overlay whose only lower is it (after the ext4 image in block mode).
+    fn manager_flat(&self, flat: &FlatShape) -> Vec<Mount> {
+        if !self.writable {
+            return vec![flat.erofs()];
+        }
+        let mut out = Vec::new();
+        let mut opts = Vec::new();
+        if self.block.is_some() {
+            out.extend(self.mkfs("rw"));
+            opts.push("X-containerd.mkdir.path={{ mount 0 }}/upper:0755".into());
+            opts.push("X-containerd.mkdir.path={{ mount 0 }}/work:0755".into());
+            opts.push("workdir={{ mount 0 }}/work".into());
+            opts.push("upperdir={{ mount 0 }}/upper".into());
+        } else {
+            opts.push(format!("workdir={}", p(&self.work)));
+            opts.push(format!("upperdir={}", p(&self.fs)));
+        }
+        let first = out.len();
+        out.push(flat.erofs());
+        opts.extend(self.idmap_options.iter().cloned());
+        opts.push(format!("lowerdir={{{{ mount {first} }}}}"));
+        opts.extend(self.ovl_options.iter().cloned());
+        out.push(Mount::new("format/mkdir/overlay", "overlay", opts));
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,7 +313,54 @@ mod tests {
             block: None,
             ovl_options: &[],
             idmap_options: vec![],
+            flat: None,
         }
+    }
+
+    fn flat(writable: bool) -> Shape<'static> {
+        let mut s = shape(writable, 3);
+        s.flat = Some(FlatShape {
+            dir: "/r/snapshots/8/merged".into(),
+            fsmeta: "/r/snapshots/8/fsmeta.erofs".into(),
+            devices: (6..=8)
+                .map(|i| PathBuf::from(format!("/r/snapshots/{i}/layer.erofs")))
+                .collect(),
+        });
+        s
+    }
+
+    #[test]
+    fn flattened_shapes() {
+        let m = flat(true).host();
+        assert_eq!(m.len(), 1);
+        assert_eq!(
+            strs(&m[0]),
+            "overlay overlay workdir=/r/snapshots/9/work,upperdir=/r/snapshots/9/fs,lowerdir=/r/snapshots/8/merged"
+        );
+        assert_eq!(
+            strs(&flat(false).host()[0]),
+            "bind /r/snapshots/8/merged ro,rbind"
+        );
+        let fsmeta = "erofs /r/snapshots/8/fsmeta.erofs ro,loop,device=/r/snapshots/6/layer.erofs,device=/r/snapshots/7/layer.erofs,device=/r/snapshots/8/layer.erofs";
+        let m = flat(false).manager();
+        assert_eq!(m.len(), 1);
+        assert_eq!(strs(&m[0]), fsmeta);
+        let m = flat(true).manager();
+        assert_eq!(m.len(), 2);
+        assert_eq!(strs(&m[0]), fsmeta);
+        assert_eq!(
+            strs(&m[1]),
+            "format/mkdir/overlay overlay workdir=/r/snapshots/9/work,upperdir=/r/snapshots/9/fs,lowerdir={{ mount 0 }}"
+        );
+        let mut s = flat(true);
+        s.block = Some(BlockShape {
+            image: "/r/snapshots/9/rwlayer.img".into(),
+            size: 1 << 26,
+        });
+        let m = s.manager();
+        assert_eq!(m.len(), 3);
+        assert_eq!(strs(&m[1]), fsmeta);
+        assert!(strs(&m[2]).ends_with("upperdir={{ mount 0 }}/upper,lowerdir={{ mount 1 }}"));
     }
 
     fn strs(m: &Mount) -> String {

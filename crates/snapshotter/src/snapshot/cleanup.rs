@@ -84,6 +84,11 @@ impl Snapshotter {
                 continue;
             }
             let _ = fs::remove_file(dir.join(LAYER_TMP));
+            if rec.fsmeta.is_none() {
+                // A build of this chain's fsmeta that was never recorded (a crash midway): its
+                // files are not trusted or used; the next flattened Prepare builds it anew.
+                self.discard_fsmeta(rec.id);
+            }
             let pending = dir.join(LAYER_PENDING);
             if rec.kind == Kind::Committed
                 && !self.layout.layer(rec.id).exists()
@@ -114,7 +119,48 @@ impl Snapshotter {
                     }
                 }
                 self.reverify_mounted(&key, &rec)?;
+                self.reverify_fsmeta_mounted(&key, &rec)?;
             }
+        }
+        Ok(())
+    }
+
+    /// As [`Self::reverify_mounted`], for a flattened chain's fsmeta mount: fsmeta and the
+    /// layers it reads are checked again, and the mount is detached if one fails.
+    fn reverify_fsmeta_mounted(&self, key: &str, rec: &Record) -> Result<()> {
+        let merged = self.layout.merged(rec.id);
+        let Some(meta) = rec.fsmeta.as_ref() else {
+            return Ok(());
+        };
+        if !self.mounter.is_mountpoint(&merged)? {
+            return Ok(());
+        }
+        let checked = self
+            .integrity
+            .open_verified(
+                &self.layout.fsmeta(rec.id),
+                LayerState::Committed(Some(meta)),
+                &format!("fsmeta of {key:?}"),
+            )
+            .and_then(|_| {
+                let chain = self.store.read(|tx| tx.parents(rec))?;
+                self.integrity.open_verified(
+                    &self.layout.layer(rec.id),
+                    LayerState::Committed(rec.layer.as_ref()),
+                    key,
+                )?;
+                for (name, p) in chain {
+                    self.integrity.open_verified(
+                        &self.layout.layer(p.id),
+                        LayerState::Committed(p.layer.as_ref()),
+                        &name,
+                    )?;
+                }
+                Ok(())
+            });
+        if let Err(e) = checked {
+            tracing::error!(snapshot = %key, error = %e, "a mounted flattened chain fails its integrity check: unmounting it");
+            self.mounter.unmount(&merged)?;
         }
         Ok(())
     }

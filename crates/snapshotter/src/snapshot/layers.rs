@@ -47,6 +47,10 @@ pub(crate) struct DiffInputs {
     pub lowers: Vec<VerifiedLayer>,
 }
 
+/// A lower a mount names: a snapshot id, and whether it stands for that snapshot's whole
+/// chain (a flattened chain's mount).
+type Lower = (u64, bool);
+
 fn not_ours(why: impl std::fmt::Display) -> Error {
     Error::unimplemented(format!("mounts are not erofs-snapshotter snapshots: {why}"))
 }
@@ -177,8 +181,10 @@ impl Snapshotter {
     }
 
     /// Resolve mounts to our snapshot ids, top first: `bind` of an `fs` dir is one layer,
-    /// `overlay` lists `lowerdir` entries and may have an `upperdir`.
-    fn mount_ids(&self, mounts: &[Mount]) -> Result<(Vec<u64>, Option<u64>)> {
+    /// `overlay` lists `lowerdir` entries and may have an `upperdir`. A flattened chain's
+    /// mount (`snapshots/ID/merged`) stands for snapshot ID and every parent of it: the ids
+    /// come back with `true` ("and its parents"), expanded by the caller.
+    fn mount_ids(&self, mounts: &[Mount]) -> Result<(Vec<Lower>, Option<u64>)> {
         let mut lowers = Vec::new();
         let mut upper = None;
         let id_of = |p: &str| {
@@ -186,21 +192,33 @@ impl Snapshotter {
                 .id_of(Path::new(p))
                 .ok_or_else(|| not_ours(format!("{p} is not under the snapshotter root")))
         };
+        let lower = |p: &str| -> Result<Lower> {
+            let id = id_of(p)?;
+            let flat = Path::new(p)
+                .strip_prefix(self.layout.dir(id))
+                .ok()
+                .and_then(|rest| rest.components().next())
+                .is_some_and(|c| {
+                    c.as_os_str()
+                        .to_string_lossy()
+                        .starts_with(crate::layout::MERGED_DIR)
+                });
+            Ok((id, flat))
+        };
         for m in mounts {
             match m.kind.rsplit('/').next().unwrap_or_default() {
                 "bind" => {
-                    let id = id_of(&m.source)?;
                     if m.options.iter().any(|o| o == "ro") {
-                        lowers.push(id);
+                        lowers.push(lower(&m.source)?);
                     } else {
-                        upper = Some(id);
+                        upper = Some(id_of(&m.source)?);
                     }
                 }
                 "overlay" => {
                     for o in &m.options {
                         if let Some(list) = o.strip_prefix("lowerdir=") {
                             for d in list.split(':') {
-                                lowers.push(id_of(d)?);
+                                lowers.push(lower(d)?);
                             }
                         } else if let Some(u) = o.strip_prefix("upperdir=") {
                             upper = Some(id_of(u)?);
@@ -240,6 +258,32 @@ impl Snapshotter {
             live.get(&id)
                 .ok_or_else(|| Error::not_found(format!("snapshot {id} does not exist")))
         };
+        // A flattened chain's mount is its top snapshot and all of that one's parents.
+        let by_key: HashMap<&str, u64> =
+            live.iter().map(|(id, (k, _))| (k.as_str(), *id)).collect();
+        let expand = |ids: Vec<Lower>| -> Result<Vec<u64>> {
+            let mut out = Vec::with_capacity(ids.len());
+            for (id, chain) in ids {
+                out.push(id);
+                if !chain {
+                    continue;
+                }
+                let mut next = record(id)?.1.parent.clone();
+                while let Some(p) = next {
+                    let pid = *by_key.get(p.as_str()).ok_or_else(|| {
+                        Error::not_found(format!("parent snapshot {p:?} does not exist"))
+                    })?;
+                    out.push(pid);
+                    next = record(pid)?.1.parent.clone();
+                    if out.len() > live.len() {
+                        return Err(Error::internal("parent chain loops"));
+                    }
+                }
+            }
+            Ok(out)
+        };
+        let lower_ids = expand(lower_ids)?;
+        let upper_lowers = expand(upper_lowers)?;
         let upper = match upper_id {
             Some(id) => {
                 let (key, rec) = record(id)

@@ -16,6 +16,7 @@
 
 mod cleanup;
 mod commit;
+mod flatten;
 mod gate;
 mod info;
 pub(crate) mod layers;

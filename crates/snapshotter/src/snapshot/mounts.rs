@@ -1,12 +1,12 @@
 //! Mounts(key), and making sure every layer a mount list names is mounted (host mode).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::Snapshotter;
 use crate::config::MountMode;
 use crate::error::{Error, Result};
 use crate::integrity::LayerState;
-use crate::mount::spec::{BlockShape, Shape};
+use crate::mount::spec::{BlockShape, FlatShape, Shape};
 use crate::mount::{IdMap, Mount};
 use crate::store::{DmVerityRecord, Kind, Record};
 
@@ -44,25 +44,64 @@ impl Snapshotter {
         let own_layer = self.layout.layer(rec.id);
         let own_layer = (parents.is_empty() && own_layer.exists()).then_some(own_layer);
         let host = self.cfg.mount_mode == MountMode::Host;
+        let idmap = IdMap::from_labels(
+            rec.labels.get(super::LABEL_UIDMAPPING),
+            rec.labels.get(super::LABEL_GIDMAPPING),
+        )?;
+        // A flattened snapshot's lower is its parent's fsmeta (built now if a crash came
+        // between recording the snapshot and recording fsmeta), not the layers one by one.
+        let flat = if rec.flattened && !parents.is_empty() {
+            let meta = self.ensure_fsmeta(parents)?;
+            let (pname, prec) = &parents[0];
+            let dir = if host {
+                let merged = self.ensure_fsmeta_mounted(parents, &meta)?;
+                match &idmap {
+                    Some(m) => self.ensure_idmapped(
+                        &merged,
+                        &self
+                            .layout
+                            .dir(prec.id)
+                            .join(format!("merged-idmap-{}", m.tag())),
+                        m,
+                    )?,
+                    None => merged,
+                }
+            } else {
+                self.verify_fsmeta_for_manager(pname, prec.id, &meta)?;
+                for (name, p) in parents {
+                    self.verify_for_manager(name, p, LayerState::Committed(p.layer.as_ref()))?;
+                }
+                self.layout.merged(prec.id)
+            };
+            Some(FlatShape {
+                dir,
+                fsmeta: self.layout.fsmeta(prec.id),
+                devices: parents
+                    .iter()
+                    .rev()
+                    .map(|(_, p)| self.layout.layer(p.id))
+                    .collect(),
+            })
+        } else {
+            None
+        };
+        // The stacked lowers, one per parent layer.
+        let stacked: &[(String, Record)] = if flat.is_some() { &[] } else { parents };
         if host {
-            for (name, p) in parents {
+            for (name, p) in stacked {
                 self.ensure_layer_mounted(name, p, LayerState::Committed(p.layer.as_ref()))?;
             }
             if own_layer.is_some() {
                 self.ensure_layer_mounted(key, rec, LayerState::Applied(rec.layer.as_ref()))?;
             }
         } else {
-            for (name, p) in parents {
+            for (name, p) in stacked {
                 self.verify_for_manager(name, p, LayerState::Committed(p.layer.as_ref()))?;
             }
             if own_layer.is_some() {
                 self.verify_for_manager(key, rec, LayerState::Applied(rec.layer.as_ref()))?;
             }
         }
-        let idmap = IdMap::from_labels(
-            rec.labels.get(super::LABEL_UIDMAPPING),
-            rec.labels.get(super::LABEL_GIDMAPPING),
-        )?;
         let shape = Shape {
             writable: rec.kind == Kind::Active,
             fs: self.layout.fs(rec.id),
@@ -72,18 +111,18 @@ impl Snapshotter {
                 _ => None,
             },
             own_layer,
-            lower_dirs: parents
+            lower_dirs: stacked
                 .iter()
                 .map(|(_, p)| self.lower_dir(p.id, idmap.as_ref()))
                 .collect::<Result<Vec<PathBuf>>>()?,
-            lower_layers: parents
+            lower_layers: stacked
                 .iter()
                 .map(|(_, p)| self.layout.layer(p.id))
                 .collect(),
             lower_sidecars: if host {
                 Vec::new()
             } else {
-                parents
+                stacked
                     .iter()
                     .map(|(n, p)| self.manager_sidecar(n, p))
                     .collect::<Result<_>>()?
@@ -101,6 +140,7 @@ impl Snapshotter {
                     .map(|m| m.overlay_options())
                     .unwrap_or_default()
             },
+            flat,
         };
         Ok(if host { shape.host() } else { shape.manager() })
     }
@@ -108,24 +148,28 @@ impl Snapshotter {
     /// Where a lower layer is seen from: its `fs` mount, or an idmapped clone of it.
     fn lower_dir(&self, id: u64, idmap: Option<&IdMap>) -> Result<PathBuf> {
         match idmap {
-            Some(m) if self.cfg.mount_mode == MountMode::Host => self.ensure_idmapped(id, m),
+            Some(m) if self.cfg.mount_mode == MountMode::Host => self.ensure_idmapped(
+                &self.layout.fs(id),
+                &self.layout.dir(id).join(format!("idmap-{}", m.tag())),
+                m,
+            ),
             _ => Ok(self.layout.fs(id)),
         }
     }
 
-    /// Host mode with id mappings: an idmapped clone of layer `id`'s mount, at
-    /// `snapshots/ID/idmap-TAG` (gone with the snapshot directory).
-    fn ensure_idmapped(&self, id: u64, map: &IdMap) -> Result<PathBuf> {
-        let target = self.layout.dir(id).join(format!("idmap-{}", map.tag()));
+    /// Host mode with id mappings: an idmapped clone of the mount at `source` (a layer's, at
+    /// `snapshots/ID/idmap-TAG`, or a flattened chain's, at `snapshots/ID/merged-idmap-TAG`:
+    /// gone with the snapshot directory).
+    fn ensure_idmapped(&self, source: &Path, target: &Path, map: &IdMap) -> Result<PathBuf> {
         let _g = self.mount_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.mounter.is_mountpoint(&target)? {
-            return Ok(target);
+        if self.mounter.is_mountpoint(target)? {
+            return Ok(target.to_path_buf());
         }
-        std::fs::create_dir_all(&target)
+        std::fs::create_dir_all(target)
             .map_err(|e| Error::io(format!("creating {}", target.display()), e))?;
-        crate::mount::idmap::mount_clone(&self.layout.fs(id), &target, map)
-            .map_err(|e| e.context(format!("layer {id}")))?;
-        Ok(target)
+        crate::mount::idmap::mount_clone(source, target, map)
+            .map_err(|e| e.context(format!("{}", source.display())))?;
+        Ok(target.to_path_buf())
     }
 
     /// Manager mode: containerd mounts the layer files itself, so each is checked against its
@@ -134,7 +178,12 @@ impl Snapshotter {
     /// rename over it or `chattr` all change them) is not re-hashed. What containerd then
     /// opens is the path: with kernel fs-verity the kernel checks every read; in userspace
     /// mode this check is the last one.
-    fn verify_for_manager(&self, name: &str, rec: &Record, state: LayerState<'_>) -> Result<()> {
+    pub(crate) fn verify_for_manager(
+        &self,
+        name: &str,
+        rec: &Record,
+        state: LayerState<'_>,
+    ) -> Result<()> {
         let layer = self.layout.layer(rec.id);
         let _layer = self.layer_locks.lock(&[&rec.id.to_string()]);
         let now = std::fs::symlink_metadata(&layer)
@@ -179,7 +228,7 @@ impl Snapshotter {
     }
 
     /// Record the dm-verity tree of an old record's layer, established at its first use.
-    fn record_dmverity(&self, key: &str, id: u64, tree: &DmVerityRecord) -> Result<()> {
+    pub(crate) fn record_dmverity(&self, key: &str, id: u64, tree: &DmVerityRecord) -> Result<()> {
         self.store.write(|tx| {
             let Some(mut rec) = tx.get(key)?.filter(|r| r.id == id) else {
                 return Ok(());

@@ -94,8 +94,13 @@ impl Snapshotter {
         let mut moved_to = None;
         let parent_opt = (!parent.is_empty()).then_some(parent);
         let result = self.store.write(|tx| {
-            let rec = tx.create(kind, key, parent_opt, labels.clone(), writable)?;
+            let mut rec = tx.create(kind, key, parent_opt, labels.clone(), writable)?;
             let parents = tx.parents(&rec)?;
+            // Decided once, with the record: the snapshot's mounts never change after.
+            if self.flatten_wanted(key, &parents) {
+                rec.flattened = true;
+                tx.replace(key, &rec)?;
+            }
             // The upper dir's owner shows as the owner of the container's root: take the
             // image root's owner, or root of the user namespace.
             let owner = match (&idmap, parents.first()) {

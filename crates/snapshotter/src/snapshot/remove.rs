@@ -42,9 +42,16 @@ impl Snapshotter {
             }
         }
         let layer = dir.join(crate::layout::LAYER);
+        let fsmeta = dir.join(crate::layout::FSMETA);
         match self.layout.id_of(dir) {
-            Some(id) => self.integrity.release(id, &layer),
-            None => crate::integrity::clear_immutable(&layer),
+            Some(id) => {
+                self.integrity.release_fsmeta(id, &fsmeta);
+                self.integrity.release(id, &layer);
+            }
+            None => {
+                crate::integrity::clear_immutable(&fsmeta);
+                crate::integrity::clear_immutable(&layer);
+            }
         }
         let name = dir
             .file_name()

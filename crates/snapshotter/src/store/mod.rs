@@ -243,6 +243,8 @@ impl WriteTx {
             inodes: 0,
             layer: None,
             writable_size,
+            flattened: false,
+            fsmeta: None,
         };
         self.put(key, &rec)?;
         self.tx.open_table(IDS)?.insert(id, key)?;
@@ -342,6 +344,19 @@ impl WriteTx {
         self.tx.open_table(SNAPSHOTS)?.remove(key)?;
         self.tx.open_table(IDS)?.remove(rec.id)?;
         Ok(rec)
+    }
+
+    /// Record the flattened chain built for committed snapshot `key` (id `id`), once its file is
+    /// durable; refused when the snapshot is gone or is another one by now.
+    pub fn record_fsmeta(&mut self, key: &str, id: u64, meta: LayerMeta) -> Result<()> {
+        let mut rec = self.require(key)?;
+        if rec.id != id || rec.kind != Kind::Committed {
+            return Err(Error::failed_precondition(format!(
+                "snapshot {key:?} is no longer the committed snapshot fsmeta was built for"
+            )));
+        }
+        rec.fsmeta = Some(meta);
+        self.put(key, &rec)
     }
 
     /// Replace a record (labels and times; the caller keeps id, kind and parent).

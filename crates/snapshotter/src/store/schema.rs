@@ -133,4 +133,13 @@ pub struct Record {
     /// Size limit of the writable layer (active snapshots in block mode), bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writable_size: Option<u64>,
+    /// Active snapshots and views: their lower is the parent's flattened chain
+    /// (`fsmeta.erofs`), decided at creation so the mounts never change.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flattened: bool,
+    /// Committed snapshots: the `fsmeta.erofs` built for the chain ending here (this layer
+    /// and its parents), recorded only once it is durable and sealed; what it is checked
+    /// against before every mount (size, digest, dm-verity tree, immutable flag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsmeta: Option<LayerMeta>,
 }

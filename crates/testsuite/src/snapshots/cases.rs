@@ -900,9 +900,11 @@ pub async fn layers_128_mount<S: SnapshotterUnderTest>(env: &mut S) -> Result<()
             .prepare(&preparing, &parent)
             .await
             .with_context(|| format!("[layer {i}] prepare"))?;
+        let n = env.max_unmerged_layers();
+        let lowers = if n > 0 && i > n { 1 } else { i };
         ensure!(
-            super::mount_dirs(&m)?.1.len() == i,
-            "[layer {i}] {} lower dirs",
+            super::mount_dirs(&m)?.1.len() == lowers,
+            "[layer {i}] {} lower dirs, want {lowers}",
             super::mount_dirs(&m)?.1.len()
         );
         if let Some(mnt) = env.mount(&m, "prepare")? {
@@ -926,8 +928,16 @@ pub async fn layers_128_mount<S: SnapshotterUnderTest>(env: &mut S) -> Result<()
     let view = env.key("fullview");
     let m = sn.view(&view, &parent).await?;
     if let [m0] = m.as_slice() {
-        let o = parse_overlay(m0)?;
-        ensure!(o.lowers.len() == 128, "{} lowers", o.lowers.len());
+        if env.max_unmerged_layers() > 0 {
+            // One read-only mount of the flattened chain.
+            ensure!(
+                m0.r#type == "bind" || m0.r#type == "erofs",
+                "a flattened view: {m0:?}"
+            );
+        } else {
+            let o = parse_overlay(m0)?;
+            ensure!(o.lowers.len() == 128, "{} lowers", o.lowers.len());
+        }
     }
     if let Some(mnt) = env.mount(&m, "fullview")? {
         fstest::check_equal(&flat, mnt.path()).context("fullview should equal flat")?;

@@ -170,6 +170,11 @@ pub trait SnapshotterUnderTest {
     async fn restart(&mut self) -> Result<()>;
     /// Whether [`mount`](Self::mount) performs mounts (so file content can be checked).
     fn can_mount(&self) -> bool;
+    /// `max_unmerged_layers` of the snapshotter (0: never flattens): a snapshot on more
+    /// layers than this has one lower, its flattened chain.
+    fn max_unmerged_layers(&self) -> usize {
+        0
+    }
     /// Perform `mounts` on a fresh directory (`Some`, when [`can_mount`](Self::can_mount)),
     /// or check the list as far as possible without mounting and answer `None`.
     fn mount(&self, mounts: &[Mount], prefix: &str) -> Result<Option<Mounted>>;
