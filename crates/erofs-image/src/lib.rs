@@ -3,7 +3,8 @@
 //!
 //! This crate knows nothing of containerd or snapshots, and does no I/O of its own: it reads
 //! and writes bytes through the readers and [`output::ImageOutput`]s it is given (reading a
-//! source directory with `fdwalk`, for [`builder::dir_to_image`], aside). Faster ways of writing images to
+//! source directory with `fdwalk`, for [`builder::dir_to_image`], and opening layer files by
+//! path, for [`merge::merge_layer_files`], aside). Faster ways of writing images to
 //! files (`copy_file_range`, `FALLOC_FL_INSERT_RANGE`, `O_DIRECT`) are outputs that live in
 //! other crates.
 //!

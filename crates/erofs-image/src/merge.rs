@@ -1105,6 +1105,15 @@ mod tests {
         assert!(report.is_ok(), "{}", report.summary(10));
         // Deterministic.
         assert_eq!(merge(&layers, &MergeOptions::default()).unwrap().0, fsmeta);
+
+        // The checker with the layers in the wrong order: slots and sizes disagree.
+        let swapped = [layers[1].clone(), layers[0].clone(), layers[2].clone()];
+        let r = crate::check::check(&open(fsmeta, &swapped));
+        assert!(
+            r.findings.iter().any(|f| f.message.contains("device 1")),
+            "{}",
+            r.summary(10)
+        );
     }
 
     #[test]

@@ -371,6 +371,12 @@ fn merge_builds_fsmeta_that_fsck_and_cat_read_with_devices() {
     assert_eq!(o.stdout, b"hello\n", "{}", text(&o));
     let o = with("cat", &["/big"]);
     assert_eq!(o.stdout, vec![7u8; 10000], "{}", text(&o));
+    let o = with("stat", &["/big"]);
+    assert!(
+        o.status.success() && text(&o).contains("10000"),
+        "{}",
+        text(&o)
+    );
     let o = with("ls", &["/etc"]);
     let listing = text(&o);
     assert!(
