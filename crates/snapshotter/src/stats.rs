@@ -33,6 +33,7 @@ pub(crate) struct Counters {
     commit_bytes: AtomicU64,
     fsverity_userspace: AtomicU64,
     dmverity_skipped: AtomicU64,
+    pub(crate) artifacts: crate::artifacts::OutcomeCounters,
 }
 
 impl Counters {
@@ -67,13 +68,14 @@ impl Counters {
             commit_bytes: get(&self.commit_bytes),
             fsverity_userspace: get(&self.fsverity_userspace),
             dmverity_skipped: get(&self.dmverity_skipped),
+            artifacts: self.artifacts.get(),
             loop_mounts,
         }
     }
 }
 
 /// The counters' values ([`crate::Snapshotter::stats`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     /// Layers the differ's Apply wrote.
     pub apply_layers: u64,
@@ -87,9 +89,26 @@ pub struct Stats {
     pub fsverity_userspace: u64,
     /// Mounts of a layer with a dm-verity tree made without dm-verity.
     pub dmverity_skipped: u64,
+    /// Tar-index layers per what happened to their registry artifacts.
+    pub artifacts: [(crate::artifacts::Outcome, u64); 9],
     /// EROFS mounts made through a loop device instead of from the file (kernels before
     /// 6.12, or a mounter told to).
     pub loop_mounts: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            apply_layers: 0,
+            apply_bytes: 0,
+            commit_layers: 0,
+            commit_bytes: 0,
+            fsverity_userspace: 0,
+            dmverity_skipped: 0,
+            artifacts: crate::artifacts::Outcome::ALL.map(|o| (o, 0)),
+            loop_mounts: 0,
+        }
+    }
 }
 
 /// What the store holds now ([`crate::Snapshotter::store_stats`]).

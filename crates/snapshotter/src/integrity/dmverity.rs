@@ -79,6 +79,134 @@ pub fn format_layer(
     })
 }
 
+/// A dm-verity tree fetched from a registry for the layer at `tmp` (`[index][tar]`, not yet
+/// in place): the bytes that follow the layer's data, and what its annotations claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedTree {
+    /// Padding to the block size, the verity superblock and the hash levels.
+    pub bytes: Vec<u8>,
+    /// The root digest (hex) the annotations name.
+    pub roothash: String,
+    /// Data and hash block size.
+    pub block_size: u32,
+    /// Where the superblock starts.
+    pub hash_offset: u64,
+}
+
+/// How much of a fetched tree is checked before it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeCheck {
+    /// Recompute the whole tree from the layer's data and compare every level and the root
+    /// (what `veritysetup verify` does): sound whatever produced the tree, and as costly as
+    /// building it.
+    Full,
+    /// Check the tree against its (trusted) root only ([`verity::dmverity_verify_tree_only`]);
+    /// the data is checked by the kernel as it is read through dm-verity.
+    TreeOnly,
+}
+
+/// Append `tree` to the layer at `tmp` and check it (see [`TreeCheck`]); on success write the
+/// sidecar like [`format_layer`] and return the record. `Ok(Err(why))` when the tree does not
+/// fit or fails the check: the layer is then back to its data alone, for [`format_layer`].
+pub fn install_fetched(
+    tmp: &Path,
+    tree: &FetchedTree,
+    check: TreeCheck,
+) -> Result<std::result::Result<DmVerityRecord, String>> {
+    // Tar-index layers: see format_layer.
+    const BLOCK: u64 = 512;
+    let io = |e| {
+        Error::io(
+            format!("installing the fetched dm-verity tree of {}", tmp.display()),
+            e,
+        )
+    };
+    let len = std::fs::metadata(tmp).map_err(io)?.len();
+    let hash_offset = len.next_multiple_of(BLOCK);
+    if tree.block_size as u64 != BLOCK {
+        return Ok(Err(format!(
+            "block size {} (tar-index layers use {BLOCK})",
+            tree.block_size
+        )));
+    }
+    if tree.hash_offset != hash_offset {
+        return Ok(Err(format!(
+            "hash offset {} but the layer's data ends at {hash_offset}",
+            tree.hash_offset
+        )));
+    }
+    let pad = (hash_offset - len) as usize;
+    let want = verity::dmverity_levels_len(hash_offset / BLOCK, BLOCK as usize)
+        .map(|l| l + pad as u64 + 512);
+    if want != Some(tree.bytes.len() as u64) {
+        return Ok(Err(format!(
+            "{} bytes, a tree of this layer has {want:?}",
+            tree.bytes.len()
+        )));
+    }
+    if tree.bytes[..pad].iter().any(|&b| b != 0) {
+        return Ok(Err("non-zero padding before the superblock".into()));
+    }
+    if tree.roothash.len() != 64 || !tree.roothash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(Err(format!(
+            "root digest {:?} is not 64 hex digits",
+            tree.roothash
+        )));
+    }
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp)
+            .map_err(io)?;
+        f.write_all(&tree.bytes).map_err(io)?;
+    }
+    let f = File::open(tmp).map_err(io)?;
+    let meta = verity::DmVerityMeta {
+        roothash: tree.roothash.to_ascii_lowercase(),
+        hashoffset: hash_offset,
+    };
+    let sb = verity::read_verity_superblock(&f, hash_offset).map_err(io)?;
+    let sb_ok = sb.is_some_and(|s| {
+        s.ours
+            && s.hash_type == 1
+            && s.data_block_size as u64 == BLOCK
+            && s.hash_block_size as u64 == BLOCK
+            && s.data_blocks == hash_offset / BLOCK
+    });
+    let ok = sb_ok
+        && match check {
+            TreeCheck::Full => verity::dmverity_verify_file(&f, &meta, BLOCK as usize),
+            TreeCheck::TreeOnly => verity::dmverity_verify_tree_only(&f, &meta, BLOCK as usize),
+        }
+        .map_err(io)?;
+    if !ok {
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp)
+            .map_err(io)?;
+        w.set_len(len).map_err(io)?;
+        return Ok(Err(if sb_ok {
+            "the tree does not match the layer's data and root digest".into()
+        } else {
+            "its verity superblock is not the one of this layer".into()
+        }));
+    }
+    f.sync_all().map_err(io)?;
+    let side = sidecar_tmp(tmp);
+    let json = serde_json::to_string_pretty(&meta).expect("sidecar serializes");
+    std::fs::write(&side, json).map_err(|e| Error::io(format!("writing {}", side.display()), e))?;
+    std::fs::File::open(&side)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(format!("fsync {}", side.display()), e))?;
+    Ok(Ok(DmVerityRecord {
+        roothash: meta.roothash,
+        hashoffset: meta.hashoffset,
+        data_block_size: BLOCK as u32,
+        hash_block_size: BLOCK as u32,
+    }))
+}
+
 /// Where [`format_layer`] leaves the sidecar.
 pub fn sidecar_tmp(layer_tmp: &Path) -> PathBuf {
     layer_tmp.with_file_name(format!("{SIDECAR}.tmp"))
@@ -809,5 +937,121 @@ mod tests {
         let e = check_policy(Toggle::On, false).unwrap_err();
         assert!(e.to_string().contains("dmverity_mode"), "{e}");
         check_policy(Toggle::Auto, false).unwrap();
+    }
+
+    /// A tar-index-sized layer (not a multiple of 512, so the tree carries padding), its
+    /// tree as a registry would hold it, and a fresh copy of the data to install it on.
+    fn fetched_tree(len: usize) -> (tempfile::TempDir, Vec<u8>, FetchedTree) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let d = tempfile::tempdir().unwrap();
+        let built = d.path().join("built.tmp");
+        std::fs::write(&built, &data).unwrap();
+        let rec = format_layer(&built, true, None).unwrap();
+        let all = std::fs::read(&built).unwrap();
+        let tree = FetchedTree {
+            bytes: all[len..].to_vec(),
+            roothash: rec.roothash,
+            block_size: 512,
+            hash_offset: rec.hashoffset,
+        };
+        (d, data, tree)
+    }
+
+    fn install(
+        d: &Path,
+        data: &[u8],
+        tree: &FetchedTree,
+        check: TreeCheck,
+    ) -> std::result::Result<(), String> {
+        let tmp = d.join("layer.erofs.tmp");
+        std::fs::write(&tmp, data).unwrap();
+        let r = install_fetched(&tmp, tree, check).unwrap().map(|_| ());
+        let len = std::fs::metadata(&tmp).unwrap().len();
+        if r.is_err() {
+            // A rejected tree leaves the data as it was, for the local tree.
+            assert_eq!(len, data.len() as u64);
+        } else {
+            assert_eq!(len, (data.len() + tree.bytes.len()) as u64);
+            assert!(d.join(format!("{SIDECAR}.tmp")).exists());
+        }
+        r
+    }
+
+    #[test]
+    fn fetched_trees_are_checked_before_use() {
+        let (d, data, tree) = fetched_tree(300_000 + 100);
+        for check in [TreeCheck::Full, TreeCheck::TreeOnly] {
+            install(d.path(), &data, &tree, check).unwrap();
+        }
+        let tmp = d.path().join("layer.erofs.tmp");
+        let rec = install_fetched(&tmp, &tree, TreeCheck::Full).unwrap();
+        assert!(
+            rec.is_err(),
+            "a second tree after the first is not this layer's"
+        );
+
+        // A changed hash in the lowest level: neither check accepts it.
+        let mut bad = tree.clone();
+        let n = bad.bytes.len();
+        bad.bytes[n - 1000] ^= 1;
+        for check in [TreeCheck::Full, TreeCheck::TreeOnly] {
+            assert!(install(d.path(), &data, &bad, check).is_err(), "{check:?}");
+        }
+        // Another root digest.
+        let mut bad = tree.clone();
+        bad.roothash = "00".repeat(32);
+        for check in [TreeCheck::Full, TreeCheck::TreeOnly] {
+            assert!(install(d.path(), &data, &bad, check).is_err(), "{check:?}");
+        }
+        // Data the tree does not describe: only the full check sees it (with a trusted root,
+        // the kernel sees it at read time).
+        let mut other = data.clone();
+        other[5] ^= 1;
+        assert!(install(d.path(), &other, &tree, TreeCheck::Full).is_err());
+        install(d.path(), &other, &tree, TreeCheck::TreeOnly).unwrap();
+        // Shapes that cannot be this layer's tree.
+        let mut bad = tree.clone();
+        bad.bytes.truncate(n - 512);
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::Full)
+                .unwrap_err()
+                .contains("bytes")
+        );
+        let mut bad = tree.clone();
+        bad.hash_offset += 512;
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::Full)
+                .unwrap_err()
+                .contains("hash offset")
+        );
+        let mut bad = tree.clone();
+        bad.block_size = 4096;
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::Full)
+                .unwrap_err()
+                .contains("block size")
+        );
+        let mut bad = tree.clone();
+        bad.bytes[0] = 1;
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::Full)
+                .unwrap_err()
+                .contains("padding")
+        );
+        let mut bad = tree.clone();
+        let pad = (tree.hash_offset - data.len() as u64) as usize;
+        bad.bytes[pad + 12] ^= 1; // the superblock's hash type
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::TreeOnly)
+                .unwrap_err()
+                .contains("superblock")
+        );
+        let mut bad = tree;
+        bad.roothash = "zz".into();
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::Full)
+                .unwrap_err()
+                .contains("hex")
+        );
     }
 }
