@@ -46,25 +46,15 @@ pub fn check_policy(mode: Toggle, kernel: bool) -> Result<()> {
 }
 
 /// Append a tree to the layer at `tmp` (before it is put in place) and write the sidecar next
-/// to it as `SIDECAR.tmp`, both fsynced. Tar-index layers use 512-byte blocks (EROFS with
-/// 512-byte blocks cannot sit on a device with 4 KiB logical blocks), full images 4096.
+/// to it as `SIDECAR.tmp`, both fsynced ([`append_tree`], blocks of [`block_size`]).
 /// Returns what the store records of the tree.
 pub fn format_layer(
     tmp: &Path,
     tar_index: bool,
     known: Option<&verity::Leaves>,
 ) -> Result<DmVerityRecord> {
-    let block = if tar_index { 512 } else { 4096 };
-    let len = std::fs::metadata(tmp)
-        .map_err(|e| Error::io("stat of the layer", e))?
-        .len();
-    let meta = verity::dmverity_format(tmp, len, block, *uuid::Uuid::new_v4().as_bytes(), known)
-        .map_err(|e| {
-            Error::io(
-                format!("building the dm-verity tree of {}", tmp.display()),
-                e,
-            )
-        })?;
+    let block = block_size(tar_index);
+    let meta = append_tree(tmp, tar_index, known)?;
     let side = sidecar_tmp(tmp);
     let json = serde_json::to_string_pretty(&meta).expect("sidecar serializes");
     std::fs::write(&side, json).map_err(|e| Error::io(format!("writing {}", side.display()), e))?;
@@ -76,6 +66,32 @@ pub fn format_layer(
         hashoffset: meta.hashoffset,
         data_block_size: block as u32,
         hash_block_size: block as u32,
+    })
+}
+
+/// Data and hash block size of the tree of a layer: 512 bytes for tar-index layers (EROFS
+/// with 512-byte blocks cannot sit on a device with 4 KiB logical blocks), 4096 for full
+/// images.
+pub fn block_size(tar_index: bool) -> usize {
+    if tar_index { 512 } else { 4096 }
+}
+
+/// Append the tree the differ gives a layer to the file at `path` (all of it is the layer's
+/// data): zero-padded to [`block_size`], then the verity superblock and the tree. The
+/// producer of registry artifacts builds trees with this too, so both are the same bytes.
+pub fn append_tree(
+    path: &Path,
+    tar_index: bool,
+    known: Option<&verity::Leaves>,
+) -> Result<DmVerityMeta> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io("stat of the layer", e))?
+        .len();
+    verity::dmverity_format(path, len, block_size(tar_index), known).map_err(|e| {
+        Error::io(
+            format!("building the dm-verity tree of {}", path.display()),
+            e,
+        )
     })
 }
 

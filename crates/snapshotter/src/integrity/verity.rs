@@ -207,14 +207,25 @@ pub struct DmVerityMeta {
 /// reproducible across nodes.
 pub const DMVERITY_SALT: [u8; 32] = [0; 32];
 
+/// The UUID in the verity superblock of a tree with root `root`: derived from it (uuid5 in the
+/// URL namespace of `erofs:dmverity/<hex root>`) rather than random, so the same data gives
+/// the same tree bytes on every node, and a tree fetched from a registry is byte for byte the
+/// one a node would compute.
+pub fn superblock_uuid(root: &[u8; 32]) -> [u8; 16] {
+    *uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_URL,
+        format!("erofs:dmverity/{}", hex::encode(root)).as_bytes(),
+    )
+    .as_bytes()
+}
+
 /// Append a dm-verity superblock and hash tree to `path` (data = its first `data_len` bytes,
 /// padded to `block`), veritysetup format: hash type 1, SHA-256, salted, data and hash block
-/// size `block`. Returns what the sidecar records.
+/// size `block`, superblock UUID [`superblock_uuid`]. Returns what the sidecar records.
 pub fn dmverity_format(
     path: &Path,
     data_len: u64,
     block: usize,
-    uuid: [u8; 16],
     known: Option<&Leaves>,
 ) -> io::Result<DmVerityMeta> {
     let f = std::fs::OpenOptions::new()
@@ -234,6 +245,7 @@ pub fn dmverity_format(
         Some(&mut levels),
         known,
     )?;
+    let uuid = superblock_uuid(&root);
     // Superblock.
     let mut sb = vec![0u8; 512];
     sb[0..8].copy_from_slice(b"verity\0\0");
@@ -525,8 +537,26 @@ mod tests {
             hashes: salted[1..200].to_vec(),
         };
         drop(f);
-        let meta = dmverity_format(&p, len as u64, 4096, [1; 16], Some(&known)).unwrap();
+        let meta = dmverity_format(&p, len as u64, 4096, Some(&known)).unwrap();
         assert!(dmverity_verify(&p, &meta, 4096).unwrap());
+    }
+
+    /// The same data gives the same tree bytes, superblock included (registry artifacts rely
+    /// on it); other data another UUID.
+    #[test]
+    fn trees_are_reproducible() {
+        let (_d, p) = file_with(70_001);
+        let (_e, q) = file_with(70_001);
+        let a = dmverity_format(&p, 70_001, 512, None).unwrap();
+        let b = dmverity_format(&q, 70_001, 512, None).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&q).unwrap());
+        let mut root = [0u8; 32];
+        hex::decode_to_slice(&a.roothash, &mut root).unwrap();
+        let sb = &std::fs::read(&p).unwrap()[a.hashoffset as usize..][..512];
+        assert_eq!(sb[16..32], superblock_uuid(&root));
+        root[0] ^= 1;
+        assert_ne!(sb[16..32], superblock_uuid(&root));
     }
 
     /// veritysetup accepts our trees, for 4 KiB and 512-byte blocks, and rejects a flipped byte.
@@ -539,7 +569,7 @@ mod tests {
             (300_001, 512),
         ] {
             let (_d, p) = file_with(len);
-            let meta = dmverity_format(&p, len as u64, block, [7; 16], None).unwrap();
+            let meta = dmverity_format(&p, len as u64, block, None).unwrap();
             assert!(dmverity_verify(&p, &meta, block).unwrap());
             let run = |root: &str| {
                 Command::new("veritysetup")
