@@ -182,14 +182,12 @@ pub fn install_fetched(
         roothash: tree.roothash.to_ascii_lowercase(),
         hashoffset: hash_offset,
     };
-    let sb = verity::read_verity_superblock(&f, hash_offset).map_err(io)?;
-    let sb_ok = sb.is_some_and(|s| {
-        s.ours
-            && s.hash_type == 1
-            && s.data_block_size as u64 == BLOCK
-            && s.hash_block_size as u64 == BLOCK
-            && s.data_blocks == hash_offset / BLOCK
-    });
+    // The superblock must be the one the differ writes for this root (its UUID derives from
+    // the root), so that the installed layer is byte for byte the one built locally.
+    let mut root = [0u8; 32];
+    hex::decode_to_slice(&meta.roothash, &mut root).expect("checked above");
+    let sb_ok = tree.bytes[pad..pad + 512]
+        == verity::superblock(hash_offset / BLOCK, BLOCK as usize, &root);
     let ok = sb_ok
         && match check {
             TreeCheck::Full => verity::dmverity_verify_file(&f, &meta, BLOCK as usize),

@@ -219,6 +219,23 @@ pub fn superblock_uuid(root: &[u8; 32]) -> [u8; 16] {
     .as_bytes()
 }
 
+/// The 512-byte veritysetup superblock [`dmverity_format`] writes for a tree of root `root`
+/// over `data_blocks` blocks of `block` bytes.
+pub fn superblock(data_blocks: u64, block: usize, root: &[u8; 32]) -> [u8; 512] {
+    let mut sb = [0u8; 512];
+    sb[0..8].copy_from_slice(b"verity\0\0");
+    sb[8..12].copy_from_slice(&1u32.to_le_bytes()); // version
+    sb[12..16].copy_from_slice(&1u32.to_le_bytes()); // hash type
+    sb[16..32].copy_from_slice(&superblock_uuid(root));
+    sb[32..38].copy_from_slice(b"sha256");
+    sb[64..68].copy_from_slice(&(block as u32).to_le_bytes());
+    sb[68..72].copy_from_slice(&(block as u32).to_le_bytes());
+    sb[72..80].copy_from_slice(&data_blocks.to_le_bytes());
+    sb[80..82].copy_from_slice(&(DMVERITY_SALT.len() as u16).to_le_bytes());
+    sb[88..88 + DMVERITY_SALT.len()].copy_from_slice(&DMVERITY_SALT);
+    sb
+}
+
 /// Append a dm-verity superblock and hash tree to `path` (data = its first `data_len` bytes,
 /// padded to `block`), veritysetup format: hash type 1, SHA-256, salted, data and hash block
 /// size `block`, superblock UUID [`superblock_uuid`]. Returns what the sidecar records.
@@ -245,19 +262,7 @@ pub fn dmverity_format(
         Some(&mut levels),
         known,
     )?;
-    let uuid = superblock_uuid(&root);
-    // Superblock.
-    let mut sb = vec![0u8; 512];
-    sb[0..8].copy_from_slice(b"verity\0\0");
-    sb[8..12].copy_from_slice(&1u32.to_le_bytes()); // version
-    sb[12..16].copy_from_slice(&1u32.to_le_bytes()); // hash type
-    sb[16..32].copy_from_slice(&uuid);
-    sb[32..38].copy_from_slice(b"sha256");
-    sb[64..68].copy_from_slice(&(block as u32).to_le_bytes());
-    sb[68..72].copy_from_slice(&(block as u32).to_le_bytes());
-    sb[72..80].copy_from_slice(&data_blocks.to_le_bytes());
-    sb[80..82].copy_from_slice(&(DMVERITY_SALT.len() as u16).to_le_bytes());
-    sb[88..88 + DMVERITY_SALT.len()].copy_from_slice(&DMVERITY_SALT);
+    let sb = superblock(data_blocks, block, &root);
     let sb_area = 512u64.next_multiple_of(block as u64);
     let mut w = io::BufWriter::new(&f);
     use std::io::Seek;
