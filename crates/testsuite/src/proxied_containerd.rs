@@ -60,6 +60,9 @@ pub struct EnvOpts {
     pub cri: Option<crate::cri::CriConfig>,
     /// The daemon's root relative to containerd's base directory (default `erofs/root`).
     pub root_rel: Option<String>,
+    /// Appended to the daemon's config file, whose last table is `[differ]`: plain keys land
+    /// there, a `[table]` line starts another.
+    pub daemon_config: String,
 }
 
 /// containerd + our daemon.
@@ -152,7 +155,7 @@ impl Env {
              [differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\n",
             ctd.content_root(),
             ctd.address(),
-        );
+        ) + &o.daemon_config;
         let binary = bin.to_path_buf();
         let daemon = start_daemon(&binary, &config, &sock, &o.crash_at)?;
         ctd.launch()?;
