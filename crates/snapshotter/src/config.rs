@@ -885,6 +885,59 @@ enable_tar_index = true
     }
 
     #[test]
+    fn artifact_keys_are_checked() {
+        let base = "[differ]\nenable_tar_index = true\nenable_dmverity = true\n[artifacts]\nenabled = true\n";
+        let c = Config::check(&format!(
+            "{base}fetch_timeout = \"500ms\"\nmax_blob_size = \"1MiB\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.artifact_fetch_timeout(),
+            std::time::Duration::from_millis(500)
+        );
+        assert_eq!(c.artifact_max_blob(), 1 << 20);
+        for (extra, key, why) in [
+            (
+                "fetch_timeout = \"0s\"",
+                "artifacts.fetch_timeout",
+                "above 0",
+            ),
+            (
+                "max_blob_size = \"0\"",
+                "artifacts.max_blob_size",
+                "above 0",
+            ),
+            ("hosts_dir = \"certs.d\"", "artifacts.hosts_dir", "absolute"),
+            (
+                "trusted_keys = [\"k.pub\"]",
+                "artifacts.trusted_keys",
+                "absolute",
+            ),
+            (
+                "require_signed_root_hash = true",
+                "artifacts.require_signed_root_hash",
+                "trusted_keys",
+            ),
+            ("mirrors = []", "", "unknown field"),
+        ] {
+            let p = Config::check(&format!("{base}{extra}\n")).unwrap_err();
+            assert_eq!(p.line, Some(6), "{extra}: {p}");
+            if !key.is_empty() {
+                assert_eq!(p.key.as_deref(), Some(key), "{extra}: {p}");
+            }
+            assert!(p.to_string().contains(why), "{extra}: {p}");
+        }
+        let p = Config::check(
+            "[artifacts]\nrequire_signed_root_hash = true\ntrusted_keys = [\"/k.pub\"]\n",
+        )
+        .unwrap_err();
+        assert!(p.message.contains("enabled"), "{p}");
+        let p = Config::check("[artifacts]\nenabled = true\nrequire_signed_root_hash = true\ntrusted_keys = [\"/k.pub\"]\n")
+            .unwrap_err();
+        assert!(p.message.contains("enable_tar_index"), "{p}");
+    }
+
+    #[test]
     fn metrics_addresses() {
         use std::net::SocketAddr;
         assert_eq!(parse_metrics_address("").unwrap(), None);
