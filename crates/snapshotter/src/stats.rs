@@ -33,7 +33,7 @@ pub(crate) struct Counters {
     commit_bytes: AtomicU64,
     fsverity_userspace: AtomicU64,
     dmverity_skipped: AtomicU64,
-    pub(crate) artifacts: crate::artifacts::OutcomeCounters,
+    pub(crate) artifacts: ArtifactCounters,
 }
 
 impl Counters {
@@ -90,7 +90,7 @@ pub struct Stats {
     /// Mounts of a layer with a dm-verity tree made without dm-verity.
     pub dmverity_skipped: u64,
     /// Tar-index layers per what happened to their registry artifacts.
-    pub artifacts: [(crate::artifacts::Outcome, u64); 9],
+    pub artifacts: [(ArtifactOutcome, u64); 9],
     /// EROFS mounts made through a loop device instead of from the file (kernels before
     /// 6.12, or a mounter told to).
     pub loop_mounts: u64,
@@ -105,7 +105,7 @@ impl Default for Stats {
             commit_bytes: 0,
             fsverity_userspace: 0,
             dmverity_skipped: 0,
-            artifacts: crate::artifacts::Outcome::ALL.map(|o| (o, 0)),
+            artifacts: ArtifactOutcome::ALL.map(|o| (o, 0)),
             loop_mounts: 0,
         }
     }
@@ -122,4 +122,81 @@ pub struct StoreStats {
     pub committed: u64,
     /// Bytes of the committed layers' images, as recorded at commit.
     pub layer_bytes: u64,
+}
+
+/// What happened to a layer's artifacts, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactOutcome {
+    /// Fetched, valid and used.
+    Used,
+    /// containerd passed no image reference or manifest digest.
+    NoImage,
+    /// The registry has none for the layer.
+    Absent,
+    /// The registry was unreachable or failed.
+    Unreachable,
+    /// The fetch timed out.
+    Timeout,
+    /// Malformed or too large.
+    Invalid,
+    /// The tar index is not the tar's.
+    BadIndex,
+    /// The dm-verity tree does not match.
+    BadTree,
+    /// The signature is missing or does not verify.
+    BadSignature,
+}
+
+impl ArtifactOutcome {
+    /// Every outcome, in counter order.
+    pub const ALL: [ArtifactOutcome; 9] = [
+        ArtifactOutcome::Used,
+        ArtifactOutcome::NoImage,
+        ArtifactOutcome::Absent,
+        ArtifactOutcome::Unreachable,
+        ArtifactOutcome::Timeout,
+        ArtifactOutcome::Invalid,
+        ArtifactOutcome::BadIndex,
+        ArtifactOutcome::BadTree,
+        ArtifactOutcome::BadSignature,
+    ];
+
+    /// The counter's label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            ArtifactOutcome::Used => "used",
+            ArtifactOutcome::NoImage => "no_image",
+            ArtifactOutcome::Absent => "absent",
+            ArtifactOutcome::Unreachable => "unreachable",
+            ArtifactOutcome::Timeout => "timeout",
+            ArtifactOutcome::Invalid => "invalid",
+            ArtifactOutcome::BadIndex => "bad_index",
+            ArtifactOutcome::BadTree => "bad_tree",
+            ArtifactOutcome::BadSignature => "bad_signature",
+        }
+    }
+}
+
+/// Layers per outcome since start-up.
+#[derive(Debug, Default)]
+pub(crate) struct ArtifactCounters([AtomicU64; 9]);
+
+impl ArtifactCounters {
+    pub(crate) fn add(&self, o: ArtifactOutcome) {
+        let i = ArtifactOutcome::ALL
+            .iter()
+            .position(|x| *x == o)
+            .expect("listed");
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> [(ArtifactOutcome, u64); 9] {
+        ArtifactOutcome::ALL.map(|o| {
+            let i = ArtifactOutcome::ALL
+                .iter()
+                .position(|x| *x == o)
+                .expect("listed");
+            (o, self.0[i].load(Ordering::Relaxed))
+        })
+    }
 }

@@ -37,9 +37,8 @@
 
 pub mod hosts;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 pub use crate::integrity::dmverity::{FetchedTree, TreeCheck};
+pub use crate::stats::ArtifactOutcome as Outcome;
 
 /// Label (and descriptor annotation) with the image reference (containerd's
 /// `snapshotters.TargetRefLabel`).
@@ -174,84 +173,13 @@ pub fn load_keys(
         .collect()
 }
 
-/// What happened to a layer's artifacts, for the counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Fetched, valid and used.
-    Used,
-    /// containerd passed no image reference or manifest digest.
-    NoImage,
-    /// The registry has none for the layer.
-    Absent,
-    /// The registry was unreachable or failed.
-    Unreachable,
-    /// The fetch timed out.
-    Timeout,
-    /// Malformed or too large.
-    Invalid,
-    /// The tar index is not the tar's.
-    BadIndex,
-    /// The dm-verity tree does not match.
-    BadTree,
-    /// The signature is missing or does not verify.
-    BadSignature,
-}
-
-impl Outcome {
-    /// Every outcome, in counter order.
-    pub const ALL: [Outcome; 9] = [
-        Outcome::Used,
-        Outcome::NoImage,
-        Outcome::Absent,
-        Outcome::Unreachable,
-        Outcome::Timeout,
-        Outcome::Invalid,
-        Outcome::BadIndex,
-        Outcome::BadTree,
-        Outcome::BadSignature,
-    ];
-
-    /// The counter's label value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Outcome::Used => "used",
-            Outcome::NoImage => "no_image",
-            Outcome::Absent => "absent",
-            Outcome::Unreachable => "unreachable",
-            Outcome::Timeout => "timeout",
-            Outcome::Invalid => "invalid",
-            Outcome::BadIndex => "bad_index",
-            Outcome::BadTree => "bad_tree",
-            Outcome::BadSignature => "bad_signature",
-        }
-    }
-
-    /// The outcome of a failed fetch.
-    pub fn of(e: &FetchError) -> Outcome {
-        match e {
-            FetchError::Absent(_) => Outcome::Absent,
-            FetchError::Unreachable(_) => Outcome::Unreachable,
-            FetchError::Timeout(_) => Outcome::Timeout,
-            FetchError::Invalid(_) => Outcome::Invalid,
-        }
-    }
-}
-
-/// Layers per outcome since start-up.
-#[derive(Debug, Default)]
-pub(crate) struct OutcomeCounters([AtomicU64; 9]);
-
-impl OutcomeCounters {
-    pub(crate) fn add(&self, o: Outcome) {
-        let i = Outcome::ALL.iter().position(|x| *x == o).expect("listed");
-        self.0[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn get(&self) -> [(Outcome, u64); 9] {
-        Outcome::ALL.map(|o| {
-            let i = Outcome::ALL.iter().position(|x| *x == o).expect("listed");
-            (o, self.0[i].load(Ordering::Relaxed))
-        })
+/// The outcome of a failed fetch.
+pub fn outcome_of(e: &FetchError) -> Outcome {
+    match e {
+        FetchError::Absent(_) => Outcome::Absent,
+        FetchError::Unreachable(_) => Outcome::Unreachable,
+        FetchError::Timeout(_) => Outcome::Timeout,
+        FetchError::Invalid(_) => Outcome::Invalid,
     }
 }
 

@@ -135,7 +135,7 @@ impl Snapshotter {
                     FetchError::Absent(w) if w.starts_with("containerd passed no image") => {
                         Outcome::NoImage
                     }
-                    e => Outcome::of(e),
+                    e => crate::artifacts::outcome_of(e),
                 };
                 return Ok((Verdict::Skip(o, e.to_string()), None));
             }
