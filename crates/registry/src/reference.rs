@@ -38,17 +38,7 @@ impl Reference {
             Some((r, t)) if !t.contains('/') => (r, Some(t.to_string())),
             _ => (path, None),
         };
-        let repo_ok = !repository.is_empty()
-            && repository.split('/').all(|c| {
-                // Components start and end with [a-z0-9] (the distribution spec's grammar):
-                // this also keeps `.` and `..` out of URL paths.
-                c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-                    && c.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
-                    && c.bytes().all(|b| {
-                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)
-                    })
-            });
-        if !repo_ok {
+        if check_repository(repository).is_err() {
             return Err(bad("repository must be lower-case [a-z0-9._-] components"));
         }
         if let Some(t) = &tag
@@ -87,6 +77,28 @@ impl Reference {
             .as_deref()
             .or(self.tag.as_deref())
             .unwrap_or("latest")
+    }
+}
+
+/// Check a repository path: `/`-separated components of `[a-z0-9._-]` that start and end
+/// with `[a-z0-9]` (the distribution spec's grammar; it also keeps `.` and `..` out of URL
+/// paths).
+pub fn check_repository(repository: &str) -> Result<()> {
+    let ok = !repository.is_empty()
+        && repository.len() <= 255
+        && repository.split('/').all(|c| {
+            c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+                && c.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+                && c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Reference(
+            repository.to_string(),
+            "repository must be lower-case [a-z0-9._-] components".into(),
+        ))
     }
 }
 
