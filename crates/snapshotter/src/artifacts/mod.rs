@@ -36,6 +36,7 @@
 //!   against the configured keys, and only for a root that passed the tree check.
 
 pub mod hosts;
+pub mod registry;
 
 pub use crate::integrity::dmverity::{FetchedTree, TreeCheck};
 pub use crate::stats::ArtifactOutcome as Outcome;

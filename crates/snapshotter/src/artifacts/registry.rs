@@ -64,10 +64,15 @@ impl RegistrySource {
     /// Why `ep` cannot be used by this client, if it cannot.
     fn unusable(ep: &Endpoint) -> Option<String> {
         if !ep.plain_http() {
-            return Some("https endpoints need TLS, which the registry client does not have".into());
+            return Some(
+                "https endpoints need TLS, which the registry client does not have".into(),
+            );
         }
         if ep.path != "/v2" {
-            return Some(format!("path {:?} (override_path) is not supported", ep.path));
+            return Some(format!(
+                "path {:?} (override_path) is not supported",
+                ep.path
+            ));
         }
         None
     }
