@@ -221,7 +221,7 @@ impl Snapshotter {
         if outcome == Outcome::Used {
             tracing::info!(layer = %desc.digest, "used layer artifacts from the registry");
         } else {
-            tracing::warn!(layer = %desc.digest, outcome = outcome.name(), reason = %why, "layer artifacts not used; computed locally");
+            tracing::warn!(layer = %desc.digest, outcome = %outcome.name(), reason = %why, "layer artifacts not used; computed locally");
         }
     }
 }
