@@ -6,7 +6,8 @@
 //! differ uses (`erofs_image`, `snapshotter::integrity::dmverity`) and pushed as the format
 //! says (`erofs_registry::artifacts`).
 //!
-//! 1. `fetched_artifacts_are_used_and_equal_local_layers`: every layer of a three-layer image
+//! 1. `fetched_artifacts_are_used_and_equal_local_layers`: `erofs-snapshotter artifacts build`
+//!    and `push` (the producer) attach signed artifacts to a three-layer image; every layer
 //!    uses its fetched artifacts (log lines, `erofs_snapshotter_artifacts_total{outcome="used"}`);
 //!    each `layer.erofs` is byte for byte the locally built `[index][tar][tree]`, and the same
 //!    image pulled from a repository without artifacts is computed locally into the very same
@@ -51,6 +52,18 @@ fn e2e(f: fn() -> Result<()>) {
             panic!("{e:#}");
         }
     });
+}
+
+/// Run `erofs-snapshotter ARGS`: its stdout, or an error with both outputs.
+fn cli(args: &[&str]) -> Result<String> {
+    let o = std::process::Command::new(BIN).args(args).output()?;
+    ensure!(
+        o.status.success(),
+        "erofs-snapshotter {args:?}: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 /// One layer's artifacts as built here.
@@ -410,7 +423,16 @@ fn fetched_artifacts_are_used_and_equal_local_layers() {
     e2e(|| {
         let w = World::start("", &[], Registry::start()?)?;
         let (archive, reference, built) = w.image(&image("art-used", 3)?, "testsuite/art-used")?;
-        w.push("testsuite/art-used", &archive, &built, Push::Good)?;
+        // Built and pushed by the producer's commands, from the registry, signed with the
+        // key the node trusts.
+        let key = w.scratch.path().join("signing.key");
+        std::fs::write(&key, w.key.to_text())?;
+        let out = w.scratch.path().join("out");
+        let key = key.to_str().context("utf-8 path")?;
+        let out = out.to_str().context("utf-8 path")?;
+        cli(&["artifacts", "build", &reference, out, "--sign-key", key])?;
+        let pushed = cli(&["artifacts", "push", out, &reference])?;
+        ensure!(pushed.contains("referrers tag"), "{pushed}");
         w.cri.pull_image(&reference)?;
         assert_used(&w, &built)?;
         ensure!(w.outcome("used")? == 3.0);
