@@ -77,7 +77,7 @@ impl RegistrySource {
         None
     }
 
-    fn from_endpoint(
+    fn fetch_from(
         &self,
         ep: &Endpoint,
         repo: &str,
@@ -169,7 +169,7 @@ impl ArtifactSource for RegistrySource {
                 last = Some(FetchError::Unreachable(format!("{}: {why}", ep.base_url())));
                 continue;
             }
-            match self.from_endpoint(ep, &r.repository, image, layer) {
+            match self.fetch_from(ep, &r.repository, image, layer) {
                 Ok(f) => return Ok(f),
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.base_url(), error = %e, "no artifacts from this endpoint");
