@@ -80,7 +80,7 @@ fn layer(content: &Path, scratch: &Path, name: &str, key: &SecretKey) -> Layer {
         tar_index: file[..data_len - tar.len()].to_vec(),
         diff_id: digest.clone(),
         tree: Some(FetchedTree {
-            bytes: file[data_len..].to_vec(),
+            bytes: file[data_len..].to_vec().into(),
             roothash: meta.roothash.clone(),
             block_size: 512,
             hash_offset: meta.hashoffset,
@@ -97,6 +97,16 @@ fn layer(content: &Path, scratch: &Path, name: &str, key: &SecretKey) -> Layer {
         file,
         fetched,
     }
+}
+
+/// Flip a bit in the lowest level of `f`'s tree.
+fn tamper_tree(f: &mut Fetched) {
+    let t = f.tree.as_mut().unwrap();
+    let snapshotter::artifacts::TreeBytes::Mem(v) = &mut t.bytes else {
+        unreachable!("built in memory")
+    };
+    let n = v.len();
+    v[n - 7] ^= 1;
 }
 
 struct World {
@@ -207,15 +217,7 @@ fn fetched_artifacts_are_used_and_tampered_ones_are_not() {
             },
             Outcome::BadIndex,
         ),
-        (
-            "tree",
-            |f, _| {
-                let t = f.tree.as_mut().unwrap();
-                let n = t.bytes.len();
-                t.bytes[n - 7] ^= 1;
-            },
-            Outcome::BadTree,
-        ),
+        ("tree", |f, _| tamper_tree(f), Outcome::BadTree),
         (
             "signature",
             |f, _| {
@@ -296,14 +298,7 @@ fn required_signatures_refuse_layers_without_one() {
                 f.signature = Some(("ed25519".into(), k.sign_root(&root).to_vec()));
             }),
         ),
-        (
-            "tree",
-            Some(|f, _| {
-                let t = f.tree.as_mut().unwrap();
-                let n = t.bytes.len();
-                t.bytes[n - 7] ^= 1;
-            }),
-        ),
+        ("tree", Some(|f, _| tamper_tree(f))),
     ];
     for (name, change) in cases {
         let l = w.layer(name);

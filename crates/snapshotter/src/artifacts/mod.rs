@@ -38,7 +38,7 @@
 pub mod hosts;
 pub mod registry;
 
-pub use crate::integrity::dmverity::{FetchedTree, TreeCheck};
+pub use crate::integrity::dmverity::{FetchedTree, TreeBytes, TreeCheck};
 pub use crate::stats::ArtifactOutcome as Outcome;
 
 /// Label (and descriptor annotation) with the image reference (containerd's

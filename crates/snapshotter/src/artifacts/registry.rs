@@ -15,7 +15,7 @@ use erofs_registry::artifacts::{ARTIFACT_TYPE, ArtifactSet, Manifest};
 use erofs_registry::client::{Client, ClientOptions};
 
 use super::hosts::{self, Endpoint};
-use super::{ArtifactSource, FetchError, Fetched, FetchedTree, ImageId};
+use super::{ArtifactSource, FetchError, Fetched, FetchedTree, ImageId, TreeBytes};
 
 /// Most referrer manifests of our type looked at for one image.
 const MAX_REFERRERS: usize = 8;
@@ -26,6 +26,8 @@ pub struct RegistrySource {
     hosts_dir: Option<PathBuf>,
     timeout: Duration,
     max_blob: u64,
+    /// Where fetched trees are held (unnamed files: they vanish with their last handle).
+    scratch: PathBuf,
 }
 
 impl RegistrySource {
@@ -36,6 +38,7 @@ impl RegistrySource {
             hosts_dir: (!dir.as_os_str().is_empty()).then(|| dir.clone()),
             timeout: cfg.artifact_fetch_timeout(),
             max_blob: cfg.artifact_max_blob(),
+            scratch: cfg.root_path.clone(),
         }
     }
 }
@@ -131,7 +134,7 @@ impl RegistrySource {
             let tar_index = blob(&l.tar_index.descriptor)?;
             let tree = match &l.dmverity {
                 Some(t) => Some(FetchedTree {
-                    bytes: blob(&t.descriptor)?,
+                    bytes: self.blob_to_file(&client, repo, &t.descriptor)?,
                     roothash: t.root_digest.clone(),
                     block_size: t.block_size,
                     hash_offset: t.hash_offset,
@@ -153,6 +156,35 @@ impl RegistrySource {
             "the referrers of {} have no artifacts for layer {layer}",
             image.manifest_digest
         )))
+    }
+}
+
+impl RegistrySource {
+    /// Fetch a (possibly large: 1/16 of its layer) tree blob into an unnamed file under the
+    /// root instead of memory.
+    fn blob_to_file(
+        &self,
+        client: &Client,
+        repo: &str,
+        d: &erofs_registry::artifacts::Descriptor,
+    ) -> Result<TreeBytes, FetchError> {
+        use rustix::fs::{Mode, OFlags};
+        let fd = rustix::fs::open(
+            &self.scratch,
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| {
+            FetchError::Invalid(format!(
+                "no scratch file for the tree under {}: {e}",
+                self.scratch.display()
+            ))
+        })?;
+        let mut f = std::fs::File::from(fd);
+        client
+            .get_blob_to(repo, &d.digest, Some(d.size), self.max_blob, &mut f)
+            .map_err(|e| classify(&e))?;
+        Ok(TreeBytes::File(std::sync::Arc::new(f)))
     }
 }
 

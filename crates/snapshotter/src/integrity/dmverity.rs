@@ -100,13 +100,86 @@ pub fn append_tree(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchedTree {
     /// Padding to the block size, the verity superblock and the hash levels.
-    pub bytes: Vec<u8>,
+    pub bytes: TreeBytes,
     /// The root digest (hex) the annotations name.
     pub roothash: String,
     /// Data and hash block size.
     pub block_size: u32,
     /// Where the superblock starts.
     pub hash_offset: u64,
+}
+
+/// Where a fetched tree's bytes are: in memory, or (large trees) in an unnamed file, so that
+/// memory stays bounded whatever `artifacts.max_blob_size` allows.
+#[derive(Debug, Clone)]
+pub enum TreeBytes {
+    /// In memory.
+    Mem(Vec<u8>),
+    /// In a file, from offset 0 to its end.
+    File(std::sync::Arc<File>),
+}
+
+impl From<Vec<u8>> for TreeBytes {
+    fn from(v: Vec<u8>) -> Self {
+        TreeBytes::Mem(v)
+    }
+}
+
+impl PartialEq for TreeBytes {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (TreeBytes::Mem(a), TreeBytes::Mem(b)) => a == b,
+            (TreeBytes::File(a), TreeBytes::File(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for TreeBytes {}
+
+impl TreeBytes {
+    /// Its length.
+    pub fn len(&self) -> std::io::Result<u64> {
+        match self {
+            TreeBytes::Mem(v) => Ok(v.len() as u64),
+            TreeBytes::File(f) => Ok(f.metadata()?.len()),
+        }
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> std::io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// `buf.len()` bytes from `off`.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            TreeBytes::Mem(v) => {
+                let src = usize::try_from(off)
+                    .ok()
+                    .and_then(|o| v.get(o..o.checked_add(buf.len())?))
+                    .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            TreeBytes::File(f) => f.read_exact_at(buf, off),
+        }
+    }
+
+    /// Append all of it to `out`.
+    fn append_to(&self, out: &mut File) -> std::io::Result<()> {
+        use std::io::Write;
+        match self {
+            TreeBytes::Mem(v) => out.write_all(v),
+            TreeBytes::File(f) => {
+                let mut r = std::io::BufReader::new(&**f);
+                use std::io::Seek;
+                r.seek(std::io::SeekFrom::Start(0))?;
+                std::io::copy(&mut r, out).map(|_| ())
+            }
+        }
+    }
 }
 
 /// How much of a fetched tree is checked before it is used.
@@ -154,13 +227,16 @@ pub fn install_fetched(
     let pad = (hash_offset - len) as usize;
     let want = verity::dmverity_levels_len(hash_offset / BLOCK, BLOCK as usize)
         .map(|l| l + pad as u64 + 512);
-    if want != Some(tree.bytes.len() as u64) {
+    let have = tree.bytes.len().map_err(io)?;
+    if want != Some(have) {
         return Ok(Err(format!(
-            "{} bytes, a tree of this layer has {want:?}",
-            tree.bytes.len()
+            "{have} bytes, a tree of this layer has {want:?}"
         )));
     }
-    if tree.bytes[..pad].iter().any(|&b| b != 0) {
+    // The padding and the superblock: the first pad + 512 bytes.
+    let mut head = vec![0u8; pad + 512];
+    tree.bytes.read_at(&mut head, 0).map_err(io)?;
+    if head[..pad].iter().any(|&b| b != 0) {
         return Ok(Err("non-zero padding before the superblock".into()));
     }
     if tree.roothash.len() != 64 || !tree.roothash.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -170,12 +246,11 @@ pub fn install_fetched(
         )));
     }
     {
-        use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(tmp)
             .map_err(io)?;
-        f.write_all(&tree.bytes).map_err(io)?;
+        tree.bytes.append_to(&mut f).map_err(io)?;
     }
     let f = File::open(tmp).map_err(io)?;
     let meta = verity::DmVerityMeta {
@@ -186,8 +261,7 @@ pub fn install_fetched(
     // the root), so that the installed layer is byte for byte the one built locally.
     let mut root = [0u8; 32];
     hex::decode_to_slice(&meta.roothash, &mut root).expect("checked above");
-    let sb_ok = tree.bytes[pad..pad + 512]
-        == verity::superblock(hash_offset / BLOCK, BLOCK as usize, &root);
+    let sb_ok = head[pad..] == verity::superblock(hash_offset / BLOCK, BLOCK as usize, &root);
     let ok = sb_ok
         && match check {
             TreeCheck::Full => verity::dmverity_verify_file(&f, &meta, BLOCK as usize),
@@ -963,7 +1037,7 @@ mod tests {
         let rec = format_layer(&built, true, None).unwrap();
         let all = std::fs::read(&built).unwrap();
         let tree = FetchedTree {
-            bytes: all[len..].to_vec(),
+            bytes: all[len..].to_vec().into(),
             roothash: rec.roothash,
             block_size: 512,
             hash_offset: rec.hashoffset,
@@ -985,10 +1059,26 @@ mod tests {
             // A rejected tree leaves the data as it was, for the local tree.
             assert_eq!(len, data.len() as u64);
         } else {
-            assert_eq!(len, (data.len() + tree.bytes.len()) as u64);
+            assert_eq!(len, data.len() as u64 + tree.bytes.len().unwrap());
             assert!(d.join(format!("{SIDECAR}.tmp")).exists());
         }
         r
+    }
+
+    fn mem(t: &FetchedTree) -> &Vec<u8> {
+        match &t.bytes {
+            TreeBytes::Mem(v) => v,
+            TreeBytes::File(_) => unreachable!("built in memory"),
+        }
+    }
+
+    fn tampered(t: &FetchedTree, f: impl FnOnce(&mut Vec<u8>)) -> FetchedTree {
+        let mut v = mem(t).clone();
+        f(&mut v);
+        FetchedTree {
+            bytes: v.into(),
+            ..t.clone()
+        }
     }
 
     #[test]
@@ -1005,9 +1095,8 @@ mod tests {
         );
 
         // A changed hash in the lowest level: neither check accepts it.
-        let mut bad = tree.clone();
-        let n = bad.bytes.len();
-        bad.bytes[n - 1000] ^= 1;
+        let n = mem(&tree).len();
+        let bad = tampered(&tree, |b| b[n - 1000] ^= 1);
         for check in [TreeCheck::Full, TreeCheck::TreeOnly] {
             assert!(install(d.path(), &data, &bad, check).is_err(), "{check:?}");
         }
@@ -1024,8 +1113,7 @@ mod tests {
         assert!(install(d.path(), &other, &tree, TreeCheck::Full).is_err());
         install(d.path(), &other, &tree, TreeCheck::TreeOnly).unwrap();
         // Shapes that cannot be this layer's tree.
-        let mut bad = tree.clone();
-        bad.bytes.truncate(n - 512);
+        let bad = tampered(&tree, |b| b.truncate(n - 512));
         assert!(
             install(d.path(), &data, &bad, TreeCheck::Full)
                 .unwrap_err()
@@ -1045,16 +1133,14 @@ mod tests {
                 .unwrap_err()
                 .contains("block size")
         );
-        let mut bad = tree.clone();
-        bad.bytes[0] = 1;
+        let bad = tampered(&tree, |b| b[0] = 1);
         assert!(
             install(d.path(), &data, &bad, TreeCheck::Full)
                 .unwrap_err()
                 .contains("padding")
         );
-        let mut bad = tree.clone();
         let pad = (tree.hash_offset - data.len() as u64) as usize;
-        bad.bytes[pad + 12] ^= 1; // the superblock's hash type
+        let bad = tampered(&tree, |b| b[pad + 12] ^= 1); // the superblock's hash type
         assert!(
             install(d.path(), &data, &bad, TreeCheck::TreeOnly)
                 .unwrap_err()
