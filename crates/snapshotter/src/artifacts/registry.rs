@@ -212,3 +212,60 @@ impl ArtifactSource for RegistrySource {
         Err(last.unwrap_or_else(|| FetchError::Unreachable("no registry endpoint".into())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(hosts_dir: Option<PathBuf>) -> RegistrySource {
+        RegistrySource {
+            hosts_dir,
+            timeout: Duration::from_millis(300),
+            max_blob: 1 << 20,
+            scratch: std::env::temp_dir(),
+        }
+    }
+
+    fn image(reference: &str) -> ImageId {
+        ImageId {
+            reference: reference.into(),
+            manifest_digest: format!("sha256:{}", "a".repeat(64)),
+            from: "labels",
+        }
+    }
+
+    #[test]
+    fn endpoints_the_client_cannot_use_are_skipped_not_fatal() {
+        // An https registry: skipped (no TLS), reported as unreachable.
+        let e = source(None)
+            .fetch(&image("registry.example/app:1"), "sha256:00")
+            .unwrap_err();
+        assert!(
+            matches!(&e, FetchError::Unreachable(m) if m.contains("TLS")),
+            "{e}"
+        );
+        // A mirror with a path override, then a refused connection: both reported, the
+        // last one wins.
+        let d = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::create_dir(d.path().join("r.example")).unwrap();
+        std::fs::write(
+            d.path().join("r.example/hosts.toml"),
+            format!(
+                "server = \"http://127.0.0.1:{port}\"\n[host.\"http://m.local/x\"]\noverride_path = true\n"
+            ),
+        )
+        .unwrap();
+        let e = source(Some(d.path().into()))
+            .fetch(&image("r.example/app:1"), "sha256:00")
+            .unwrap_err();
+        assert!(matches!(e, FetchError::Unreachable(_)), "{e}");
+        // A reference that does not parse.
+        let e = source(None).fetch(&image("UPPER/case"), "x").unwrap_err();
+        assert!(matches!(e, FetchError::Invalid(_)), "{e}");
+    }
+}
