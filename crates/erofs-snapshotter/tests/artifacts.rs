@@ -10,7 +10,8 @@
 //! - [`artifacts_equal_differ_layers`]: those layers are byte for byte the `layer.erofs` our
 //!   differ writes with `enable_tar_index` and `enable_dmverity`.
 //! - [`verify_diff_id`]: `erofs-snapshotter verify` accepts the layer with its diffID, refuses a
-//!   tampered tar byte and a wrong diffID.
+//!   tampered tar byte and a wrong diffID; with `--layer-digest` it also rebuilds the index and
+//!   refuses a forged one.
 //!
 //! The Referrers API branch of the client is tested against an in-process server in
 //! crates/registry/tests/client.rs (no registry in Debian has the API).
@@ -326,6 +327,48 @@ fn verify_diff_id() -> Result<()> {
         "--tar-size",
         &tar_size,
     ])?;
+
+    // The index too, rebuilt as the differ builds it for this layer.
+    let said = ok(&[
+        "verify",
+        s(&layer),
+        "--diff-id",
+        &l.diff_id,
+        "--layer-digest",
+        &l.blob.digest,
+    ])?;
+    ensure!(said.contains("the index is the one it gives"), "{said}");
+    let o = cli(&[
+        "verify",
+        s(&layer),
+        "--diff-id",
+        &l.diff_id,
+        "--layer-digest",
+        &img.layers[0].blob.digest,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("is not the one the tar gives"),
+        "{err}"
+    );
+    let mut forged = fs::read(&layer)?;
+    forged[1280 + 60] ^= 1;
+    let bad = dir.path().join("forged-index");
+    fs::write(&bad, &forged)?;
+    ok(&["verify", s(&bad), "--diff-id", &l.diff_id])?;
+    let o = cli(&[
+        "verify",
+        s(&bad),
+        "--diff-id",
+        &l.diff_id,
+        "--layer-digest",
+        &l.blob.digest,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("first difference at byte 1340"),
+        "{err}"
+    );
 
     // Another layer's diffID.
     let o = cli(&["verify", s(&layer), "--diff-id", &img.layers[0].diff_id]);

@@ -691,15 +691,27 @@ fn keygen(a: KeygenArgs) -> Result<ExitCode> {
 }
 
 pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
+    let mkfs = MkfsOptions::parse(&a.mkfs_options).context("--mkfs-option")?;
     let f = File::open(&a.image).with_context(|| format!("opening {}", a.image.display()))?;
-    match erofs_image::verify::verify_diff_id(&f, &a.diff_id, a.tar_size) {
+    let r = erofs_image::verify::verify_diff_id(&f, &a.diff_id, a.tar_size).and_then(|loc| {
+        if let Some(d) = &a.layer_digest {
+            erofs_image::verify::verify_index(&f, loc, &mkfs.build_options(d))?;
+        }
+        Ok(loc)
+    });
+    match r {
         Ok(loc) => {
             println!(
-                "{}: the tar ({} bytes at offset {}) has diffID {}",
+                "{}: the tar ({} bytes at offset {}) has diffID {}{}",
                 a.image.display(),
                 loc.len,
                 loc.offset,
-                a.diff_id
+                a.diff_id,
+                if a.layer_digest.is_some() {
+                    ", and the index is the one it gives"
+                } else {
+                    " (index not checked: no --layer-digest)"
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
