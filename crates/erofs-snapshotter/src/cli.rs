@@ -96,6 +96,10 @@ pub struct ArtifactsBuildArgs {
     /// Also keep each assembled layer (`[index][tar][tree]`) as OUTDIR/layers/<diffID hex>.
     #[arg(long)]
     pub keep_layers: bool,
+    /// Also build each layer as the full EROFS image the differ writes without tar index,
+    /// and store (and sign) the dm-verity tree of that image.
+    #[arg(long)]
+    pub full_image: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }

@@ -9,6 +9,8 @@
 //!   the client assembles into the layers `build` kept.
 //! - [`artifacts_equal_differ_layers`]: those layers are byte for byte the `layer.erofs` our
 //!   differ writes with `enable_tar_index` and `enable_dmverity`.
+//! - [`full_image_trees_equal_the_differs`]: with `--full-image`, the (signed) tree of each
+//!   layer's full image is the one the differ appends without tar index.
 //! - [`verify_diff_id`]: `erofs-snapshotter verify` accepts the layer with its diffID, refuses a
 //!   tampered tar byte and a wrong diffID; with `--layer-digest` it also rebuilds the index and
 //!   refuses a forged one.
@@ -292,6 +294,63 @@ fn artifacts_equal_differ_layers() -> Result<()> {
             l.blob.digest
         );
         eprintln!("{}: {} bytes, identical", l.blob.digest, theirs.len());
+    }
+    Ok(())
+}
+
+#[test]
+fn full_image_trees_equal_the_differs() -> Result<()> {
+    let w = World::start(
+        Path::new(BIN),
+        Setup {
+            dmverity: true,
+            ..Default::default()
+        },
+    )?;
+    let (_spec, img) = image(&w.work)?;
+    let out = w.work.join("artifacts");
+    let key = w.work.join("k");
+    ok(&["artifacts", "keygen", s(&key)])?;
+    ok(&[
+        "artifacts",
+        "build",
+        s(&img.layout_dir),
+        s(&out),
+        "--full-image",
+        "--sign-key",
+        s(&key),
+    ])?;
+    let set = set_of(&out)?;
+    let public = erofs_registry::signature::PublicKey::from_text(&fs::read_to_string(format!(
+        "{}.pub",
+        s(&key)
+    ))?)?;
+    oci::import(&w.ctd, &img, SN)?;
+    w.assert_unpacked_by_us(&img)?;
+    let by_uuid = w.layers_by_uuid()?;
+    for l in &img.layers {
+        let art = set.layer(&l.blob.digest).context("no artifacts")?;
+        let t = art.image_dmverity.as_ref().context("no image tree")?;
+        let tree = fs::read(out.join("blobs/sha256").join(&t.descriptor.digest[7..]))?;
+        let p = &by_uuid[&World::differ_uuid(&l.blob.digest)];
+        let theirs = fs::read(p)?;
+        ensure!(
+            theirs.len() as u64 == t.hash_offset + tree.len() as u64
+                && theirs[t.hash_offset as usize..] == tree[..],
+            "{}: the differ's full image ({} bytes) does not end with the artifact's tree at {}",
+            l.blob.digest,
+            theirs.len(),
+            t.hash_offset
+        );
+        let sidecar: serde_json::Value =
+            serde_json::from_slice(&fs::read(p.with_file_name("layer.erofs.dmverity"))?)?;
+        ensure!(sidecar["roothash"] == t.root_digest.as_str(), "{sidecar}");
+        let sig = art
+            .image_signature
+            .as_ref()
+            .context("image tree unsigned")?;
+        let sig = fs::read(out.join("blobs/sha256").join(&sig.descriptor.digest[7..]))?;
+        public.verify_root(&t.root_digest, &sig)?;
     }
     Ok(())
 }

@@ -288,6 +288,7 @@ struct BuildContext<'a> {
     key: Option<&'a SecretKey>,
     outdir: &'a Path,
     work: &'a Path,
+    full_image: bool,
 }
 
 /// Build one layer the way the differ does with `enable_tar_index` and dm-verity on, in
@@ -304,6 +305,7 @@ fn build_layer(
         key,
         outdir,
         work,
+        full_image,
     } = *cx;
     let blob = File::open(img.blob(&layer.digest)?)
         .with_context(|| format!("layer {} is not in the image", layer.digest))?;
@@ -340,23 +342,52 @@ fn build_layer(
     File::open(&path)?.read_exact_at(&mut tree, meta.hashoffset)?;
     let index_d = write_blob(outdir, MEDIA_TYPE_TAR_INDEX, &index)?;
     let tree_d = write_blob(outdir, MEDIA_TYPE_DMVERITY_TREE, &tree)?;
-    let signature = match key {
-        Some(k) => {
-            let sig = k.sign_root(&meta.roothash);
-            Some(SignatureBlob {
-                descriptor: write_blob(
-                    outdir,
-                    &format!(
-                        "{}+{SCHEME_ED25519}",
-                        artifacts::MEDIA_TYPE_SIGNATURE_PREFIX
-                    ),
-                    &sig,
-                )?,
-                scheme: SCHEME_ED25519.into(),
-                public_key: Some(k.public().to_hex()),
-            })
-        }
-        None => None,
+    let sign = |root: &str| -> Result<Option<SignatureBlob>> {
+        let Some(k) = key else { return Ok(None) };
+        Ok(Some(SignatureBlob {
+            descriptor: write_blob(
+                outdir,
+                &format!(
+                    "{}+{SCHEME_ED25519}",
+                    artifacts::MEDIA_TYPE_SIGNATURE_PREFIX
+                ),
+                &k.sign_root(root),
+            )?,
+            scheme: SCHEME_ED25519.into(),
+            public_key: Some(k.public().to_hex()),
+        }))
+    };
+    let signature = sign(&meta.roothash)?;
+    let (image_dmverity, image_signature) = if full_image {
+        // A second pass over the blob: the full image as the differ writes it without tar
+        // index (same options), then its tree.
+        let ipath = work.join(format!("{}.image", &layer.digest[7..]));
+        let out = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&ipath)?;
+        let dec = Decompressed::new(File::open(img.blob(&layer.digest)?)?, BombGuard::default())
+            .with_context(|| format!("reading layer {}", layer.digest))?;
+        erofs_image::tar_to_image(dec, erofs_output::FileOutput::new(&out), &opts)
+            .with_context(|| format!("building the image of layer {}", layer.digest))?;
+        out.sync_all()?;
+        drop(out);
+        let m = dmverity::append_tree(&ipath, false, None)?;
+        let total = fs::metadata(&ipath)?.len();
+        let mut tree = vec![0u8; (total - m.hashoffset) as usize];
+        File::open(&ipath)?.read_exact_at(&mut tree, m.hashoffset)?;
+        fs::remove_file(&ipath)?;
+        let t = TreeBlob {
+            descriptor: write_blob(outdir, artifacts::MEDIA_TYPE_IMAGE_DMVERITY_TREE, &tree)?,
+            root_digest: m.roothash.clone(),
+            block_size: dmverity::block_size(false) as u32,
+            hash_offset: m.hashoffset,
+        };
+        (Some(t), sign(&m.roothash)?)
+    } else {
+        (None, None)
     };
     Ok((
         LayerArtifacts {
@@ -374,6 +405,8 @@ fn build_layer(
                 hash_offset: meta.hashoffset,
             }),
             signature,
+            image_dmverity,
+            image_signature,
         },
         path,
     ))
@@ -450,6 +483,7 @@ fn build(a: ArtifactsBuildArgs) -> Result<ExitCode> {
                 key: key.as_ref(),
                 outdir: &a.outdir,
                 work: &work,
+                full_image: a.full_image,
             };
             let (art, path) = build_layer(&cx, &img, l, diff_id)?;
             if a.keep_layers {
@@ -461,7 +495,7 @@ fn build(a: ArtifactsBuildArgs) -> Result<ExitCode> {
             }
             let t = art.dmverity.as_ref().expect("built with a tree");
             println!(
-                "layer {} {}: index {} B, tar {} B, tree {} B, root {}{} ({:.1} s)",
+                "layer {} {}: index {} B, tar {} B, tree {} B, root {}{}{} ({:.1} s)",
                 i + 1,
                 l.digest,
                 art.tar_index.descriptor.size,
@@ -472,6 +506,13 @@ fn build(a: ArtifactsBuildArgs) -> Result<ExitCode> {
                     ", signed"
                 } else {
                     ""
+                },
+                match &art.image_dmverity {
+                    Some(t) => format!(
+                        "; full image {} B, tree {} B, root {}",
+                        t.hash_offset, t.descriptor.size, t.root_digest
+                    ),
+                    None => String::new(),
                 },
                 start.elapsed().as_secs_f64()
             );
@@ -627,8 +668,12 @@ fn ls(a: ArtifactsLsArgs) -> Result<ExitCode> {
                 ),
                 None => println!("    dmverity-tree  none"),
             }
-            match (&art.signature, &art.dmverity) {
-                (Some(s), Some(t)) => {
+            let mut show_sig =
+                |name: &str, sig: &Option<SignatureBlob>, tree: &Option<TreeBlob>| -> Result<()> {
+                    let (Some(s), Some(t)) = (sig, tree) else {
+                        println!("    {name:<14} none");
+                        return Ok(());
+                    };
                     let verdict = match &key {
                         None => "not checked (no --public-key)".to_string(),
                         Some(_) if s.scheme != SCHEME_ED25519 => {
@@ -647,13 +692,20 @@ fn ls(a: ArtifactsLsArgs) -> Result<ExitCode> {
                         }
                     };
                     println!(
-                        "    signature      {:>10} B  {} key {}: {verdict}",
+                        "    {name:<14} {:>10} B  {} key {}: {verdict}",
                         s.descriptor.size,
                         s.scheme,
                         s.public_key.as_deref().unwrap_or("?")
                     );
-                }
-                _ => println!("    signature      none"),
+                    Ok(())
+                };
+            show_sig("signature", &art.signature, &art.dmverity)?;
+            if let Some(t) = &art.image_dmverity {
+                println!(
+                    "    image-tree     {:>10} B  root {} block {} offset {}",
+                    t.descriptor.size, t.root_digest, t.block_size, t.hash_offset
+                );
+                show_sig("image-sig", &art.image_signature, &art.image_dmverity)?;
             }
         }
     }
