@@ -273,6 +273,36 @@ fn now_rfc3339() -> String {
     )
 }
 
+/// Copy `len` bytes of `src` from `offset` into a blob of OUTDIR (hashing them on the way:
+/// trees of large layers are not held in memory).
+fn write_blob_from(outdir: &Path, media_type: &str, src: &Path, offset: u64) -> Result<Descriptor> {
+    use sha2::Digest;
+    let f = File::open(src)?;
+    let len = f.metadata()?.len() - offset;
+    let tmp = outdir.join("blobs/sha256/.incoming");
+    let mut out = File::create(&tmp)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let k = ((len - done) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..k], offset + done)?;
+        h.update(&buf[..k]);
+        out.write_all(&buf[..k])?;
+        done += k as u64;
+    }
+    out.sync_all()?;
+    let digest = format!("sha256:{}", hex::encode(h.finalize()));
+    fs::rename(&tmp, outdir.join("blobs/sha256").join(&digest[7..]))?;
+    Ok(Descriptor {
+        media_type: media_type.into(),
+        digest,
+        size: len,
+        artifact_type: None,
+        annotations: BTreeMap::new(),
+    })
+}
+
 fn write_blob(outdir: &Path, media_type: &str, data: &[u8]) -> Result<Descriptor> {
     let d = Descriptor::of(media_type, data);
     let p = outdir.join("blobs/sha256").join(&d.digest[7..]);
@@ -337,11 +367,8 @@ fn build_layer(
     out.read_exact_at(&mut index, 0)?;
     drop(out);
     let meta = dmverity::append_tree(&path, true, None)?;
-    let total = fs::metadata(&path)?.len();
-    let mut tree = vec![0u8; (total - meta.hashoffset) as usize];
-    File::open(&path)?.read_exact_at(&mut tree, meta.hashoffset)?;
     let index_d = write_blob(outdir, MEDIA_TYPE_TAR_INDEX, &index)?;
-    let tree_d = write_blob(outdir, MEDIA_TYPE_DMVERITY_TREE, &tree)?;
+    let tree_d = write_blob_from(outdir, MEDIA_TYPE_DMVERITY_TREE, &path, meta.hashoffset)?;
     let sign = |root: &str| -> Result<Option<SignatureBlob>> {
         let Some(k) = key else { return Ok(None) };
         Ok(Some(SignatureBlob {
@@ -375,12 +402,15 @@ fn build_layer(
         out.sync_all()?;
         drop(out);
         let m = dmverity::append_tree(&ipath, false, None)?;
-        let total = fs::metadata(&ipath)?.len();
-        let mut tree = vec![0u8; (total - m.hashoffset) as usize];
-        File::open(&ipath)?.read_exact_at(&mut tree, m.hashoffset)?;
+        let descriptor = write_blob_from(
+            outdir,
+            artifacts::MEDIA_TYPE_IMAGE_DMVERITY_TREE,
+            &ipath,
+            m.hashoffset,
+        )?;
         fs::remove_file(&ipath)?;
         let t = TreeBlob {
-            descriptor: write_blob(outdir, artifacts::MEDIA_TYPE_IMAGE_DMVERITY_TREE, &tree)?,
+            descriptor,
             root_digest: m.roothash.clone(),
             block_size: dmverity::block_size(false) as u32,
             hash_offset: m.hashoffset,
@@ -580,8 +610,14 @@ fn push(a: ArtifactsPushArgs) -> Result<ExitCode> {
         for d in blobs {
             check_digest(&d.digest)?;
             let p = a.outdir.join("blobs/sha256").join(&d.digest[7..]);
-            let data = read_checked(&p, &d.digest, d.size)?;
-            c.put_blob(repo, &d.digest, &data)
+            let f = File::open(&p).with_context(|| format!("opening {}", p.display()))?;
+            ensure!(
+                f.metadata()?.len() == d.size,
+                "{} is not {} bytes long",
+                p.display(),
+                d.size
+            );
+            c.put_blob_file(repo, &d.digest, &f, d.size)
                 .with_context(|| format!("pushing {}", d.digest))?;
             n += 1;
         }
