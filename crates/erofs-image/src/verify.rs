@@ -48,6 +48,19 @@ pub enum VerifyError {
         /// Its length.
         len: u64,
     },
+    /// The index in front of the tar is not the one these build options give for it.
+    #[error(
+        "the index ({len} bytes) is not the one the tar gives with these options: first difference at byte {first_difference}"
+    )]
+    IndexMismatch {
+        /// Length of the index in the image.
+        len: u64,
+        /// First byte that differs (or the shorter length).
+        first_difference: u64,
+    },
+    /// Rebuilding the index from the tar failed (the tar is malformed).
+    #[error("rebuilding the index from the tar: {0}")]
+    Build(#[from] crate::Error),
     /// Reading the image failed.
     #[error("reading the image: {0}")]
     Io(#[from] std::io::Error),
@@ -183,6 +196,57 @@ pub fn verify_diff_id<R: ReadAt + ?Sized>(
     Ok(loc)
 }
 
+/// Rebuild the index from the tar at `loc` with `opts` and compare it with the index in
+/// front of it. Building an index is deterministic, so with the producer's options (the
+/// differ's: its UUID derives from the layer digest) this proves that the index describes
+/// exactly this tar: together with [`verify_diff_id`], that the whole `[index][tar]` is the
+/// layer with that diffID.
+pub fn verify_index<R: ReadAt + ?Sized>(
+    image: &R,
+    loc: TarLocation,
+    opts: &crate::BuildOptions,
+) -> Result<(), VerifyError> {
+    struct Range<'a, R: ?Sized> {
+        image: &'a R,
+        at: u64,
+        end: u64,
+    }
+    impl<R: ReadAt + ?Sized> std::io::Read for Range<'_, R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let k = ((self.end - self.at) as usize).min(buf.len());
+            if k == 0 {
+                return Ok(0);
+            }
+            let n = self.image.read_at(&mut buf[..k], self.at)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            self.at += n as u64;
+            Ok(n)
+        }
+    }
+    let tar = Range {
+        image,
+        at: loc.offset,
+        end: loc.offset + loc.len,
+    };
+    let rebuilt = crate::tar_to_index(tar, std::io::sink(), opts)?;
+    let mut have = vec![0u8; loc.offset as usize];
+    read_exact(image, &mut have, 0)?;
+    if rebuilt.index != have {
+        let first = have
+            .iter()
+            .zip(&rebuilt.index)
+            .position(|(a, b)| a != b)
+            .unwrap_or(have.len().min(rebuilt.index.len()));
+        return Err(VerifyError::IndexMismatch {
+            len: have.len() as u64,
+            first_difference: first as u64,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Cursor;
@@ -264,5 +328,35 @@ mod tests {
             verify_diff_id(&Vec::new(), &id, None),
             Err(VerifyError::NotTarIndex(_))
         ));
+    }
+
+    /// The index rebuilt from the tar is the one in front of it; a changed index byte, or
+    /// other options (another UUID), are caught.
+    #[test]
+    fn indexes_are_rebuilt_and_compared() {
+        let (tar, image) = layer();
+        let loc = verify_diff_id(&image, &diff_id(&tar), None).unwrap();
+        verify_index(&image, loc, &BuildOptions::default()).unwrap();
+        let other = BuildOptions {
+            uuid: [1; 16],
+            ..BuildOptions::default()
+        };
+        assert!(matches!(
+            verify_index(&image, loc, &other),
+            Err(VerifyError::IndexMismatch { .. })
+        ));
+        let mut forged = image.clone();
+        forged[1280 + 40] ^= 1;
+        let e = verify_index(&forged, loc, &BuildOptions::default()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VerifyError::IndexMismatch {
+                    first_difference: 1320,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -96,6 +96,10 @@ pub struct ArtifactsBuildArgs {
     /// Also keep each assembled layer (`[index][tar][tree]`) as OUTDIR/layers/<diffID hex>.
     #[arg(long)]
     pub keep_layers: bool,
+    /// Also build each layer as the full EROFS image the differ writes without tar index,
+    /// and store (and sign) the dm-verity tree of that image.
+    #[arg(long)]
+    pub full_image: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -143,6 +147,15 @@ pub struct VerifyArgs {
     /// The tar's exact size, when known (e.g. from the artifact's annotation).
     #[arg(long, value_name = "BYTES")]
     pub tar_size: Option<u64>,
+    /// Also check the index: rebuild it from the tar as the differ does for the layer with
+    /// this (compressed) digest, and compare. Without it only the tar is checked, and the
+    /// index in front of it must be trusted some other way.
+    #[arg(long, value_name = "sha256:HEX")]
+    pub layer_digest: Option<String>,
+    /// With --layer-digest: one of the differ's `mkfs_options` the index was built with
+    /// (repeat for each).
+    #[arg(long = "mkfs-option", value_name = "OPT", allow_hyphen_values = true)]
+    pub mkfs_options: Vec<String>,
 }
 
 #[derive(Debug, Args)]

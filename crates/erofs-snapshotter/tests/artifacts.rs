@@ -9,8 +9,11 @@
 //!   the client assembles into the layers `build` kept.
 //! - [`artifacts_equal_differ_layers`]: those layers are byte for byte the `layer.erofs` our
 //!   differ writes with `enable_tar_index` and `enable_dmverity`.
+//! - [`full_image_trees_equal_the_differs`]: with `--full-image`, the (signed) tree of each
+//!   layer's full image is the one the differ appends without tar index.
 //! - [`verify_diff_id`]: `erofs-snapshotter verify` accepts the layer with its diffID, refuses a
-//!   tampered tar byte and a wrong diffID.
+//!   tampered tar byte and a wrong diffID; with `--layer-digest` it also rebuilds the index and
+//!   refuses a forged one.
 //!
 //! The Referrers API branch of the client is tested against an in-process server in
 //! crates/registry/tests/client.rs (no registry in Debian has the API).
@@ -296,6 +299,63 @@ fn artifacts_equal_differ_layers() -> Result<()> {
 }
 
 #[test]
+fn full_image_trees_equal_the_differs() -> Result<()> {
+    let w = World::start(
+        Path::new(BIN),
+        Setup {
+            dmverity: true,
+            ..Default::default()
+        },
+    )?;
+    let (_spec, img) = image(&w.work)?;
+    let out = w.work.join("artifacts");
+    let key = w.work.join("k");
+    ok(&["artifacts", "keygen", s(&key)])?;
+    ok(&[
+        "artifacts",
+        "build",
+        s(&img.layout_dir),
+        s(&out),
+        "--full-image",
+        "--sign-key",
+        s(&key),
+    ])?;
+    let set = set_of(&out)?;
+    let public = erofs_registry::signature::PublicKey::from_text(&fs::read_to_string(format!(
+        "{}.pub",
+        s(&key)
+    ))?)?;
+    oci::import(&w.ctd, &img, SN)?;
+    w.assert_unpacked_by_us(&img)?;
+    let by_uuid = w.layers_by_uuid()?;
+    for l in &img.layers {
+        let art = set.layer(&l.blob.digest).context("no artifacts")?;
+        let t = art.image_dmverity.as_ref().context("no image tree")?;
+        let tree = fs::read(out.join("blobs/sha256").join(&t.descriptor.digest[7..]))?;
+        let p = &by_uuid[&World::differ_uuid(&l.blob.digest)];
+        let theirs = fs::read(p)?;
+        ensure!(
+            theirs.len() as u64 == t.hash_offset + tree.len() as u64
+                && theirs[t.hash_offset as usize..] == tree[..],
+            "{}: the differ's full image ({} bytes) does not end with the artifact's tree at {}",
+            l.blob.digest,
+            theirs.len(),
+            t.hash_offset
+        );
+        let sidecar: serde_json::Value =
+            serde_json::from_slice(&fs::read(p.with_file_name("layer.erofs.dmverity"))?)?;
+        ensure!(sidecar["roothash"] == t.root_digest.as_str(), "{sidecar}");
+        let sig = art
+            .image_signature
+            .as_ref()
+            .context("image tree unsigned")?;
+        let sig = fs::read(out.join("blobs/sha256").join(&sig.descriptor.digest[7..]))?;
+        public.verify_root(&t.root_digest, &sig)?;
+    }
+    Ok(())
+}
+
+#[test]
 fn verify_diff_id() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (_spec, img) = image(dir.path())?;
@@ -326,6 +386,48 @@ fn verify_diff_id() -> Result<()> {
         "--tar-size",
         &tar_size,
     ])?;
+
+    // The index too, rebuilt as the differ builds it for this layer.
+    let said = ok(&[
+        "verify",
+        s(&layer),
+        "--diff-id",
+        &l.diff_id,
+        "--layer-digest",
+        &l.blob.digest,
+    ])?;
+    ensure!(said.contains("the index is the one it gives"), "{said}");
+    let o = cli(&[
+        "verify",
+        s(&layer),
+        "--diff-id",
+        &l.diff_id,
+        "--layer-digest",
+        &img.layers[0].blob.digest,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("is not the one the tar gives"),
+        "{err}"
+    );
+    let mut forged = fs::read(&layer)?;
+    forged[1280 + 60] ^= 1;
+    let bad = dir.path().join("forged-index");
+    fs::write(&bad, &forged)?;
+    ok(&["verify", s(&bad), "--diff-id", &l.diff_id])?;
+    let o = cli(&[
+        "verify",
+        s(&bad),
+        "--diff-id",
+        &l.diff_id,
+        "--layer-digest",
+        &l.blob.digest,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("first difference at byte 1340"),
+        "{err}"
+    );
 
     // Another layer's diffID.
     let o = cli(&["verify", s(&layer), "--diff-id", &img.layers[0].diff_id]);

@@ -40,6 +40,10 @@ pub const ARTIFACT_TYPE: &str = "application/vnd.erofs-snapshotter.layer-artifac
 pub const MEDIA_TYPE_TAR_INDEX: &str = "application/vnd.erofs-snapshotter.tar-index.v1";
 /// The dm-verity superblock and hash tree of the `[index][tar]` layer.
 pub const MEDIA_TYPE_DMVERITY_TREE: &str = "application/vnd.erofs-snapshotter.dmverity-tree.v1";
+/// The dm-verity tree of the full EROFS image the differ builds for the layer without tar
+/// index (4 KiB blocks; optional, `artifacts build --full-image`).
+pub const MEDIA_TYPE_IMAGE_DMVERITY_TREE: &str =
+    "application/vnd.erofs-snapshotter.image-dmverity-tree.v1";
 /// A signature of a layer's root digest: this prefix, `+`, and the scheme.
 pub const MEDIA_TYPE_SIGNATURE_PREFIX: &str =
     "application/vnd.erofs-snapshotter.roothash-signature.v1";
@@ -307,6 +311,10 @@ pub struct LayerArtifacts {
     pub dmverity: Option<TreeBlob>,
     /// The signature of the tree's root digest.
     pub signature: Option<SignatureBlob>,
+    /// The dm-verity tree of the full image (no tar index) the differ builds for the layer.
+    pub image_dmverity: Option<TreeBlob>,
+    /// The signature of that tree's root digest.
+    pub image_signature: Option<SignatureBlob>,
 }
 
 /// The artifacts of one image: what a referrer manifest says.
@@ -353,9 +361,9 @@ impl ArtifactSet {
                 d.annotations.insert(ANN_MKFS_OPTIONS.into(), o.clone());
             }
             layers.push(d);
-            if let Some(t) = &l.dmverity {
+            let tree = |t: &TreeBlob, media_type: &str| {
                 let mut d = t.descriptor.clone();
-                d.media_type = MEDIA_TYPE_DMVERITY_TREE.into();
+                d.media_type = media_type.into();
                 d.annotations = base.clone();
                 d.annotations
                     .insert(ANN_ROOT_DIGEST.into(), t.root_digest.clone());
@@ -367,20 +375,32 @@ impl ArtifactSet {
                     .insert(ANN_SALT.into(), hex::encode(DMVERITY_SALT));
                 d.annotations
                     .insert(ANN_ALGORITHM.into(), ALGORITHM_SHA256.into());
-                layers.push(d);
-            }
-            if let Some(s) = &l.signature {
+                d
+            };
+            let sig = |s: &SignatureBlob, t: Option<&TreeBlob>| {
                 let mut d = s.descriptor.clone();
                 d.media_type = format!("{MEDIA_TYPE_SIGNATURE_PREFIX}+{}", s.scheme);
                 d.annotations = base.clone();
-                if let Some(t) = &l.dmverity {
+                if let Some(t) = t {
                     d.annotations
                         .insert(ANN_ROOT_DIGEST.into(), t.root_digest.clone());
                 }
                 if let Some(k) = &s.public_key {
                     d.annotations.insert(ANN_PUBLIC_KEY.into(), k.clone());
                 }
-                layers.push(d);
+                d
+            };
+            if let Some(t) = &l.dmverity {
+                layers.push(tree(t, MEDIA_TYPE_DMVERITY_TREE));
+            }
+            if let Some(s) = &l.signature {
+                layers.push(sig(s, l.dmverity.as_ref()));
+            }
+            if let Some(t) = &l.image_dmverity {
+                layers.push(tree(t, MEDIA_TYPE_IMAGE_DMVERITY_TREE));
+            }
+            if let Some(s) = &l.image_signature {
+                layers.push(sig(s, l.image_dmverity.as_ref()));
             }
         }
         let mut annotations = BTreeMap::new();
@@ -428,13 +448,16 @@ impl ArtifactSet {
             diff_id: String,
             tar_index: Option<TarIndexBlob>,
             dmverity: Option<TreeBlob>,
-            signature: Option<SignatureBlob>,
+            image_dmverity: Option<TreeBlob>,
+            /// Each with the root digest it is annotated with.
+            signatures: Vec<(String, SignatureBlob)>,
         }
         let mut order: Vec<Partial> = Vec::new();
         for d in &m.layers {
             check_digest(&d.digest)?;
             let known = d.media_type == MEDIA_TYPE_TAR_INDEX
                 || d.media_type == MEDIA_TYPE_DMVERITY_TREE
+                || d.media_type == MEDIA_TYPE_IMAGE_DMVERITY_TREE
                 || d.media_type
                     .starts_with(&format!("{MEDIA_TYPE_SIGNATURE_PREFIX}+"));
             if !known {
@@ -453,7 +476,8 @@ impl ArtifactSet {
                         diff_id: diff_id.clone(),
                         tar_index: None,
                         dmverity: None,
-                        signature: None,
+                        image_dmverity: None,
+                        signatures: Vec::new(),
                     });
                     order.len() - 1
                 }
@@ -485,52 +509,23 @@ impl ArtifactSet {
                 if p.dmverity.is_some() {
                     return Err(dup());
                 }
-                let root_digest = d.annotation(ANN_ROOT_DIGEST)?.to_string();
-                if root_digest.len() != 64
-                    || !root_digest
-                        .bytes()
-                        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-                {
-                    return Err(bad(format!(
-                        "root digest {root_digest:?} is not 64 lower-case hex digits"
-                    )));
-                }
-                let block_size = u32::try_from(parse_num(d, ANN_BLOCK_SIZE)?)
-                    .ok()
-                    .filter(|b| (512..=65536).contains(b) && b.is_power_of_two())
-                    .ok_or_else(|| bad(format!("bad {ANN_BLOCK_SIZE} on {}", d.digest)))?;
-                let hash_offset = parse_num(d, ANN_HASH_OFFSET)?;
-                if hash_offset == 0 || !hash_offset.is_multiple_of(block_size as u64) {
-                    return Err(bad(format!(
-                        "{ANN_HASH_OFFSET} {hash_offset} is not a positive multiple of the block size {block_size}"
-                    )));
-                }
-                if let Some(a) = d.annotations.get(ANN_ALGORITHM)
-                    && a != ALGORITHM_SHA256
-                {
-                    return Err(bad(format!("tree algorithm {a:?}, not sha256")));
-                }
-                if let Some(s) = d.annotations.get(ANN_SALT)
-                    && *s != hex::encode(DMVERITY_SALT)
-                {
-                    return Err(bad(format!("tree salt {s:?} is not ours")));
-                }
-                p.dmverity = Some(TreeBlob {
-                    descriptor: d.clone(),
-                    root_digest,
-                    block_size,
-                    hash_offset,
-                });
-            } else {
-                if p.signature.is_some() {
+                p.dmverity = Some(parse_tree(d)?);
+            } else if d.media_type == MEDIA_TYPE_IMAGE_DMVERITY_TREE {
+                if p.image_dmverity.is_some() {
                     return Err(dup());
                 }
+                p.image_dmverity = Some(parse_tree(d)?);
+            } else {
                 let scheme = d.media_type[MEDIA_TYPE_SIGNATURE_PREFIX.len() + 1..].to_string();
-                p.signature = Some(SignatureBlob {
-                    descriptor: d.clone(),
-                    scheme,
-                    public_key: d.annotations.get(ANN_PUBLIC_KEY).cloned(),
-                });
+                let root = d.annotation(ANN_ROOT_DIGEST)?.to_string();
+                p.signatures.push((
+                    root,
+                    SignatureBlob {
+                        descriptor: d.clone(),
+                        scheme,
+                        public_key: d.annotations.get(ANN_PUBLIC_KEY).cloned(),
+                    },
+                ));
             }
         }
         let mut layers = Vec::with_capacity(order.len());
@@ -551,19 +546,27 @@ impl ArtifactSet {
                     )));
                 }
             }
-            if let Some(s) = &p.signature {
-                let Some(t) = &p.dmverity else {
+            // A signature belongs to the tree whose root it is annotated with.
+            let (mut signature, mut image_signature) = (None, None);
+            for (root, sig) in p.signatures {
+                let slot = if p.dmverity.as_ref().is_some_and(|t| t.root_digest == root) {
+                    &mut signature
+                } else if p
+                    .image_dmverity
+                    .as_ref()
+                    .is_some_and(|t| t.root_digest == root)
+                {
+                    &mut image_signature
+                } else {
                     return Err(bad(format!(
-                        "layer {} has a signature but no tree",
+                        "layer {}: a signature of root digest {root} signs neither of its trees",
                         p.layer_digest
                     )));
                 };
-                if let Some(r) = s.descriptor.annotations.get(ANN_ROOT_DIGEST)
-                    && *r != t.root_digest
-                {
+                if slot.replace(sig).is_some() {
                     return Err(bad(format!(
-                        "layer {}: the signature is annotated with root digest {r}, the tree with {}",
-                        p.layer_digest, t.root_digest
+                        "layer {}: two signatures of root digest {root}",
+                        p.layer_digest
                     )));
                 }
             }
@@ -572,7 +575,9 @@ impl ArtifactSet {
                 diff_id: p.diff_id,
                 tar_index,
                 dmverity: p.dmverity,
-                signature: p.signature,
+                signature,
+                image_dmverity: p.image_dmverity,
+                image_signature,
             });
         }
         Ok(ArtifactSet {
@@ -586,6 +591,47 @@ impl ArtifactSet {
     pub fn parse(bytes: &[u8]) -> Result<ArtifactSet> {
         Self::from_manifest(&Manifest::parse(bytes)?)
     }
+}
+
+/// The typed fields of a tree blob.
+fn parse_tree(d: &Descriptor) -> Result<TreeBlob> {
+    let bad = |s: String| Error::Format(format!("referrer manifest: {s}"));
+    let root_digest = d.annotation(ANN_ROOT_DIGEST)?.to_string();
+    if root_digest.len() != 64
+        || !root_digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(bad(format!(
+            "root digest {root_digest:?} is not 64 lower-case hex digits"
+        )));
+    }
+    let block_size = u32::try_from(parse_num(d, ANN_BLOCK_SIZE)?)
+        .ok()
+        .filter(|b| (512..=65536).contains(b) && b.is_power_of_two())
+        .ok_or_else(|| bad(format!("bad {ANN_BLOCK_SIZE} on {}", d.digest)))?;
+    let hash_offset = parse_num(d, ANN_HASH_OFFSET)?;
+    if hash_offset == 0 || !hash_offset.is_multiple_of(block_size as u64) {
+        return Err(bad(format!(
+            "{ANN_HASH_OFFSET} {hash_offset} is not a positive multiple of the block size {block_size}"
+        )));
+    }
+    if let Some(a) = d.annotations.get(ANN_ALGORITHM)
+        && a != ALGORITHM_SHA256
+    {
+        return Err(bad(format!("tree algorithm {a:?}, not sha256")));
+    }
+    if let Some(s) = d.annotations.get(ANN_SALT)
+        && *s != hex::encode(DMVERITY_SALT)
+    {
+        return Err(bad(format!("tree salt {s:?} is not ours")));
+    }
+    Ok(TreeBlob {
+        descriptor: d.clone(),
+        root_digest,
+        block_size,
+        hash_offset,
+    })
 }
 
 fn parse_num(d: &Descriptor, key: &str) -> Result<u64> {
@@ -632,6 +678,8 @@ mod tests {
                     scheme: SCHEME_ED25519.into(),
                     public_key: Some(hex::encode([9; 32])),
                 }),
+                image_dmverity: None,
+                image_signature: None,
             }
         };
         ArtifactSet {
@@ -707,7 +755,7 @@ mod tests {
             ),
             (
                 Box::new(|v| v["layers"][2]["annotations"][ANN_ROOT_DIGEST] = "00".into()),
-                "signature is annotated",
+                "signs neither",
             ),
             (
                 Box::new(|v| v["layers"][3]["annotations"][ANN_DIFF_ID] = digest(7).into()),
@@ -743,7 +791,7 @@ mod tests {
                 Box::new(|v| {
                     v["layers"].as_array_mut().unwrap().remove(1);
                 }),
-                "signature but no tree",
+                "signs neither",
             ),
         ];
         for (edit, want) in cases {
@@ -764,6 +812,41 @@ mod tests {
         );
         assert!(ArtifactSet::parse(b"[]").is_err());
         assert!(ArtifactSet::parse(&vec![b' '; MAX_MANIFEST_BYTES + 1]).is_err());
+    }
+
+    /// Full-image trees and their signatures read back, each signature with its own tree.
+    #[test]
+    fn image_trees_round_trip() {
+        let mut s = sample();
+        let root = hex::encode([0x77; 32]);
+        s.layers[1].image_dmverity = Some(TreeBlob {
+            descriptor: Descriptor::of("x", &[5; 4096]),
+            root_digest: root.clone(),
+            block_size: 4096,
+            hash_offset: 3 * 4096,
+        });
+        s.layers[1].image_signature = Some(SignatureBlob {
+            descriptor: Descriptor::of("x", &[6; 64]),
+            scheme: SCHEME_ED25519.into(),
+            public_key: None,
+        });
+        let m = s.to_manifest();
+        let back = ArtifactSet::parse(&m.to_bytes()).unwrap();
+        assert_eq!(back.to_manifest(), m);
+        let l = &back.layers[1];
+        assert!(l.signature.is_none());
+        assert_eq!(l.image_dmverity.as_ref().unwrap().root_digest, root);
+        assert_eq!(
+            l.image_signature.as_ref().unwrap().descriptor.digest,
+            sha256_digest(&[6; 64])
+        );
+        assert_eq!(
+            m.layers
+                .iter()
+                .filter(|d| d.media_type == MEDIA_TYPE_IMAGE_DMVERITY_TREE)
+                .count(),
+            1
+        );
     }
 
     #[test]

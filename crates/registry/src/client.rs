@@ -10,6 +10,7 @@
 //! ([`ClientOptions`]); manifests are bounded to [`MAX_MANIFEST_BYTES`] and blobs to the
 //! caller's limit; every manifest and blob read by digest is checked against it.
 
+use std::fs::File;
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -501,10 +502,57 @@ impl Client {
                 actual,
             });
         }
+        self.upload(repo, digest, &mut &data[..], data.len() as u64)
+    }
+
+    /// [`put_blob`](Self::put_blob) streaming the first `len` bytes of `file` (read once to
+    /// check the digest, once to send), for blobs too large to hold in memory.
+    pub fn put_blob_file(&self, repo: &str, digest: &str, file: &File, len: u64) -> Result<()> {
+        use std::io::{Read, Seek};
+        check_repository(repo)?;
+        check_digest(digest)?;
+        let mut f = file;
+        f.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| Error::io("seeking the blob", e))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut r = f.take(len);
+        let mut n = 0u64;
+        loop {
+            let k = r
+                .read(&mut buf)
+                .map_err(|e| Error::io("reading the blob", e))?;
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+            h.update(&buf[..k]);
+        }
+        let actual = format!("sha256:{}", hex::encode(h.finalize()));
+        if n != len || actual != digest {
+            return Err(Error::DigestMismatch {
+                what: format!("blob to push ({n} of {len} bytes)"),
+                expected: digest.into(),
+                actual,
+            });
+        }
+        f.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| Error::io("seeking the blob", e))?;
+        self.upload(repo, digest, &mut f, len)
+    }
+
+    fn upload(
+        &self,
+        repo: &str,
+        digest: &str,
+        body: &mut dyn std::io::Read,
+        len: u64,
+    ) -> Result<()> {
         if self.has_blob(repo, digest)? {
             return Ok(());
         }
         let target = format!("/v2/{repo}/blobs/uploads/");
+        // The POST goes through the auth flow; the PUT reuses what it established.
         let mut r = self.request("POST", &target, &[], &[])?;
         if r.status != 202 {
             return Err(status_error("POST", &self.full(&target), &mut r));
@@ -527,12 +575,12 @@ impl Client {
         put.push(if put.contains('?') { '&' } else { '?' });
         put.push_str("digest=");
         put.push_str(&digest.replace(':', "%3A"));
-        let mut r = self.request(
-            "PUT",
-            &put,
-            &[("Content-Type", "application/octet-stream")],
-            data,
-        )?;
+        let auth = self.auth_header();
+        let mut h = vec![("Content-Type", "application/octet-stream")];
+        if let Some(a) = &auth {
+            h.push(("Authorization", a.as_str()));
+        }
+        let mut r = http::send_body("PUT", &self.url(&put), &h, body, len, &self.limits())?;
         if r.status != 201 {
             return Err(status_error("PUT", &self.full(&put), &mut r));
         }

@@ -268,6 +268,25 @@ pub fn send(
     body: &[u8],
     limits: &Limits,
 ) -> Result<Response> {
+    send_body(
+        method,
+        url,
+        headers,
+        &mut &body[..],
+        body.len() as u64,
+        limits,
+    )
+}
+
+/// [`send`] with a body of `len` bytes streamed from `body` (uploads of large blobs).
+pub fn send_body(
+    method: &str,
+    url: &Url,
+    headers: &[(&str, &str)],
+    body: &mut dyn Read,
+    len: u64,
+    limits: &Limits,
+) -> Result<Response> {
     let what = || format!("{method} {}", url.to_url_string());
     let deadline = limits.total.map(|t| Instant::now() + t);
     let s = connect(&url.authority, limits)?;
@@ -277,8 +296,8 @@ pub fn send(
         "{method} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: erofs-snapshotter\r\n",
         url.target, url.authority
     );
-    if !body.is_empty() || matches!(method, "PUT" | "POST") {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    if len > 0 || matches!(method, "PUT" | "POST") {
+        head.push_str(&format!("Content-Length: {len}\r\n"));
     }
     for (k, v) in headers {
         if k.contains(['\r', '\n']) || v.contains(['\r', '\n']) {
@@ -289,7 +308,16 @@ pub fn send(
     head.push_str("\r\n");
     let mut w = &s;
     w.write_all(head.as_bytes())
-        .and_then(|()| w.write_all(body))
+        .and_then(|()| {
+            let n = io::copy(&mut body.take(len), &mut w)?;
+            if n != len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("request body ended after {n} of {len} bytes"),
+                ));
+            }
+            Ok(())
+        })
         .and_then(|()| w.flush())
         .map_err(|e| Error::io(what(), e))?;
     let mut c = Conn {

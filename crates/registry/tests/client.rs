@@ -305,6 +305,8 @@ fn setup(c: &Client, repo: &str) -> (Descriptor, ArtifactSet) {
                 hash_offset: 5120,
             }),
             signature: None,
+            image_dmverity: None,
+            image_signature: None,
         }],
     };
     // As read back: with the annotations the typed fields imply.

@@ -273,6 +273,36 @@ fn now_rfc3339() -> String {
     )
 }
 
+/// Copy `len` bytes of `src` from `offset` into a blob of OUTDIR (hashing them on the way:
+/// trees of large layers are not held in memory).
+fn write_blob_from(outdir: &Path, media_type: &str, src: &Path, offset: u64) -> Result<Descriptor> {
+    use sha2::Digest;
+    let f = File::open(src)?;
+    let len = f.metadata()?.len() - offset;
+    let tmp = outdir.join("blobs/sha256/.incoming");
+    let mut out = File::create(&tmp)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let k = ((len - done) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..k], offset + done)?;
+        h.update(&buf[..k]);
+        out.write_all(&buf[..k])?;
+        done += k as u64;
+    }
+    out.sync_all()?;
+    let digest = format!("sha256:{}", hex::encode(h.finalize()));
+    fs::rename(&tmp, outdir.join("blobs/sha256").join(&digest[7..]))?;
+    Ok(Descriptor {
+        media_type: media_type.into(),
+        digest,
+        size: len,
+        artifact_type: None,
+        annotations: BTreeMap::new(),
+    })
+}
+
 fn write_blob(outdir: &Path, media_type: &str, data: &[u8]) -> Result<Descriptor> {
     let d = Descriptor::of(media_type, data);
     let p = outdir.join("blobs/sha256").join(&d.digest[7..]);
@@ -288,6 +318,7 @@ struct BuildContext<'a> {
     key: Option<&'a SecretKey>,
     outdir: &'a Path,
     work: &'a Path,
+    full_image: bool,
 }
 
 /// Build one layer the way the differ does with `enable_tar_index` and dm-verity on, in
@@ -304,6 +335,7 @@ fn build_layer(
         key,
         outdir,
         work,
+        full_image,
     } = *cx;
     let blob = File::open(img.blob(&layer.digest)?)
         .with_context(|| format!("layer {} is not in the image", layer.digest))?;
@@ -335,28 +367,57 @@ fn build_layer(
     out.read_exact_at(&mut index, 0)?;
     drop(out);
     let meta = dmverity::append_tree(&path, true, None)?;
-    let total = fs::metadata(&path)?.len();
-    let mut tree = vec![0u8; (total - meta.hashoffset) as usize];
-    File::open(&path)?.read_exact_at(&mut tree, meta.hashoffset)?;
     let index_d = write_blob(outdir, MEDIA_TYPE_TAR_INDEX, &index)?;
-    let tree_d = write_blob(outdir, MEDIA_TYPE_DMVERITY_TREE, &tree)?;
-    let signature = match key {
-        Some(k) => {
-            let sig = k.sign_root(&meta.roothash);
-            Some(SignatureBlob {
-                descriptor: write_blob(
-                    outdir,
-                    &format!(
-                        "{}+{SCHEME_ED25519}",
-                        artifacts::MEDIA_TYPE_SIGNATURE_PREFIX
-                    ),
-                    &sig,
-                )?,
-                scheme: SCHEME_ED25519.into(),
-                public_key: Some(k.public().to_hex()),
-            })
-        }
-        None => None,
+    let tree_d = write_blob_from(outdir, MEDIA_TYPE_DMVERITY_TREE, &path, meta.hashoffset)?;
+    let sign = |root: &str| -> Result<Option<SignatureBlob>> {
+        let Some(k) = key else { return Ok(None) };
+        Ok(Some(SignatureBlob {
+            descriptor: write_blob(
+                outdir,
+                &format!(
+                    "{}+{SCHEME_ED25519}",
+                    artifacts::MEDIA_TYPE_SIGNATURE_PREFIX
+                ),
+                &k.sign_root(root),
+            )?,
+            scheme: SCHEME_ED25519.into(),
+            public_key: Some(k.public().to_hex()),
+        }))
+    };
+    let signature = sign(&meta.roothash)?;
+    let (image_dmverity, image_signature) = if full_image {
+        // A second pass over the blob: the full image as the differ writes it without tar
+        // index (same options), then its tree.
+        let ipath = work.join(format!("{}.image", &layer.digest[7..]));
+        let out = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&ipath)?;
+        let dec = Decompressed::new(File::open(img.blob(&layer.digest)?)?, BombGuard::default())
+            .with_context(|| format!("reading layer {}", layer.digest))?;
+        erofs_image::tar_to_image(dec, erofs_output::FileOutput::new(&out), &opts)
+            .with_context(|| format!("building the image of layer {}", layer.digest))?;
+        out.sync_all()?;
+        drop(out);
+        let m = dmverity::append_tree(&ipath, false, None)?;
+        let descriptor = write_blob_from(
+            outdir,
+            artifacts::MEDIA_TYPE_IMAGE_DMVERITY_TREE,
+            &ipath,
+            m.hashoffset,
+        )?;
+        fs::remove_file(&ipath)?;
+        let t = TreeBlob {
+            descriptor,
+            root_digest: m.roothash.clone(),
+            block_size: dmverity::block_size(false) as u32,
+            hash_offset: m.hashoffset,
+        };
+        (Some(t), sign(&m.roothash)?)
+    } else {
+        (None, None)
     };
     Ok((
         LayerArtifacts {
@@ -374,6 +435,8 @@ fn build_layer(
                 hash_offset: meta.hashoffset,
             }),
             signature,
+            image_dmverity,
+            image_signature,
         },
         path,
     ))
@@ -450,6 +513,7 @@ fn build(a: ArtifactsBuildArgs) -> Result<ExitCode> {
                 key: key.as_ref(),
                 outdir: &a.outdir,
                 work: &work,
+                full_image: a.full_image,
             };
             let (art, path) = build_layer(&cx, &img, l, diff_id)?;
             if a.keep_layers {
@@ -461,7 +525,7 @@ fn build(a: ArtifactsBuildArgs) -> Result<ExitCode> {
             }
             let t = art.dmverity.as_ref().expect("built with a tree");
             println!(
-                "layer {} {}: index {} B, tar {} B, tree {} B, root {}{} ({:.1} s)",
+                "layer {} {}: index {} B, tar {} B, tree {} B, root {}{}{} ({:.1} s)",
                 i + 1,
                 l.digest,
                 art.tar_index.descriptor.size,
@@ -472,6 +536,13 @@ fn build(a: ArtifactsBuildArgs) -> Result<ExitCode> {
                     ", signed"
                 } else {
                     ""
+                },
+                match &art.image_dmverity {
+                    Some(t) => format!(
+                        "; full image {} B, tree {} B, root {}",
+                        t.hash_offset, t.descriptor.size, t.root_digest
+                    ),
+                    None => String::new(),
                 },
                 start.elapsed().as_secs_f64()
             );
@@ -539,8 +610,14 @@ fn push(a: ArtifactsPushArgs) -> Result<ExitCode> {
         for d in blobs {
             check_digest(&d.digest)?;
             let p = a.outdir.join("blobs/sha256").join(&d.digest[7..]);
-            let data = read_checked(&p, &d.digest, d.size)?;
-            c.put_blob(repo, &d.digest, &data)
+            let f = File::open(&p).with_context(|| format!("opening {}", p.display()))?;
+            ensure!(
+                f.metadata()?.len() == d.size,
+                "{} is not {} bytes long",
+                p.display(),
+                d.size
+            );
+            c.put_blob_file(repo, &d.digest, &f, d.size)
                 .with_context(|| format!("pushing {}", d.digest))?;
             n += 1;
         }
@@ -627,8 +704,12 @@ fn ls(a: ArtifactsLsArgs) -> Result<ExitCode> {
                 ),
                 None => println!("    dmverity-tree  none"),
             }
-            match (&art.signature, &art.dmverity) {
-                (Some(s), Some(t)) => {
+            let mut show_sig =
+                |name: &str, sig: &Option<SignatureBlob>, tree: &Option<TreeBlob>| -> Result<()> {
+                    let (Some(s), Some(t)) = (sig, tree) else {
+                        println!("    {name:<14} none");
+                        return Ok(());
+                    };
                     let verdict = match &key {
                         None => "not checked (no --public-key)".to_string(),
                         Some(_) if s.scheme != SCHEME_ED25519 => {
@@ -647,13 +728,20 @@ fn ls(a: ArtifactsLsArgs) -> Result<ExitCode> {
                         }
                     };
                     println!(
-                        "    signature      {:>10} B  {} key {}: {verdict}",
+                        "    {name:<14} {:>10} B  {} key {}: {verdict}",
                         s.descriptor.size,
                         s.scheme,
                         s.public_key.as_deref().unwrap_or("?")
                     );
-                }
-                _ => println!("    signature      none"),
+                    Ok(())
+                };
+            show_sig("signature", &art.signature, &art.dmverity)?;
+            if let Some(t) = &art.image_dmverity {
+                println!(
+                    "    image-tree     {:>10} B  root {} block {} offset {}",
+                    t.descriptor.size, t.root_digest, t.block_size, t.hash_offset
+                );
+                show_sig("image-sig", &art.image_signature, &art.image_dmverity)?;
             }
         }
     }
@@ -691,15 +779,27 @@ fn keygen(a: KeygenArgs) -> Result<ExitCode> {
 }
 
 pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
+    let mkfs = MkfsOptions::parse(&a.mkfs_options).context("--mkfs-option")?;
     let f = File::open(&a.image).with_context(|| format!("opening {}", a.image.display()))?;
-    match erofs_image::verify::verify_diff_id(&f, &a.diff_id, a.tar_size) {
+    let r = erofs_image::verify::verify_diff_id(&f, &a.diff_id, a.tar_size).and_then(|loc| {
+        if let Some(d) = &a.layer_digest {
+            erofs_image::verify::verify_index(&f, loc, &mkfs.build_options(d))?;
+        }
+        Ok(loc)
+    });
+    match r {
         Ok(loc) => {
             println!(
-                "{}: the tar ({} bytes at offset {}) has diffID {}",
+                "{}: the tar ({} bytes at offset {}) has diffID {}{}",
                 a.image.display(),
                 loc.len,
                 loc.offset,
-                a.diff_id
+                a.diff_id,
+                if a.layer_digest.is_some() {
+                    ", and the index is the one it gives"
+                } else {
+                    " (index not checked: no --layer-digest)"
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
