@@ -208,6 +208,8 @@ fn push_artifacts(
                 hash_offset: b.hash_offset,
             }),
             signature,
+            image_dmverity: None,
+            image_signature: None,
         });
     }
     for data in &blobs {
