@@ -17,6 +17,7 @@
 //! * [`check`]: verify every invariant the kernel relies on, reporting each problem.
 //! * [`format`](mod@format): the on-disk structures.
 //! * [`output`]: where images are written.
+//! * [`verify`]: a tar-index layer against its diffID (the tar inside, hashed).
 #![forbid(unsafe_code)]
 
 pub mod builder;
@@ -31,6 +32,7 @@ pub mod output;
 pub mod reader;
 pub mod tar;
 pub mod tree;
+pub mod verify;
 
 pub use builder::{
     BuildOptions, Interrupt, Limits, Summary, dir_to_image, tar_file_to_image,

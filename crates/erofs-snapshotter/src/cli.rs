@@ -49,6 +49,122 @@ pub enum Command {
     Stat(PathArgs),
     /// Print the superblock and every inode of an image.
     Dump(ImageArgs),
+    /// Layer artifacts (tar index, dm-verity tree, root-hash signature) for a registry:
+    /// build them for an image, attach them to it as OCI referrers, list them.
+    #[command(subcommand)]
+    Artifacts(ArtifactsCommand),
+    /// Check a tar-index layer (`[index][tar]`, optionally with its dm-verity tree after it)
+    /// against its diffID, as a confidential guest does: hash the tar inside and compare.
+    /// Exit status 0 if it matches, 1 if not.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsCommand {
+    /// Compute, for every tar layer of an image, its tar index and the dm-verity tree of the
+    /// `[index][tar]` layer (and sign the root hashes), and write them with their referrer
+    /// manifest to OUTDIR.
+    Build(ArtifactsBuildArgs),
+    /// Push what `build` wrote to a repository as referrers of the image it was built from
+    /// (Referrers API, or the referrers tag `sha256-<hex>` for registries without it).
+    Push(ArtifactsPushArgs),
+    /// Show what a registry holds for an image: per layer, which artifacts, their sizes, the
+    /// root hash, and whether it is signed (and with --public-key, whether that verifies).
+    Ls(ArtifactsLsArgs),
+    /// Write a new ed25519 key pair: KEY (secret, mode 0600) and KEY.pub.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// User name for HTTP basic auth (and the token realm); the password is read from
+    /// EROFS_REGISTRY_PASSWORD.
+    #[arg(long, value_name = "USER")]
+    pub username: Option<String>,
+    /// Platform to pick from an image index, `OS/ARCH` (default: linux and this machine's
+    /// architecture).
+    #[arg(long, value_name = "OS/ARCH")]
+    pub platform: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ArtifactsBuildArgs {
+    /// The image: an OCI image layout directory, an OCI archive (tar of a layout), or a
+    /// registry reference `HOST[:PORT]/REPO[:TAG|@DIGEST]` (plain HTTP).
+    pub source: String,
+    /// Where the blobs (`blobs/sha256/...`) and the referrer manifest (`manifest.json`) go;
+    /// created if missing.
+    pub outdir: PathBuf,
+    /// Sign each root hash with this ed25519 secret key file (`artifacts keygen`).
+    #[arg(long, value_name = "KEY")]
+    pub sign_key: Option<PathBuf>,
+    /// One of the nodes' `differ.mkfs_options` (repeat for each, e.g. `--mkfs-option=-T0`),
+    /// for their tar indexes to be the same bytes.
+    #[arg(long = "mkfs-option", value_name = "OPT", allow_hyphen_values = true)]
+    pub mkfs_options: Vec<String>,
+    /// Also keep each assembled layer (`[index][tar][tree]`) as OUTDIR/layers/<diffID hex>.
+    #[arg(long)]
+    pub keep_layers: bool,
+    /// Also build each layer as the full EROFS image the differ writes without tar index,
+    /// and store (and sign) the dm-verity tree of that image.
+    #[arg(long)]
+    pub full_image: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ArtifactsPushArgs {
+    /// What `artifacts build` wrote.
+    pub outdir: PathBuf,
+    /// The repository, `HOST[:PORT]/REPO`; with a tag or digest it must name the image the
+    /// artifacts were built from.
+    pub target: String,
+    /// Keep earlier referrers of our artifact type in the referrers tag (by default they are
+    /// replaced by this one; with the Referrers API nothing is removed).
+    #[arg(long)]
+    pub keep_old: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ArtifactsLsArgs {
+    /// The image, `HOST[:PORT]/REPO[:TAG|@DIGEST]`.
+    pub image: String,
+    /// Verify signatures with this ed25519 public key file; exit status 1 if one does not
+    /// verify.
+    #[arg(long, value_name = "KEY.pub")]
+    pub public_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// The secret key file to write (the public key goes to KEY.pub); never overwritten.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The layer file.
+    pub image: PathBuf,
+    /// The expected diffID, `sha256:<hex>`.
+    #[arg(long, value_name = "sha256:HEX")]
+    pub diff_id: String,
+    /// The tar's exact size, when known (e.g. from the artifact's annotation).
+    #[arg(long, value_name = "BYTES")]
+    pub tar_size: Option<u64>,
+    /// Also check the index: rebuild it from the tar as the differ does for the layer with
+    /// this (compressed) digest, and compare. Without it only the tar is checked, and the
+    /// index in front of it must be trusted some other way.
+    #[arg(long, value_name = "sha256:HEX")]
+    pub layer_digest: Option<String>,
+    /// With --layer-digest: one of the differ's `mkfs_options` the index was built with
+    /// (repeat for each).
+    #[arg(long = "mkfs-option", value_name = "OPT", allow_hyphen_values = true)]
+    pub mkfs_options: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -148,6 +148,14 @@ impl Collector for CoreCollector {
             "kind",
             &[("fsmeta", s.fsmeta_built)],
         )?;
+        let artifacts: Vec<(&str, u64)> = s.artifacts.iter().map(|(o, n)| (o.name(), *n)).collect();
+        counter(
+            &mut e,
+            "erofs_snapshotter_artifacts",
+            "Tar-index layers Apply looked up registry artifacts for, by outcome: used (fetched, valid, used), no_image (containerd passed no image reference), absent, unreachable, timeout, invalid (malformed, too large, another diffID), bad_index, bad_tree, bad_signature. All but used were computed locally.",
+            "outcome",
+            &artifacts,
+        )?;
         let h = core.heavy_stats();
         gauge(
             &mut e,

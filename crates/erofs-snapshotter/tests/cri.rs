@@ -910,3 +910,107 @@ fn userns_pod_containerd_1_7() {
 fn userns_options_ignored_containerd_1_6() {
     e2e(|| userns_pod(Version::V1_6, false));
 }
+
+// ---------------------------------------------------------------------------------------
+// 5. What identifies the image when a layer is unpacked (for registry artifacts).
+
+/// The labels remote snapshotters (and our artifact lookup) identify an image by.
+const IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+const MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+const LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+
+/// Pull an image through CRI and record what reached our daemon: the labels Prepare gave
+/// each layer's snapshot (kept on the committed snapshot), and the annotation keys of each
+/// Apply's descriptor (the `annotations` field of the daemon's `apply` span). Returns
+/// whether Apply's descriptors carried the image reference.
+fn image_identity(w: World, labels_expected: bool) -> Result<bool> {
+    let (app, app_ref) = w.push(&app_image("cri-ident")?, "testsuite/cri-ident")?;
+    w.cri.pull_image(&app_ref)?;
+    let chain = oci::chain_ids(
+        &app.layers
+            .iter()
+            .map(|l| l.diff_id.clone())
+            .collect::<Vec<_>>(),
+    );
+    for (c, layer) in chain.iter().zip(&app.layers) {
+        let info = w
+            .key_of(c)?
+            .with_context(|| format!("layer {c} is not in our store"))?;
+        let got = |k: &str| info.labels.get(k).cloned();
+        eprintln!(
+            "{:?}: layer {} snapshot labels: {:?}",
+            w.env.version,
+            layer.blob.digest,
+            info.labels.keys().collect::<Vec<_>>()
+        );
+        if labels_expected {
+            ensure!(
+                got(IMAGE_REF).as_deref() == Some(app_ref.as_str()),
+                "{c}: {info:?}"
+            );
+            ensure!(
+                got(MANIFEST_DIGEST).as_deref() == Some(app.manifest.digest.as_str()),
+                "{c}: {info:?}"
+            );
+            ensure!(
+                got(LAYER_DIGEST).as_deref() == Some(layer.blob.digest.as_str()),
+                "{c}: {info:?}"
+            );
+        } else {
+            ensure!(got(IMAGE_REF).is_none(), "{c}: {info:?}");
+        }
+    }
+    let log = w.env.daemon_log(100_000);
+    let applies: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("applied layer"))
+        .collect();
+    eprintln!("{:?}: apply lines: {applies:#?}", w.env.version);
+    ensure!(
+        applies.len() == app.layers.len() || !w.env.version.proxy_diff(),
+        "expected one Apply per layer through our differ: {applies:?}"
+    );
+    Ok(!applies.is_empty() && applies.iter().all(|l| l.contains(IMAGE_REF)))
+}
+
+/// containerd 1.6: CRI gives the labels to Prepare; it has no proxy differs (its own differ
+/// unpacks through our mounts), so the labels are all a differ of ours could go by.
+#[test]
+fn image_identity_containerd_1_6() {
+    e2e(|| {
+        let apply = image_identity(World::start(Version::V1_6)?, true)?;
+        ensure!(!apply, "1.6 has no proxy differ");
+        Ok(())
+    });
+}
+
+/// containerd 1.7: the labels reach Prepare, and Apply's descriptor carries them too.
+#[test]
+fn image_identity_containerd_1_7() {
+    e2e(|| {
+        let apply = image_identity(World::start(Version::V1_7)?, true)?;
+        ensure!(apply, "Apply's descriptor has no image reference");
+        Ok(())
+    });
+}
+
+/// containerd 2.1 with snapshot annotations on (CRI pulls in the client): as 1.7.
+#[test]
+fn image_identity_containerd_2_1() {
+    e2e(|| {
+        let apply = image_identity(World::start(Version::V2_1)?, true)?;
+        ensure!(apply, "Apply's descriptor has no image reference");
+        Ok(())
+    });
+}
+
+/// containerd 2.1 with snapshot annotations off (its default; CRI pulls through the transfer
+/// service): nothing identifies the image, so artifacts cannot be looked up.
+#[test]
+fn image_identity_transfer_service_containerd_2_1() {
+    e2e(|| {
+        let apply = image_identity(World::start_with(Version::V2_1, true)?, false)?;
+        ensure!(!apply, "Apply's descriptor has an image reference");
+        Ok(())
+    });
+}

@@ -103,11 +103,23 @@ impl Diff for DiffService {
             .as_ref()
             .map(|d| (d.digest.as_str(), d.media_type.as_str()))
             .unwrap_or_default();
+        // Which annotations containerd sent with the layer (remote snapshotters and our
+        // artifact lookup identify the image by them): their keys only, values can be long.
+        let annotations = r
+            .diff
+            .as_ref()
+            .map(|d| {
+                let mut k: Vec<&str> = d.annotations.keys().map(String::as_str).collect();
+                k.sort_unstable();
+                k.join(",")
+            })
+            .unwrap_or_default();
         let span = tracing::info_span!(
             "apply",
             digest = %digest,
             media_type = %media_type,
-            namespace = %ns
+            namespace = %ns,
+            annotations = %annotations
         );
         let (core, content) = (self.core.clone(), self.content.clone());
         traced(&self.core, "apply", span, Method::Change, async move {

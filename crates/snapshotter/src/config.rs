@@ -61,6 +61,47 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// The metrics endpoint.
     pub metrics: MetricsConfig,
+    /// Layer artifacts (tar index, dm-verity tree, root-hash signature) fetched from the
+    /// image's registry instead of computed.
+    pub artifacts: ArtifactsConfig,
+}
+
+/// `[artifacts]`: what Apply may fetch from the registry an image came from (the referrers
+/// `erofs-snapshotter artifacts push` attached) instead of computing it, and how long and how
+/// much it may fetch. Anything missing, slow or invalid is computed locally instead.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArtifactsConfig {
+    /// Look for artifacts at all.
+    pub enabled: bool,
+    /// containerd's registry host configuration directory (`config_path`): mirrors, TLS and
+    /// headers per registry in `<hosts_dir>/<host>/hosts.toml`. "" = none (every registry
+    /// over HTTPS at its own address).
+    pub hosts_dir: PathBuf,
+    /// Longest the lookup and download of one layer's artifacts may take (Go-style duration).
+    pub fetch_timeout: String,
+    /// Largest artifact blob (and referrer manifest or index) fetched; larger ones are not
+    /// used.
+    pub max_blob_size: String,
+    /// Refuse (fail the pull of) any layer whose fetched dm-verity root hash has no valid
+    /// signature by one of `trusted_keys`, instead of computing it locally.
+    pub require_signed_root_hash: bool,
+    /// Public keys that root-hash signatures are checked against (ed25519 key files as
+    /// `erofs-snapshotter artifacts keygen` writes them).
+    pub trusted_keys: Vec<PathBuf>,
+}
+
+impl Default for ArtifactsConfig {
+    fn default() -> Self {
+        ArtifactsConfig {
+            enabled: false,
+            hosts_dir: "/etc/containerd/certs.d".into(),
+            fetch_timeout: "10s".into(),
+            max_blob_size: "256MiB".into(),
+            require_signed_root_hash: false,
+            trusted_keys: Vec::new(),
+        }
+    }
 }
 
 /// `[metrics]`.
@@ -264,6 +305,7 @@ impl Default for Config {
             differ: DifferConfig::default(),
             daemon: DaemonConfig::default(),
             metrics: MetricsConfig::default(),
+            artifacts: ArtifactsConfig::default(),
         }
     }
 }
@@ -516,6 +558,53 @@ impl Config {
         if let Err(e) = parse_metrics_address(&self.metrics.address) {
             return bad("metrics.address", e);
         }
+        if let Err(e) = parse_duration(&self.artifacts.fetch_timeout) {
+            return bad("artifacts.fetch_timeout", e);
+        }
+        match parse_size(&self.artifacts.max_blob_size) {
+            Ok(0) => return bad("artifacts.max_blob_size", "must be a size above 0".into()),
+            Ok(_) => {}
+            Err(e) => return bad("artifacts.max_blob_size", e),
+        }
+        let dir = &self.artifacts.hosts_dir;
+        if !dir.as_os_str().is_empty() && !dir.is_absolute() {
+            return bad(
+                "artifacts.hosts_dir",
+                format!("{} is not an absolute path", dir.display()),
+            );
+        }
+        if let Some(k) = self
+            .artifacts
+            .trusted_keys
+            .iter()
+            .find(|k| !k.is_absolute())
+        {
+            return bad(
+                "artifacts.trusted_keys",
+                format!("{} is not an absolute path", k.display()),
+            );
+        }
+        if self.artifacts.require_signed_root_hash {
+            if !self.artifacts.enabled {
+                return bad(
+                    "artifacts.require_signed_root_hash",
+                    "needs artifacts.enabled = true (signatures come with the fetched artifacts)"
+                        .into(),
+                );
+            }
+            if !(self.differ.enable_tar_index && self.differ.enable_dmverity) {
+                return bad(
+                    "artifacts.require_signed_root_hash",
+                    "needs differ.enable_tar_index and differ.enable_dmverity (the signed root is the tree's of [index][tar])".into(),
+                );
+            }
+            if self.artifacts.trusted_keys.is_empty() {
+                return bad(
+                    "artifacts.require_signed_root_hash",
+                    "needs artifacts.trusted_keys to check signatures against".into(),
+                );
+            }
+        }
         if let Ok(Some(MetricsAddress::Unix(p))) = parse_metrics_address(&self.metrics.address)
             && p == self.address
         {
@@ -568,6 +657,16 @@ impl Config {
     /// `differ.max_layer_size` in bytes (validated at start-up).
     pub fn max_layer_bytes(&self) -> u64 {
         parse_size(&self.differ.max_layer_size).unwrap_or(256 << 30)
+    }
+
+    /// `artifacts.fetch_timeout` (validated at start-up).
+    pub fn artifact_fetch_timeout(&self) -> std::time::Duration {
+        parse_duration(&self.artifacts.fetch_timeout).unwrap_or(std::time::Duration::from_secs(10))
+    }
+
+    /// `artifacts.max_blob_size` in bytes (validated at start-up).
+    pub fn artifact_max_blob(&self) -> u64 {
+        parse_size(&self.artifacts.max_blob_size).unwrap_or(256 << 20)
     }
 
     /// Whether fs-verity is wanted at all.
@@ -795,6 +894,59 @@ enable_tar_index = true
                 .to_string()
                 .contains("root_path")
         );
+    }
+
+    #[test]
+    fn artifact_keys_are_checked() {
+        let base = "[differ]\nenable_tar_index = true\nenable_dmverity = true\n[artifacts]\nenabled = true\n";
+        let c = Config::check(&format!(
+            "{base}fetch_timeout = \"500ms\"\nmax_blob_size = \"1MiB\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.artifact_fetch_timeout(),
+            std::time::Duration::from_millis(500)
+        );
+        assert_eq!(c.artifact_max_blob(), 1 << 20);
+        for (extra, key, why) in [
+            (
+                "fetch_timeout = \"0s\"",
+                "artifacts.fetch_timeout",
+                "above 0",
+            ),
+            (
+                "max_blob_size = \"0\"",
+                "artifacts.max_blob_size",
+                "above 0",
+            ),
+            ("hosts_dir = \"certs.d\"", "artifacts.hosts_dir", "absolute"),
+            (
+                "trusted_keys = [\"k.pub\"]",
+                "artifacts.trusted_keys",
+                "absolute",
+            ),
+            (
+                "require_signed_root_hash = true",
+                "artifacts.require_signed_root_hash",
+                "trusted_keys",
+            ),
+            ("mirrors = []", "", "unknown field"),
+        ] {
+            let p = Config::check(&format!("{base}{extra}\n")).unwrap_err();
+            assert_eq!(p.line, Some(6), "{extra}: {p}");
+            if !key.is_empty() {
+                assert_eq!(p.key.as_deref(), Some(key), "{extra}: {p}");
+            }
+            assert!(p.to_string().contains(why), "{extra}: {p}");
+        }
+        let p = Config::check(
+            "[artifacts]\nrequire_signed_root_hash = true\ntrusted_keys = [\"/k.pub\"]\n",
+        )
+        .unwrap_err();
+        assert!(p.message.contains("enabled"), "{p}");
+        let p = Config::check("[artifacts]\nenabled = true\nrequire_signed_root_hash = true\ntrusted_keys = [\"/k.pub\"]\n")
+            .unwrap_err();
+        assert!(p.message.contains("enable_tar_index"), "{p}");
     }
 
     #[test]

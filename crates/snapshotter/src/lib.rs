@@ -3,6 +3,7 @@
 //! builder, and the mounts containerd is handed. It knows nothing of gRPC; the `erofs-grpc`
 //! crate adapts it.
 
+pub mod artifacts;
 pub mod cancel;
 pub mod config;
 pub mod diff;

@@ -34,6 +34,7 @@ pub(crate) struct Counters {
     fsverity_userspace: AtomicU64,
     dmverity_skipped: AtomicU64,
     fsmeta_built: AtomicU64,
+    pub(crate) artifacts: ArtifactCounters,
 }
 
 impl Counters {
@@ -74,13 +75,14 @@ impl Counters {
             fsverity_userspace: get(&self.fsverity_userspace),
             dmverity_skipped: get(&self.dmverity_skipped),
             fsmeta_built: get(&self.fsmeta_built),
+            artifacts: self.artifacts.get(),
             loop_mounts,
         }
     }
 }
 
 /// The counters' values ([`crate::Snapshotter::stats`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     /// Layers the differ's Apply wrote.
     pub apply_layers: u64,
@@ -96,9 +98,27 @@ pub struct Stats {
     pub dmverity_skipped: u64,
     /// `fsmeta.erofs` images built for flattened chains.
     pub fsmeta_built: u64,
+    /// Tar-index layers per what happened to their registry artifacts.
+    pub artifacts: [(ArtifactOutcome, u64); 9],
     /// EROFS mounts made through a loop device instead of from the file (kernels before
     /// 6.12, or a mounter told to).
     pub loop_mounts: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            apply_layers: 0,
+            apply_bytes: 0,
+            commit_layers: 0,
+            commit_bytes: 0,
+            fsverity_userspace: 0,
+            dmverity_skipped: 0,
+            fsmeta_built: 0,
+            artifacts: ArtifactOutcome::ALL.map(|o| (o, 0)),
+            loop_mounts: 0,
+        }
+    }
 }
 
 /// What the store holds now ([`crate::Snapshotter::store_stats`]).
@@ -112,4 +132,81 @@ pub struct StoreStats {
     pub committed: u64,
     /// Bytes of the committed layers' images, as recorded at commit.
     pub layer_bytes: u64,
+}
+
+/// What happened to a layer's artifacts, for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactOutcome {
+    /// Fetched, valid and used.
+    Used,
+    /// containerd passed no image reference or manifest digest.
+    NoImage,
+    /// The registry has none for the layer.
+    Absent,
+    /// The registry was unreachable or failed.
+    Unreachable,
+    /// The fetch timed out.
+    Timeout,
+    /// Malformed or too large.
+    Invalid,
+    /// The tar index is not the tar's.
+    BadIndex,
+    /// The dm-verity tree does not match.
+    BadTree,
+    /// The signature is missing or does not verify.
+    BadSignature,
+}
+
+impl ArtifactOutcome {
+    /// Every outcome, in counter order.
+    pub const ALL: [ArtifactOutcome; 9] = [
+        ArtifactOutcome::Used,
+        ArtifactOutcome::NoImage,
+        ArtifactOutcome::Absent,
+        ArtifactOutcome::Unreachable,
+        ArtifactOutcome::Timeout,
+        ArtifactOutcome::Invalid,
+        ArtifactOutcome::BadIndex,
+        ArtifactOutcome::BadTree,
+        ArtifactOutcome::BadSignature,
+    ];
+
+    /// The counter's label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            ArtifactOutcome::Used => "used",
+            ArtifactOutcome::NoImage => "no_image",
+            ArtifactOutcome::Absent => "absent",
+            ArtifactOutcome::Unreachable => "unreachable",
+            ArtifactOutcome::Timeout => "timeout",
+            ArtifactOutcome::Invalid => "invalid",
+            ArtifactOutcome::BadIndex => "bad_index",
+            ArtifactOutcome::BadTree => "bad_tree",
+            ArtifactOutcome::BadSignature => "bad_signature",
+        }
+    }
+}
+
+/// Layers per outcome since start-up.
+#[derive(Debug, Default)]
+pub(crate) struct ArtifactCounters([AtomicU64; 9]);
+
+impl ArtifactCounters {
+    pub(crate) fn add(&self, o: ArtifactOutcome) {
+        let i = ArtifactOutcome::ALL
+            .iter()
+            .position(|x| *x == o)
+            .expect("listed");
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> [(ArtifactOutcome, u64); 9] {
+        ArtifactOutcome::ALL.map(|o| {
+            let i = ArtifactOutcome::ALL
+                .iter()
+                .position(|x| *x == o)
+                .expect("listed");
+            (o, self.0[i].load(Ordering::Relaxed))
+        })
+    }
 }

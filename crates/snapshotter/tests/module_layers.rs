@@ -19,6 +19,7 @@ const LAYERS: &[&str] = &[
     "store",
     "mount",
     "integrity",
+    "artifacts",
     "snapshot",
     "diff",
 ];

@@ -67,6 +67,9 @@ pub struct EnvOpts {
     pub sid_runc: bool,
     /// Lines of the daemon's `[snapshotter]` table (e.g. `max_unmerged_layers = 1`).
     pub snapshotter_toml: String,
+    /// Put in the daemon's config file right after its `[differ]` keys: plain keys land
+    /// in `[differ]`, a `[table]` line starts another (before the `[snapshotter]` table).
+    pub daemon_config: String,
 }
 
 /// containerd + our daemon.
@@ -158,10 +161,11 @@ impl Env {
         };
         let config = format!(
             "root_path = {root:?}\naddress = {sock:?}\nmount_mode = {mode:?}\n\
-             [differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\n\
+             [differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\n{}\n\
              [snapshotter]\n{}\n",
             ctd.content_root(),
             ctd.address(),
+            o.daemon_config,
             o.snapshotter_toml,
         );
         let binary = bin.to_path_buf();

@@ -173,7 +173,33 @@ impl Registry {
         Ok(format!("{}/{repo}:{tag}", self.host()))
     }
 
-    fn push_blob(&self, repo: &str, digest: &str, data: &[u8]) -> Result<()> {
+    /// `PUT /v2/REPO/manifests/REFERENCE` (a tag or a digest) of `bytes` as `media_type`.
+    pub fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let r = request(
+            self.port,
+            "PUT",
+            &format!("/v2/{repo}/manifests/{reference}"),
+            &[("Content-Type", media_type)],
+            bytes,
+        )?;
+        if r.status != 201 {
+            bail!(
+                "PUT manifest {repo}:{reference}: {} {}",
+                r.status,
+                r.body_text()
+            );
+        }
+        Ok(())
+    }
+
+    /// Uploads blob `digest` (`data`) to `repo` unless it is there.
+    pub fn push_blob(&self, repo: &str, digest: &str, data: &[u8]) -> Result<()> {
         let head = request(
             self.port,
             "HEAD",

@@ -27,6 +27,9 @@ pub const DIFFER: &str = "erofs-rs-diff";
 pub struct Setup {
     /// `[differ] enable_tar_index = true`.
     pub tar_index: bool,
+    /// `[differ] enable_dmverity = true` (trees are built; without dm-verity in the kernel,
+    /// layers are mounted without it).
+    pub dmverity: bool,
     /// `[differ] content_root` (default: containerd's content store directory).
     pub content_root: Option<PathBuf>,
     /// `max_concurrent_unpacks` of containerd's transfer service.
@@ -110,7 +113,7 @@ impl World {
         let sock = ctd.base_dir().join(sock_rel);
         let daemon = if setup.reference_toml.is_none() {
             let toml = format!(
-                "root_path = {:?}\naddress = {:?}\n[differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\nenable_tar_index = {}\n",
+                "root_path = {:?}\naddress = {:?}\n[differ]\ncontent_root = {:?}\ncontainerd_address = {:?}\nenable_tar_index = {}\nenable_dmverity = {}\n",
                 root.display().to_string(),
                 sock.display().to_string(),
                 setup
@@ -121,6 +124,7 @@ impl World {
                     .to_string(),
                 ctd.address().display().to_string(),
                 setup.tar_index,
+                setup.dmverity,
             );
             Some(Daemon::start(bin, &toml, &sock)?)
         } else {

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
 
+mod artifacts;
 mod config;
 mod fsck;
 mod health;
@@ -24,5 +25,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cat(a) => inspect::cat(a),
         Command::Stat(a) => inspect::stat(a),
         Command::Dump(a) => inspect::dump(a),
+        Command::Artifacts(c) => artifacts::run(c),
+        Command::Verify(a) => artifacts::verify(a),
     }
 }

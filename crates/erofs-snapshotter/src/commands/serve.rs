@@ -80,6 +80,17 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .await?
         .with_context(|| format!("opening the snapshotter at {}", cfg.root_path.display()))?;
         let core = Arc::new(core);
+        if cfg.artifacts.enabled {
+            core.set_artifact_source(Arc::new(
+                snapshotter::artifacts::registry::RegistrySource::new(&cfg),
+            ));
+            tracing::info!(
+                hosts_dir = %cfg.artifacts.hosts_dir.display(),
+                fetch_timeout = %cfg.artifacts.fetch_timeout,
+                require_signed_root_hash = cfg.artifacts.require_signed_root_hash,
+                "layer artifacts are fetched from the registry"
+            );
+        }
         // The metrics endpoint first: its observer sees every request from the first on.
         let scrapes = match cfg.metrics_address() {
             Some(addr) => {

@@ -38,12 +38,30 @@ impl Snapshotter {
         self.require_space(&what)?;
         let work = self.guarded(cancel, what);
         let tar_index = matches!(kind, LayerType::Tar(_)) && self.config().differ.enable_tar_index;
-        let (key, applied) = self
+        let lookup = if tar_index {
+            self.artifact_lookup(desc, mounts)
+        } else {
+            None
+        };
+        let (key, (applied, verdict), tree_use) = self
             .write_applied_layer(mounts, tar_index, &work, |out| {
-                self.write_layer(&kind, desc, out, content, namespace, &work)
+                let Some(lookup) = lookup else {
+                    let applied = self.write_layer(&kind, desc, out, content, namespace, &work)?;
+                    return Ok(((applied, None), None));
+                };
+                // The fetch runs while the layer streams in, so it adds no time unless it is
+                // slower than the layer; it is bounded by artifacts.fetch_timeout.
+                let pending = lookup.start(&desc.digest, self.config().artifact_fetch_timeout());
+                let applied = self.write_layer(&kind, desc, out, content, namespace, &work)?;
+                let fetched = pending.wait();
+                let (verdict, plan) = self.judge_artifacts(desc, &applied, out.file, fetched)?;
+                Ok(((applied, Some(verdict)), plan))
             })
             .map_err(|e| self.stopped(&work, e))
             .map_err(|e| e.context(format!("applying {}", desc.digest)))?;
+        if let Some(v) = verdict {
+            self.count_artifacts(desc, v, tree_use);
+        }
         tracing::info!(snapshot = %key, layer = %desc.digest, diff_id = %applied.digest, bytes = applied.size, "applied layer");
         Ok(applied)
     }

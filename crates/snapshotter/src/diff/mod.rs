@@ -1,6 +1,7 @@
 //! The differ: OCI layers straight into `layer.erofs` (Apply), and layer diffs (Compare).
 
 mod apply;
+mod artifacts;
 mod compare;
 mod content;
 mod media_type;

@@ -46,25 +46,15 @@ pub fn check_policy(mode: Toggle, kernel: bool) -> Result<()> {
 }
 
 /// Append a tree to the layer at `tmp` (before it is put in place) and write the sidecar next
-/// to it as `SIDECAR.tmp`, both fsynced. Tar-index layers use 512-byte blocks (EROFS with
-/// 512-byte blocks cannot sit on a device with 4 KiB logical blocks), full images 4096.
+/// to it as `SIDECAR.tmp`, both fsynced ([`append_tree`], blocks of [`block_size`]).
 /// Returns what the store records of the tree.
 pub fn format_layer(
     tmp: &Path,
     tar_index: bool,
     known: Option<&verity::Leaves>,
 ) -> Result<DmVerityRecord> {
-    let block = if tar_index { 512 } else { 4096 };
-    let len = std::fs::metadata(tmp)
-        .map_err(|e| Error::io("stat of the layer", e))?
-        .len();
-    let meta = verity::dmverity_format(tmp, len, block, *uuid::Uuid::new_v4().as_bytes(), known)
-        .map_err(|e| {
-            Error::io(
-                format!("building the dm-verity tree of {}", tmp.display()),
-                e,
-            )
-        })?;
+    let block = block_size(tar_index);
+    let meta = append_tree(tmp, tar_index, known)?;
     let side = sidecar_tmp(tmp);
     let json = serde_json::to_string_pretty(&meta).expect("sidecar serializes");
     std::fs::write(&side, json).map_err(|e| Error::io(format!("writing {}", side.display()), e))?;
@@ -85,14 +75,7 @@ pub fn format_image(tmp: &Path, block: u32) -> Result<DmVerityRecord> {
     let len = std::fs::metadata(tmp)
         .map_err(|e| Error::io("stat of the image", e))?
         .len();
-    let meta = verity::dmverity_format(
-        tmp,
-        len,
-        block as usize,
-        *uuid::Uuid::new_v4().as_bytes(),
-        None,
-    )
-    .map_err(|e| {
+    let meta = verity::dmverity_format(tmp, len, block as usize, None).map_err(|e| {
         Error::io(
             format!("building the dm-verity tree of {}", tmp.display()),
             e,
@@ -107,6 +90,232 @@ pub fn format_image(tmp: &Path, block: u32) -> Result<DmVerityRecord> {
         data_block_size: block,
         hash_block_size: block,
     })
+}
+
+/// Data and hash block size of the tree of a layer: 512 bytes for tar-index layers (EROFS
+/// with 512-byte blocks cannot sit on a device with 4 KiB logical blocks), 4096 for full
+/// images.
+pub fn block_size(tar_index: bool) -> usize {
+    if tar_index { 512 } else { 4096 }
+}
+
+/// Append the tree the differ gives a layer to the file at `path` (all of it is the layer's
+/// data): zero-padded to [`block_size`], then the verity superblock and the tree. The
+/// producer of registry artifacts builds trees with this too, so both are the same bytes.
+pub fn append_tree(
+    path: &Path,
+    tar_index: bool,
+    known: Option<&verity::Leaves>,
+) -> Result<DmVerityMeta> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io("stat of the layer", e))?
+        .len();
+    verity::dmverity_format(path, len, block_size(tar_index), known).map_err(|e| {
+        Error::io(
+            format!("building the dm-verity tree of {}", path.display()),
+            e,
+        )
+    })
+}
+
+/// A dm-verity tree fetched from a registry for the layer at `tmp` (`[index][tar]`, not yet
+/// in place): the bytes that follow the layer's data, and what its annotations claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedTree {
+    /// Padding to the block size, the verity superblock and the hash levels.
+    pub bytes: TreeBytes,
+    /// The root digest (hex) the annotations name.
+    pub roothash: String,
+    /// Data and hash block size.
+    pub block_size: u32,
+    /// Where the superblock starts.
+    pub hash_offset: u64,
+}
+
+/// Where a fetched tree's bytes are: in memory, or (large trees) in an unnamed file, so that
+/// memory stays bounded whatever `artifacts.max_blob_size` allows.
+#[derive(Debug, Clone)]
+pub enum TreeBytes {
+    /// In memory.
+    Mem(Vec<u8>),
+    /// In a file, from offset 0 to its end.
+    File(std::sync::Arc<File>),
+}
+
+impl From<Vec<u8>> for TreeBytes {
+    fn from(v: Vec<u8>) -> Self {
+        TreeBytes::Mem(v)
+    }
+}
+
+impl PartialEq for TreeBytes {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (TreeBytes::Mem(a), TreeBytes::Mem(b)) => a == b,
+            (TreeBytes::File(a), TreeBytes::File(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for TreeBytes {}
+
+impl TreeBytes {
+    /// Its length.
+    pub fn len(&self) -> std::io::Result<u64> {
+        match self {
+            TreeBytes::Mem(v) => Ok(v.len() as u64),
+            TreeBytes::File(f) => Ok(f.metadata()?.len()),
+        }
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> std::io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// `buf.len()` bytes from `off`.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match self {
+            TreeBytes::Mem(v) => {
+                let src = usize::try_from(off)
+                    .ok()
+                    .and_then(|o| v.get(o..o.checked_add(buf.len())?))
+                    .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            TreeBytes::File(f) => f.read_exact_at(buf, off),
+        }
+    }
+
+    /// Append all of it to `out`.
+    fn append_to(&self, out: &mut File) -> std::io::Result<()> {
+        use std::io::Write;
+        match self {
+            TreeBytes::Mem(v) => out.write_all(v),
+            TreeBytes::File(f) => {
+                let mut r = std::io::BufReader::new(&**f);
+                use std::io::Seek;
+                r.seek(std::io::SeekFrom::Start(0))?;
+                std::io::copy(&mut r, out).map(|_| ())
+            }
+        }
+    }
+}
+
+/// How much of a fetched tree is checked before it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeCheck {
+    /// Recompute the whole tree from the layer's data and compare every level and the root
+    /// (what `veritysetup verify` does): sound whatever produced the tree, and as costly as
+    /// building it.
+    Full,
+    /// Check the tree against its (trusted) root only ([`verity::dmverity_verify_tree_only`]);
+    /// the data is checked by the kernel as it is read through dm-verity.
+    TreeOnly,
+}
+
+/// Append `tree` to the layer at `tmp` and check it (see [`TreeCheck`]); on success write the
+/// sidecar like [`format_layer`] and return the record. `Ok(Err(why))` when the tree does not
+/// fit or fails the check: the layer is then back to its data alone, for [`format_layer`].
+pub fn install_fetched(
+    tmp: &Path,
+    tree: &FetchedTree,
+    check: TreeCheck,
+) -> Result<std::result::Result<DmVerityRecord, String>> {
+    // Tar-index layers: see format_layer.
+    const BLOCK: u64 = 512;
+    let io = |e| {
+        Error::io(
+            format!("installing the fetched dm-verity tree of {}", tmp.display()),
+            e,
+        )
+    };
+    let len = std::fs::metadata(tmp).map_err(io)?.len();
+    let hash_offset = len.next_multiple_of(BLOCK);
+    if tree.block_size as u64 != BLOCK {
+        return Ok(Err(format!(
+            "block size {} (tar-index layers use {BLOCK})",
+            tree.block_size
+        )));
+    }
+    if tree.hash_offset != hash_offset {
+        return Ok(Err(format!(
+            "hash offset {} but the layer's data ends at {hash_offset}",
+            tree.hash_offset
+        )));
+    }
+    let pad = (hash_offset - len) as usize;
+    let want = verity::dmverity_levels_len(hash_offset / BLOCK, BLOCK as usize)
+        .map(|l| l + pad as u64 + 512);
+    let have = tree.bytes.len().map_err(io)?;
+    if want != Some(have) {
+        return Ok(Err(format!(
+            "{have} bytes, a tree of this layer has {want:?}"
+        )));
+    }
+    // The padding and the superblock: the first pad + 512 bytes.
+    let mut head = vec![0u8; pad + 512];
+    tree.bytes.read_at(&mut head, 0).map_err(io)?;
+    if head[..pad].iter().any(|&b| b != 0) {
+        return Ok(Err("non-zero padding before the superblock".into()));
+    }
+    if tree.roothash.len() != 64 || !tree.roothash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(Err(format!(
+            "root digest {:?} is not 64 hex digits",
+            tree.roothash
+        )));
+    }
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(tmp)
+            .map_err(io)?;
+        tree.bytes.append_to(&mut f).map_err(io)?;
+    }
+    let f = File::open(tmp).map_err(io)?;
+    let meta = verity::DmVerityMeta {
+        roothash: tree.roothash.to_ascii_lowercase(),
+        hashoffset: hash_offset,
+    };
+    // The superblock must be the one the differ writes for this root (its UUID derives from
+    // the root), so that the installed layer is byte for byte the one built locally.
+    let mut root = [0u8; 32];
+    hex::decode_to_slice(&meta.roothash, &mut root).expect("checked above");
+    let sb_ok = head[pad..] == verity::superblock(hash_offset / BLOCK, BLOCK as usize, &root);
+    let ok = sb_ok
+        && match check {
+            TreeCheck::Full => verity::dmverity_verify_file(&f, &meta, BLOCK as usize),
+            TreeCheck::TreeOnly => verity::dmverity_verify_tree_only(&f, &meta, BLOCK as usize),
+        }
+        .map_err(io)?;
+    if !ok {
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp)
+            .map_err(io)?;
+        w.set_len(len).map_err(io)?;
+        return Ok(Err(if sb_ok {
+            "the tree does not match the layer's data and root digest".into()
+        } else {
+            "its verity superblock is not the one of this layer".into()
+        }));
+    }
+    f.sync_all().map_err(io)?;
+    let side = sidecar_tmp(tmp);
+    let json = serde_json::to_string_pretty(&meta).expect("sidecar serializes");
+    std::fs::write(&side, json).map_err(|e| Error::io(format!("writing {}", side.display()), e))?;
+    std::fs::File::open(&side)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(format!("fsync {}", side.display()), e))?;
+    Ok(Ok(DmVerityRecord {
+        roothash: meta.roothash,
+        hashoffset: meta.hashoffset,
+        data_block_size: BLOCK as u32,
+        hash_block_size: BLOCK as u32,
+    }))
 }
 
 /// Where [`format_layer`] leaves the sidecar.
@@ -839,5 +1048,133 @@ mod tests {
         let e = check_policy(Toggle::On, false).unwrap_err();
         assert!(e.to_string().contains("dmverity_mode"), "{e}");
         check_policy(Toggle::Auto, false).unwrap();
+    }
+
+    /// A tar-index-sized layer (not a multiple of 512, so the tree carries padding), its
+    /// tree as a registry would hold it, and a fresh copy of the data to install it on.
+    fn fetched_tree(len: usize) -> (tempfile::TempDir, Vec<u8>, FetchedTree) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let d = tempfile::tempdir().unwrap();
+        let built = d.path().join("built.tmp");
+        std::fs::write(&built, &data).unwrap();
+        let rec = format_layer(&built, true, None).unwrap();
+        let all = std::fs::read(&built).unwrap();
+        let tree = FetchedTree {
+            bytes: all[len..].to_vec().into(),
+            roothash: rec.roothash,
+            block_size: 512,
+            hash_offset: rec.hashoffset,
+        };
+        (d, data, tree)
+    }
+
+    fn install(
+        d: &Path,
+        data: &[u8],
+        tree: &FetchedTree,
+        check: TreeCheck,
+    ) -> std::result::Result<(), String> {
+        let tmp = d.join("layer.erofs.tmp");
+        std::fs::write(&tmp, data).unwrap();
+        let r = install_fetched(&tmp, tree, check).unwrap().map(|_| ());
+        let len = std::fs::metadata(&tmp).unwrap().len();
+        if r.is_err() {
+            // A rejected tree leaves the data as it was, for the local tree.
+            assert_eq!(len, data.len() as u64);
+        } else {
+            assert_eq!(len, data.len() as u64 + tree.bytes.len().unwrap());
+            assert!(d.join(format!("{SIDECAR}.tmp")).exists());
+        }
+        r
+    }
+
+    fn mem(t: &FetchedTree) -> &Vec<u8> {
+        match &t.bytes {
+            TreeBytes::Mem(v) => v,
+            TreeBytes::File(_) => unreachable!("built in memory"),
+        }
+    }
+
+    fn tampered(t: &FetchedTree, f: impl FnOnce(&mut Vec<u8>)) -> FetchedTree {
+        let mut v = mem(t).clone();
+        f(&mut v);
+        FetchedTree {
+            bytes: v.into(),
+            ..t.clone()
+        }
+    }
+
+    #[test]
+    fn fetched_trees_are_checked_before_use() {
+        let (d, data, tree) = fetched_tree(300_000 + 100);
+        for check in [TreeCheck::Full, TreeCheck::TreeOnly] {
+            install(d.path(), &data, &tree, check).unwrap();
+        }
+        let tmp = d.path().join("layer.erofs.tmp");
+        let rec = install_fetched(&tmp, &tree, TreeCheck::Full).unwrap();
+        assert!(
+            rec.is_err(),
+            "a second tree after the first is not this layer's"
+        );
+
+        // A changed hash in the lowest level: neither check accepts it.
+        let n = mem(&tree).len();
+        let bad = tampered(&tree, |b| b[n - 1000] ^= 1);
+        for check in [TreeCheck::Full, TreeCheck::TreeOnly] {
+            assert!(install(d.path(), &data, &bad, check).is_err(), "{check:?}");
+        }
+        // Another root digest.
+        let mut bad = tree.clone();
+        bad.roothash = "00".repeat(32);
+        for check in [TreeCheck::Full, TreeCheck::TreeOnly] {
+            assert!(install(d.path(), &data, &bad, check).is_err(), "{check:?}");
+        }
+        // Data the tree does not describe: only the full check sees it (with a trusted root,
+        // the kernel sees it at read time).
+        let mut other = data.clone();
+        other[5] ^= 1;
+        assert!(install(d.path(), &other, &tree, TreeCheck::Full).is_err());
+        install(d.path(), &other, &tree, TreeCheck::TreeOnly).unwrap();
+        // Shapes that cannot be this layer's tree.
+        let bad = tampered(&tree, |b| b.truncate(n - 512));
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::Full)
+                .unwrap_err()
+                .contains("bytes")
+        );
+        let mut bad = tree.clone();
+        bad.hash_offset += 512;
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::Full)
+                .unwrap_err()
+                .contains("hash offset")
+        );
+        let mut bad = tree.clone();
+        bad.block_size = 4096;
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::Full)
+                .unwrap_err()
+                .contains("block size")
+        );
+        let bad = tampered(&tree, |b| b[0] = 1);
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::Full)
+                .unwrap_err()
+                .contains("padding")
+        );
+        let pad = (tree.hash_offset - data.len() as u64) as usize;
+        let bad = tampered(&tree, |b| b[pad + 12] ^= 1); // the superblock's hash type
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::TreeOnly)
+                .unwrap_err()
+                .contains("superblock")
+        );
+        let mut bad = tree;
+        bad.roothash = "zz".into();
+        assert!(
+            install(d.path(), &data, &bad, TreeCheck::Full)
+                .unwrap_err()
+                .contains("hex")
+        );
     }
 }

@@ -302,19 +302,40 @@ impl Integrity {
     /// (during unpack) rather than in Commit, which containerd runs inside its global
     /// transaction. `ahead` holds the block hashes taken while the layer was written
     /// ([`Self::ahead_trees`]). Returns what the store is to record of the layer.
+    ///
+    /// `fetched`: a tree fetched for this (tar-index) layer, installed instead of computed if
+    /// it passes its check; the second value says whether it did (`None`: nothing fetched).
     pub fn after_apply(
         &self,
         tmp: &Path,
         tar_index: bool,
         ahead: &ahead::Hashed,
-    ) -> Result<LayerMeta> {
+        fetched: Option<(&dmverity::FetchedTree, dmverity::TreeCheck)>,
+    ) -> Result<(LayerMeta, Option<std::result::Result<(), String>>)> {
         let mut meta = LayerMeta::default();
+        let mut used = None;
         if self.dmverity_trees {
-            meta.dmverity = Some(dmverity::format_layer(
-                tmp,
-                tar_index,
-                ahead.dmverity.as_ref(),
-            )?);
+            let installed = match fetched.filter(|_| tar_index) {
+                Some((tree, check)) => match dmverity::install_fetched(tmp, tree, check)? {
+                    Ok(rec) => {
+                        used = Some(Ok(()));
+                        Some(rec)
+                    }
+                    Err(why) => {
+                        used = Some(Err(why));
+                        None
+                    }
+                },
+                None => None,
+            };
+            meta.dmverity = Some(match installed {
+                Some(rec) => rec,
+                None => dmverity::format_layer(tmp, tar_index, ahead.dmverity.as_ref())?,
+            });
+        } else if fetched.is_some() {
+            used = Some(Err(
+                "the differ builds no dm-verity trees (differ.enable_dmverity = false)".into(),
+            ));
         }
         if self.verity != VerityMode::Off {
             meta.fsverity_digest =
@@ -323,7 +344,7 @@ impl Integrity {
         meta.size = std::fs::metadata(tmp)
             .map_err(|e| Error::io("stat of the layer", e))?
             .len();
-        Ok(meta)
+        Ok((meta, used))
     }
 
     /// The dm-verity tree to use a layer with (see [`dmverity::anchor`]): `None` when
@@ -534,7 +555,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let i = Integrity::with_verity_mode(VerityMode::Kernel, d.path());
         let p = layer(d.path(), &vec![7u8; 3 * 4096 + 5]);
-        let meta = i.after_apply(&p, false, &ahead::Hashed::default()).unwrap();
+        let meta = i
+            .after_apply(&p, false, &ahead::Hashed::default(), None)
+            .unwrap()
+            .0;
         let digest = meta
             .fsverity_digest
             .clone()
@@ -569,7 +593,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let i = Integrity::with_verity_mode(VerityMode::Userspace, d.path());
         let p = layer(d.path(), b"layer");
-        let meta = i.after_apply(&p, false, &ahead::Hashed::default()).unwrap();
+        let meta = i
+            .after_apply(&p, false, &ahead::Hashed::default(), None)
+            .unwrap()
+            .0;
         i.open_verified(&p, LayerState::Committed(Some(&meta)), "c")
             .unwrap();
         let bare = LayerMeta::default();

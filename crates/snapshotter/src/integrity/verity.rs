@@ -207,14 +207,42 @@ pub struct DmVerityMeta {
 /// reproducible across nodes.
 pub const DMVERITY_SALT: [u8; 32] = [0; 32];
 
+/// The UUID in the verity superblock of a tree with root `root`: derived from it (uuid5 in the
+/// URL namespace of `erofs:dmverity/<hex root>`) rather than random, so the same data gives
+/// the same tree bytes on every node, and a tree fetched from a registry is byte for byte the
+/// one a node would compute.
+pub fn superblock_uuid(root: &[u8; 32]) -> [u8; 16] {
+    *uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_URL,
+        format!("erofs:dmverity/{}", hex::encode(root)).as_bytes(),
+    )
+    .as_bytes()
+}
+
+/// The 512-byte veritysetup superblock [`dmverity_format`] writes for a tree of root `root`
+/// over `data_blocks` blocks of `block` bytes.
+pub fn superblock(data_blocks: u64, block: usize, root: &[u8; 32]) -> [u8; 512] {
+    let mut sb = [0u8; 512];
+    sb[0..8].copy_from_slice(b"verity\0\0");
+    sb[8..12].copy_from_slice(&1u32.to_le_bytes()); // version
+    sb[12..16].copy_from_slice(&1u32.to_le_bytes()); // hash type
+    sb[16..32].copy_from_slice(&superblock_uuid(root));
+    sb[32..38].copy_from_slice(b"sha256");
+    sb[64..68].copy_from_slice(&(block as u32).to_le_bytes());
+    sb[68..72].copy_from_slice(&(block as u32).to_le_bytes());
+    sb[72..80].copy_from_slice(&data_blocks.to_le_bytes());
+    sb[80..82].copy_from_slice(&(DMVERITY_SALT.len() as u16).to_le_bytes());
+    sb[88..88 + DMVERITY_SALT.len()].copy_from_slice(&DMVERITY_SALT);
+    sb
+}
+
 /// Append a dm-verity superblock and hash tree to `path` (data = its first `data_len` bytes,
 /// padded to `block`), veritysetup format: hash type 1, SHA-256, salted, data and hash block
-/// size `block`. Returns what the sidecar records.
+/// size `block`, superblock UUID [`superblock_uuid`]. Returns what the sidecar records.
 pub fn dmverity_format(
     path: &Path,
     data_len: u64,
     block: usize,
-    uuid: [u8; 16],
     known: Option<&Leaves>,
 ) -> io::Result<DmVerityMeta> {
     let f = std::fs::OpenOptions::new()
@@ -234,18 +262,7 @@ pub fn dmverity_format(
         Some(&mut levels),
         known,
     )?;
-    // Superblock.
-    let mut sb = vec![0u8; 512];
-    sb[0..8].copy_from_slice(b"verity\0\0");
-    sb[8..12].copy_from_slice(&1u32.to_le_bytes()); // version
-    sb[12..16].copy_from_slice(&1u32.to_le_bytes()); // hash type
-    sb[16..32].copy_from_slice(&uuid);
-    sb[32..38].copy_from_slice(b"sha256");
-    sb[64..68].copy_from_slice(&(block as u32).to_le_bytes());
-    sb[68..72].copy_from_slice(&(block as u32).to_le_bytes());
-    sb[72..80].copy_from_slice(&data_blocks.to_le_bytes());
-    sb[80..82].copy_from_slice(&(DMVERITY_SALT.len() as u16).to_le_bytes());
-    sb[88..88 + DMVERITY_SALT.len()].copy_from_slice(&DMVERITY_SALT);
+    let sb = superblock(data_blocks, block, &root);
     let sb_area = 512u64.next_multiple_of(block as u64);
     let mut w = io::BufWriter::new(&f);
     use std::io::Seek;
@@ -286,6 +303,89 @@ pub fn dmverity_verify_file(f: &File, meta: &DmVerityMeta, block: usize) -> io::
         return Ok(false);
     }
     let mut off = meta.hashoffset + 512u64.next_multiple_of(block as u64);
+    for level in levels.iter().rev() {
+        let mut stored = vec![0u8; level.len()];
+        f.read_exact_at(&mut stored, off)?;
+        if &stored != level {
+            return Ok(false);
+        }
+        off += level.len() as u64;
+    }
+    Ok(true)
+}
+
+/// Bytes of the hash levels of a dm-verity tree over `data_blocks` blocks of `block` bytes
+/// (without the superblock area), as [`dmverity_format`] writes them: `None` for a single
+/// data block (no tree) or sizes out of range.
+pub fn dmverity_levels_len(data_blocks: u64, block: usize) -> Option<u64> {
+    let per = (block / DIGEST.next_power_of_two()) as u64;
+    if data_blocks <= 1 || per < 2 {
+        return None;
+    }
+    let mut total = 0u64;
+    let mut n = data_blocks;
+    while n > 1 {
+        n = n.div_ceil(per);
+        total = total.checked_add(n.checked_mul(block as u64)?)?;
+    }
+    Some(total)
+}
+
+/// Check a tree appended at `meta.hashoffset` of `f` against itself only: its lowest level's
+/// hashes, taken as the hashes of the data blocks, must give every stored upper level and
+/// `meta.roothash`. The data is not read: this proves the tree is the one the root hash
+/// names, not that it describes the data (the kernel checks that, block by block, when the
+/// layer is read through dm-verity). Costs one hash per tree block (1/16 of the data at
+/// 512-byte blocks).
+pub fn dmverity_verify_tree_only(f: &File, meta: &DmVerityMeta, block: usize) -> io::Result<bool> {
+    let data_blocks = meta.hashoffset / block as u64;
+    let Some(levels_len) = dmverity_levels_len(data_blocks, block) else {
+        return Ok(false);
+    };
+    let start = meta.hashoffset + 512u64.next_multiple_of(block as u64);
+    let flen = f.metadata()?.len();
+    if start.checked_add(levels_len) != Some(flen) {
+        return Ok(false);
+    }
+    // The lowest level is stored last.
+    let per = block / DIGEST.next_power_of_two();
+    let low_len = data_blocks.div_ceil(per as u64) * block as u64;
+    let mut low = vec![0u8; low_len as usize];
+    f.read_exact_at(&mut low, flen - low_len)?;
+    let slot = DIGEST.next_power_of_two();
+    let hashes: Vec<[u8; DIGEST]> = (0..data_blocks as usize)
+        .map(|i| {
+            low[i * slot..i * slot + DIGEST]
+                .try_into()
+                .expect("32 bytes")
+        })
+        .collect();
+    // Slot padding and the unused tail of the last block must be zero, as the format says.
+    let used_ok = low.chunks(slot).enumerate().all(|(i, s)| {
+        let pad = if i < data_blocks as usize {
+            &s[DIGEST..]
+        } else {
+            s
+        };
+        pad.iter().all(|&b| b == 0)
+    });
+    if !used_ok {
+        return Ok(false);
+    }
+    let known = Leaves { first: 0, hashes };
+    let mut levels = Vec::new();
+    let root = merkle_root(
+        f,
+        meta.hashoffset,
+        block,
+        &DMVERITY_SALT,
+        Some(&mut levels),
+        Some(&known),
+    )?;
+    if hex::encode(root) != meta.roothash {
+        return Ok(false);
+    }
+    let mut off = start;
     for level in levels.iter().rev() {
         let mut stored = vec![0u8; level.len()];
         f.read_exact_at(&mut stored, off)?;
@@ -442,8 +542,26 @@ mod tests {
             hashes: salted[1..200].to_vec(),
         };
         drop(f);
-        let meta = dmverity_format(&p, len as u64, 4096, [1; 16], Some(&known)).unwrap();
+        let meta = dmverity_format(&p, len as u64, 4096, Some(&known)).unwrap();
         assert!(dmverity_verify(&p, &meta, 4096).unwrap());
+    }
+
+    /// The same data gives the same tree bytes, superblock included (registry artifacts rely
+    /// on it); other data another UUID.
+    #[test]
+    fn trees_are_reproducible() {
+        let (_d, p) = file_with(70_001);
+        let (_e, q) = file_with(70_001);
+        let a = dmverity_format(&p, 70_001, 512, None).unwrap();
+        let b = dmverity_format(&q, 70_001, 512, None).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&q).unwrap());
+        let mut root = [0u8; 32];
+        hex::decode_to_slice(&a.roothash, &mut root).unwrap();
+        let sb = &std::fs::read(&p).unwrap()[a.hashoffset as usize..][..512];
+        assert_eq!(sb[16..32], superblock_uuid(&root));
+        root[0] ^= 1;
+        assert_ne!(sb[16..32], superblock_uuid(&root));
     }
 
     /// veritysetup accepts our trees, for 4 KiB and 512-byte blocks, and rejects a flipped byte.
@@ -456,7 +574,7 @@ mod tests {
             (300_001, 512),
         ] {
             let (_d, p) = file_with(len);
-            let meta = dmverity_format(&p, len as u64, block, [7; 16], None).unwrap();
+            let meta = dmverity_format(&p, len as u64, block, None).unwrap();
             assert!(dmverity_verify(&p, &meta, block).unwrap());
             let run = |root: &str| {
                 Command::new("veritysetup")

@@ -51,6 +51,20 @@ pub(crate) struct DiffInputs {
 /// chain (a flattened chain's mount).
 type Lower = (u64, bool);
 
+/// A dm-verity tree fetched for a layer, and how to check it.
+#[derive(Debug)]
+pub(crate) struct TreePlan {
+    /// The tree.
+    pub tree: crate::artifacts::FetchedTree,
+    /// How much of it to check.
+    pub check: crate::artifacts::TreeCheck,
+    /// Whether the Apply must fail when it does not pass (a required signed root).
+    pub required: bool,
+}
+
+/// Whether a fetched tree was used: `None` when none was given, else `Ok` or why not.
+pub(crate) type TreeUse = Option<std::result::Result<(), String>>;
+
 fn not_ours(why: impl std::fmt::Display) -> Error {
     Error::unimplemented(format!("mounts are not erofs-snapshotter snapshots: {why}"))
 }
@@ -90,18 +104,35 @@ impl Snapshotter {
         Ok((id, key))
     }
 
+    /// The labels of the active snapshot `mounts` describe (what Prepare was given); empty
+    /// when it is not ours.
+    pub(crate) fn apply_labels(
+        &self,
+        mounts: &[Mount],
+    ) -> std::collections::BTreeMap<String, String> {
+        self.apply_target(mounts)
+            .and_then(|(_, key)| self.store.read(|tx| tx.get(&key)))
+            .ok()
+            .flatten()
+            .map(|r| r.labels)
+            .unwrap_or_default()
+    }
+
     /// Apply: write the layer of the active snapshot `mounts` describe. `write` fills the
     /// temporary file; then the integrity trees are added, the file is fsynced, renamed to
     /// `layer.erofs` (its dm-verity sidecar first) and the directory fsynced, all under the
     /// snapshot's key lock and a heavy-request slot. On failure (also when `work` trips)
     /// nothing is left. Returns the snapshot's key and what `write` returned.
+    ///
+    /// `write` may also return a dm-verity tree fetched for the layer ([`TreePlan`]), used
+    /// instead of one computed if it passes its check; the third value says whether it did.
     pub(crate) fn write_applied_layer<T>(
         &self,
         mounts: &[Mount],
         tar_index: bool,
         work: &Cancel,
-        write: impl FnOnce(&LayerOut<'_>) -> Result<T>,
-    ) -> Result<(String, T)> {
+        write: impl FnOnce(&LayerOut<'_>) -> Result<(T, Option<TreePlan>)>,
+    ) -> Result<(String, T, TreeUse)> {
         let (id, key) = self.apply_target(mounts)?;
         let _g = self.locks.lock(&[&key]);
         // Checked under the key lock, so a Commit racing this Apply cannot have made it a
@@ -129,7 +160,8 @@ impl Snapshotter {
         });
         let sidecar = dir.join(crate::layout::DMVERITY_SIDECAR);
         let sidecar_tmp = crate::integrity::dmverity::sidecar_tmp(&tmp);
-        let result = result.and_then(|written| {
+        let mut tree_use = None;
+        let result = result.and_then(|(written, plan)| {
             work.check()?;
             // The layer is written back to disk while the integrity hashes are computed (the
             // Merkle trees read it from the page cache), so they cost little more than the
@@ -137,13 +169,23 @@ impl Snapshotter {
             // fsync of the same file may not report it again.
             let anchors = std::thread::scope(|sc| {
                 let early = sc.spawn(|| out.sync_data());
-                let r = self.integrity.after_apply(&tmp, tar_index, &hashed);
+                let fetched = plan.as_ref().map(|p| (&p.tree, p.check));
+                let r = self.integrity.after_apply(&tmp, tar_index, &hashed, fetched);
                 let synced = early
                     .join()
                     .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")));
                 synced.map_err(|e| Error::io("fsync of the layer", e))?;
                 r
             })?;
+            let (anchors, used) = anchors;
+            if let (Some(p), Some(Err(why))) = (&plan, &used)
+                && p.required
+            {
+                return Err(Error::failed_precondition(format!(
+                    "artifacts.require_signed_root_hash: the signed dm-verity tree fetched for the layer is not valid: {why}"
+                )));
+            }
+            tree_use = used;
             crate::failpoint::hit("apply:before-rename");
             // The last moment the Apply can still stop without a trace; the finished layer must
             // leave the reserve free too.
@@ -177,7 +219,7 @@ impl Snapshotter {
             let _ = fs::remove_file(&tmp);
             let _ = fs::remove_file(&sidecar_tmp);
         }
-        result.map(|w| (key, w))
+        result.map(|w| (key, w, tree_use))
     }
 
     /// Resolve mounts to our snapshot ids, top first: `bind` of an `fs` dir is one layer,

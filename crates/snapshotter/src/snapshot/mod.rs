@@ -86,6 +86,11 @@ pub struct Snapshotter {
     pub(crate) counters: crate::stats::Counters,
     /// Told about every request ([`Self::observe_request`]).
     observer: std::sync::OnceLock<Arc<dyn crate::stats::Observer>>,
+    /// Where Apply fetches layer artifacts from (`[artifacts] enabled`), installed by the
+    /// daemon ([`Self::set_artifact_source`]).
+    artifacts: std::sync::OnceLock<Arc<dyn crate::artifacts::ArtifactSource>>,
+    /// `artifacts.trusted_keys`, read at start-up.
+    trusted_keys: Vec<erofs_registry::signature::PublicKey>,
 }
 
 /// A file's identity and last change: any write, rename over or attribute change makes a
@@ -181,6 +186,7 @@ impl Snapshotter {
         mk(&layout.snapshots())?;
         crate::mount::probe::check_host(layout.root())?;
         let integrity = Integrity::new(&cfg, layout.root())?;
+        let trusted_keys = crate::artifacts::load_keys(&cfg.artifacts.trusted_keys)?;
         let store = Store::open(&layout.db())?;
         let s = Snapshotter {
             default_size: cfg.default_size_bytes(),
@@ -202,6 +208,8 @@ impl Snapshotter {
             integrity,
             counters: Default::default(),
             observer: std::sync::OnceLock::new(),
+            artifacts: std::sync::OnceLock::new(),
+            trusted_keys,
         };
         s.recover()?;
         Ok(s)
@@ -251,6 +259,21 @@ impl Snapshotter {
         } else {
             e
         }
+    }
+
+    /// Install where Apply fetches layer artifacts from (the first one installed stays).
+    pub fn set_artifact_source(&self, source: Arc<dyn crate::artifacts::ArtifactSource>) {
+        let _ = self.artifacts.set(source);
+    }
+
+    /// The artifact source, when artifacts are enabled and one is installed.
+    pub(crate) fn artifact_source(&self) -> Option<&Arc<dyn crate::artifacts::ArtifactSource>> {
+        self.artifacts.get().filter(|_| self.cfg.artifacts.enabled)
+    }
+
+    /// The public keys root-hash signatures are checked against.
+    pub(crate) fn trusted_keys(&self) -> &[erofs_registry::signature::PublicKey] {
+        &self.trusted_keys
     }
 
     /// Install the observer told about every request (the first one installed stays).

@@ -1,0 +1,543 @@
+//! The node side of registry layer artifacts, end to end: containerd 2.1's CRI plugin (snapshot
+//! annotations on, so the image reference reaches us) pulls from a local registry (Debian's
+//! `docker-registry`, which has no Referrers API: artifacts are found through the referrers
+//! tag) through our differ with tar index and dm-verity on, and the daemon fetches each layer's
+//! tar index, tree and signature. The artifacts are built here with the libraries the
+//! differ uses (`erofs_image`, `snapshotter::integrity::dmverity`) and pushed as the format
+//! says (`erofs_registry::artifacts`).
+//!
+//! 1. `fetched_artifacts_are_used_and_equal_local_layers`: `erofs-snapshotter artifacts build`
+//!    and `push` (the producer) attach signed artifacts to a three-layer image; every layer
+//!    uses its fetched artifacts (log lines, `erofs_snapshotter_artifacts_total{outcome="used"}`);
+//!    each `layer.erofs` is byte for byte the locally built `[index][tar][tree]`, and the same
+//!    image pulled from a repository without artifacts is computed locally into the very same
+//!    files.
+//! 2. `bad_or_missing_artifacts_fall_back`: a tampered index, a tampered tree, a signature by
+//!    an untrusted key, and no artifacts: each pull succeeds with locally computed layers,
+//!    one warning and one count per layer under its outcome.
+//! 3. `hanging_registry_falls_back_in_bounded_time`: the artifact lookup goes (hosts.toml
+//!    mirror) to a listener that accepts and never answers; the pull succeeds after about
+//!    `fetch_timeout`, counted as a timeout.
+//! 4. `required_signatures_refuse_unsigned_layers`: with `require_signed_root_hash`, a layer
+//!    signed by the trusted key is used, and pulls of layers with an untrusted signature or
+//!    none fail with FailedPrecondition, leaving no layer behind.
+
+// Only part of the parser is used here.
+#[allow(dead_code)]
+#[path = "operator/prom.rs"]
+mod prom;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use erofs_registry::artifacts::{
+    self as fmt, ArtifactSet, Descriptor, LayerArtifacts, SignatureBlob, TarIndexBlob, TreeBlob,
+};
+use erofs_registry::signature::SecretKey;
+use testsuite::cri::{CriClient, CriConfig};
+use testsuite::oci::{self, Compression, ImageSpec, LayerBuilder, OciArchive};
+use testsuite::proxied_containerd::{Env, EnvOpts, SN};
+use testsuite::{Registry, Version, with_timeout};
+
+const BIN: &str = env!("CARGO_BIN_EXE_erofs-snapshotter");
+const LIMIT: Duration = Duration::from_secs(300);
+const FETCH_TIMEOUT_SECS: u64 = 3;
+
+fn e2e(f: fn() -> Result<()>) {
+    with_timeout(LIMIT, move || {
+        if let Err(e) = f() {
+            panic!("{e:#}");
+        }
+    });
+}
+
+/// Run `erofs-snapshotter ARGS`: its stdout, or an error with both outputs.
+fn cli(args: &[&str]) -> Result<String> {
+    let o = std::process::Command::new(BIN).args(args).output()?;
+    ensure!(
+        o.status.success(),
+        "erofs-snapshotter {args:?}: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// One layer's artifacts as built here.
+#[derive(Debug, Clone)]
+struct Built {
+    layer_digest: String,
+    diff_id: String,
+    index: Vec<u8>,
+    tree: Vec<u8>,
+    root: String,
+    hash_offset: u64,
+    tar_size: u64,
+    /// sha256 of the whole layer file the differ writes: `[index][tar][tree]`.
+    file_sha: String,
+}
+
+/// Build `layer`'s tar index and tree exactly as the differ does (default mkfs options).
+fn build_layer(archive: &OciArchive, layer: &oci::LayerBlob, dir: &Path) -> Result<Built> {
+    let blob = std::fs::read(archive.blob_path(&layer.blob.digest))?;
+    let mut tar = Vec::new();
+    match layer.compression {
+        Compression::Gzip => {
+            flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut tar)?;
+        }
+        Compression::Zstd => {
+            zstd::stream::read::Decoder::new(&blob[..])?.read_to_end(&mut tar)?;
+        }
+        _ => tar = blob,
+    }
+    let path = dir.join(layer.blob.digest.replace(':', "-"));
+    let out = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    let opts = snapshotter::diff::MkfsOptions::parse(&[])?.build_options(&layer.blob.digest);
+    erofs_image::tar_to_index_file(&tar[..], erofs_output::FileOutput::new(&out), &opts)?;
+    drop(out);
+    let data_len = std::fs::metadata(&path)?.len();
+    let meta = snapshotter::integrity::dmverity::append_tree(&path, true, None)?;
+    let all = std::fs::read(&path)?;
+    let tar_size = tar.len() as u64;
+    Ok(Built {
+        layer_digest: layer.blob.digest.clone(),
+        diff_id: layer.diff_id.clone(),
+        index: all[..(data_len - tar_size) as usize].to_vec(),
+        tree: all[data_len as usize..].to_vec(),
+        root: meta.roothash,
+        hash_offset: meta.hashoffset,
+        tar_size,
+        file_sha: oci::sha256_reader(&all[..])?,
+    })
+}
+
+/// What to push for a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Push {
+    Good,
+    TamperIndex,
+    TamperTree,
+    /// Signed by a key the node does not trust.
+    Untrusted,
+    /// Tree but no signature.
+    Unsigned,
+}
+
+/// Push the artifacts of `layers` (with `how`) as a referrer of `archive`'s manifest in
+/// `repo`, through the referrers tag (the registry has no Referrers API).
+fn push_artifacts(
+    reg: &Registry,
+    repo: &str,
+    archive: &OciArchive,
+    layers: &[Built],
+    how: Push,
+    key: &SecretKey,
+    other: &SecretKey,
+) -> Result<()> {
+    let mut set = ArtifactSet {
+        subject: Descriptor {
+            media_type: archive.manifest.media_type.clone(),
+            digest: archive.manifest.digest.clone(),
+            size: archive.manifest.size,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+        },
+        created: None,
+        layers: Vec::new(),
+    };
+    let mut blobs: Vec<Vec<u8>> = vec![fmt::EMPTY_BLOB.to_vec()];
+    for b in layers {
+        let mut index = b.index.clone();
+        let mut tree = b.tree.clone();
+        match how {
+            // A mode bit of some inode, or any byte: the index is not the tar's.
+            Push::TamperIndex => {
+                let i = index.len() / 2;
+                index[i] ^= 0x10;
+            }
+            // A hash in the lowest level.
+            Push::TamperTree => {
+                let n = tree.len();
+                tree[n - 100] ^= 1;
+            }
+            _ => {}
+        }
+        let sig = match how {
+            Push::Unsigned => None,
+            Push::Untrusted => Some(other.sign_root(&b.root).to_vec()),
+            _ => Some(key.sign_root(&b.root).to_vec()),
+        };
+        let index_d = Descriptor::of(fmt::MEDIA_TYPE_TAR_INDEX, &index);
+        let tree_d = Descriptor::of(fmt::MEDIA_TYPE_DMVERITY_TREE, &tree);
+        blobs.push(index);
+        blobs.push(tree);
+        let signature = sig.map(|s| {
+            let media = format!(
+                "{}+{}",
+                fmt::MEDIA_TYPE_SIGNATURE_PREFIX,
+                fmt::SCHEME_ED25519
+            );
+            let d = Descriptor::of(&media, &s);
+            blobs.push(s);
+            SignatureBlob {
+                descriptor: d,
+                scheme: fmt::SCHEME_ED25519.into(),
+                public_key: None,
+            }
+        });
+        set.layers.push(LayerArtifacts {
+            layer_digest: b.layer_digest.clone(),
+            diff_id: b.diff_id.clone(),
+            tar_index: TarIndexBlob {
+                descriptor: index_d,
+                tar_size: b.tar_size,
+                mkfs_options: None,
+            },
+            dmverity: Some(TreeBlob {
+                descriptor: tree_d,
+                root_digest: b.root.clone(),
+                block_size: 512,
+                hash_offset: b.hash_offset,
+            }),
+            signature,
+            image_dmverity: None,
+            image_signature: None,
+        });
+    }
+    for data in &blobs {
+        reg.push_blob(repo, &fmt::sha256_digest(data), data)?;
+    }
+    let manifest = set.to_manifest().to_bytes();
+    let digest = fmt::sha256_digest(&manifest);
+    reg.put_manifest(repo, &digest, fmt::MEDIA_TYPE_OCI_MANIFEST, &manifest)?;
+    let mut index = fmt::Index::empty();
+    index.manifests.push(Descriptor {
+        media_type: fmt::MEDIA_TYPE_OCI_MANIFEST.into(),
+        digest,
+        size: manifest.len() as u64,
+        artifact_type: Some(fmt::ARTIFACT_TYPE.into()),
+        annotations: BTreeMap::new(),
+    });
+    reg.put_manifest(
+        repo,
+        &fmt::referrers_tag(&archive.manifest.digest)?,
+        fmt::MEDIA_TYPE_OCI_INDEX,
+        &index.to_bytes(),
+    )?;
+    Ok(())
+}
+
+/// An image of `n` small layers (gzip and zstd) with content unique to `name`.
+fn image(name: &str, n: usize) -> Result<ImageSpec> {
+    let mut spec = ImageSpec::new(&format!("testsuite/{name}:1"));
+    for i in 0..n {
+        let mut l = LayerBuilder::new();
+        l.dir(&format!("d{i}"), 0o755);
+        l.file(
+            &format!("d{i}/{name}"),
+            0o644,
+            format!("{name} layer {i}\n").as_bytes(),
+        );
+        let big: Vec<u8> = (0..200_000u32)
+            .map(|k| (k.wrapping_mul(2_654_435_761) >> (i + 3)) as u8)
+            .collect();
+        l.file(&format!("d{i}/data.bin"), 0o600, &big);
+        l.symlink(&format!("d{i}/link"), "data.bin");
+        let c = if i % 2 == 0 {
+            Compression::Gzip
+        } else {
+            Compression::Zstd
+        };
+        spec = spec.layer(l.finish()?, c);
+    }
+    Ok(spec)
+}
+
+/// Our daemon (tar index, dm-verity, artifacts on) under containerd 2.1's CRI plugin, a
+/// registry, keys.
+struct World {
+    env: Env,
+    reg: Registry,
+    cri: CriClient,
+    key: SecretKey,
+    other: SecretKey,
+    metrics: PathBuf,
+    scratch: tempfile::TempDir,
+}
+
+impl World {
+    /// `extra`: more `[artifacts]` keys; `hosts`: registry host -> hosts.toml text for our
+    /// daemon's `hosts_dir`.
+    fn start(extra: &str, hosts: &[(String, String)], reg: Registry) -> Result<World> {
+        let scratch = tempfile::tempdir()?;
+        let key = SecretKey::generate()?;
+        let other = SecretKey::generate()?;
+        let pubkey = scratch.path().join("trusted.pub");
+        std::fs::write(&pubkey, key.public().to_text())?;
+        let hosts_dir = scratch.path().join("certs.d");
+        std::fs::create_dir_all(&hosts_dir)?;
+        for (host, text) in hosts {
+            std::fs::create_dir_all(hosts_dir.join(host))?;
+            std::fs::write(hosts_dir.join(host).join("hosts.toml"), text)?;
+        }
+        let metrics = scratch.path().join("metrics.sock");
+        // The pause image is never pulled: no pod runs.
+        let cfg = CriConfig::new(SN, "127.0.0.1:1/none:1").plain_http(&reg.host());
+        let daemon_config = format!(
+            "enable_tar_index = true\nenable_dmverity = true\n\
+             [metrics]\naddress = \"unix:{}\"\n\
+             [artifacts]\nenabled = true\nhosts_dir = {:?}\nfetch_timeout = \"{FETCH_TIMEOUT_SECS}s\"\n\
+             trusted_keys = [{:?}]\n{extra}",
+            metrics.display(),
+            hosts_dir,
+            pubkey,
+        );
+        let env = Env::start_opts(
+            Path::new(BIN),
+            Version::V2_1,
+            EnvOpts {
+                cri: Some(cfg),
+                daemon_config,
+                ..EnvOpts::default()
+            },
+        )?;
+        let cri = CriClient::connect(env.ctd.address())?;
+        cri.wait_ready(Duration::from_secs(30))?;
+        Ok(World {
+            env,
+            reg,
+            cri,
+            key,
+            other,
+            metrics,
+            scratch,
+        })
+    }
+
+    /// Build `spec`, push it as `repo:1`, build its layers' artifacts: (archive, ref, built).
+    fn image(&self, spec: &ImageSpec, repo: &str) -> Result<(OciArchive, String, Vec<Built>)> {
+        let archive = self.env.build(spec)?;
+        let reference = self.reg.push_as(&archive, repo, "1")?;
+        let dir = self.scratch.path().join(repo.replace('/', "_"));
+        std::fs::create_dir_all(&dir)?;
+        let built = archive
+            .layers
+            .iter()
+            .map(|l| build_layer(&archive, l, &dir))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((archive, reference, built))
+    }
+
+    fn push(&self, repo: &str, archive: &OciArchive, built: &[Built], how: Push) -> Result<()> {
+        push_artifacts(&self.reg, repo, archive, built, how, &self.key, &self.other)
+    }
+
+    fn scrape(&self) -> Result<prom::Scrape> {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&self.metrics)?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let (_, body) = resp.split_once("\r\n\r\n").context("no response head")?;
+        prom::parse(body)
+    }
+
+    fn outcome(&self, outcome: &str) -> Result<f64> {
+        self.scrape()?
+            .get("erofs_snapshotter_artifacts_total", &[("outcome", outcome)])
+            .with_context(|| format!("no artifacts counter for {outcome}"))
+    }
+
+    /// The daemon's artifact log lines about `layer`.
+    fn lines_about(&self, layer: &str) -> Vec<String> {
+        self.env
+            .daemon_log(100_000)
+            .lines()
+            .filter(|l| l.contains(layer) && l.contains("artifacts"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// sha256 of every layer.erofs in our store.
+    fn layer_files(&self) -> Result<Vec<String>> {
+        Ok(self.env.layer_hashes()?.into_values().collect())
+    }
+
+    /// Remove image `reference` and wait until containerd's collector took its layers.
+    fn remove(&self, reference: &str) -> Result<()> {
+        self.cri.remove_image(reference)?;
+        self.env
+            .wait_until("the image's layers to be collected", || {
+                Ok(self.env.layer_hashes()?.is_empty())
+            })
+    }
+}
+
+/// Every layer of `built` was used from the registry (one log line each), and its file is
+/// the locally built one.
+fn assert_used(w: &World, built: &[Built]) -> Result<()> {
+    let files = w.layer_files()?;
+    for b in built {
+        let lines = w.lines_about(&b.layer_digest);
+        ensure!(
+            lines.len() == 1 && lines[0].contains("used layer artifacts from the registry"),
+            "layer {}: {lines:#?}",
+            b.layer_digest
+        );
+        ensure!(
+            files.contains(&b.file_sha),
+            "layer {}: no layer.erofs is the locally built one ({}); store has {files:?}",
+            b.layer_digest,
+            b.file_sha
+        );
+    }
+    Ok(())
+}
+
+/// Every layer of `built` fell back with `outcome` (one warning each) and its file is the
+/// locally built one.
+fn assert_fell_back(w: &World, built: &[Built], outcome: &str) -> Result<()> {
+    let files = w.layer_files()?;
+    for b in built {
+        let lines = w.lines_about(&b.layer_digest);
+        ensure!(
+            lines.len() == 1
+                && lines[0].contains("WARN")
+                && lines[0].contains(&format!("outcome={outcome}")),
+            "layer {}: want one {outcome} warning: {lines:#?}",
+            b.layer_digest
+        );
+        ensure!(files.contains(&b.file_sha), "layer {}", b.layer_digest);
+    }
+    Ok(())
+}
+
+#[test]
+fn fetched_artifacts_are_used_and_equal_local_layers() {
+    e2e(|| {
+        let w = World::start("", &[], Registry::start()?)?;
+        let (archive, reference, built) = w.image(&image("art-used", 3)?, "testsuite/art-used")?;
+        // Built and pushed by the producer's commands, from the registry, signed with the
+        // key the node trusts.
+        let key = w.scratch.path().join("signing.key");
+        std::fs::write(&key, w.key.to_text())?;
+        let out = w.scratch.path().join("out");
+        let key = key.to_str().context("utf-8 path")?;
+        let out = out.to_str().context("utf-8 path")?;
+        cli(&["artifacts", "build", &reference, out, "--sign-key", key])?;
+        let pushed = cli(&["artifacts", "push", out, &reference])?;
+        ensure!(pushed.contains("referrers tag"), "{pushed}");
+        w.cri.pull_image(&reference)?;
+        assert_used(&w, &built)?;
+        ensure!(w.outcome("used")? == 3.0);
+        // The same image from a repository without artifacts: computed locally, into the
+        // same bytes.
+        w.remove(&reference)?;
+        let plain = w.reg.push_as(&archive, "testsuite/art-plain", "1")?;
+        w.cri.pull_image(&plain)?;
+        let files = w.layer_files()?;
+        for b in &built {
+            ensure!(
+                files.contains(&b.file_sha),
+                "local {} differs",
+                b.layer_digest
+            );
+        }
+        ensure!(w.outcome("used")? == 3.0);
+        ensure!(w.outcome("absent")? == 3.0);
+        Ok(())
+    });
+}
+
+#[test]
+fn bad_or_missing_artifacts_fall_back() {
+    e2e(|| {
+        let w = World::start("", &[], Registry::start()?)?;
+        for (name, how, outcome) in [
+            ("art-bad-index", Some(Push::TamperIndex), "bad_index"),
+            ("art-bad-tree", Some(Push::TamperTree), "bad_tree"),
+            ("art-untrusted", Some(Push::Untrusted), "bad_signature"),
+            ("art-none", None, "absent"),
+        ] {
+            let repo = format!("testsuite/{name}");
+            let (archive, reference, built) = w.image(&image(name, 2)?, &repo)?;
+            if let Some(how) = how {
+                w.push(&repo, &archive, &built, how)?;
+            }
+            w.cri
+                .pull_image(&reference)
+                .with_context(|| format!("{name}: the pull must not fail"))?;
+            assert_fell_back(&w, &built, outcome).with_context(|| name.to_string())?;
+            ensure!(w.outcome(outcome)? == 2.0, "{name}");
+        }
+        ensure!(w.outcome("used")? == 0.0);
+        Ok(())
+    });
+}
+
+#[test]
+fn hanging_registry_falls_back_in_bounded_time() {
+    e2e(|| {
+        let reg = Registry::start()?;
+        // Accepts connections and never answers.
+        let hang = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let hang_addr = hang.local_addr()?;
+        let hosts = format!(
+            "server = \"http://{}\"\n[host.\"http://{hang_addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            reg.host()
+        );
+        let w = World::start("", &[(reg.host(), hosts)], reg)?;
+        let (archive, reference, built) = w.image(&image("art-hang", 2)?, "testsuite/art-hang")?;
+        w.push("testsuite/art-hang", &archive, &built, Push::Good)?;
+        let t = Instant::now();
+        w.cri.pull_image(&reference)?;
+        let took = t.elapsed();
+        assert_fell_back(&w, &built, "timeout")?;
+        ensure!(w.outcome("timeout")? == 2.0);
+        // Each layer waited about fetch_timeout, no longer.
+        ensure!(
+            took < Duration::from_secs(2 * FETCH_TIMEOUT_SECS + 10),
+            "pull took {took:?}"
+        );
+        drop(hang);
+        Ok(())
+    });
+}
+
+#[test]
+fn required_signatures_refuse_unsigned_layers() {
+    e2e(|| {
+        let w = World::start("require_signed_root_hash = true\n", &[], Registry::start()?)?;
+        let (archive, reference, built) = w.image(&image("req-good", 2)?, "testsuite/req-good")?;
+        w.push("testsuite/req-good", &archive, &built, Push::Good)?;
+        w.cri.pull_image(&reference)?;
+        assert_used(&w, &built)?;
+        w.remove(&reference)?;
+        for (name, how) in [
+            ("req-untrusted", Some(Push::Untrusted)),
+            ("req-unsigned", Some(Push::Unsigned)),
+            ("req-none", None),
+        ] {
+            let repo = format!("testsuite/{name}");
+            let (archive, reference, built) = w.image(&image(name, 2)?, &repo)?;
+            if let Some(how) = how {
+                w.push(&repo, &archive, &built, how)?;
+            }
+            let Err(e) = w.cri.pull_image(&reference) else {
+                bail!("{name}: the pull succeeded without a valid signature");
+            };
+            let msg = format!("{e:#}");
+            ensure!(msg.contains("require_signed_root_hash"), "{name}: {msg}");
+            ensure!(w.layer_files()?.is_empty(), "{name}: a layer was left");
+        }
+        Ok(())
+    });
+}

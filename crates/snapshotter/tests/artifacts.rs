@@ -1,0 +1,327 @@
+//! Apply with layer artifacts, in process: a core with tar index and dm-verity on, whose
+//! artifact source serves what a registry would (built here with the libraries the differ
+//! uses), good or tampered, fast or slow. Each case checks the outcome counter and that the
+//! layer is byte for byte the locally built one (or, where a signature is required and
+//! missing, that the Apply fails and leaves nothing). The registry client and containerd are
+//! exercised by the daemon's end-to-end tests (crates/erofs-snapshotter/tests/artifacts_node.rs).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::core;
+use erofs_registry::signature::SecretKey;
+use snapshotter::artifacts::{
+    ArtifactSource, FetchError, Fetched, FetchedTree, ImageId, LABEL_IMAGE_REF,
+    LABEL_MANIFEST_DIGEST, Outcome,
+};
+use snapshotter::diff::{Descriptor, DirContent};
+use snapshotter::{Cancel, Snapshotter};
+
+const IMAGE: &str = "registry.example/app:1";
+const MANIFEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+/// What the test registry serves per layer digest, and how long it takes.
+#[derive(Debug, Default)]
+struct Served {
+    layers: Mutex<HashMap<String, Fetched>>,
+    delay: Mutex<Duration>,
+    asked: Mutex<Vec<ImageId>>,
+}
+
+impl ArtifactSource for Served {
+    fn fetch(&self, image: &ImageId, layer: &str) -> Result<Fetched, FetchError> {
+        self.asked.lock().unwrap().push(image.clone());
+        std::thread::sleep(*self.delay.lock().unwrap());
+        self.layers
+            .lock()
+            .unwrap()
+            .get(layer)
+            .cloned()
+            .ok_or_else(|| FetchError::Absent(format!("nothing for {layer}")))
+    }
+}
+
+/// A tar layer in a content directory, and its artifacts as built locally.
+struct Layer {
+    desc: Descriptor,
+    /// `[index][tar][tree]`, as the differ writes it.
+    file: Vec<u8>,
+    fetched: Fetched,
+}
+
+fn layer(content: &Path, scratch: &Path, name: &str, key: &SecretKey) -> Layer {
+    let mut b = testsuite::oci::LayerBuilder::new();
+    b.dir("etc", 0o755);
+    b.file(&format!("etc/{name}"), 0o4755, name.as_bytes());
+    b.file("etc/data", 0o644, &vec![9u8; 300_001]);
+    b.symlink("etc/link", name);
+    let tar = b.finish().unwrap();
+    let digest = testsuite::oci::sha256_digest(&tar);
+    let blob = content
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+    std::fs::write(&blob, &tar).unwrap();
+    let path = scratch.join(name);
+    let out = std::fs::File::create(&path).unwrap();
+    let opts = snapshotter::diff::MkfsOptions::parse(&[])
+        .unwrap()
+        .build_options(&digest);
+    erofs_image::tar_to_index_file(&tar[..], erofs_output::FileOutput::new(&out), &opts).unwrap();
+    drop(out);
+    let data_len = std::fs::metadata(&path).unwrap().len() as usize;
+    let meta = snapshotter::integrity::dmverity::append_tree(&path, true, None).unwrap();
+    let file = std::fs::read(&path).unwrap();
+    let fetched = Fetched {
+        tar_index: file[..data_len - tar.len()].to_vec(),
+        diff_id: digest.clone(),
+        tree: Some(FetchedTree {
+            bytes: file[data_len..].to_vec().into(),
+            roothash: meta.roothash.clone(),
+            block_size: 512,
+            hash_offset: meta.hashoffset,
+        }),
+        signature: Some(("ed25519".into(), key.sign_root(&meta.roothash).to_vec())),
+    };
+    Layer {
+        desc: Descriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest,
+            size: tar.len() as i64,
+            annotations: Default::default(),
+        },
+        file,
+        fetched,
+    }
+}
+
+/// Flip a bit in the lowest level of `f`'s tree.
+fn tamper_tree(f: &mut Fetched) {
+    let t = f.tree.as_mut().unwrap();
+    let snapshotter::artifacts::TreeBytes::Mem(v) = &mut t.bytes else {
+        unreachable!("built in memory")
+    };
+    let n = v.len();
+    v[n - 7] ^= 1;
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    sn: Arc<Snapshotter>,
+    served: Arc<Served>,
+    key: SecretKey,
+    content: PathBuf,
+}
+
+impl World {
+    fn new(extra: &str) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate().unwrap();
+        let pubkey = dir.path().join("trusted.pub");
+        std::fs::write(&pubkey, key.public().to_text()).unwrap();
+        let (sn, _) = core(
+            dir.path(),
+            &format!(
+                "[differ]\nenable_tar_index = true\nenable_dmverity = true\n\
+                 [artifacts]\nenabled = true\nfetch_timeout = \"500ms\"\ntrusted_keys = [{pubkey:?}]\n{extra}"
+            ),
+        );
+        let served = Arc::new(Served::default());
+        sn.set_artifact_source(served.clone());
+        let content = dir.path().join("content");
+        World {
+            dir,
+            sn,
+            served,
+            key,
+            content,
+        }
+    }
+
+    fn layer(&self, name: &str) -> Layer {
+        let scratch = self.dir.path().join("scratch");
+        std::fs::create_dir_all(&scratch).unwrap();
+        layer(&self.content, &scratch, name, &self.key)
+    }
+
+    fn serve(&self, l: &Layer, f: Fetched) {
+        self.served
+            .layers
+            .lock()
+            .unwrap()
+            .insert(l.desc.digest.clone(), f);
+    }
+
+    /// Prepare (with the image labels, or none) and Apply `l`; the layer file's bytes.
+    fn apply(&self, l: &Layer, key: &str, labelled: bool) -> snapshotter::Result<Vec<u8>> {
+        let labels = if labelled {
+            BTreeMap::from([
+                (LABEL_IMAGE_REF.to_string(), IMAGE.to_string()),
+                (LABEL_MANIFEST_DIGEST.to_string(), MANIFEST.to_string()),
+            ])
+        } else {
+            BTreeMap::new()
+        };
+        let m = self.sn.prepare(key, "", labels).unwrap();
+        self.sn.apply(
+            &l.desc,
+            &m,
+            &DirContent::new(&self.content),
+            "default",
+            &Cancel::never(),
+        )?;
+        let dir = Path::new(&m[0].source).parent().unwrap().to_path_buf();
+        Ok(std::fs::read(dir.join("layer.erofs")).unwrap())
+    }
+
+    fn count(&self, o: Outcome) -> u64 {
+        self.sn
+            .stats()
+            .artifacts
+            .iter()
+            .find(|(x, _)| *x == o)
+            .unwrap()
+            .1
+    }
+}
+
+#[test]
+fn fetched_artifacts_are_used_and_tampered_ones_are_not() {
+    let w = World::new("");
+    let good = w.layer("good");
+    w.serve(&good, good.fetched.clone());
+    assert_eq!(w.apply(&good, "good", true).unwrap(), good.file);
+    assert_eq!(w.count(Outcome::Used), 1);
+    let asked = w.served.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(
+        (
+            asked[0].reference.as_str(),
+            asked[0].manifest_digest.as_str(),
+            asked[0].from
+        ),
+        (IMAGE, MANIFEST, "labels")
+    );
+
+    type Tamper = fn(&mut Fetched, &SecretKey);
+    let cases: [(&str, Tamper, Outcome); 6] = [
+        ("index", |f, _| f.tar_index[100] ^= 1, Outcome::BadIndex),
+        (
+            "index-len",
+            |f, _| {
+                f.tar_index.push(0);
+            },
+            Outcome::BadIndex,
+        ),
+        ("tree", |f, _| tamper_tree(f), Outcome::BadTree),
+        (
+            "signature",
+            |f, _| {
+                let other = SecretKey::generate().unwrap();
+                let root = f.tree.as_ref().unwrap().roothash.clone();
+                f.signature = Some(("ed25519".into(), other.sign_root(&root).to_vec()));
+            },
+            Outcome::BadSignature,
+        ),
+        (
+            "scheme",
+            |f, _| f.signature.as_mut().unwrap().0 = "pkcs7".into(),
+            Outcome::BadSignature,
+        ),
+        (
+            "diff-id",
+            |f, _| f.diff_id = MANIFEST.into(),
+            Outcome::Invalid,
+        ),
+    ];
+    for (name, tamper, outcome) in cases {
+        let l = w.layer(name);
+        let mut f = l.fetched.clone();
+        tamper(&mut f, &w.key);
+        w.serve(&l, f);
+        let before = w.count(outcome);
+        let got = w.apply(&l, name, true).unwrap();
+        assert!(got == l.file, "{name}: the layer is not the local one");
+        assert_eq!(w.count(outcome), before + 1, "{name}");
+    }
+    // Unsigned but valid: used, the tree checked in full.
+    let unsigned = w.layer("unsigned");
+    let mut f = unsigned.fetched.clone();
+    f.signature = None;
+    w.serve(&unsigned, f);
+    assert_eq!(w.apply(&unsigned, "unsigned", true).unwrap(), unsigned.file);
+    assert_eq!(w.count(Outcome::Used), 2);
+    // Nothing stored, and nothing naming the image.
+    let absent = w.layer("absent");
+    assert_eq!(w.apply(&absent, "absent", true).unwrap(), absent.file);
+    assert_eq!(w.count(Outcome::Absent), 1);
+    let anon = w.layer("anon");
+    w.serve(&anon, anon.fetched.clone());
+    assert_eq!(w.apply(&anon, "anon", false).unwrap(), anon.file);
+    assert_eq!(w.count(Outcome::NoImage), 1);
+    assert_eq!(w.count(Outcome::Used), 2);
+}
+
+#[test]
+fn a_slow_registry_costs_at_most_the_fetch_timeout() {
+    let w = World::new("");
+    let l = w.layer("slow");
+    w.serve(&l, l.fetched.clone());
+    *w.served.delay.lock().unwrap() = Duration::from_secs(5);
+    let t = Instant::now();
+    assert_eq!(w.apply(&l, "slow", true).unwrap(), l.file);
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(3), "Apply took {took:?}");
+    assert_eq!(w.count(Outcome::Timeout), 1);
+}
+
+#[test]
+fn required_signatures_refuse_layers_without_one() {
+    let w = World::new("require_signed_root_hash = true\n");
+    let good = w.layer("good");
+    w.serve(&good, good.fetched.clone());
+    assert_eq!(w.apply(&good, "good", true).unwrap(), good.file);
+    assert_eq!(w.count(Outcome::Used), 1);
+    let other = SecretKey::generate().unwrap();
+    type Case = fn(&mut Fetched, &SecretKey);
+    let cases: [(&str, Option<Case>); 4] = [
+        ("none", None),
+        ("unsigned", Some(|f, _| f.signature = None)),
+        (
+            "untrusted",
+            Some(|f, k| {
+                let root = f.tree.as_ref().unwrap().roothash.clone();
+                f.signature = Some(("ed25519".into(), k.sign_root(&root).to_vec()));
+            }),
+        ),
+        ("tree", Some(|f, _| tamper_tree(f))),
+    ];
+    for (name, change) in cases {
+        let l = w.layer(name);
+        if let Some(change) = change {
+            let mut f = l.fetched.clone();
+            change(&mut f, &other);
+            w.serve(&l, f);
+        }
+        let e = w.apply(&l, name, true).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            snapshotter::error::ErrorKind::FailedPrecondition,
+            "{name}: {e}"
+        );
+        assert!(
+            e.to_string().contains("require_signed_root_hash"),
+            "{name}: {e}"
+        );
+    }
+    // Nothing of the refused layers is left: only the good one has a layer file.
+    let layers: Vec<_> = std::fs::read_dir(w.dir.path().join("root/snapshots"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("layer.erofs").exists())
+        .collect();
+    assert_eq!(layers.len(), 1);
+}
