@@ -183,8 +183,9 @@ pub struct Snap {
     pub mounts: Vec<Mount>,
     /// The differ wrote its layer (Apply succeeded on it).
     pub applied: bool,
-    /// An Update set one of the snapshotter's own labels (id mappings, max size): the
-    /// daemon takes them as given, and Mounts may then refuse them.
+    /// Prepare, View or an Update gave it one of the snapshotter's own labels (id mappings,
+    /// max size): their values have rules the model does not follow, so Mounts and Update
+    /// may refuse them.
     pub own_labels: bool,
 }
 

@@ -100,6 +100,9 @@ fn key_ok(k: &str) -> bool {
     !k.is_empty() && k.len() <= KEY_MAX && !k.contains('\0')
 }
 
+/// Where the snapshotter's own labels (id mappings, max size) start.
+const OWN_LABEL_PREFIX: &str = "containerd.io/snapshot/";
+
 /// Label validity: `Some(true)` valid, `Some(false)` invalid by containerd's rules, `None`
 /// when the snapshotter's own labels are present (their values have rules of their own).
 fn labels_ok(l: &HashMap<String, String>) -> Option<bool> {
@@ -109,7 +112,7 @@ fn labels_ok(l: &HashMap<String, String>) -> Option<bool> {
     if bad {
         return Some(false);
     }
-    if l.keys().any(|k| k.starts_with("containerd.io/snapshot/")) {
+    if l.keys().any(|k| k.starts_with(OWN_LABEL_PREFIX)) {
         return None;
     }
     Some(true)
@@ -543,8 +546,20 @@ impl World {
                 {
                     return ia;
                 }
-                if !m.contains_key(&i.name) {
+                let Some(snap) = m.get(&i.name) else {
                     return nf;
+                };
+                // The snapshotter's own labels (given now, named by a path, or already on
+                // the snapshot) have rules of their own: the id-mapping pair must still parse
+                // after the merge, which the model does not follow.
+                let own = OWN_LABEL_PREFIX;
+                if labels_ok(&i.labels).is_none()
+                    || paths
+                        .iter()
+                        .any(|p| p.starts_with(&format!("labels.{own}")))
+                    || snap.own_labels
+                {
+                    return None;
                 }
                 // A label named by a path may still be over the limit when the value is
                 // merged; every single label here is valid, so the merge is too.
@@ -651,7 +666,7 @@ impl World {
                         parent: p.parent.clone(),
                         mounts: m.clone(),
                         applied: false,
-                        own_labels: false,
+                        own_labels: labels_ok(&p.labels).is_none(),
                     },
                 );
             }
@@ -663,7 +678,7 @@ impl World {
                         parent: v.parent.clone(),
                         mounts: m.clone(),
                         applied: false,
-                        own_labels: false,
+                        own_labels: labels_ok(&v.labels).is_none(),
                     },
                 );
             }
@@ -681,7 +696,7 @@ impl World {
                             parent,
                             mounts: Vec::new(),
                             applied: false,
-                            own_labels: false,
+                            own_labels: s.own_labels || labels_ok(&c.labels).is_none(),
                         },
                     );
                 }
@@ -691,9 +706,7 @@ impl World {
             }
             (Req::Update(u), _) => {
                 if let Some(i) = &u.info
-                    && i.labels
-                        .keys()
-                        .any(|k| k.starts_with("containerd.io/snapshot/"))
+                    && i.labels.keys().any(|k| k.starts_with(OWN_LABEL_PREFIX))
                     && let Some(s) = snaps.get_mut(&i.name)
                 {
                     s.own_labels = true;

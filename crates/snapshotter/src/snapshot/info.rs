@@ -81,8 +81,15 @@ impl Snapshotter {
             }
         }
         let _g = self.locks.lock(&[&info.name]);
+        let idmap_of = |l: &BTreeMap<String, String>| {
+            (
+                l.get(super::LABEL_UIDMAPPING).cloned(),
+                l.get(super::LABEL_GIDMAPPING).cloned(),
+            )
+        };
         let rec = self.store.write(|tx| {
             let mut rec = tx.require(&info.name)?;
+            let idmap_before = idmap_of(&rec.labels);
             if paths.is_empty() {
                 rec.labels = info.labels.clone();
             }
@@ -101,12 +108,13 @@ impl Snapshotter {
                 }
             }
             validate_labels(&rec.labels)?;
-            // Mounts reads the id-mapping labels on every call: refuse a pair it could not
-            // use now, rather than store it and fail every later Mounts of the snapshot.
-            crate::mount::IdMap::from_labels(
-                rec.labels.get(super::LABEL_UIDMAPPING),
-                rec.labels.get(super::LABEL_GIDMAPPING),
-            )?;
+            // Mounts reads the id-mapping labels on every call: refuse a changed pair it
+            // could not use, rather than store it and fail every later Mounts. (An Update
+            // that leaves the pair alone is not blamed for what Commit stored.)
+            let idmap_after = idmap_of(&rec.labels);
+            if idmap_after != idmap_before {
+                crate::mount::IdMap::from_labels(idmap_after.0.as_ref(), idmap_after.1.as_ref())?;
+            }
             rec.updated = Timestamp::now();
             tx.replace(&info.name, &rec)?;
             Ok(rec)
