@@ -44,16 +44,16 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use crate::builder::{Interrupt, Limits, layout, write_superblock};
+use crate::builder::{
+    DEVT_SLOTOFF, DeviceTableGeometry, Interrupt, Limits, layout, write_device_table_head,
+};
 use crate::error::{CorruptKind, EntryError, Error, Result};
-use crate::format::{self, ChunkIndex, DeviceSlot, NULL_ADDR, Superblock, mode};
+use crate::format::{self, ChunkIndex, DeviceSlot, NULL_ADDR, mode};
 use crate::reader::{Extent, Image, Inode};
 use crate::tree::{self, Body, FileData, Meta, Node, NodeId, ROOT, Tree, Xattr};
 
 /// Most layers one fsmeta can list (device ids are 16-bit, 0 being fsmeta itself).
 pub const MAX_LAYERS: usize = u16::MAX as usize;
-/// Byte offset of the device table / 128: right after the superblock, as mkfs.erofs does.
-const DEVT_SLOTOFF: u16 = 9;
 /// Prefix of the xattrs overlayfs owns.
 const OVERLAY_PREFIX: &[u8] = b"trusted.overlay.";
 const OPAQUE: &[u8] = b"trusted.overlay.opaque";
@@ -378,37 +378,26 @@ fn merge_with<W: Write>(
 
     let uuid = opts.uuid.unwrap_or_else(|| derived_uuid(infos));
     let mut head = vec![0u8; (first_data * bs) as usize];
-    for (i, &blocks) in device_blocks.iter().enumerate() {
-        let at = DEVT_SLOTOFF as usize * format::DEVICE_SLOT_SIZE + i * format::DEVICE_SLOT_SIZE;
-        let slot = DeviceSlot {
+    let slots: Vec<DeviceSlot> = device_blocks
+        .iter()
+        .map(|&blocks| DeviceSlot {
             tag: [0; 64],
             blocks,
             // Separate devices (`device=`), not one file: no unified address.
             uniaddr: 0,
-        };
-        head[at..at + format::DEVICE_SLOT_SIZE].copy_from_slice(&slot.encode());
-    }
-    let mut feature_incompat = format::FEATURE_INCOMPAT_DEVICE_TABLE;
-    if emitted.chunked {
-        feature_incompat |= format::FEATURE_INCOMPAT_CHUNKED_FILE;
-    }
-    let sb = Superblock {
-        magic: format::MAGIC,
-        feature_compat: format::FEATURE_COMPAT_SB_CHKSUM | format::FEATURE_COMPAT_MTIME,
-        blkszbits: bits,
-        root_nid: emitted.root_nid,
-        inos: emitted.inodes,
-        epoch: emitted.epoch,
-        fixed_nsec: emitted.fixed_nsec,
-        blocks: emitted.end_block as u32,
-        meta_blkaddr,
-        uuid,
-        feature_incompat,
-        extra_devices: n as u16,
-        devt_slotoff: DEVT_SLOTOFF,
-        ..Default::default()
-    };
-    write_superblock(&mut head, sb, bs as u32);
+        })
+        .collect();
+    write_device_table_head(
+        &mut head,
+        &emitted,
+        &slots,
+        DeviceTableGeometry {
+            blkszbits: bits,
+            blocks: emitted.end_block as u32,
+            meta_blkaddr,
+            uuid,
+        },
+    );
     let wr = |e| Error::io("writing fsmeta", e);
     out.write_all(&head).map_err(wr)?;
     out.write_all(&m.data).map_err(wr)?;

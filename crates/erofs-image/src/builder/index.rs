@@ -13,9 +13,9 @@ use std::fs::File;
 use std::io::{self, Read, SeekFrom, Write};
 
 use super::tar::read_into_tree;
-use super::{BuildOptions, Summary, layout, write_superblock};
+use super::{BuildOptions, DeviceTableGeometry, Summary, layout, write_device_table_head};
 use crate::error::{EntryError, Error, Result};
-use crate::format::{self, ChunkIndex, DeviceSlot, Superblock};
+use crate::format::{self, ChunkIndex, DeviceSlot};
 use crate::output::{ImageOutput, shift_forward};
 use crate::tar::{Entry, TarReader};
 use crate::tree::{FileData, Tree};
@@ -26,8 +26,6 @@ const INDEX_BLKSZBITS: u8 = 9;
 /// The index is padded to this so the tar after it stays page-aligned (and so that an insert
 /// in front, `FALLOC_FL_INSERT_RANGE`, is accepted on 4 KiB-block filesystems).
 const INDEX_ALIGN: usize = 4096;
-/// Device slot right after the superblock (`devt_slotoff` 9 = byte 1152), as mkfs.erofs does.
-const DEVT_SLOTOFF: u16 = 9;
 /// First inode after the superblock and the device slot (byte 1280, nid 40).
 const INDEX_META_START: u64 = 1280;
 
@@ -117,7 +115,7 @@ pub fn tar_to_index<R: Read, W: Write>(
 
 fn build_index(tree: &mut Tree, tar_len: u64, opts: &BuildOptions) -> Result<TarIndex> {
     tree.apply_overlay_xattrs();
-    let emitted = layout::emit(
+    let mut emitted = layout::emit(
         tree,
         layout::Params {
             blkszbits: INDEX_BLKSZBITS,
@@ -125,7 +123,7 @@ fn build_index(tree: &mut Tree, tar_len: u64, opts: &BuildOptions) -> Result<Tar
             start: INDEX_META_START,
         },
     )?;
-    let mut bytes = emitted.bytes;
+    let mut bytes = std::mem::take(&mut emitted.bytes);
     let len = bytes.len().next_multiple_of(INDEX_ALIGN);
     bytes.resize(len, 0);
     let index_blocks = (len / INDEX_BLOCK_SIZE as usize) as u32;
@@ -136,29 +134,17 @@ fn build_index(tree: &mut Tree, tar_len: u64, opts: &BuildOptions) -> Result<Tar
         blocks: tar_blocks,
         uniaddr: index_blocks,
     };
-    let slot_at = DEVT_SLOTOFF as usize * format::DEVICE_SLOT_SIZE;
-    bytes[slot_at..slot_at + format::DEVICE_SLOT_SIZE].copy_from_slice(&slot.encode());
-    let mut feature_incompat = format::FEATURE_INCOMPAT_DEVICE_TABLE;
-    if emitted.chunked {
-        feature_incompat |= format::FEATURE_INCOMPAT_CHUNKED_FILE;
-    }
-    let sb = Superblock {
-        magic: format::MAGIC,
-        feature_compat: format::FEATURE_COMPAT_SB_CHKSUM | format::FEATURE_COMPAT_MTIME,
-        blkszbits: INDEX_BLKSZBITS,
-        root_nid: emitted.root_nid,
-        inos: emitted.inodes,
-        epoch: emitted.epoch,
-        fixed_nsec: emitted.fixed_nsec,
-        blocks: index_blocks,
-        meta_blkaddr: 0,
-        uuid: opts.uuid,
-        feature_incompat,
-        extra_devices: 1,
-        devt_slotoff: DEVT_SLOTOFF,
-        ..Default::default()
-    };
-    write_superblock(&mut bytes, sb, INDEX_BLOCK_SIZE);
+    write_device_table_head(
+        &mut bytes,
+        &emitted,
+        &[slot],
+        DeviceTableGeometry {
+            blkszbits: INDEX_BLKSZBITS,
+            blocks: index_blocks,
+            meta_blkaddr: 0,
+            uuid: opts.uuid,
+        },
+    );
     Ok(TarIndex {
         index: bytes,
         tar_len,

@@ -352,6 +352,60 @@ pub(crate) fn finish_full<W: Write + Seek>(
     })
 }
 
+/// Byte offset / 128 of the device table in images that have one: right after the
+/// superblock (byte 1152), as mkfs.erofs puts it.
+pub(crate) const DEVT_SLOTOFF: u16 = 9;
+
+/// The head of an image with a device table (tar indexes, fsmeta): `slots` (device 1 first)
+/// from [`DEVT_SLOTOFF`], and a superblock for the metadata `emitted` describes, checksummed
+/// over `head`, which begins at byte 0 of the image.
+pub(crate) fn write_device_table_head(
+    head: &mut [u8],
+    emitted: &layout::Emitted,
+    slots: &[format::DeviceSlot],
+    geometry: DeviceTableGeometry,
+) {
+    let start = DEVT_SLOTOFF as usize * format::DEVICE_SLOT_SIZE;
+    for (i, slot) in slots.iter().enumerate() {
+        let at = start + i * format::DEVICE_SLOT_SIZE;
+        head[at..at + format::DEVICE_SLOT_SIZE].copy_from_slice(&slot.encode());
+    }
+    let mut feature_incompat = format::FEATURE_INCOMPAT_DEVICE_TABLE;
+    if emitted.chunked {
+        feature_incompat |= format::FEATURE_INCOMPAT_CHUNKED_FILE;
+    }
+    let sb = Superblock {
+        magic: format::MAGIC,
+        feature_compat: format::FEATURE_COMPAT_SB_CHKSUM | format::FEATURE_COMPAT_MTIME,
+        blkszbits: geometry.blkszbits,
+        root_nid: emitted.root_nid,
+        inos: emitted.inodes,
+        epoch: emitted.epoch,
+        fixed_nsec: emitted.fixed_nsec,
+        blocks: geometry.blocks,
+        meta_blkaddr: geometry.meta_blkaddr,
+        uuid: geometry.uuid,
+        feature_incompat,
+        extra_devices: slots.len() as u16,
+        devt_slotoff: DEVT_SLOTOFF,
+        ..Default::default()
+    };
+    write_superblock(head, sb, 1 << geometry.blkszbits);
+}
+
+/// What [`write_device_table_head`] puts in the superblock besides the metadata's own fields.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeviceTableGeometry {
+    /// log2 of the block size.
+    pub blkszbits: u8,
+    /// Size of the primary device in blocks.
+    pub blocks: u32,
+    /// Block of nid 0.
+    pub meta_blkaddr: u32,
+    /// Filesystem UUID.
+    pub uuid: [u8; 16],
+}
+
 /// Put the superblock into `image_start` (which begins at byte 0 of the image and covers the
 /// checksummed range) and compute its checksum over what is there.
 pub(crate) fn write_superblock(image_start: &mut [u8], mut sb: Superblock, block_size: u32) {
