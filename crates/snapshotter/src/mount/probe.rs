@@ -100,6 +100,38 @@ pub fn fsverity(root: &Path, block_size: u32) -> std::result::Result<(), String>
     }
 }
 
+/// Whether the kernel mounts EROFS images with 512-byte blocks, which every tar-index layer
+/// has (tar data is 512-byte aligned): Linux 6.4 and later; 6.1 (Debian 12) refuses them at
+/// mount time with EINVAL. Found by mounting a tiny tar index (of an empty tar) through
+/// `mounter` on a scratch directory under `root`; `Err` says why not.
+pub fn small_blocks(root: &Path, mounter: &dyn super::Mounter) -> std::result::Result<(), String> {
+    let dir = tempfile_dir(root).map_err(|e| e.to_string())?;
+    let image = dir.join("blocks-512.erofs");
+    let target = dir.join("mnt");
+    let r = (|| -> std::result::Result<(), String> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&image)
+            .map_err(|e| format!("creating {}: {e}", image.display()))?;
+        let opts = erofs_image::BuildOptions::default();
+        erofs_image::tar_to_index_file(&[0u8; 1024][..], erofs_output::FileOutput::new(&f), &opts)
+            .map_err(|e| format!("building a 512-byte-block image: {e}"))?;
+        std::fs::create_dir(&target).map_err(|e| e.to_string())?;
+        let img = super::mounter::OpenImage {
+            file: &f,
+            path: &image,
+        };
+        mounter
+            .mount_erofs(img, &target)
+            .map_err(|e| e.to_string())?;
+        mounter.unmount(&target).map_err(|e| e.to_string())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
 /// Whether the kernel has dm-verity loaded (what containerd checks too).
 pub fn dmverity() -> bool {
     Path::new("/sys/module/dm_verity").exists()

@@ -171,6 +171,14 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("fsync {}", dir.display()), e))
 }
 
+/// `uname -r`, for messages.
+fn kernel_release() -> String {
+    rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned()
+}
+
 impl Snapshotter {
     /// Open the snapshotter: check the host, open the store, and recover from any crash
     /// (unfinished creations and removals, half-written layers, stale mounts).
@@ -185,6 +193,15 @@ impl Snapshotter {
         mk(layout.root())?;
         mk(&layout.snapshots())?;
         crate::mount::probe::check_host(layout.root())?;
+        if cfg.differ.enable_tar_index {
+            // Refused here, with the reason, rather than as an EINVAL at the first mount.
+            crate::mount::probe::small_blocks(layout.root(), &*mounter).map_err(|why| {
+                Error::failed_precondition(format!(
+                    "differ.enable_tar_index: this kernel cannot mount EROFS images with 512-byte blocks, which tar-index layers have (Linux 6.4 or later; {}): {why}",
+                    kernel_release()
+                ))
+            })?;
+        }
         let integrity = Integrity::new(&cfg, layout.root())?;
         let trusted_keys = crate::artifacts::load_keys(&cfg.artifacts.trusted_keys)?;
         let store = Store::open(&layout.db())?;
