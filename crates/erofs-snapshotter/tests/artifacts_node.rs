@@ -23,22 +23,21 @@
 //!    none fail with FailedPrecondition, leaving no layer behind.
 
 // Only part of the parser is used here.
+#[path = "artifacts_node/producer.rs"]
+mod producer;
 #[allow(dead_code)]
 #[path = "operator/prom.rs"]
 mod prom;
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use erofs_registry::artifacts::{
-    self as fmt, ArtifactSet, Descriptor, LayerArtifacts, SignatureBlob, TarIndexBlob, TreeBlob,
-};
 use erofs_registry::signature::SecretKey;
+use producer::{Built, Push, build_layer, push_artifacts};
 use testsuite::cri::{CriClient, CriConfig};
-use testsuite::oci::{self, Compression, ImageSpec, LayerBuilder, OciArchive};
+use testsuite::oci::{Compression, ImageSpec, LayerBuilder, OciArchive};
 use testsuite::proxied_containerd::{Env, EnvOpts, SN};
 use testsuite::{Registry, Version, with_timeout};
 
@@ -64,175 +63,6 @@ fn cli(args: &[&str]) -> Result<String> {
         String::from_utf8_lossy(&o.stderr)
     );
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-/// One layer's artifacts as built here.
-#[derive(Debug, Clone)]
-struct Built {
-    layer_digest: String,
-    diff_id: String,
-    index: Vec<u8>,
-    tree: Vec<u8>,
-    root: String,
-    hash_offset: u64,
-    tar_size: u64,
-    /// sha256 of the whole layer file the differ writes: `[index][tar][tree]`.
-    file_sha: String,
-}
-
-/// Build `layer`'s tar index and tree exactly as the differ does (default mkfs options).
-fn build_layer(archive: &OciArchive, layer: &oci::LayerBlob, dir: &Path) -> Result<Built> {
-    let blob = std::fs::read(archive.blob_path(&layer.blob.digest))?;
-    let mut tar = Vec::new();
-    match layer.compression {
-        Compression::Gzip => {
-            flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut tar)?;
-        }
-        Compression::Zstd => {
-            zstd::stream::read::Decoder::new(&blob[..])?.read_to_end(&mut tar)?;
-        }
-        _ => tar = blob,
-    }
-    let path = dir.join(layer.blob.digest.replace(':', "-"));
-    let out = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
-    let opts = snapshotter::diff::MkfsOptions::parse(&[])?.build_options(&layer.blob.digest);
-    erofs_image::tar_to_index_file(&tar[..], erofs_output::FileOutput::new(&out), &opts)?;
-    drop(out);
-    let data_len = std::fs::metadata(&path)?.len();
-    let meta = snapshotter::integrity::dmverity::append_tree(&path, true, None)?;
-    let all = std::fs::read(&path)?;
-    let tar_size = tar.len() as u64;
-    Ok(Built {
-        layer_digest: layer.blob.digest.clone(),
-        diff_id: layer.diff_id.clone(),
-        index: all[..(data_len - tar_size) as usize].to_vec(),
-        tree: all[data_len as usize..].to_vec(),
-        root: meta.roothash,
-        hash_offset: meta.hashoffset,
-        tar_size,
-        file_sha: oci::sha256_reader(&all[..])?,
-    })
-}
-
-/// What to push for a layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Push {
-    Good,
-    TamperIndex,
-    TamperTree,
-    /// Signed by a key the node does not trust.
-    Untrusted,
-    /// Tree but no signature.
-    Unsigned,
-}
-
-/// Push the artifacts of `layers` (with `how`) as a referrer of `archive`'s manifest in
-/// `repo`, through the referrers tag (the registry has no Referrers API).
-fn push_artifacts(
-    reg: &Registry,
-    repo: &str,
-    archive: &OciArchive,
-    layers: &[Built],
-    how: Push,
-    key: &SecretKey,
-    other: &SecretKey,
-) -> Result<()> {
-    let mut set = ArtifactSet {
-        subject: Descriptor {
-            media_type: archive.manifest.media_type.clone(),
-            digest: archive.manifest.digest.clone(),
-            size: archive.manifest.size,
-            artifact_type: None,
-            annotations: BTreeMap::new(),
-        },
-        created: None,
-        layers: Vec::new(),
-    };
-    let mut blobs: Vec<Vec<u8>> = vec![fmt::EMPTY_BLOB.to_vec()];
-    for b in layers {
-        let mut index = b.index.clone();
-        let mut tree = b.tree.clone();
-        match how {
-            // A mode bit of some inode, or any byte: the index is not the tar's.
-            Push::TamperIndex => {
-                let i = index.len() / 2;
-                index[i] ^= 0x10;
-            }
-            // A hash in the lowest level.
-            Push::TamperTree => {
-                let n = tree.len();
-                tree[n - 100] ^= 1;
-            }
-            _ => {}
-        }
-        let sig = match how {
-            Push::Unsigned => None,
-            Push::Untrusted => Some(other.sign_root(&b.root).to_vec()),
-            _ => Some(key.sign_root(&b.root).to_vec()),
-        };
-        let index_d = Descriptor::of(fmt::MEDIA_TYPE_TAR_INDEX, &index);
-        let tree_d = Descriptor::of(fmt::MEDIA_TYPE_DMVERITY_TREE, &tree);
-        blobs.push(index);
-        blobs.push(tree);
-        let signature = sig.map(|s| {
-            let media = format!(
-                "{}+{}",
-                fmt::MEDIA_TYPE_SIGNATURE_PREFIX,
-                fmt::SCHEME_ED25519
-            );
-            let d = Descriptor::of(&media, &s);
-            blobs.push(s);
-            SignatureBlob {
-                descriptor: d,
-                scheme: fmt::SCHEME_ED25519.into(),
-                public_key: None,
-            }
-        });
-        set.layers.push(LayerArtifacts {
-            layer_digest: b.layer_digest.clone(),
-            diff_id: b.diff_id.clone(),
-            tar_index: TarIndexBlob {
-                descriptor: index_d,
-                tar_size: b.tar_size,
-                mkfs_options: None,
-            },
-            dmverity: Some(TreeBlob {
-                descriptor: tree_d,
-                root_digest: b.root.clone(),
-                block_size: 512,
-                hash_offset: b.hash_offset,
-            }),
-            signature,
-            image_dmverity: None,
-            image_signature: None,
-        });
-    }
-    for data in &blobs {
-        reg.push_blob(repo, &fmt::sha256_digest(data), data)?;
-    }
-    let manifest = set.to_manifest().to_bytes();
-    let digest = fmt::sha256_digest(&manifest);
-    reg.put_manifest(repo, &digest, fmt::MEDIA_TYPE_OCI_MANIFEST, &manifest)?;
-    let mut index = fmt::Index::empty();
-    index.manifests.push(Descriptor {
-        media_type: fmt::MEDIA_TYPE_OCI_MANIFEST.into(),
-        digest,
-        size: manifest.len() as u64,
-        artifact_type: Some(fmt::ARTIFACT_TYPE.into()),
-        annotations: BTreeMap::new(),
-    });
-    reg.put_manifest(
-        repo,
-        &fmt::referrers_tag(&archive.manifest.digest)?,
-        fmt::MEDIA_TYPE_OCI_INDEX,
-        &index.to_bytes(),
-    )?;
-    Ok(())
 }
 
 /// An image of `n` small layers (gzip and zstd) with content unique to `name`.
@@ -388,7 +218,9 @@ fn assert_used(w: &World, built: &[Built]) -> Result<()> {
     for b in built {
         let lines = w.lines_about(&b.layer_digest);
         ensure!(
-            lines.len() == 1 && lines[0].contains("used layer artifacts from the registry"),
+            lines.len() == 1
+                && lines[0].contains("used layer artifacts from the registry")
+                && lines[0].contains("tree_check=\"full\""),
             "layer {}: {lines:#?}",
             b.layer_digest
         );
@@ -465,9 +297,13 @@ fn bad_or_missing_artifacts_fall_back() {
             ("art-bad-index", Some(Push::TamperIndex), "bad_index"),
             ("art-bad-tree", Some(Push::TamperTree), "bad_tree"),
             ("art-untrusted", Some(Push::Untrusted), "bad_signature"),
+            // Signed and consistent, but not this data's tree: this node may mount without
+            // dm-verity (dmverity_mode "auto"), so the tree is checked against the data.
+            ("art-other-data", Some(Push::OtherData), "bad_tree"),
             ("art-none", None, "absent"),
         ] {
             let repo = format!("testsuite/{name}");
+            let before = w.outcome(outcome).unwrap_or(0.0);
             let (archive, reference, built) = w.image(&image(name, 2)?, &repo)?;
             if let Some(how) = how {
                 w.push(&repo, &archive, &built, how)?;
@@ -476,7 +312,11 @@ fn bad_or_missing_artifacts_fall_back() {
                 .pull_image(&reference)
                 .with_context(|| format!("{name}: the pull must not fail"))?;
             assert_fell_back(&w, &built, outcome).with_context(|| name.to_string())?;
-            ensure!(w.outcome(outcome)? == 2.0, "{name}");
+            let counted = w.outcome(outcome)? - before;
+            ensure!(
+                counted == 2.0,
+                "{name}: {counted} layers counted as {outcome}"
+            );
         }
         ensure!(w.outcome("used")? == 0.0);
         Ok(())

@@ -14,10 +14,14 @@
 //!   reads with EIO and the next mount.
 //! - [`dmverity`]: a dm-verity device per layer (`dmverity_mode = "on"`), unique names,
 //!   removed on Remove and after `kill -9` + restart; a flipped byte fails reads with EIO.
+//! - [`artifacts`]: registry artifacts with a signed root and `dmverity_mode = "on"`: the
+//!   tree is checked against its root only, and dm-verity refuses data it does not describe.
 //! - [`containerd`]: a container from a multi-layer image with whiteouts through containerd
 //!   1.6, a container committed, the daemon killed and restarted, containerd restarted, the
 //!   layers' loop devices counted all along and none left at the end.
 
+#[path = "kernel/artifacts.rs"]
+mod artifacts;
 #[path = "integrity/common.rs"]
 #[allow(dead_code)]
 mod common;
@@ -32,5 +36,9 @@ mod fsverity;
 mod images;
 #[path = "kernel/loops.rs"]
 mod loops;
+// Only some of the ways to spoil artifacts are used here.
+#[allow(dead_code)]
+#[path = "artifacts_node/producer.rs"]
+mod producer;
 #[path = "kernel/sys.rs"]
 mod sys;

@@ -37,6 +37,8 @@ pub struct Cfg {
     top: Vec<String>,
     snapshotter: Vec<String>,
     differ: Vec<String>,
+    /// Further sections (`[artifacts]`, `[metrics]`), in the order first named.
+    sections: Vec<(String, Vec<String>)>,
 }
 
 impl Cfg {
@@ -57,6 +59,15 @@ impl Cfg {
     /// A `[differ]` line.
     pub fn df(mut self, line: &str) -> Self {
         self.differ.push(line.into());
+        self
+    }
+
+    /// A line of section `[name]` (other than `[snapshotter]` and `[differ]`).
+    pub fn section(mut self, name: &str, line: &str) -> Self {
+        match self.sections.iter_mut().find(|(n, _)| n == name) {
+            Some((_, lines)) => lines.push(line.into()),
+            None => self.sections.push((name.into(), vec![line.into()])),
+        }
         self
     }
 
@@ -97,6 +108,13 @@ impl Cfg {
         for l in &self.differ {
             t.push_str(l);
             t.push('\n');
+        }
+        for (name, lines) in &self.sections {
+            t.push_str(&format!("[{name}]\n"));
+            for l in lines {
+                t.push_str(l);
+                t.push('\n');
+            }
         }
         t
     }

@@ -33,7 +33,7 @@ fn layer_blob(env: &Env, i: usize, body: &[u8]) -> Result<Descriptor> {
 }
 
 /// Prepare `key` on `parent`, Apply `desc`, commit as `name`; the snapshot id.
-async fn apply_on(
+pub async fn apply_on(
     env: &Env,
     key: &str,
     parent: &str,
@@ -59,7 +59,7 @@ fn names(env: &Env, ids: &[u64]) -> (BTreeSet<String>, String) {
 
 /// The daemon's dm devices are exactly those of `ids`, each an active, verified dm-verity
 /// device.
-fn check_devices(env: &Env, ids: &[u64]) -> Result<Vec<crate::sys::Dm>> {
+pub fn check_devices(env: &Env, ids: &[u64]) -> Result<Vec<crate::sys::Dm>> {
     let (want, prefix) = names(env, ids);
     let devs = dm_devices(&prefix)?;
     let got: BTreeSet<String> = devs.iter().map(|d| d.name.clone()).collect();
@@ -78,7 +78,7 @@ fn check_devices(env: &Env, ids: &[u64]) -> Result<Vec<crate::sys::Dm>> {
     Ok(devs)
 }
 
-fn wait_no_devices(env: &Env, when: &str) -> Result<()> {
+pub fn wait_no_devices(env: &Env, when: &str) -> Result<()> {
     let (_, prefix) = names(env, &[]);
     wait_until(
         &format!("dm-verity devices removed {when}"),

@@ -33,8 +33,8 @@ pub(super) enum Verdict {
     Skip(Outcome, String),
     /// The tar index passed; the tree (if any) is checked with the layer's integrity.
     IndexOk {
-        /// A tree came along (and is in the plan).
-        tree: bool,
+        /// How the tree that came along (and is in the plan) is checked; `None`: no tree.
+        tree: Option<TreeCheck>,
     },
 }
 
@@ -166,7 +166,7 @@ impl Snapshotter {
             if require {
                 return refuse("the registry holds no dm-verity tree for it");
             }
-            return Ok((Verdict::IndexOk { tree: false }, None));
+            return Ok((Verdict::IndexOk { tree: None }, None));
         };
         let signed = match &f.signature {
             None => Err("the registry holds no signature for it".to_string()),
@@ -194,7 +194,7 @@ impl Snapshotter {
             TreeCheck::Full
         };
         Ok((
-            Verdict::IndexOk { tree: true },
+            Verdict::IndexOk { tree: Some(check) },
             Some(TreePlan {
                 tree,
                 check,
@@ -206,9 +206,13 @@ impl Snapshotter {
     /// One log line and one count per tar-index layer looked up.
     pub(super) fn count_artifacts(&self, desc: &Descriptor, verdict: Verdict, tree: TreeUse) {
         let builds_trees = self.config().differ.enable_dmverity;
+        let checked = match verdict {
+            Verdict::IndexOk { tree: Some(c) } => c.name(),
+            _ => "none",
+        };
         let (outcome, why) = match verdict {
             Verdict::Skip(o, why) => (o, why),
-            Verdict::IndexOk { tree: false } if builds_trees => (
+            Verdict::IndexOk { tree: None } if builds_trees => (
                 Outcome::Absent,
                 "the registry holds a tar index but no dm-verity tree: tree computed".into(),
             ),
@@ -219,7 +223,9 @@ impl Snapshotter {
         };
         self.counters.artifacts.add(outcome);
         if outcome == Outcome::Used {
-            tracing::info!(layer = %desc.digest, "used layer artifacts from the registry");
+            // tree_check: how the fetched tree was checked (`root-only` leaves the data to
+            // the kernel's dm-verity on every read).
+            tracing::info!(layer = %desc.digest, tree_check = checked, "used layer artifacts from the registry");
         } else {
             tracing::warn!(layer = %desc.digest, outcome = %outcome.name(), reason = %why, "layer artifacts not used; computed locally");
         }

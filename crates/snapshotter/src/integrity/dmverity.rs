@@ -217,6 +217,16 @@ pub enum TreeCheck {
     TreeOnly,
 }
 
+impl TreeCheck {
+    /// For logs: `full` or `root-only`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TreeCheck::Full => "full",
+            TreeCheck::TreeOnly => "root-only",
+        }
+    }
+}
+
 /// Append `tree` to the layer at `tmp` and check it (see [`TreeCheck`]); on success write the
 /// sidecar like [`format_layer`] and return the record. `Ok(Err(why))` when the tree does not
 /// fit or fails the check: the layer is then back to its data alone, for [`format_layer`].
