@@ -290,6 +290,17 @@ pub fn dmverity_verify(path: &Path, meta: &DmVerityMeta, block: usize) -> io::Re
 
 /// [`dmverity_verify`] on an open file.
 pub fn dmverity_verify_file(f: &File, meta: &DmVerityMeta, block: usize) -> io::Result<bool> {
+    tree_matches(f, meta, block, None)
+}
+
+/// Whether the tree computed over `f`'s data (or from `known` lowest-level hashes) has root
+/// `meta.roothash` and every level equal to the one stored after the superblock area.
+fn tree_matches(
+    f: &File,
+    meta: &DmVerityMeta,
+    block: usize,
+    known: Option<&Leaves>,
+) -> io::Result<bool> {
     let mut levels = Vec::new();
     let root = merkle_root(
         f,
@@ -297,11 +308,12 @@ pub fn dmverity_verify_file(f: &File, meta: &DmVerityMeta, block: usize) -> io::
         block,
         &DMVERITY_SALT,
         Some(&mut levels),
-        None,
+        known,
     )?;
     if hex::encode(root) != meta.roothash {
         return Ok(false);
     }
+    // Stored top level first, after the superblock area.
     let mut off = meta.hashoffset + 512u64.next_multiple_of(block as u64);
     for level in levels.iter().rev() {
         let mut stored = vec![0u8; level.len()];
@@ -372,29 +384,7 @@ pub fn dmverity_verify_tree_only(f: &File, meta: &DmVerityMeta, block: usize) ->
     if !used_ok {
         return Ok(false);
     }
-    let known = Leaves { first: 0, hashes };
-    let mut levels = Vec::new();
-    let root = merkle_root(
-        f,
-        meta.hashoffset,
-        block,
-        &DMVERITY_SALT,
-        Some(&mut levels),
-        Some(&known),
-    )?;
-    if hex::encode(root) != meta.roothash {
-        return Ok(false);
-    }
-    let mut off = start;
-    for level in levels.iter().rev() {
-        let mut stored = vec![0u8; level.len()];
-        f.read_exact_at(&mut stored, off)?;
-        if &stored != level {
-            return Ok(false);
-        }
-        off += level.len() as u64;
-    }
-    Ok(true)
+    tree_matches(f, meta, block, Some(&Leaves { first: 0, hashes }))
 }
 
 /// The parameters a veritysetup superblock (at `hashoffset` of `f`) declares.
