@@ -432,8 +432,16 @@ fn fetched_artifacts_are_used_and_equal_local_layers() {
         let out = w.scratch.path().join("out");
         let key = key.to_str().context("utf-8 path")?;
         let out = out.to_str().context("utf-8 path")?;
-        cli(&["artifacts", "build", &reference, out, "--sign-key", key])?;
-        let pushed = cli(&["artifacts", "push", out, &reference])?;
+        cli(&[
+            "artifacts",
+            "build",
+            &reference,
+            "--plain-http",
+            out,
+            "--sign-key",
+            key,
+        ])?;
+        let pushed = cli(&["artifacts", "push", out, &reference, "--plain-http"])?;
         ensure!(pushed.contains("referrers tag"), "{pushed}");
         w.cri.pull_image(&reference)?;
         assert_used(&w, &built)?;
