@@ -193,7 +193,7 @@ impl Client {
             .as_ref()
             .map_err(|e| Error::Tls {
                 host: self.authority.clone(),
-                source: e.clone(),
+                reason: e.clone(),
             })
     }
 
@@ -937,7 +937,7 @@ mod tests {
             matches!(
                 &e,
                 Error::Tls {
-                    source: TlsError::File { .. },
+                    reason: TlsError::File { .. },
                     ..
                 }
             ) && e.to_string().contains("/nonexistent/ca.pem"),

@@ -48,13 +48,12 @@ pub enum Error {
     Signature(String),
     /// TLS settings that cannot be used, or a TLS connection that failed (certificate
     /// refused either way, handshake failed).
-    #[error("TLS with {host}: {source}")]
+    #[error("TLS with {host}: {reason}")]
     Tls {
         /// `host[:port]` of the connection (or of the client the settings were for).
         host: String,
-        /// What failed.
-        #[source]
-        source: crate::tls::TlsError,
+        /// What failed (in the message, not as a separate source: it would say it twice).
+        reason: crate::tls::TlsError,
     },
     /// Something this client does not do (e.g. a registry path prefix).
     #[error("unsupported: {0}")]

@@ -376,9 +376,9 @@ fn open(
     if tls.skip_verify() {
         crate::tls::warn_skip_verify(&url.authority);
     }
-    let tls_err = |source| Error::Tls {
+    let tls_err = |reason| Error::Tls {
         host: url.authority.clone(),
-        source,
+        reason,
     };
     let name = crate::tls::server_name(url.host())?;
     let mut conn = rustls::ClientConnection::new(Arc::clone(tls.config()), name)
@@ -447,7 +447,7 @@ pub fn send_body(
     let fail = |context: String, e: io::Error| match rustls_cause(&e) {
         Some(r) => Error::Tls {
             host: url.authority.clone(),
-            source: TlsError::from_rustls(r, url.host()),
+            reason: TlsError::from_rustls(r, url.host()),
         },
         None => Error::io(context, e),
     };
