@@ -501,7 +501,8 @@ fn verify_diff_id() -> Result<()> {
 /// here): trusted through `--ca` (the certificate is for the IP address 127.0.0.1), refused
 /// without it with an unknown-issuer error, accepted with `--skip-verify`; a registry that
 /// requires client certificates refuses a client without one or with one it does not trust,
-/// and accepts ours, as a cert/key pair or as one file holding both.
+/// and accepts ours, as a cert/key pair or as one file holding both; a certificate for another
+/// name is refused.
 #[test]
 fn https_registry_ca_client_certificates_skip_verify() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -534,6 +535,10 @@ fn https_registry_ca_client_certificates_skip_verify() -> Result<()> {
     let pushed = ok(&["artifacts", "push", s(&out), &on(&https), "--ca", ca])?;
     ensure!(pushed.contains("referrers tag sha256-"), "{pushed}");
     let listed = ok(&["artifacts", "ls", &on(&https), "--ca", ca])?;
+    ensure!(listed.contains("1 referrer(s)"), "{listed}");
+    // By name: the certificate's DNS name is checked as well.
+    let by_name = on(&https).replacen("127.0.0.1", "localhost", 1);
+    let listed = ok(&["artifacts", "ls", &by_name, "--ca", ca])?;
     ensure!(listed.contains("1 referrer(s)"), "{listed}");
     // Without it: refused, saying why.
     let o = cli(&["artifacts", "ls", &on(&https)]);
@@ -602,6 +607,19 @@ fn https_registry_ca_client_certificates_skip_verify() -> Result<()> {
         s(&pki.client_both),
     ])?;
     ensure!(listed.contains("1 referrer(s)"), "{listed}");
+    // A certificate by the trusted CA, but for another name.
+    let elsewhere = plain.start_tls_twin(&testsuite::registry::RegistryTls {
+        cert: pki.elsewhere_cert.clone(),
+        key: pki.elsewhere_key.clone(),
+        client_cas: Vec::new(),
+    })?;
+    let o = cli(&["artifacts", "ls", &on(&elsewhere), "--ca", ca]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("not valid for 127.0.0.1"),
+        "{err}"
+    );
+    drop(elsewhere);
     // A CA file that is not one: which file and why.
     let o = cli(&["artifacts", "ls", &on(&https), "--ca", s(&pki.server_key)]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -522,3 +522,49 @@ fn a_hanging_registry_times_out() {
     .unwrap();
     assert!(matches!(c.ping(), Err(Error::Io { .. })));
 }
+
+#[test]
+fn tls_handshakes_are_bounded() {
+    // A server that accepts and never says a word: the handshake is held to the connect
+    // timeout, though reads may wait 30 s and the request has no deadline.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming() {
+            held.push(c);
+        }
+    });
+    let c = Client::new(
+        &format!("https://127.0.0.1:{port}"),
+        ClientOptions {
+            connect_timeout: Duration::from_secs(1),
+            io_timeout: Duration::from_secs(30),
+            request_timeout: None,
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+    let t = Instant::now();
+    let e = c.ping().unwrap_err();
+    assert!(
+        matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut || source.kind() == std::io::ErrorKind::WouldBlock),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // A plain HTTP server behind an https URL: a failed handshake at once, not a hang (a
+    // TLS error, or the end of file of a server that gave up on the ClientHello).
+    let s = Server::start(|_| {});
+    let c = Client::new(
+        &format!("https://127.0.0.1:{}", s.port),
+        ClientOptions::default(),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let e = c.ping().unwrap_err();
+    assert!(
+        matches!(e, Error::Tls { .. } | Error::Io { .. }) && e.to_string().contains("TLS"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}

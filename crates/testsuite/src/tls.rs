@@ -33,6 +33,10 @@ pub struct Pki {
     pub stranger_cert: PathBuf,
     /// Its key.
     pub stranger_key: PathBuf,
+    /// A server certificate by the CA for `elsewhere.invalid` only (not this host).
+    pub elsewhere_cert: PathBuf,
+    /// Its key.
+    pub elsewhere_key: PathBuf,
 }
 
 fn ca(name: &str) -> Result<(CertificateParams, KeyPair)> {
@@ -47,10 +51,14 @@ fn leaf(name: &str, server: bool) -> Result<CertificateParams> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.distinguished_name.push(DnType::CommonName, name);
     if server {
-        p.subject_alt_names = vec![
-            SanType::IpAddress("127.0.0.1".parse()?),
-            SanType::DnsName("localhost".try_into()?),
-        ];
+        p.subject_alt_names = if name == "elsewhere.invalid" {
+            vec![SanType::DnsName(name.try_into()?)]
+        } else {
+            vec![
+                SanType::IpAddress("127.0.0.1".parse()?),
+                SanType::DnsName("localhost".try_into()?),
+            ]
+        };
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     } else {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -81,6 +89,8 @@ impl Pki {
         let client = leaf("node", false)?.signed_by(&client_key, &cca_issuer)?;
         let stranger_key = KeyPair::generate()?;
         let stranger = leaf("stranger", false)?.signed_by(&stranger_key, &ca_issuer)?;
+        let elsewhere_key = KeyPair::generate()?;
+        let elsewhere = leaf("elsewhere.invalid", true)?.signed_by(&elsewhere_key, &ca_issuer)?;
         Ok(Pki {
             ca: w("ca.pem", ca_cert.pem())?,
             server_cert: w("server.pem", server.pem())?,
@@ -94,6 +104,8 @@ impl Pki {
             )?,
             stranger_cert: w("stranger.pem", stranger.pem())?,
             stranger_key: w("stranger.key", stranger_key.serialize_pem())?,
+            elsewhere_cert: w("elsewhere.pem", elsewhere.pem())?,
+            elsewhere_key: w("elsewhere.key", elsewhere_key.serialize_pem())?,
         })
     }
 }
