@@ -24,7 +24,7 @@
 //! 5. `https_registry_from_hosts_toml_with_ca_and_client_certificate`: hosts.toml sends the
 //!    lookups to an HTTPS registry (certificate for 127.0.0.1, client certificates required)
 //!    with its `ca` and `client`: the artifacts are used; without `ca` the layers are computed
-//!    locally, counted as `tls`.
+//!    locally, counted as `tls`; with `skip_verify` instead they are used again.
 
 // Only part of the parser is used here.
 #[allow(dead_code)]
@@ -581,14 +581,13 @@ fn https_registry_from_hosts_toml_with_ca_and_client_certificate() {
         ] {
             std::fs::copy(from, dir.join(to))?;
         }
-        let hosts = |ca: bool| {
+        let hosts = |trust: &str| {
             format!(
-                "server = \"https://{}\"\n{}client = [[\"client.pem\", \"client.key\"]]\n[header]\n  x-erofs-test = \"1\"\n",
+                "server = \"https://{}\"\n{trust}\nclient = [[\"client.pem\", \"client.key\"]]\n[header]\n  x-erofs-test = \"1\"\n",
                 https.host(),
-                if ca { "ca = \"ca.pem\"\n" } else { "" }
             )
         };
-        std::fs::write(dir.join("hosts.toml"), hosts(true))?;
+        std::fs::write(dir.join("hosts.toml"), hosts("ca = \"ca.pem\""))?;
         let (archive, reference, built) = w.image(&image("art-tls", 2)?, "testsuite/art-tls")?;
         w.push("testsuite/art-tls", &archive, &built, Push::Good)?;
         w.cri.pull_image(&reference)?;
@@ -597,7 +596,7 @@ fn https_registry_from_hosts_toml_with_ca_and_client_certificate() {
 
         // Without the CA the registry's certificate is refused: computed locally, counted
         // as tls.
-        std::fs::write(dir.join("hosts.toml"), hosts(false))?;
+        std::fs::write(dir.join("hosts.toml"), hosts(""))?;
         let (archive, reference, built) =
             w.image(&image("art-tls-noca", 2)?, "testsuite/art-tls-noca")?;
         w.push("testsuite/art-tls-noca", &archive, &built, Push::Good)?;
@@ -607,6 +606,21 @@ fn https_registry_from_hosts_toml_with_ca_and_client_certificate() {
         let log = w.env.daemon_log(100_000);
         ensure!(log.contains("unknown issuer"), "no reason logged");
         ensure!(w.outcome("used")? == 2.0);
+
+        // skip_verify: any certificate goes (with a warning); the client certificate is
+        // still sent.
+        std::fs::write(dir.join("hosts.toml"), hosts("skip_verify = true"))?;
+        let (archive, reference, built) =
+            w.image(&image("art-tls-skip", 2)?, "testsuite/art-tls-skip")?;
+        w.push("testsuite/art-tls-skip", &archive, &built, Push::Good)?;
+        w.cri.pull_image(&reference)?;
+        assert_used(&w, &built)?;
+        ensure!(w.outcome("used")? == 4.0);
+        let log = w.env.daemon_log(100_000);
+        ensure!(
+            log.matches("TLS certificate verification is off").count() == 1,
+            "one skip_verify warning per endpoint"
+        );
         drop(w);
         drop(https);
         Ok(())
