@@ -138,8 +138,8 @@ pub struct ArtifactsBuildArgs {
 pub struct ArtifactsPushArgs {
     /// What `artifacts build` wrote.
     pub outdir: PathBuf,
-    /// The repository, `HOST[:PORT]/REPO`; with a tag or digest it must name the image the
-    /// artifacts were built from.
+    /// The repository, `HOST[:PORT]/REPO` (over HTTPS unless --plain-http); with a tag or
+    /// digest it must name the image the artifacts were built from.
     pub target: String,
     /// Keep earlier referrers of our artifact type in the referrers tag (by default they are
     /// replaced by this one; with the Referrers API nothing is removed).
@@ -151,7 +151,7 @@ pub struct ArtifactsPushArgs {
 
 #[derive(Debug, Args)]
 pub struct ArtifactsLsArgs {
-    /// The image, `HOST[:PORT]/REPO[:TAG|@DIGEST]`.
+    /// The image, `HOST[:PORT]/REPO[:TAG|@DIGEST]` (over HTTPS unless --plain-http).
     pub image: String,
     /// Verify signatures with this ed25519 public key file; exit status 1 if one does not
     /// verify.

@@ -65,7 +65,7 @@ pub struct Endpoint {
     pub path: String,
     /// Extra request headers (`[header]`), name to values.
     pub headers: BTreeMap<String, Vec<String>>,
-    /// TLS settings it asks for (paths as written), for whoever can use them.
+    /// Its TLS settings (relative paths resolved against the hosts.toml's directory).
     pub tls: Tls,
     /// Whether it is the registry itself (`server`, or the default) rather than a mirror.
     pub is_server: bool,
