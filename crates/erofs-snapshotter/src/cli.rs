@@ -75,12 +75,33 @@ pub enum ArtifactsCommand {
     Keygen(KeygenArgs),
 }
 
+/// How to reach the registry. HTTPS by default (as `ctr`), verified against the system's
+/// root certificates plus any --ca.
 #[derive(Debug, Args)]
 pub struct RegistryArgs {
     /// User name for HTTP basic auth (and the token realm); the password is read from
     /// EROFS_REGISTRY_PASSWORD.
     #[arg(long, value_name = "USER")]
     pub username: Option<String>,
+    /// Talk plain HTTP to the registry instead of HTTPS (no TLS at all: use for test and
+    /// loopback registries only).
+    #[arg(long, conflicts_with_all = ["ca", "cert", "skip_verify"])]
+    pub plain_http: bool,
+    /// Also trust the CA certificates in this PEM file (repeat for more); the system's roots
+    /// are trusted as well.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Vec<PathBuf>,
+    /// Client certificate (PEM, leaf first) for registries that require one (mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// The private key of --cert (PEM); without it the key is read from the --cert file.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Accept any server certificate (no chain, expiry or name check). DANGEROUS: anyone on
+    /// the network path can impersonate the registry and see the credentials; only for
+    /// testing.
+    #[arg(long)]
+    pub skip_verify: bool,
     /// Platform to pick from an image index, `OS/ARCH` (default: linux and this machine's
     /// architecture).
     #[arg(long, value_name = "OS/ARCH")]
@@ -90,7 +111,7 @@ pub struct RegistryArgs {
 #[derive(Debug, Args)]
 pub struct ArtifactsBuildArgs {
     /// The image: an OCI image layout directory, an OCI archive (tar of a layout), or a
-    /// registry reference `HOST[:PORT]/REPO[:TAG|@DIGEST]` (plain HTTP).
+    /// registry reference `HOST[:PORT]/REPO[:TAG|@DIGEST]` (HTTPS; see --plain-http).
     pub source: String,
     /// Where the blobs (`blobs/sha256/...`) and the referrer manifest (`manifest.json`) go;
     /// created if missing.
@@ -117,8 +138,8 @@ pub struct ArtifactsBuildArgs {
 pub struct ArtifactsPushArgs {
     /// What `artifacts build` wrote.
     pub outdir: PathBuf,
-    /// The repository, `HOST[:PORT]/REPO`; with a tag or digest it must name the image the
-    /// artifacts were built from.
+    /// The repository, `HOST[:PORT]/REPO` (over HTTPS unless --plain-http); with a tag or
+    /// digest it must name the image the artifacts were built from.
     pub target: String,
     /// Keep earlier referrers of our artifact type in the referrers tag (by default they are
     /// replaced by this one; with the Referrers API nothing is removed).
@@ -130,7 +151,7 @@ pub struct ArtifactsPushArgs {
 
 #[derive(Debug, Args)]
 pub struct ArtifactsLsArgs {
-    /// The image, `HOST[:PORT]/REPO[:TAG|@DIGEST]`.
+    /// The image, `HOST[:PORT]/REPO[:TAG|@DIGEST]` (over HTTPS unless --plain-http).
     pub image: String,
     /// Verify signatures with this ed25519 public key file; exit status 1 if one does not
     /// verify.

@@ -152,7 +152,7 @@ impl Collector for CoreCollector {
         counter(
             &mut e,
             "erofs_snapshotter_artifacts",
-            "Tar-index layers Apply looked up registry artifacts for, by outcome: used (fetched, valid, used), no_image (containerd passed no image reference), absent, unreachable, timeout, invalid (malformed, too large, another diffID), bad_index, bad_tree, bad_signature. All but used were computed locally.",
+            "Tar-index layers Apply looked up registry artifacts for, by outcome: used (fetched, valid, used), no_image (containerd passed no image reference), absent, unreachable, tls (certificate refused either way, or unusable TLS files), timeout, invalid (malformed, too large, another diffID), bad_index, bad_tree, bad_signature. All but used were computed locally.",
             "outcome",
             &artifacts,
         )?;

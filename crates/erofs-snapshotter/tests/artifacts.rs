@@ -154,6 +154,7 @@ fn build_push_ls() -> Result<()> {
         "artifacts",
         "build",
         &reference,
+        "--plain-http",
         s(&d("from-registry")),
         "--sign-key",
         s(&key),
@@ -185,19 +186,37 @@ fn build_push_ls() -> Result<()> {
     ensure!(assemble_all(&signed, &spec, &img, from_outdir(&d("from-registry")))? == kept);
 
     // Push: docker-registry 2.8 has no Referrers API, so the referrers tag.
-    let pushed = ok(&["artifacts", "push", s(&d("from-registry")), &reference])?;
+    let pushed = ok(&[
+        "artifacts",
+        "push",
+        s(&d("from-registry")),
+        &reference,
+        "--plain-http",
+    ])?;
     ensure!(pushed.contains("referrers tag sha256-"), "{pushed}");
     let wrong_target = cli(&[
         "artifacts",
         "push",
         s(&d("from-registry")),
         &format!("{}/nothere:v1", reg.host()),
+        "--plain-http",
     ]);
-    ensure!(!wrong_target.status.success());
+    ensure!(
+        !wrong_target.status.success()
+            && String::from_utf8_lossy(&wrong_target.stderr).contains("not in the registry"),
+        "{wrong_target:?}"
+    );
 
     // ls: every layer, its blobs, root hash and signature.
     let pubkey = format!("{}.pub", s(&key));
-    let listed = ok(&["artifacts", "ls", &reference, "--public-key", &pubkey])?;
+    let listed = ok(&[
+        "artifacts",
+        "ls",
+        &reference,
+        "--plain-http",
+        "--public-key",
+        &pubkey,
+    ])?;
     eprintln!("{listed}");
     ensure!(
         listed.contains("1 referrer(s)") && listed.contains("referrers tag"),
@@ -213,6 +232,7 @@ fn build_push_ls() -> Result<()> {
         "artifacts",
         "ls",
         &reference,
+        "--plain-http",
         "--public-key",
         &format!("{}.pub", s(&other)),
     ]);
@@ -221,16 +241,28 @@ fn build_push_ls() -> Result<()> {
     ensure!(text.matches("INVALID").count() == 3, "{text}");
 
     // A second push (unsigned) replaces the first in the referrers tag.
-    ok(&["artifacts", "push", s(&d("from-layout")), &reference])?;
-    let listed = ok(&["artifacts", "ls", &reference])?;
+    ok(&[
+        "artifacts",
+        "push",
+        s(&d("from-layout")),
+        &reference,
+        "--plain-http",
+    ])?;
+    let listed = ok(&["artifacts", "ls", &reference, "--plain-http"])?;
     ensure!(
         listed.contains("1 referrer(s)") && listed.contains("signature      none"),
         "{listed}"
     );
-    ok(&["artifacts", "push", s(&d("from-registry")), &reference])?;
+    ok(&[
+        "artifacts",
+        "push",
+        s(&d("from-registry")),
+        &reference,
+        "--plain-http",
+    ])?;
 
     // What a node does: find the referrers by the manifest digest, fetch, assemble.
-    let c = Client::new(&reg.host(), ClientOptions::default())?;
+    let c = Client::new(&format!("http://{}", reg.host()), ClientOptions::default())?;
     let repo = img
         .repo
         .split_once('/')
@@ -462,5 +494,139 @@ fn verify_diff_id() -> Result<()> {
         !o.status.success() && err.contains("not a tar-index image"),
         "{err}"
     );
+    Ok(())
+}
+
+/// `artifacts push` and `ls` over HTTPS against docker-registry with TLS (certificates made
+/// here): trusted through `--ca` (the certificate is for the IP address 127.0.0.1), refused
+/// without it with an unknown-issuer error, accepted with `--skip-verify`; a registry that
+/// requires client certificates refuses a client without one or with one it does not trust,
+/// and accepts ours, as a cert/key pair or as one file holding both; a certificate for another
+/// name is refused.
+#[test]
+fn https_registry_ca_client_certificates_skip_verify() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = testsuite::tls::Pki::generate(&dir.path().join("pki"))?;
+    let spec = {
+        let mut l = LayerBuilder::new();
+        l.dir("d", 0o755).file("d/f", 0o644, b"over https\n");
+        ImageSpec::new(&unique_name("artifacts-tls")).layer(l.finish()?, Compression::Gzip)
+    };
+    let img = oci::build_archive(&spec, dir.path())?;
+    // The image goes in through the plain registry; the TLS ones serve the same storage.
+    let plain = Registry::start()?;
+    let plain_ref = plain.push_image(&img)?;
+    let tls = testsuite::registry::RegistryTls {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_cas: Vec::new(),
+    };
+    let https = plain.start_tls_twin(&tls)?;
+    let mtls = plain.start_tls_twin(&testsuite::registry::RegistryTls {
+        client_cas: vec![pki.client_ca.clone()],
+        ..tls
+    })?;
+    let on = |r: &Registry| plain_ref.replacen(&plain.host(), &r.host(), 1);
+    let out = dir.path().join("out");
+    ok(&["artifacts", "build", s(&img.path), s(&out)])?;
+    let ca = s(&pki.ca);
+
+    // Trusted through --ca: push, then ls.
+    let pushed = ok(&["artifacts", "push", s(&out), &on(&https), "--ca", ca])?;
+    ensure!(pushed.contains("referrers tag sha256-"), "{pushed}");
+    let listed = ok(&["artifacts", "ls", &on(&https), "--ca", ca])?;
+    ensure!(listed.contains("1 referrer(s)"), "{listed}");
+    // By name: the certificate's DNS name is checked as well.
+    let by_name = on(&https).replacen("127.0.0.1", "localhost", 1);
+    let listed = ok(&["artifacts", "ls", &by_name, "--ca", ca])?;
+    ensure!(listed.contains("1 referrer(s)"), "{listed}");
+    // Without it: refused, saying why.
+    let o = cli(&["artifacts", "ls", &on(&https)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("unknown issuer") && err.contains(&https.host()),
+        "{err}"
+    );
+    // --skip-verify: accepted (with a warning), no CA needed.
+    let o = cli(&["artifacts", "ls", &on(&https), "--skip-verify"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.success() && err.contains("skip_verify"),
+        "{}{err}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // Plain HTTP to an HTTPS registry is an HTTP error, not a hang.
+    ensure!(
+        !cli(&["artifacts", "ls", &on(&https), "--plain-http"])
+            .status
+            .success()
+    );
+
+    // Client certificates required.
+    let o = cli(&["artifacts", "ls", &on(&mtls), "--ca", ca]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("refused the client certificate"),
+        "{err}"
+    );
+    let o = cli(&[
+        "artifacts",
+        "ls",
+        &on(&mtls),
+        "--ca",
+        ca,
+        "--cert",
+        s(&pki.stranger_cert),
+        "--key",
+        s(&pki.stranger_key),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("refused the client certificate"),
+        "{err}"
+    );
+    let listed = ok(&[
+        "artifacts",
+        "ls",
+        &on(&mtls),
+        "--ca",
+        ca,
+        "--cert",
+        s(&pki.client_cert),
+        "--key",
+        s(&pki.client_key),
+    ])?;
+    ensure!(listed.contains("1 referrer(s)"), "{listed}");
+    let listed = ok(&[
+        "artifacts",
+        "ls",
+        &on(&mtls),
+        "--ca",
+        ca,
+        "--cert",
+        s(&pki.client_both),
+    ])?;
+    ensure!(listed.contains("1 referrer(s)"), "{listed}");
+    // A certificate by the trusted CA, but for another name.
+    let elsewhere = plain.start_tls_twin(&testsuite::registry::RegistryTls {
+        cert: pki.elsewhere_cert.clone(),
+        key: pki.elsewhere_key.clone(),
+        client_cas: Vec::new(),
+    })?;
+    let o = cli(&["artifacts", "ls", &on(&elsewhere), "--ca", ca]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("not valid for 127.0.0.1"),
+        "{err}"
+    );
+    drop(elsewhere);
+    // A CA file that is not one: which file and why.
+    let o = cli(&["artifacts", "ls", &on(&https), "--ca", s(&pki.server_key)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("server.key") && err.contains("no CERTIFICATE"),
+        "{err}"
+    );
+    drop((mtls, https));
     Ok(())
 }

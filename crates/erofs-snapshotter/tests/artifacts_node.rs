@@ -21,6 +21,10 @@
 //! 4. `required_signatures_refuse_unsigned_layers`: with `require_signed_root_hash`, a layer
 //!    signed by the trusted key is used, and pulls of layers with an untrusted signature or
 //!    none fail with FailedPrecondition, leaving no layer behind.
+//! 5. `https_registry_from_hosts_toml_with_ca_and_client_certificate`: hosts.toml sends the
+//!    lookups to an HTTPS registry (certificate for 127.0.0.1, client certificates required)
+//!    with its `ca` and `client`: the artifacts are used; without `ca` the layers are computed
+//!    locally, counted as `tls`; with `skip_verify` instead they are used again.
 
 // Only part of the parser is used here.
 #[path = "artifacts_node/producer.rs"]
@@ -264,8 +268,16 @@ fn fetched_artifacts_are_used_and_equal_local_layers() {
         let out = w.scratch.path().join("out");
         let key = key.to_str().context("utf-8 path")?;
         let out = out.to_str().context("utf-8 path")?;
-        cli(&["artifacts", "build", &reference, out, "--sign-key", key])?;
-        let pushed = cli(&["artifacts", "push", out, &reference])?;
+        cli(&[
+            "artifacts",
+            "build",
+            &reference,
+            "--plain-http",
+            out,
+            "--sign-key",
+            key,
+        ])?;
+        let pushed = cli(&["artifacts", "push", out, &reference, "--plain-http"])?;
         ensure!(pushed.contains("referrers tag"), "{pushed}");
         w.cri.pull_image(&reference)?;
         assert_used(&w, &built)?;
@@ -378,6 +390,79 @@ fn required_signatures_refuse_unsigned_layers() {
             ensure!(msg.contains("require_signed_root_hash"), "{name}: {msg}");
             ensure!(w.layer_files()?.is_empty(), "{name}: a layer was left");
         }
+        Ok(())
+    });
+}
+
+#[test]
+fn https_registry_from_hosts_toml_with_ca_and_client_certificate() {
+    e2e(|| {
+        // containerd pulls from the plain registry; our daemon's hosts.toml sends the
+        // artifact lookups to an HTTPS twin over the same storage that requires a client
+        // certificate.
+        let reg = Registry::start()?;
+        let certs = tempfile::tempdir()?;
+        let pki = testsuite::tls::Pki::generate(certs.path())?;
+        let https = reg.start_tls_twin(&testsuite::registry::RegistryTls {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            client_cas: vec![pki.client_ca.clone()],
+        })?;
+        let host = reg.host();
+        let w = World::start("", &[], reg)?;
+        // hosts.toml is read for every lookup: written (and rewritten) after the start,
+        // with paths relative to it, as containerd allows.
+        let dir = w.scratch.path().join("certs.d").join(&host);
+        std::fs::create_dir_all(&dir)?;
+        for (from, to) in [
+            (&pki.ca, "ca.pem"),
+            (&pki.client_cert, "client.pem"),
+            (&pki.client_key, "client.key"),
+        ] {
+            std::fs::copy(from, dir.join(to))?;
+        }
+        let hosts = |trust: &str| {
+            format!(
+                "server = \"https://{}\"\n{trust}\nclient = [[\"client.pem\", \"client.key\"]]\n[header]\n  x-erofs-test = \"1\"\n",
+                https.host(),
+            )
+        };
+        std::fs::write(dir.join("hosts.toml"), hosts("ca = \"ca.pem\""))?;
+        let (archive, reference, built) = w.image(&image("art-tls", 2)?, "testsuite/art-tls")?;
+        w.push("testsuite/art-tls", &archive, &built, Push::Good)?;
+        w.cri.pull_image(&reference)?;
+        assert_used(&w, &built)?;
+        ensure!(w.outcome("used")? == 2.0);
+
+        // Without the CA the registry's certificate is refused: computed locally, counted
+        // as tls.
+        std::fs::write(dir.join("hosts.toml"), hosts(""))?;
+        let (archive, reference, built) =
+            w.image(&image("art-tls-noca", 2)?, "testsuite/art-tls-noca")?;
+        w.push("testsuite/art-tls-noca", &archive, &built, Push::Good)?;
+        w.cri.pull_image(&reference)?;
+        assert_fell_back(&w, &built, "tls")?;
+        ensure!(w.outcome("tls")? == 2.0);
+        let log = w.env.daemon_log(100_000);
+        ensure!(log.contains("unknown issuer"), "no reason logged");
+        ensure!(w.outcome("used")? == 2.0);
+
+        // skip_verify: any certificate goes (with a warning); the client certificate is
+        // still sent.
+        std::fs::write(dir.join("hosts.toml"), hosts("skip_verify = true"))?;
+        let (archive, reference, built) =
+            w.image(&image("art-tls-skip", 2)?, "testsuite/art-tls-skip")?;
+        w.push("testsuite/art-tls-skip", &archive, &built, Push::Good)?;
+        w.cri.pull_image(&reference)?;
+        assert_used(&w, &built)?;
+        ensure!(w.outcome("used")? == 4.0);
+        let log = w.env.daemon_log(100_000);
+        ensure!(
+            log.matches("TLS certificate verification is off").count() == 1,
+            "one skip_verify warning per endpoint"
+        );
+        drop(w);
+        drop(https);
         Ok(())
     });
 }

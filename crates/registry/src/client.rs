@@ -2,17 +2,19 @@
 //! PUT), and referrers through the Referrers API or, on registries without it, the OCI 1.1
 //! referrers tag schema (`sha256-<hex>` holding an OCI index).
 //!
-//! Supported: plain HTTP only (`https://` is refused: no TLS stack is linked); no
-//! credentials, HTTP basic credentials, or a fixed bearer token; and the registry token flow
-//! (`401` with `WWW-Authenticate: Bearer realm=…,service=…,scope=…`: a token is fetched from
-//! the realm, itself over plain HTTP, with the basic credentials if any, and cached). Every
+//! Supported: HTTPS (the default; [`crate::tls`]: system roots plus CA files, client
+//! certificates, `skip_verify`) and plain HTTP; extra headers sent on every request to the
+//! registry host ([`ClientOptions::headers`]); no credentials, HTTP basic credentials, or a
+//! fixed bearer token; and the registry token flow (`401` with `WWW-Authenticate: Bearer
+//! realm=…,service=…,scope=…`: a token is fetched from the realm, over HTTP or HTTPS as it
+//! says, with the basic credentials if any, and cached). Every
 //! request has a connect timeout, a per-read timeout and an overall deadline
 //! ([`ClientOptions`]); manifests are bounded to [`MAX_MANIFEST_BYTES`] and blobs to the
 //! caller's limit; every manifest and blob read by digest is checked against it.
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -24,8 +26,9 @@ use crate::artifacts::{
     check_digest,
 };
 use crate::error::{Error, Result};
-use crate::http::{self, Limits, Response, Url};
+use crate::http::{self, Limits, Response, Scheme, Url};
 use crate::reference::check_repository;
+use crate::tls::{TlsConfig, TlsError, TlsOptions};
 
 /// Credentials for a registry.
 #[derive(Clone, PartialEq, Eq)]
@@ -61,6 +64,12 @@ pub struct ClientOptions {
     pub request_timeout: Option<Duration>,
     /// Credentials, if any.
     pub credentials: Option<Credentials>,
+    /// TLS settings for `https` (the registry, and any token realm or redirect over https).
+    pub tls: TlsOptions,
+    /// Headers added to every request to the registry host and to its token realm (as
+    /// containerd does), not to other hosts it redirects to; names and values without line
+    /// breaks.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Default for ClientOptions {
@@ -70,6 +79,8 @@ impl Default for ClientOptions {
             io_timeout: Duration::from_secs(30),
             request_timeout: None,
             credentials: None,
+            tls: TlsOptions::default(),
+            headers: Vec::new(),
         }
     }
 }
@@ -120,8 +131,11 @@ pub struct PushedReferrer {
 /// A client for one registry host.
 #[derive(Debug)]
 pub struct Client {
+    scheme: Scheme,
     authority: String,
     opts: ClientOptions,
+    /// Built from `opts.tls` on first use (at once for an https registry).
+    tls: OnceLock<std::result::Result<TlsConfig, TlsError>>,
     /// Token from the realm, reused until a 401 asks for a new one.
     token: Mutex<Option<String>>,
 }
@@ -129,12 +143,13 @@ pub struct Client {
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
 impl Client {
-    /// A client for `host[:port]` (or an `http://host[:port]` URL; `https://` is refused).
+    /// A client for `https://host[:port]` or `http://host[:port]`; a bare `host[:port]` is
+    /// https. For https the TLS settings are read here, so a bad CA or key file fails now.
     pub fn new(host: &str, opts: ClientOptions) -> Result<Client> {
         let url = if host.contains("://") {
             host.to_string()
         } else {
-            format!("http://{host}")
+            format!("https://{host}")
         };
         let u = Url::parse(&url)?;
         if u.target != "/" {
@@ -142,16 +157,52 @@ impl Client {
                 "{host}: a registry endpoint with a path"
             )));
         }
-        Ok(Client {
+        for (k, v) in &opts.headers {
+            if k.is_empty() || k.contains([':', '\r', '\n']) || v.contains(['\r', '\n']) {
+                return Err(Error::Protocol(format!(
+                    "header {k:?} is not a valid header"
+                )));
+            }
+        }
+        let c = Client {
+            scheme: u.scheme,
             authority: u.authority,
             opts,
+            tls: OnceLock::new(),
             token: Mutex::new(None),
-        })
+        };
+        if c.scheme == Scheme::Https {
+            c.tls_config()?;
+        }
+        Ok(c)
     }
 
     /// `host[:port]`.
     pub fn host(&self) -> &str {
         &self.authority
+    }
+
+    /// `https` or `http`.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    fn tls_config(&self) -> Result<&TlsConfig> {
+        self.tls
+            .get_or_init(|| TlsConfig::new(&self.opts.tls))
+            .as_ref()
+            .map_err(|e| Error::Tls {
+                host: self.authority.clone(),
+                reason: e.clone(),
+            })
+    }
+
+    /// The TLS settings if `url` needs them.
+    fn tls_for(&self, url: &Url) -> Result<Option<&TlsConfig>> {
+        match url.scheme {
+            Scheme::Https => self.tls_config().map(Some),
+            Scheme::Http => Ok(None),
+        }
     }
 
     fn limits(&self) -> Limits {
@@ -164,6 +215,7 @@ impl Client {
 
     fn url(&self, target: &str) -> Url {
         Url {
+            scheme: self.scheme,
             authority: self.authority.clone(),
             target: target.to_string(),
         }
@@ -193,17 +245,24 @@ impl Client {
         let mut url = self.url(target);
         let mut retried_auth = false;
         for _ in 0..6 {
-            let auth = (url.authority == self.authority)
-                .then(|| self.auth_header())
-                .flatten();
+            let own = url.authority == self.authority && url.scheme == self.scheme;
+            let auth = own.then(|| self.auth_header()).flatten();
             let mut h: Vec<(&str, &str)> = headers.to_vec();
             if let Some(a) = &auth {
                 h.push(("Authorization", a));
             }
-            let r = http::send(method, &url, &h, body, &self.limits())?;
+            if own {
+                h.extend(
+                    self.opts
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str())),
+                );
+            }
+            let r = http::send(method, &url, &h, body, &self.limits(), self.tls_for(&url)?)?;
             tracing::trace!(method, url = %url.to_url_string(), status = r.status, "registry request");
             match r.status {
-                401 if !retried_auth && url.authority == self.authority => {
+                401 if !retried_auth && own => {
                     let challenge = r.header("www-authenticate").unwrap_or("").to_string();
                     retried_auth = true;
                     if let Some(b) = challenge
@@ -222,6 +281,7 @@ impl Client {
                     })?;
                     url = if loc.starts_with('/') {
                         Url {
+                            scheme: url.scheme,
                             authority: url.authority.clone(),
                             target: loc.to_string(),
                         }
@@ -265,7 +325,14 @@ impl Client {
         if let Some(a) = &auth {
             h.push(("Authorization", a.as_str()));
         }
-        let mut r = http::send("GET", &url, &h, &[], &self.limits())?;
+        // containerd sends the host's headers to the token realm too (WithAuthHeader).
+        h.extend(
+            self.opts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        let mut r = http::send("GET", &url, &h, &[], &self.limits(), self.tls_for(&url)?)?;
         if r.status != 200 {
             return Err(status_error("GET", &url.to_url_string(), &mut r));
         }
@@ -565,7 +632,7 @@ impl Client {
             loc
         } else {
             let u = Url::parse(&loc)?;
-            if u.authority != self.authority {
+            if u.authority != self.authority || u.scheme != self.scheme {
                 return Err(Error::Unsupported(format!(
                     "upload location on another host: {loc}"
                 )));
@@ -580,7 +647,22 @@ impl Client {
         if let Some(a) = &auth {
             h.push(("Authorization", a.as_str()));
         }
-        let mut r = http::send_body("PUT", &self.url(&put), &h, body, len, &self.limits())?;
+        h.extend(
+            self.opts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        let url = self.url(&put);
+        let mut r = http::send_body(
+            "PUT",
+            &url,
+            &h,
+            body,
+            len,
+            &self.limits(),
+            self.tls_for(&url)?,
+        )?;
         if r.status != 201 {
             return Err(status_error("PUT", &self.full(&put), &mut r));
         }
@@ -835,15 +917,41 @@ mod tests {
         for bad in ["", "../x", "a/b", "sha256:00", "a b"] {
             assert!(check_reference(bad).is_err(), "{bad}");
         }
-        assert!(matches!(
-            Client::new("https://r.example", ClientOptions::default()),
-            Err(Error::Unsupported(_))
-        ));
-        assert_eq!(
-            Client::new("http://127.0.0.1:5000", ClientOptions::default())
-                .unwrap()
-                .host(),
-            "127.0.0.1:5000"
+        let c = Client::new("http://127.0.0.1:5000", ClientOptions::default()).unwrap();
+        assert_eq!((c.host(), c.scheme()), ("127.0.0.1:5000", Scheme::Http));
+        // A bare host is https; its TLS settings are read at once.
+        let c = Client::new("r.example", ClientOptions::default()).unwrap();
+        assert_eq!((c.host(), c.scheme()), ("r.example", Scheme::Https));
+        let e = Client::new(
+            "r.example",
+            ClientOptions {
+                tls: TlsOptions {
+                    ca_files: vec!["/nonexistent/ca.pem".into()],
+                    ..TlsOptions::default()
+                },
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::Tls {
+                    reason: TlsError::File { .. },
+                    ..
+                }
+            ) && e.to_string().contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        assert!(
+            Client::new(
+                "http://h",
+                ClientOptions {
+                    headers: vec![("x".into(), "a\r\nb: c".into())],
+                    ..ClientOptions::default()
+                }
+            )
+            .is_err()
         );
     }
 }

@@ -46,7 +46,16 @@ pub enum Error {
     /// A key file or signature is malformed, or the signature does not verify.
     #[error("{0}")]
     Signature(String),
-    /// Something this client does not do (e.g. `https://`).
+    /// TLS settings that cannot be used, or a TLS connection that failed (certificate
+    /// refused either way, handshake failed).
+    #[error("TLS with {host}: {reason}")]
+    Tls {
+        /// `host[:port]` of the connection (or of the client the settings were for).
+        host: String,
+        /// What failed (in the message, not as a separate source: it would say it twice).
+        reason: crate::tls::TlsError,
+    },
+    /// Something this client does not do (e.g. a registry path prefix).
     #[error("unsupported: {0}")]
     Unsupported(String),
 }

@@ -1,12 +1,15 @@
 //! A minimal blocking HTTP/1.1 client: one request per connection (`Connection: close`),
-//! plain HTTP only, bounded in time (connect timeout, per-read timeout, overall deadline) and
-//! in size (headers, and bodies read into memory).
+//! plain HTTP or HTTPS ([`crate::tls`]), bounded in time (connect timeout, which also bounds the
+//! TLS handshake, per-read timeout, overall deadline) and in size (headers, and bodies read
+//! into memory).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::tls::{TlsConfig, TlsError, rustls_cause};
 
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 << 10;
@@ -14,7 +17,7 @@ const MAX_HEAD: usize = 64 << 10;
 /// Time limits of one request.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// To establish the TCP connection.
+    /// To establish the TCP connection, and again for the TLS handshake.
     pub connect: Duration,
     /// Longest wait for any single read or write.
     pub io: Duration,
@@ -22,9 +25,30 @@ pub struct Limits {
     pub total: Option<Duration>,
 }
 
-/// A parsed `http://host[:port]/path?query` URL.
+/// `http` or `https`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    /// `http` or `https`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// A parsed `http[s]://host[:port]/path?query` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
+    /// The scheme.
+    pub scheme: Scheme,
     /// `host[:port]` as given (Host header).
     pub authority: String,
     /// Path and query, starting with `/`.
@@ -32,16 +56,17 @@ pub struct Url {
 }
 
 impl Url {
-    /// Parse an absolute `http://` URL; `https://` is refused (no TLS here).
+    /// Parse an absolute `http://` or `https://` URL.
     pub fn parse(s: &str) -> Result<Url> {
-        if s.starts_with("https://") {
-            return Err(Error::Unsupported(format!(
-                "{s}: https is not supported by this client (plain http only)"
+        let (scheme, rest) = if let Some(r) = s.strip_prefix("https://") {
+            (Scheme::Https, r)
+        } else if let Some(r) = s.strip_prefix("http://") {
+            (Scheme::Http, r)
+        } else {
+            return Err(Error::Protocol(format!(
+                "{s:?} is not an http:// or https:// URL"
             )));
-        }
-        let rest = s
-            .strip_prefix("http://")
-            .ok_or_else(|| Error::Protocol(format!("{s:?} is not an http:// URL")))?;
+        };
         let (authority, target) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
             Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
@@ -55,14 +80,79 @@ impl Url {
             return Err(Error::Protocol(format!("bad host in URL {s:?}")));
         }
         Ok(Url {
+            scheme,
             authority: authority.to_string(),
             target,
         })
     }
 
-    /// `http://authority/target`.
+    /// `scheme://authority/target`.
     pub fn to_url_string(&self) -> String {
-        format!("http://{}{}", self.authority, self.target)
+        format!(
+            "{}://{}{}",
+            self.scheme.as_str(),
+            self.authority,
+            self.target
+        )
+    }
+
+    /// The host without the port (`name`, `1.2.3.4`, `[::1]`).
+    pub fn host(&self) -> &str {
+        split_port(&self.authority).0
+    }
+}
+
+/// `host[:port]` → (host, port if given).
+fn split_port(authority: &str) -> (&str, Option<&str>) {
+    match authority.rsplit_once(':') {
+        Some((h, p))
+            if !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            (h, Some(p))
+        }
+        _ => (authority, None),
+    }
+}
+
+/// A connection: TCP, or TLS over TCP.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
     }
 }
 
@@ -122,7 +212,7 @@ impl Response {
 }
 
 struct Conn {
-    r: BufReader<TcpStream>,
+    r: BufReader<Stream>,
     deadline: Option<Instant>,
     io: Duration,
 }
@@ -143,7 +233,7 @@ impl Conn {
             }
             None => self.io,
         };
-        self.r.get_ref().set_read_timeout(Some(t))
+        self.r.get_ref().tcp().set_read_timeout(Some(t))
     }
 }
 
@@ -236,13 +326,17 @@ fn read_line(c: &mut Conn) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
-fn connect(authority: &str, limits: &Limits) -> Result<TcpStream> {
-    let with_port = if authority.rsplit_once(':').is_some_and(|(h, p)| {
-        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
-    }) {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
+fn connect(url: &Url, limits: &Limits) -> Result<TcpStream> {
+    let authority = url.authority.as_str();
+    let with_port = match split_port(authority) {
+        (_, Some(_)) => authority.to_string(),
+        (h, None) => format!(
+            "{h}:{}",
+            match url.scheme {
+                Scheme::Http => 80,
+                Scheme::Https => 443,
+            }
+        ),
     };
     let addrs = with_port
         .to_socket_addrs()
@@ -260,13 +354,71 @@ fn connect(authority: &str, limits: &Limits) -> Result<TcpStream> {
     ))
 }
 
-/// Send one request and read the response head.
+/// TCP, then for `https` the TLS handshake, within `limits.connect` (and the deadline).
+fn open(
+    url: &Url,
+    limits: &Limits,
+    deadline: Option<Instant>,
+    tls: Option<&TlsConfig>,
+) -> Result<Stream> {
+    let s = connect(url, limits)?;
+    let io_err = |e| Error::io(format!("connecting to {}", url.authority), e);
+    s.set_write_timeout(Some(limits.io)).map_err(io_err)?;
+    if url.scheme == Scheme::Http {
+        return Ok(Stream::Plain(s));
+    }
+    let tls = tls.ok_or_else(|| {
+        Error::Unsupported(format!(
+            "{}: https without TLS settings",
+            url.to_url_string()
+        ))
+    })?;
+    if tls.skip_verify() {
+        crate::tls::warn_skip_verify(&url.authority);
+    }
+    let tls_err = |reason| Error::Tls {
+        host: url.authority.clone(),
+        reason,
+    };
+    let name = crate::tls::server_name(url.host())?;
+    let mut conn = rustls::ClientConnection::new(Arc::clone(tls.config()), name)
+        .map_err(|e| tls_err(TlsError::Handshake(e.to_string())))?;
+    let hs_deadline = {
+        let d = Instant::now() + limits.connect;
+        deadline.map_or(d, |t| t.min(d))
+    };
+    let mut sock = s;
+    while conn.is_handshaking() {
+        let left = hs_deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::io(
+                format!("TLS handshake with {}", url.authority),
+                io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"),
+            ));
+        }
+        sock.set_read_timeout(Some(left.min(limits.io)))
+            .map_err(io_err)?;
+        sock.set_write_timeout(Some(left.min(limits.io)))
+            .map_err(io_err)?;
+        if let Err(e) = conn.complete_io(&mut sock) {
+            return Err(match rustls_cause(&e) {
+                Some(r) => tls_err(TlsError::from_rustls(r, url.host())),
+                None => Error::io(format!("TLS handshake with {}", url.authority), e),
+            });
+        }
+    }
+    sock.set_write_timeout(Some(limits.io)).map_err(io_err)?;
+    Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, sock))))
+}
+
+/// Send one request and read the response head (`tls` is needed for `https` URLs).
 pub fn send(
     method: &str,
     url: &Url,
     headers: &[(&str, &str)],
     body: &[u8],
     limits: &Limits,
+    tls: Option<&TlsConfig>,
 ) -> Result<Response> {
     send_body(
         method,
@@ -275,6 +427,7 @@ pub fn send(
         &mut &body[..],
         body.len() as u64,
         limits,
+        tls,
     )
 }
 
@@ -286,12 +439,20 @@ pub fn send_body(
     body: &mut dyn Read,
     len: u64,
     limits: &Limits,
+    tls: Option<&TlsConfig>,
 ) -> Result<Response> {
     let what = || format!("{method} {}", url.to_url_string());
+    // A TLS failure after the handshake (a server refusing our client certificate sends
+    // its alert then) is still reported as TLS.
+    let fail = |context: String, e: io::Error| match rustls_cause(&e) {
+        Some(r) => Error::Tls {
+            host: url.authority.clone(),
+            reason: TlsError::from_rustls(r, url.host()),
+        },
+        None => Error::io(context, e),
+    };
     let deadline = limits.total.map(|t| Instant::now() + t);
-    let s = connect(&url.authority, limits)?;
-    s.set_write_timeout(Some(limits.io))
-        .map_err(|e| Error::io(what(), e))?;
+    let mut s = open(url, limits, deadline, tls)?;
     let mut head = format!(
         "{method} {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: erofs-snapshotter\r\n",
         url.target, url.authority
@@ -306,10 +467,10 @@ pub fn send_body(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    let mut w = &s;
+    let w = &mut s;
     w.write_all(head.as_bytes())
         .and_then(|()| {
-            let n = io::copy(&mut body.take(len), &mut w)?;
+            let n = io::copy(&mut body.take(len), w)?;
             if n != len {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -319,7 +480,7 @@ pub fn send_body(
             Ok(())
         })
         .and_then(|()| w.flush())
-        .map_err(|e| Error::io(what(), e))?;
+        .map_err(|e| fail(what(), e))?;
     let mut c = Conn {
         r: BufReader::new(s),
         deadline,
@@ -328,7 +489,7 @@ pub fn send_body(
     // Status line and headers.
     let mut total = 0usize;
     let mut next_line = |c: &mut Conn| -> Result<String> {
-        let l = read_line(c).map_err(|e| Error::io(format!("{}: response", what()), e))?;
+        let l = read_line(c).map_err(|e| fail(format!("{}: response", what()), e))?;
         total += l.len() + 2;
         if total > MAX_HEAD {
             return Err(Error::Protocol(format!(
@@ -390,12 +551,13 @@ mod tests {
         let u = Url::parse("http://127.0.0.1:5000/token?service=x").unwrap();
         assert_eq!(u.authority, "127.0.0.1:5000");
         assert_eq!(u.target, "/token?service=x");
+        assert_eq!(u.host(), "127.0.0.1");
         assert_eq!(Url::parse("http://h").unwrap().target, "/");
         assert_eq!(Url::parse("http://h?a=b").unwrap().target, "/?a=b");
-        assert!(matches!(
-            Url::parse("https://h/"),
-            Err(Error::Unsupported(_))
-        ));
+        let u = Url::parse("https://[::1]:5000/v2/").unwrap();
+        assert_eq!((u.scheme, u.host()), (Scheme::Https, "[::1]"));
+        assert_eq!(u.to_url_string(), "https://[::1]:5000/v2/");
+        assert_eq!(Url::parse("https://[::1]").unwrap().host(), "[::1]");
         assert!(Url::parse("ftp://h/").is_err());
         assert!(Url::parse("http://h\r\n/").is_err());
     }

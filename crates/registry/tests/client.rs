@@ -40,6 +40,8 @@ struct State {
     manifests: HashMap<(String, String), (String, Vec<u8>)>,
     /// Every "METHOD target" served.
     log: Vec<String>,
+    /// The `X-Mirror-Token` header of each request served, in order.
+    mirror_tokens: Vec<Option<String>>,
     uploads: u32,
 }
 
@@ -67,10 +69,19 @@ impl Server {
     }
 
     fn client(&self, credentials: Option<Credentials>) -> Client {
+        self.client_with(credentials, Vec::new())
+    }
+
+    fn client_with(
+        &self,
+        credentials: Option<Credentials>,
+        headers: Vec<(String, String)>,
+    ) -> Client {
         Client::new(
-            &format!("127.0.0.1:{}", self.port),
+            &format!("http://127.0.0.1:{}", self.port),
             ClientOptions {
                 credentials,
+                headers,
                 request_timeout: Some(Duration::from_secs(2)),
                 io_timeout: Duration::from_secs(2),
                 ..ClientOptions::default()
@@ -134,6 +145,8 @@ fn serve(mut c: TcpStream, state: &Mutex<State>, port: u16) {
     let _ = r.read_exact(&mut body);
     let mut st = state.lock().unwrap();
     st.log.push(format!("{method} {target}"));
+    st.mirror_tokens
+        .push(headers.get("x-mirror-token").cloned());
     if st.hang {
         drop(st);
         std::thread::sleep(Duration::from_secs(30));
@@ -429,6 +442,41 @@ fn bearer_token_flow() {
 }
 
 #[test]
+fn configured_headers_go_with_every_request() {
+    // hosts.toml's [header] becomes ClientOptions::headers on the node: every request to
+    // the registry carries them, the token fetch, uploads and their PUT included.
+    let s = Server::start(|st| {
+        st.mode = Mode::NoApi;
+        st.auth = true;
+    });
+    let creds = Credentials::Basic {
+        username: "u".into(),
+        password: "p".into(),
+    };
+    let c = s.client_with(
+        Some(creds),
+        vec![("X-Mirror-Token".into(), "secret-1".into())],
+    );
+    let (subject, set) = setup(&c, "r");
+    c.push_referrer("r", &set.to_manifest(), true).unwrap();
+    let (index, via) = c
+        .referrers("r", &subject.digest, Some(ARTIFACT_TYPE))
+        .unwrap();
+    assert_eq!((index.manifests.len(), via), (1, ReferrersVia::Tag));
+    let st = s.state.lock().unwrap();
+    assert!(st.log.iter().any(|l| l.starts_with("GET /token")));
+    assert!(st.log.iter().any(|l| l.starts_with("PUT /upload/")));
+    assert_eq!(st.mirror_tokens.len(), st.log.len());
+    for (l, t) in st.log.iter().zip(&st.mirror_tokens) {
+        assert_eq!(t.as_deref(), Some("secret-1"), "{l}");
+    }
+    drop(st);
+    // And a client without them sends none.
+    s.client(None).ping().ok();
+    assert_eq!(s.state.lock().unwrap().mirror_tokens.last(), Some(&None));
+}
+
+#[test]
 fn corrupt_blobs_are_refused() {
     let s = Server::start(|_| {});
     let c = s.client(None);
@@ -467,6 +515,56 @@ fn a_hanging_registry_times_out() {
     let closed = l.local_addr().unwrap().port();
     drop(l);
     assert_ne!(port, closed);
-    let c = Client::new(&format!("127.0.0.1:{closed}"), ClientOptions::default()).unwrap();
+    let c = Client::new(
+        &format!("http://127.0.0.1:{closed}"),
+        ClientOptions::default(),
+    )
+    .unwrap();
     assert!(matches!(c.ping(), Err(Error::Io { .. })));
+}
+
+#[test]
+fn tls_handshakes_are_bounded() {
+    // A server that accepts and never says a word: the handshake is held to the connect
+    // timeout, though reads may wait 30 s and the request has no deadline.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming() {
+            held.push(c);
+        }
+    });
+    let c = Client::new(
+        &format!("https://127.0.0.1:{port}"),
+        ClientOptions {
+            connect_timeout: Duration::from_secs(1),
+            io_timeout: Duration::from_secs(30),
+            request_timeout: None,
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+    let t = Instant::now();
+    let e = c.ping().unwrap_err();
+    assert!(
+        matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut || source.kind() == std::io::ErrorKind::WouldBlock),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // A plain HTTP server behind an https URL: a failed handshake at once, not a hang (a
+    // TLS error, or the end of file of a server that gave up on the ClientHello).
+    let s = Server::start(|_| {});
+    let c = Client::new(
+        &format!("https://127.0.0.1:{}", s.port),
+        ClientOptions::default(),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let e = c.ping().unwrap_err();
+    assert!(
+        matches!(e, Error::Tls { .. } | Error::Io { .. }) && e.to_string().contains("TLS"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }

@@ -99,7 +99,7 @@ pub struct Stats {
     /// `fsmeta.erofs` images built for flattened chains.
     pub fsmeta_built: u64,
     /// Tar-index layers per what happened to their registry artifacts.
-    pub artifacts: [(ArtifactOutcome, u64); 9],
+    pub artifacts: [(ArtifactOutcome, u64); 10],
     /// EROFS mounts made through a loop device instead of from the file (kernels before
     /// 6.12, or a mounter told to).
     pub loop_mounts: u64,
@@ -145,6 +145,9 @@ pub enum ArtifactOutcome {
     Absent,
     /// The registry was unreachable or failed.
     Unreachable,
+    /// TLS with the registry failed: its certificate was refused (unknown issuer, wrong
+    /// name, expired), it refused ours, or the endpoint's TLS files cannot be used.
+    Tls,
     /// The fetch timed out.
     Timeout,
     /// Malformed or too large.
@@ -159,11 +162,12 @@ pub enum ArtifactOutcome {
 
 impl ArtifactOutcome {
     /// Every outcome, in counter order.
-    pub const ALL: [ArtifactOutcome; 9] = [
+    pub const ALL: [ArtifactOutcome; 10] = [
         ArtifactOutcome::Used,
         ArtifactOutcome::NoImage,
         ArtifactOutcome::Absent,
         ArtifactOutcome::Unreachable,
+        ArtifactOutcome::Tls,
         ArtifactOutcome::Timeout,
         ArtifactOutcome::Invalid,
         ArtifactOutcome::BadIndex,
@@ -178,6 +182,7 @@ impl ArtifactOutcome {
             ArtifactOutcome::NoImage => "no_image",
             ArtifactOutcome::Absent => "absent",
             ArtifactOutcome::Unreachable => "unreachable",
+            ArtifactOutcome::Tls => "tls",
             ArtifactOutcome::Timeout => "timeout",
             ArtifactOutcome::Invalid => "invalid",
             ArtifactOutcome::BadIndex => "bad_index",
@@ -189,7 +194,7 @@ impl ArtifactOutcome {
 
 /// Layers per outcome since start-up.
 #[derive(Debug, Default)]
-pub(crate) struct ArtifactCounters([AtomicU64; 9]);
+pub(crate) struct ArtifactCounters([AtomicU64; 10]);
 
 impl ArtifactCounters {
     pub(crate) fn add(&self, o: ArtifactOutcome) {
@@ -200,7 +205,7 @@ impl ArtifactCounters {
         self.0[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn get(&self) -> [(ArtifactOutcome, u64); 9] {
+    pub(crate) fn get(&self) -> [(ArtifactOutcome, u64); 10] {
         ArtifactOutcome::ALL.map(|o| {
             let i = ArtifactOutcome::ALL
                 .iter()

@@ -63,6 +63,7 @@ pub mod proxied_containerd;
 pub mod registry;
 pub mod rootfs;
 pub mod snapshots;
+pub mod tls;
 pub mod vm;
 pub mod wired_containerd;
 

@@ -33,6 +33,19 @@ pub struct Registry {
     process: Option<ProcessGroupGuard>,
     dir: tempfile::TempDir,
     port: u16,
+    tls: bool,
+}
+
+/// TLS settings of a registry (distribution's `http.tls`).
+#[derive(Debug, Clone)]
+pub struct RegistryTls {
+    /// Server certificate (PEM).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// CAs of the client certificates it requires (`clientcas`); none: no client
+    /// certificate asked for.
+    pub client_cas: Vec<PathBuf>,
 }
 
 impl Registry {
@@ -48,17 +61,43 @@ impl Registry {
             bail!("{} is not installed; run scripts/setup", binary.display());
         }
         let dir = tempfile::Builder::new().prefix("registry-").tempdir()?;
+        let data = dir.path().join("data");
+        Self::start_in(binary, dir, &data, None, timeout)
+    }
+
+    /// Another registry over the same storage, serving HTTPS with `tls`: what is pushed to
+    /// either (through the plain one's helpers, say) is served by both. Stop it before
+    /// `self`'s storage goes away.
+    pub fn start_tls_twin(&self, tls: &RegistryTls) -> Result<Registry> {
+        let dir = tempfile::Builder::new().prefix("registry-tls-").tempdir()?;
+        Self::start_in(
+            Path::new(REGISTRY_BINARY),
+            dir,
+            &self.dir.path().join("data"),
+            Some(tls),
+            Duration::from_secs(30),
+        )
+    }
+
+    fn start_in(
+        binary: &Path,
+        dir: tempfile::TempDir,
+        data: &Path,
+        tls: Option<&RegistryTls>,
+        timeout: Duration,
+    ) -> Result<Registry> {
         // The port is free when probed; another process may take it before the
         // registry binds it, so retry a few times.
         let mut last_err = None;
         for _ in 0..5 {
             let port = free_port()?;
-            match Self::try_start(binary, dir.path(), port, timeout) {
+            match Self::try_start(binary, dir.path(), data, port, tls, timeout) {
                 Ok(process) => {
                     return Ok(Registry {
                         process: Some(process),
                         dir,
                         port,
+                        tls: tls.is_some(),
                     });
                 }
                 Err(e) => last_err = Some(e),
@@ -70,19 +109,31 @@ impl Registry {
     fn try_start(
         binary: &Path,
         dir: &Path,
+        data: &Path,
         port: u16,
+        tls: Option<&RegistryTls>,
         timeout: Duration,
     ) -> Result<ProcessGroupGuard> {
-        let data = dir.join("data");
-        fs::create_dir_all(&data)?;
+        fs::create_dir_all(data)?;
         let config = dir.join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                data.display()
-            ),
-        )?;
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            data.display()
+        );
+        if let Some(t) = tls {
+            text.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                t.cert.display(),
+                t.key.display()
+            ));
+            if !t.client_cas.is_empty() {
+                text.push_str("    clientcas:\n");
+                for c in &t.client_cas {
+                    text.push_str(&format!("      - {}\n", c.display()));
+                }
+            }
+        }
+        fs::write(&config, text)?;
         let log = dir.join("registry.log");
         let mut cmd = Command::new(binary);
         cmd.arg("serve")
@@ -95,8 +146,10 @@ impl Registry {
         let deadline = Instant::now() + timeout;
         loop {
             p.ensure_running()?;
+            // A TLS registry answers plain HTTP with 400 ("client sent an HTTP request to
+            // an HTTPS server") once it listens, client certificates required or not.
             if let Ok(r) = request(port, "GET", "/v2/", &[], &[])
-                && r.status == 200
+                && r.status == if tls.is_some() { 400 } else { 200 }
             {
                 return Ok(p);
             }
@@ -118,6 +171,15 @@ impl Registry {
     /// `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `https://127.0.0.1:PORT` or `http://127.0.0.1:PORT`.
+    pub fn origin(&self) -> String {
+        format!(
+            "{}://127.0.0.1:{}",
+            if self.tls { "https" } else { "http" },
+            self.port
+        )
     }
 
     /// The registry's directory (config, `data/`, log).

@@ -17,6 +17,7 @@ use erofs_registry::artifacts::{
 };
 use erofs_registry::client::{Client, ClientOptions, Credentials, ReferrersVia};
 use erofs_registry::signature::{PublicKey, SecretKey};
+use erofs_registry::tls::{ClientCert, TlsOptions};
 use erofs_registry::{Reference, artifacts::check_digest};
 use snapshotter::diff::{LayerType, MkfsOptions, Pipeline, layer_type};
 use snapshotter::integrity::dmverity;
@@ -49,10 +50,25 @@ fn client(host: &str, r: &RegistryArgs) -> Result<Client> {
         }),
         None => None,
     };
+    let scheme = if r.plain_http { "http" } else { "https" };
+    let tls = TlsOptions {
+        ca_files: r.ca.clone(),
+        client_certs: r
+            .cert
+            .iter()
+            .map(|cert| ClientCert {
+                cert: cert.clone(),
+                key: r.key.clone(),
+            })
+            .collect(),
+        skip_verify: r.skip_verify,
+    };
+    // --skip-verify: erofs_registry logs the warning (once per host) when it connects.
     Ok(Client::new(
-        host,
+        &format!("{scheme}://{host}"),
         ClientOptions {
             credentials,
+            tls,
             ..ClientOptions::default()
         },
     )?)

@@ -4,7 +4,7 @@
 //! ```toml
 //! server = "https://registry.example.com"       # the registry itself (default https://<host>)
 //! ca = "/etc/certs/ca.pem"                      # or a list
-//! client = [["/etc/certs/c.pem", "/etc/certs/c.key"]]
+//! client = [["/etc/certs/c.pem", "/etc/certs/c.key"], ["/etc/certs/both.pem", ""]]
 //! skip_verify = false
 //! override_path = false
 //! [header]
@@ -15,10 +15,13 @@
 //!
 //! Only what the node side needs is kept: the endpoints to ask, in order, for a pull (the
 //! `pull` capability: artifacts are fetched by digest, never resolved by tag), with their
-//! scheme, path override and headers. The TLS keys (`ca`, `client`, `skip_verify`) are parsed
-//! and reported, so an endpoint that needs them can be told apart from one that is just
-//! unreachable. The parser is bounded (file size, number of hosts and headers) and never
-//! follows anything but the one file.
+//! scheme, path override, headers and TLS keys (`ca`, `client`, `skip_verify`; relative paths
+//! are relative to the `hosts.toml`, as containerd reads them). [`Endpoint::client_options`]
+//! maps an endpoint to `erofs_registry` client options; that crate knows nothing of this file.
+//! Not used: `capabilities` beyond `pull`, `dial_timeout` (`artifacts.fetch_timeout` bounds
+//! every request instead), `proxy`, and Docker's `*.crt`/`*.cert`/`*.key` certificate
+//! directories without a `hosts.toml`. The parser is bounded (file size, number of hosts and
+//! headers) and never follows anything but the one file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -62,7 +65,7 @@ pub struct Endpoint {
     pub path: String,
     /// Extra request headers (`[header]`), name to values.
     pub headers: BTreeMap<String, Vec<String>>,
-    /// TLS settings it asks for (paths as written), for whoever can use them.
+    /// Its TLS settings (relative paths resolved against the hosts.toml's directory).
     pub tls: Tls,
     /// Whether it is the registry itself (`server`, or the default) rather than a mirror.
     pub is_server: bool,
@@ -78,6 +81,40 @@ impl Endpoint {
     pub fn plain_http(&self) -> bool {
         self.scheme == "http"
     }
+
+    /// `scheme://host[:port]`, what `erofs_registry::client::Client::new` takes.
+    pub fn origin(&self) -> String {
+        format!("{}://{}", self.scheme, self.host)
+    }
+
+    /// The client options this endpoint asks for: its TLS settings (used for `https`) and its
+    /// headers (one header line per value, in file order of values), on top of `base`.
+    pub fn client_options(
+        &self,
+        base: erofs_registry::client::ClientOptions,
+    ) -> erofs_registry::client::ClientOptions {
+        use erofs_registry::tls::{ClientCert, TlsOptions};
+        let mut o = base;
+        o.tls = TlsOptions {
+            ca_files: self.tls.ca.clone(),
+            client_certs: self
+                .tls
+                .client
+                .iter()
+                .map(|(cert, key)| ClientCert {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
+                .collect(),
+            skip_verify: self.tls.skip_verify,
+        };
+        o.headers = self
+            .headers
+            .iter()
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.clone(), v.clone())))
+            .collect();
+        o
+    }
 }
 
 /// TLS keys of one endpoint.
@@ -85,7 +122,7 @@ impl Endpoint {
 pub struct Tls {
     /// CA certificate files.
     pub ca: Vec<PathBuf>,
-    /// Client certificate and key files (`[cert, key]`; the key may be in the cert file).
+    /// Client certificate and key files (`[cert, key]`; no key: it is in the cert file).
     pub client: Vec<(PathBuf, Option<PathBuf>)>,
     /// `skip_verify`.
     pub skip_verify: bool,
@@ -166,10 +203,26 @@ fn parse_file(path: &Path, host: &str) -> Result<Vec<Endpoint>, HostsError> {
             message: format!("larger than {MAX_FILE} bytes"),
         });
     }
-    parse(&text, host).map_err(|message| HostsError::Invalid {
+    let mut eps = parse(&text, host).map_err(|message| HostsError::Invalid {
         path: path.to_path_buf(),
         message,
-    })
+    })?;
+    // containerd: "All paths specified in the hosts.toml file may be absolute or relative to
+    // the hosts.toml file."
+    let base = path.parent().unwrap_or(Path::new("/"));
+    for ep in &mut eps {
+        let tls = &mut ep.tls;
+        for p in tls.ca.iter_mut().chain(
+            tls.client
+                .iter_mut()
+                .flat_map(|(c, k)| std::iter::once(c).chain(k)),
+        ) {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+    Ok(eps)
 }
 
 /// Parse the text of `host`'s `hosts.toml` (see [`endpoints`]).
@@ -331,19 +384,30 @@ fn endpoint(
     })
 }
 
-/// `client`: "cert.pem" | ["cert", "key"] | [["cert", "key"], "both.pem", ...].
+/// `client`, as containerd reads it: "both.pem" | ["both-1.pem", "both-2.pem"] (each file
+/// holds certificate and key) | [["cert", "key"], ["both.pem", ""], ...] (an empty or missing
+/// key: in the certificate file).
 fn client_pairs(v: &toml::Value) -> Option<Vec<(PathBuf, Option<PathBuf>)>> {
+    let one = |cert: &str, key: Option<&str>| {
+        (!cert.is_empty()).then(|| {
+            (
+                PathBuf::from(cert),
+                key.filter(|k| !k.is_empty()).map(PathBuf::from),
+            )
+        })
+    };
     match v {
-        toml::Value::String(s) => Some(vec![(s.into(), None)]),
-        toml::Value::Array(a) if a.iter().all(|x| x.is_str()) && a.len() == 2 => {
-            Some(vec![(a[0].as_str()?.into(), Some(a[1].as_str()?.into()))])
-        }
+        toml::Value::String(s) => Some(vec![one(s, None)?]),
         toml::Value::Array(a) => a
             .iter()
             .map(|x| match x {
-                toml::Value::String(s) => Some((s.into(), None)),
-                toml::Value::Array(p) if p.len() == 2 => {
-                    Some((p[0].as_str()?.into(), Some(p[1].as_str()?.into())))
+                toml::Value::String(s) => one(s, None),
+                toml::Value::Array(p) if (1..=2).contains(&p.len()) => {
+                    let key = match p.get(1) {
+                        Some(k) => Some(k.as_str()?),
+                        None => None,
+                    };
+                    one(p[0].as_str()?, key)
                 }
                 _ => None,
             })
@@ -397,6 +461,57 @@ ca = "/etc/certs/ca.pem"
         );
         assert!(e[2].is_server);
         assert_eq!(e[2].tls.ca, [PathBuf::from("/etc/certs/ca.pem")]);
+        // The header values become one header line each.
+        let o = e[0].client_options(Default::default());
+        assert_eq!(
+            o.headers,
+            [
+                ("x-token".to_string(), "a".to_string()),
+                ("x-token".into(), "b".into())
+            ]
+        );
+        assert_eq!(
+            e[1].client_options(Default::default())
+                .tls
+                .client_certs
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn client_certificates_as_containerd_reads_them() {
+        let pairs = |text: &str| parse(text, "r").unwrap().pop().unwrap().tls.client;
+        // Two paths are two files holding certificate and key, not a [cert, key] pair.
+        assert_eq!(
+            pairs(r#"client = ["/a.pem", "/b.pem"]"#),
+            [("/a.pem".into(), None), ("/b.pem".into(), None)]
+        );
+        assert_eq!(
+            pairs(r#"client = [["/c.pem", "/c.key"], ["/both.pem", ""]]"#),
+            [
+                ("/c.pem".into(), Some("/c.key".into())),
+                ("/both.pem".into(), None)
+            ]
+        );
+        assert_eq!(pairs(r#"client = "/x.pem""#), [("/x.pem".into(), None)]);
+        assert!(parse(r#"client = [["/a", "/b", "/c"]]"#, "r").is_err());
+        assert!(parse(r#"client = 1"#, "r").is_err());
+        // Relative paths are relative to the file.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("r.example")).unwrap();
+        std::fs::write(
+            d.path().join("r.example/hosts.toml"),
+            "ca = \"ca.pem\"\nclient = [[\"c.pem\", \"/abs/c.key\"]]\n",
+        )
+        .unwrap();
+        let e = endpoints(Some(d.path()), "r.example").unwrap();
+        let dir = d.path().join("r.example");
+        assert_eq!(e[0].tls.ca, [dir.join("ca.pem")]);
+        assert_eq!(
+            e[0].tls.client,
+            [(dir.join("c.pem"), Some(PathBuf::from("/abs/c.key")))]
+        );
     }
 
     #[test]

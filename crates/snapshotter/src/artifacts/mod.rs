@@ -100,6 +100,9 @@ pub enum FetchError {
     /// The registry could not be reached or failed.
     #[error("registry unreachable: {0}")]
     Unreachable(String),
+    /// TLS with the registry failed, or its TLS settings (`ca`, `client`) cannot be used.
+    #[error("registry TLS failed: {0}")]
+    Tls(String),
     /// The fetch took longer than `artifacts.fetch_timeout`.
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
@@ -179,6 +182,7 @@ pub fn outcome_of(e: &FetchError) -> Outcome {
     match e {
         FetchError::Absent(_) => Outcome::Absent,
         FetchError::Unreachable(_) => Outcome::Unreachable,
+        FetchError::Tls(_) => Outcome::Tls,
         FetchError::Timeout(_) => Outcome::Timeout,
         FetchError::Invalid(_) => Outcome::Invalid,
     }

@@ -4,9 +4,13 @@
 //! blobs, every request held to `artifacts.fetch_timeout` and every blob to
 //! `artifacts.max_blob_size`.
 //!
-//! The client speaks plain HTTP only and sends no extra headers: `https://` endpoints, and
-//! the `ca`/`client`/`skip_verify`/`header` keys of `hosts.toml`, are skipped with a log line
-//! saying so (the layer is then computed, as for an unreachable registry).
+//! Each endpoint is asked with its own `hosts.toml` settings ([`Endpoint::client_options`]):
+//! `https` with the system roots plus its `ca` files, its `client` certificates and
+//! `skip_verify`; its `[header]` values on every request. An endpoint whose TLS fails
+//! (certificate refused either way, TLS files that cannot be read) is reported as
+//! [`FetchError::Tls`] (counter outcome `tls`) and the next endpoint is tried; if none gives
+//! the artifacts the layer is computed locally. Endpoints with a path (`override_path`, or a
+//! mirror URL with a path) are skipped: the client talks to `/v2` at the host's root only.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -56,6 +60,7 @@ fn classify(e: &erofs_registry::Error) -> FetchError {
         {
             FetchError::Unreachable(format!("timed out: {e}"))
         }
+        E::Tls { .. } => FetchError::Tls(e.to_string()),
         E::Io { .. } | E::Status { .. } | E::Unsupported(_) => {
             FetchError::Unreachable(e.to_string())
         }
@@ -66,11 +71,6 @@ fn classify(e: &erofs_registry::Error) -> FetchError {
 impl RegistrySource {
     /// Why `ep` cannot be used by this client, if it cannot.
     fn unusable(ep: &Endpoint) -> Option<String> {
-        if !ep.plain_http() {
-            return Some(
-                "https endpoints need TLS, which the registry client does not have".into(),
-            );
-        }
         if ep.path != "/v2" {
             return Some(format!(
                 "path {:?} (override_path) is not supported",
@@ -87,19 +87,19 @@ impl RegistrySource {
         image: &ImageId,
         layer: &str,
     ) -> Result<Fetched, FetchError> {
-        if ep.tls.is_set() || !ep.headers.is_empty() {
-            tracing::info!(endpoint = %ep.base_url(), "hosts.toml TLS and header settings are ignored for artifacts (plain HTTP client)");
+        if ep.plain_http() && ep.tls.is_set() {
+            tracing::debug!(endpoint = %ep.base_url(), "TLS settings of a plain-http endpoint are not used");
         }
         let client = Client::new(
-            &format!("http://{}", ep.host),
-            ClientOptions {
+            &ep.origin(),
+            ep.client_options(ClientOptions {
                 connect_timeout: self.timeout,
                 io_timeout: self.timeout,
                 request_timeout: Some(self.timeout),
-                credentials: None,
-            },
+                ..ClientOptions::default()
+            }),
         )
-        .map_err(|e| FetchError::Unreachable(e.to_string()))?;
+        .map_err(|e| classify(&e))?;
         let (index, _via) = client
             .referrers(repo, &image.manifest_digest, Some(ARTIFACT_TYPE))
             .map_err(|e| classify(&e))?;
@@ -236,23 +236,28 @@ mod tests {
 
     #[test]
     fn endpoints_the_client_cannot_use_are_skipped_not_fatal() {
-        // An https registry: skipped (no TLS), reported as unreachable.
-        let e = source(None)
-            .fetch(&image("registry.example/app:1"), "sha256:00")
+        // An https endpoint whose CA file is missing: a TLS failure naming the file.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("r.example")).unwrap();
+        std::fs::write(
+            d.path().join("r.example/hosts.toml"),
+            "server = \"https://127.0.0.1:9\"\nca = \"missing-ca.pem\"\n",
+        )
+        .unwrap();
+        let e = source(Some(d.path().into()))
+            .fetch(&image("r.example/app:1"), "sha256:00")
             .unwrap_err();
         assert!(
-            matches!(&e, FetchError::Unreachable(m) if m.contains("TLS")),
+            matches!(&e, FetchError::Tls(m) if m.contains("missing-ca.pem")),
             "{e}"
         );
         // A mirror with a path override, then a refused connection: both reported, the
         // last one wins.
-        let d = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        std::fs::create_dir(d.path().join("r.example")).unwrap();
         std::fs::write(
             d.path().join("r.example/hosts.toml"),
             format!(
