@@ -168,7 +168,7 @@ fn prepare(
 
     let repo = format!("bench/{name}");
     let c = Client::new(
-        &reg.host(),
+        &format!("http://{}", reg.host()),
         ClientOptions {
             io_timeout: Duration::from_secs(300),
             ..ClientOptions::default()
@@ -199,6 +199,7 @@ fn prepare(
         &[
             "artifacts".as_ref(),
             "push".as_ref(),
+            "--plain-http".as_ref(),
             out.as_os_str(),
             reference.as_ref(),
         ],
