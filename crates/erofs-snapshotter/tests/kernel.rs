@@ -14,6 +14,8 @@
 //!   reads with EIO and the next mount.
 //! - [`dmverity`]: a dm-verity device per layer (`dmverity_mode = "on"`), unique names,
 //!   removed on Remove and after `kill -9` + restart; a flipped byte fails reads with EIO.
+//! - [`flatten`]: a flattened chain (`max_unmerged_layers`) under kernel fs-verity and under
+//!   dm-verity: fsmeta protected as a layer, its `device=` layers as when stacked.
 //! - [`containerd`]: a container from a multi-layer image with whiteouts through containerd
 //!   1.6, a container committed, the daemon killed and restarted, containerd restarted, the
 //!   layers' loop devices counted all along and none left at the end.
@@ -25,6 +27,8 @@ mod common;
 mod containerd;
 #[path = "kernel/dmverity.rs"]
 mod dmverity;
+#[path = "kernel/flatten.rs"]
+mod flatten;
 #[path = "kernel/fsverity.rs"]
 mod fsverity;
 #[path = "containerd_e2e/images.rs"]
