@@ -203,12 +203,16 @@ fn blob(
 fn dmverity_devices_for_fsmeta_and_every_layer_device() {
     let cfg = crate::dmverity::cfg().sn("max_unmerged_layers = 1");
     run(Env::new(BIN, cfg), async |env| {
-        let body = marked(200_000, 100_000, BIG);
+        // A marked file of its own in every layer.
+        let marks: Vec<Vec<u8>> = (0..3)
+            .map(|i| format!("{}-{i}", String::from_utf8_lossy(BIG)).into_bytes())
+            .collect();
+        let bodies: Vec<Vec<u8>> = marks.iter().map(|m| marked(200_000, 100_000, m)).collect();
         let name = format!("etc/{NAME}");
         let layers: [&[(&str, &[u8])]; 3] = [
-            &[("etc/bottom", b"bottom\n")],
-            &[(&name, b"x\n")],
-            &[("data/big", &body), ("etc/top", b"top\n")],
+            &[("data/big0", &bodies[0])],
+            &[(&name, b"x\n"), ("data/big1", &bodies[1])],
+            &[("data/big2", &bodies[2]), ("etc/top", b"top\n")],
         ];
         let mut ids = Vec::new();
         let mut parent = String::new();
@@ -224,9 +228,10 @@ fn dmverity_devices_for_fsmeta_and_every_layer_device() {
         let mounts = env.c().prepare("fd/c", "fd/l2").await?;
         ensure_flattened(env, &mounts, top)?;
         let m = env.mount(&mounts, "c")?;
-        ensure!(fs::read(m.path().join("data/big"))? == body);
+        for (i, body) in bodies.iter().enumerate() {
+            ensure!(fs::read(m.path().join(format!("data/big{i}")))? == *body);
+        }
         ensure!(fs::read(m.path().join(&name))? == b"x\n");
-        ensure!(fs::read(m.path().join("etc/bottom"))? == b"bottom\n");
         let merged = env.snapshot_dir(top).join("merged");
 
         // One device per layer and one for fsmeta, each verified by the kernel; kill -9 and
@@ -246,16 +251,19 @@ fn dmverity_devices_for_fsmeta_and_every_layer_device() {
             "the restart or a View made other dm devices"
         );
 
-        // A byte flipped in the top layer's file, and in fsmeta's directory entry: the
-        // flattened mount reads both through dm-verity (neither file has fs-verity). (The
-        // kernel then reports both devices as corrupted until they go.)
-        let layer = env.layer(top);
-        let at = find(&layer, BIG)?;
-        flip_byte(&layer, at)?;
-        drop_caches()?;
-        expect_eio(&merged.join("data/big"), "a layer's data block")?;
-        expect_eio(&m.path().join("data/big"), "a layer's data block")?;
-        flip_byte(&layer, at)?;
+        // A byte flipped in each layer's file, and in fsmeta's directory entry: the
+        // flattened mount reads them all through dm-verity (no file has fs-verity). (The
+        // kernel then reports the devices as corrupted until they go.)
+        for (i, &id) in ids.iter().enumerate() {
+            let layer = env.layer(id);
+            let at = find(&layer, &marks[i])?;
+            flip_byte(&layer, at)?;
+            drop_caches()?;
+            let what = format!("layer {i}'s data block");
+            expect_eio(&merged.join(format!("data/big{i}")), &what)?;
+            expect_eio(&m.path().join(format!("data/big{i}")), &what)?;
+            flip_byte(&layer, at)?;
+        }
         let meta = fsmeta(env, top);
         let at = find(&meta, NAME.as_bytes())?;
         flip_byte(&meta, at)?;
@@ -263,7 +271,9 @@ fn dmverity_devices_for_fsmeta_and_every_layer_device() {
         expect_eio_listing(&merged.join("etc"), "fsmeta's directory entry")?;
         flip_byte(&meta, at)?;
         drop_caches()?;
-        ensure!(fs::read(m.path().join("data/big"))? == body);
+        for (i, body) in bodies.iter().enumerate() {
+            ensure!(fs::read(m.path().join(format!("data/big{i}")))? == *body);
+        }
         ensure!(fs::read(m.path().join(&name))? == b"x\n");
         vm.unmount()?;
         m.unmount()?;
@@ -273,13 +283,20 @@ fn dmverity_devices_for_fsmeta_and_every_layer_device() {
 
         // fsmeta's device stays while its snapshot does, and goes with it.
         let (_, prefix) = names(env, &[]);
-        let left: BTreeSet<String> = dm_devices(&prefix)?.into_iter().map(|d| d.name).collect();
+        let dm_names = || -> Result<BTreeSet<String>> {
+            Ok(dm_devices(&prefix)?.into_iter().map(|d| d.name).collect())
+        };
+        let left = dm_names()?;
         ensure!(
             left == all,
             "after removing the container and view: {left:?}"
         );
         env.c().remove("fd/l2").await?;
-        check_named(env, &names(env, &ids[..2]).0)?;
+        let left = dm_names()?;
+        ensure!(
+            left == names(env, &ids[..2]).0,
+            "after removing fd/l2: {left:?}"
+        );
         ensure!(env.kill9().is_some());
         env.start().await?;
         for k in ["fd/l1", "fd/l0"] {
