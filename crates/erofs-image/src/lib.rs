@@ -12,8 +12,8 @@
 //! * [`compression`]: gzip/zstd detection and decompression with a bomb guard.
 //! * [`builder`]: tar or directory to EROFS; OCI whiteouts become overlayfs whiteouts.
 //! * [`reader`]: stat, readdir, read, xattrs and path lookup on an image.
-//! * [`merge`]: fsmeta, one metadata-only image over a chain of layers (their devices).
-//! * [`flatdev`]: flat addresses in a device table, so an image and its devices form one disk.
+//! * [`merge`]: fsmeta, one metadata-only image over a chain of layers (their devices, or
+//!   the chain laid end to end as one disk).
 //! * [`check`]: verify every invariant the kernel relies on, reporting each problem.
 //! * [`format`](mod@format): the on-disk structures.
 //! * [`output`]: where images are written.
@@ -25,7 +25,6 @@ pub mod check;
 pub mod compression;
 pub mod debug;
 pub mod error;
-pub mod flatdev;
 pub mod format;
 pub mod merge;
 pub mod output;

@@ -19,9 +19,11 @@
 //! `mount -t erofs -o ro,device=L1,...,device=LN fsmeta.erofs /mnt`. When fsmeta is a regular
 //! file (a file-backed mount, Linux 6.12+) the kernel opens every `device=` path as a file and
 //! refuses anything but regular files; when fsmeta is a block device (a loop device) the
-//! devices must be block devices too. Without `device=` options the kernel would take each
-//! slot's tag as the path; fsmeta leaves the tags empty, so the options are required. Pass
-//! them one `fsconfig` call each (as `erofs_sys::mount::mount_erofs_file` does): `mount(2)`'s
+//! devices must be block devices too. Each device-table slot also gives its layer's address
+//! in the chain laid end to end as one disk (`uniaddr`: fsmeta, then each layer, bottom
+//! first, block-aligned), so a kernel given that one disk and no `device=` options mounts it
+//! too (flat-device mode, with empty tags from Linux 6.7). Pass the `device=` options one
+//! `fsconfig` call each (as `erofs_sys::mount::mount_erofs_file` does): `mount(2)`'s
 //! single option page limits a long chain.
 //!
 //! Layers may be full images and tar-index images (`[index][tar]`, 512-byte blocks) mixed in
@@ -378,15 +380,26 @@ fn merge_with<W: Write>(
 
     let uuid = opts.uuid.unwrap_or_else(|| derived_uuid(infos));
     let mut head = vec![0u8; (first_data * bs) as usize];
-    let slots: Vec<DeviceSlot> = device_blocks
-        .iter()
-        .map(|&blocks| DeviceSlot {
+    // Each layer's address when fsmeta and the layers are laid end to end as one disk, right
+    // after fsmeta and the layers below it: VM runtimes get a chain as one block device and
+    // the kernel mounts it without `device=` options (flat-device mode). Mounts that name the
+    // devices read chunk-indexed data by device id and never use these addresses.
+    let mut at = emitted.end_block;
+    let mut slots = Vec::with_capacity(n);
+    for (i, &blocks) in device_blocks.iter().enumerate() {
+        let uniaddr = u32::try_from(at).map_err(|_| {
+            Error::TooLarge(format!(
+                "layer {} would start at block {at} of the chain's one-disk layout, past 2^32 blocks",
+                i + 1
+            ))
+        })?;
+        slots.push(DeviceSlot {
             tag: [0; 64],
             blocks,
-            // Separate devices (`device=`), not one file: no unified address.
-            uniaddr: 0,
-        })
-        .collect();
+            uniaddr,
+        });
+        at += blocks as u64;
+    }
     write_device_table_head(
         &mut head,
         &emitted,
@@ -1103,6 +1116,33 @@ mod tests {
             "{}",
             r.summary(10)
         );
+    }
+
+    /// The device table places each layer right after fsmeta and the layers below it, so the
+    /// chain laid end to end is one image that reads the same without separate devices.
+    #[test]
+    fn device_table_lays_the_chain_out_as_one_disk() {
+        let layers = stack();
+        let (fsmeta, s) = merge(&layers, &MergeOptions::default()).unwrap();
+        let bs = s.block_size as u64;
+        assert!(fsmeta.len() as u64 <= s.blocks * bs);
+        let img = open(fsmeta.clone(), &layers);
+        let mut disk = fsmeta;
+        let mut at = s.blocks;
+        for (slot, layer) in img.device_slots().iter().zip(&layers) {
+            assert_eq!(slot.uniaddr as u64, at, "right after what is below it");
+            disk.resize((at * bs) as usize, 0);
+            disk.extend_from_slice(layer);
+            at += slot.blocks as u64;
+        }
+        disk.resize((at * bs) as usize, 0);
+        let one = Image::open(disk).unwrap();
+        assert!(one.is_flat());
+        let report = crate::check::check(&one);
+        assert!(report.is_ok(), "{}", report.summary(10));
+        for path in ["usr/bin/sh", "usr/bin/tail", "lib/new", "etc/keep", "t/x"] {
+            assert_eq!(content(&one, path), content(&img, path), "{path}");
+        }
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //!   removed on Remove and after `kill -9` + restart; a flipped byte fails reads with EIO.
 //! - [`artifacts`]: registry artifacts with a signed root and `dmverity_mode = "on"`: the
 //!   tree is checked against its root only, and dm-verity refuses data it does not describe.
+//! - [`flatten`]: a flattened chain (`max_unmerged_layers`) under kernel fs-verity and under
+//!   dm-verity: fsmeta protected as a layer, its `device=` layers as when stacked.
 //! - [`containerd`]: a container from a multi-layer image with whiteouts through containerd
 //!   1.6, a container committed, the daemon killed and restarted, containerd restarted, the
 //!   layers' loop devices counted all along and none left at the end.
@@ -29,6 +31,8 @@ mod common;
 mod containerd;
 #[path = "kernel/dmverity.rs"]
 mod dmverity;
+#[path = "kernel/flatten.rs"]
+mod flatten;
 #[path = "kernel/fsverity.rs"]
 mod fsverity;
 #[path = "containerd_e2e/images.rs"]

@@ -146,6 +146,57 @@ fn start_up_rechecks_mounted_layers() {
     s.view("v4", "l2", BTreeMap::new()).unwrap();
 }
 
+/// A flattened chain's fsmeta changed while no daemon ran is caught at start-up as a changed
+/// layer is: its mount is detached and the next mount of it refused; an intact one on another
+/// chain stays mounted and in use.
+#[test]
+fn start_up_rechecks_mounted_fsmeta() {
+    let root = Root::new("[snapshotter]\nenable_fsverity = true\nmax_unmerged_layers = 1\n");
+    let mounts = Arc::new(RecordingMounter::new());
+    let s = root.open_with(mounts.clone());
+    layer(&s, "a", "", &[("etc/a", b"a\n")]);
+    let b = layer(&s, "b", "a", &[("etc/b", b"b\n")]);
+    layer(&s, "c", "", &[("etc/c", b"c\n")]);
+    let d = layer(&s, "d", "c", &[("etc/d", b"d\n")]);
+    s.view("vb", "b", BTreeMap::new()).unwrap();
+    s.view("vd", "d", BTreeMap::new()).unwrap();
+    drop(s);
+    let (mb, md) = (b.join("merged"), d.join("merged"));
+    assert!(
+        mounts.mounted().contains_key(&mb) && mounts.mounted().contains_key(&md),
+        "both chains are flattened: {:?}",
+        mounts.mounted()
+    );
+
+    // b's fsmeta changed (one byte of its superblock) while no daemon runs.
+    let fsmeta = b.join("fsmeta.erofs");
+    let mut bytes = std::fs::read(&fsmeta).unwrap();
+    bytes[1024 + 12] ^= 0xff;
+    std::fs::write(&fsmeta, &bytes).unwrap();
+    let s = root.open_with(mounts.clone());
+    assert!(
+        !mounts.mounted().contains_key(&mb),
+        "the changed fsmeta is unmounted"
+    );
+    assert!(
+        mounts.mounted().contains_key(&md),
+        "the intact one stays mounted"
+    );
+    let e = s.view("vb2", "b", BTreeMap::new()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(
+        e.to_string().contains("fsmeta") && e.to_string().contains("modified or replaced"),
+        "{e}"
+    );
+    let before = mounts.events().len();
+    s.view("vd2", "d", BTreeMap::new()).unwrap();
+    assert_eq!(
+        mounts.events().len(),
+        before,
+        "the intact chain is used as mounted, not mounted again"
+    );
+}
+
 /// With fs-verity on, a layer with no recorded digest is refused rather than used unchecked:
 /// here, one committed while fs-verity was off. Nothing says what its content should be, so
 /// it cannot be told from a replaced one. (The daemon used to warn and mount it.)

@@ -3,13 +3,14 @@
 //! upper dir to the mapped root, so the host sees shifted owners and the container's user
 //! namespace sees the image's own.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use testsuite::mounts::self_mounts;
 use testsuite::rootfs::parse_overlay;
 
@@ -58,6 +59,42 @@ async fn base_layer(env: &Env) -> Result<u64> {
     m.unmount()?;
     env.c().commit("idm/base", "idm/a").await?;
     Ok(id)
+}
+
+/// `idm/top` on `idm/base`, with a uid/gid-1000 file of its own; without the labels, the
+/// base layer below it shows its real owners. Returns its id.
+async fn top_layer(env: &Env) -> Result<u64> {
+    let mounts = env.c().prepare("idm/plain", "idm/base").await?;
+    let id = env.id_of_mounts(&mounts)?;
+    let m = env.mount(&mounts, "plain")?;
+    ensure!(owner(&m.path().join("home/user/file"))? == (1000, 1000));
+    ensure!(owner(&m.path().join("etc/root-file"))? == (0, 0));
+    fs::write(m.path().join("home/user/top-file"), b"top\n")?;
+    rustix::fs::chown(
+        m.path().join("home/user/top-file"),
+        Some(rustix::fs::Uid::from_raw(1000)),
+        Some(rustix::fs::Gid::from_raw(1000)),
+    )?;
+    m.unmount()?;
+    env.c().commit("idm/top", "idm/plain").await?;
+    Ok(id)
+}
+
+/// Owner, group and mode of everything below `dir`, by path relative to it.
+fn owners_below(dir: &Path) -> Result<BTreeMap<PathBuf, (u32, u32, u32)>> {
+    let mut all = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let md = fs::symlink_metadata(dir.join(&rel))
+            .with_context(|| format!("stat {}", dir.join(&rel).display()))?;
+        if md.is_dir() {
+            for e in fs::read_dir(dir.join(&rel))? {
+                stack.push(rel.join(e?.file_name()));
+            }
+        }
+        all.insert(rel, (md.uid(), md.gid(), md.mode()));
+    }
+    Ok(all)
 }
 
 #[test]
@@ -135,21 +172,9 @@ fn idmapped_lowers_seen_through_stat() {
         ensure!(owner(&upper.join("created-inside"))? == (100000, 100000));
         m.unmount()?;
 
-        // Without the labels, the same layer shows its real owners; a layer committed from
-        // it (with a uid-1000 file of its own) is idmapped too when it is one of several
-        // lowers.
-        let mounts = env.c().prepare("idm/plain", "idm/base").await?;
-        let m = env.mount(&mounts, "plain")?;
-        ensure!(owner(&m.path().join("home/user/file"))? == (1000, 1000));
-        ensure!(owner(&m.path().join("etc/root-file"))? == (0, 0));
-        fs::write(m.path().join("home/user/top-file"), b"top\n")?;
-        rustix::fs::chown(
-            m.path().join("home/user/top-file"),
-            Some(rustix::fs::Uid::from_raw(1000)),
-            Some(rustix::fs::Gid::from_raw(1000)),
-        )?;
-        m.unmount()?;
-        env.c().commit("idm/top", "idm/plain").await?;
+        // A layer committed from it (with a uid-1000 file of its own) is idmapped too when it
+        // is one of several lowers.
+        top_layer(env).await?;
         let mounts = env
             .c()
             .prepare_with(
@@ -192,6 +217,92 @@ fn idmapped_lowers_seen_through_stat() {
         );
         Ok(())
     });
+}
+
+/// A flattened chain (`max_unmerged_layers = 1`) with the mapping labels: the container's one
+/// lower is an idmapped clone of the chain's fsmeta mount (`ROOT/snapshots/P/merged-idmap-TAG`),
+/// and it shows exactly what the stacked idmapped lowers of the same chain show, on the host
+/// and inside the user namespace; removing everything leaves no mount behind.
+#[test]
+fn idmapped_flattened_lowers_show_what_stacked_ones_show() {
+    run(
+        Env::new(BIN, Cfg::new().sn("max_unmerged_layers = 1")),
+        async |env| {
+            base_layer(env).await?;
+            let top = top_layer(env).await?;
+            let map = || labels(&[(LABEL_UIDMAPPING, MAP), (LABEL_GIDMAPPING, MAP)]);
+            let flat = env.c().prepare_with("idm/flat", "idm/top", map()).await?;
+            ensure!(flat.len() == 1 && flat[0].r#type == "overlay", "{flat:?}");
+            let lower = match parse_overlay(&flat[0])?.lowers.as_slice() {
+                [l] => l.clone(),
+                more => bail!("a flattened chain has one lower, not {more:?}"),
+            };
+            ensure!(
+                lower.parent() == Some(env.snapshot_dir(top).as_path())
+                    && lower
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("merged-idmap-")),
+                "the lower is not an idmapped clone of the fsmeta mount: {lower:?}"
+            );
+            let entry = self_mounts()?
+                .into_iter()
+                .find(|m| m.mount_point == lower)
+                .context("the idmapped fsmeta lower is not a mount point")?;
+            ensure!(
+                entry.fs_type == "erofs" && entry.mount_options.iter().any(|o| o == "idmapped"),
+                "{} is not an idmapped EROFS mount: {entry:?}",
+                lower.display()
+            );
+
+            // The same chain stacked: flattening is decided when a snapshot is created.
+            env.stop()?;
+            env.set_config(Cfg::new())?;
+            env.start().await?;
+            let stacked = env
+                .c()
+                .prepare_with("idm/stacked", "idm/top", map())
+                .await?;
+            ensure!(
+                parse_overlay(&stacked[0])?.lowers.len() == 2,
+                "not stacked: {stacked:?}"
+            );
+            let mf = env.mount(&flat, "flat")?;
+            let ms = env.mount(&stacked, "stacked")?;
+            let (f, s) = (owners_below(mf.path())?, owners_below(ms.path())?);
+            ensure!(f == s, "flattened:\n{f:?}\nstacked:\n{s:?}");
+            ensure!(owner(&mf.path().join("home/user/top-file"))? == (101000, 101000));
+            ensure!(owner(&mf.path().join("home/user/file"))? == (101000, 101000));
+            ensure!(owner(&mf.path().join("etc/root-file"))? == (100000, 100000));
+            let userns =
+                erofs_sys::idmap::create_userns(&[(0, 100000, 65536)], &[(0, 100000, 65536)])?;
+            for m in [&mf, &ms] {
+                let out = in_userns(
+                    &userns,
+                    &format!(
+                        "cd {} && stat -c '%u:%g' . home/user/top-file home/user/file etc/root-file",
+                        m.path().display()
+                    ),
+                )?;
+                ensure!(
+                    out == "0:0\n1000:1000\n1000:1000\n0:0\n",
+                    "inside, {}: {out}",
+                    m.path().display()
+                );
+            }
+            mf.unmount()?;
+            ms.unmount()?;
+            for k in ["idm/flat", "idm/stacked", "idm/top", "idm/base"] {
+                env.c().remove(k).await?;
+            }
+            ensure!(
+                !self_mounts()?
+                    .iter()
+                    .any(|m| m.mount_point.starts_with(env.snapshots_dir())),
+                "mounts left under the root after removing everything"
+            );
+            Ok(())
+        },
+    );
 }
 
 /// The start-up probe behind the `remap-ids` capability answers for this kernel, whatever

@@ -218,3 +218,59 @@ fn immutable_across_crashes() {
         Ok(())
     });
 }
+
+/// A flattened chain's `fsmeta.erofs` (`max_unmerged_layers = 1`) is flagged like a layer:
+/// nobody writes or unlinks it; it mounts and reads; Remove of the snapshot it belongs to
+/// clears the flag and deletes it with the directory.
+#[test]
+fn fsmeta_of_a_flattened_chain_is_immutable() {
+    run(
+        Env::new(BIN, cfg().sn("max_unmerged_layers = 1")),
+        async |env| {
+            let base = env
+                .layer_with("imf/a", "", "imf/base", &[("etc/motd", b"base\n")])
+                .await?;
+            let top = env
+                .layer_with("imf/b", "imf/base", "imf/top", &[("etc/top", b"top\n")])
+                .await?;
+            let mounts = env.c().view("imf/view", "imf/top").await?;
+            let merged = env.snapshot_dir(top).join("merged");
+            ensure!(
+                mounts.len() == 1 && mounts[0].source == merged.display().to_string(),
+                "the view is not of the flattened chain: {mounts:?}"
+            );
+            let fsmeta = env.snapshot_dir(top).join("fsmeta.erofs");
+            ensure!(
+                is_immutable(&fsmeta)?,
+                "{} has no FS_IMMUTABLE_FL",
+                fsmeta.display()
+            );
+            for id in [base, top] {
+                ensure!(is_immutable(&env.layer(id))?);
+            }
+            match OpenOptions::new().write(true).open(&fsmeta) {
+                Ok(_) => bail!("{} could be opened for writing", fsmeta.display()),
+                Err(e) => ensure!(e.raw_os_error() == Some(EPERM), "open for writing: {e}"),
+            }
+            match fs::remove_file(&fsmeta) {
+                Ok(()) => bail!("{} could be unlinked", fsmeta.display()),
+                Err(e) => ensure!(e.raw_os_error() == Some(EPERM), "unlink: {e}"),
+            }
+            let m = env.mount(&mounts, "view")?;
+            ensure!(fs::read(m.path().join("etc/motd"))? == b"base\n");
+            ensure!(fs::read(m.path().join("etc/top"))? == b"top\n");
+            m.unmount()?;
+            for k in ["imf/view", "imf/top", "imf/base"] {
+                env.c().remove(k).await?;
+            }
+            ensure!(
+                !env.snapshot_dir(top).exists(),
+                "{} survived Remove",
+                env.snapshot_dir(top).display()
+            );
+            let left = leftovers(env)?;
+            ensure!(left.is_empty(), "left behind: {left:?}");
+            Ok(())
+        },
+    );
+}

@@ -16,15 +16,15 @@ use crate::fsverity::{find, marked};
 use crate::sys::{dm_devices, drop_caches, wait_no_loops, wait_until};
 
 const TAR_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const MARK: &[u8] = b"KERNEL-DMVERITY-MARKER";
+pub const MARK: &[u8] = b"KERNEL-DMVERITY-MARKER";
 
-fn cfg() -> Cfg {
+pub fn cfg() -> Cfg {
     Cfg::new()
         .sn("dmverity_mode = \"on\"")
         .df("enable_dmverity = true")
 }
 
-fn layer_blob(env: &Env, i: usize, body: &[u8]) -> Result<Descriptor> {
+pub fn layer_blob(env: &Env, i: usize, body: &[u8]) -> Result<Descriptor> {
     let mut l = testsuite::oci::LayerBuilder::new();
     l.dir("etc", 0o755)
         .file(&format!("etc/l{i}"), 0o644, format!("{i}\n").as_bytes())
@@ -48,7 +48,7 @@ pub async fn apply_on(
 }
 
 /// The daemon's dm device names for layers `ids`, and the prefix all of its names share.
-fn names(env: &Env, ids: &[u64]) -> (BTreeSet<String>, String) {
+pub fn names(env: &Env, ids: &[u64]) -> (BTreeSet<String>, String) {
     let all: BTreeSet<String> = ids
         .iter()
         .map(|&id| snapshotter::integrity::dmverity::device_name(&env.root, id))
@@ -60,12 +60,18 @@ fn names(env: &Env, ids: &[u64]) -> (BTreeSet<String>, String) {
 /// The daemon's dm devices are exactly those of `ids`, each an active, verified dm-verity
 /// device.
 pub fn check_devices(env: &Env, ids: &[u64]) -> Result<Vec<crate::sys::Dm>> {
-    let (want, prefix) = names(env, ids);
+    check_named(env, &names(env, ids).0)
+}
+
+/// The daemon's dm devices are exactly the ones named `want`, each an active, verified
+/// dm-verity device.
+pub fn check_named(env: &Env, want: &BTreeSet<String>) -> Result<Vec<crate::sys::Dm>> {
+    let (_, prefix) = names(env, &[]);
     let devs = dm_devices(&prefix)?;
     let got: BTreeSet<String> = devs.iter().map(|d| d.name.clone()).collect();
     ensure!(
-        got == want && devs.len() == want.len(),
-        "expected one dm-verity device per layer {want:?}, got {devs:?}"
+        &got == want && devs.len() == want.len(),
+        "expected the dm-verity devices {want:?}, got {devs:?}"
     );
     for d in &devs {
         let st = run_ok(Command::new("veritysetup").arg("status").arg(&d.name))?;

@@ -14,21 +14,21 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::common::{BIN, Cfg, Env, gzip, run, run_ok};
 use crate::sys::drop_caches;
 
-fn cfg() -> Cfg {
+pub fn cfg() -> Cfg {
     Cfg::new()
         .sn("enable_fsverity = true")
         .sn("fsverity = \"on\"")
 }
 
 /// `fsverity measure` (the kernel's FS_IOC_MEASURE_VERITY) of a file, hex.
-fn kernel_measure(path: &Path) -> Result<String> {
+pub fn kernel_measure(path: &Path) -> Result<String> {
     let out = run_ok(Command::new("fsverity").arg("measure").arg(path))
         .with_context(|| format!("fs-verity is not enabled on {}", path.display()))?;
     hex_of(&out)
 }
 
 /// `fsverity digest` (computed in userspace by fsverity-utils) of a file, hex.
-fn utils_digest(path: &Path) -> Result<String> {
+pub fn utils_digest(path: &Path) -> Result<String> {
     hex_of(&run_ok(
         Command::new("fsverity")
             .args(["digest", "--hash-alg=sha256", "--block-size=4096"])
@@ -62,7 +62,7 @@ pub fn find(path: &Path, marker: &[u8]) -> Result<u64> {
 }
 
 /// The block device holding `path`'s filesystem (`/dev/vda` in the guest).
-fn device_of(path: &Path) -> Result<PathBuf> {
+pub fn device_of(path: &Path) -> Result<PathBuf> {
     let st = rustix::fs::stat(path)?;
     let (maj, min) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
     let uevent = fs::read_to_string(format!("/sys/dev/block/{maj}:{min}/uevent"))
@@ -76,7 +76,7 @@ fn device_of(path: &Path) -> Result<PathBuf> {
 
 /// The byte offset on the device of byte `off` of `path` (`filefrag -v`'s extent map, in
 /// 4 KiB blocks).
-fn physical_offset(path: &Path, off: u64) -> Result<u64> {
+pub fn physical_offset(path: &Path, off: u64) -> Result<u64> {
     let out = run_ok(Command::new("filefrag").args(["-v", "-b4096"]).arg(path))?;
     let block = off / 4096;
     for line in out.lines() {
@@ -100,7 +100,7 @@ fn physical_offset(path: &Path, off: u64) -> Result<u64> {
 }
 
 /// Flips every bit of the byte at `off` on the block device `dev`, durably.
-fn flip_on_device(dev: &Path, off: u64) -> Result<()> {
+pub fn flip_on_device(dev: &Path, off: u64) -> Result<()> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)

@@ -480,6 +480,12 @@ pub fn device_name(root: &Path, id: u64) -> String {
     format!("erofs-{}-{id}", hex::encode(&h[..4]))
 }
 
+/// The device-mapper name of snapshot `id`'s `fsmeta.erofs` (a flattened chain ending at
+/// `id`), next to its layer's [`device_name`].
+pub fn fsmeta_device_name(root: &Path, id: u64) -> String {
+    format!("{}-fsmeta", device_name(root, id))
+}
+
 /// The table a device over a layer with tree `rec` must have (devices aside).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpectedTable {

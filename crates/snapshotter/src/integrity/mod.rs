@@ -475,7 +475,7 @@ impl Integrity {
     }
 
     fn fsmeta_device_name(&self, id: u64) -> String {
-        format!("{}-fsmeta", dmverity::device_name(&self.root, id))
+        dmverity::fsmeta_device_name(&self.root, id)
     }
 }
 

@@ -130,34 +130,40 @@ impl SystemMounter {
     /// either all from regular files (file-backed, Linux 6.12+) or all from block devices, so
     /// every regular file here (a layer, or fsmeta, next to dm-verity devices; or all of
     /// them on kernels without file-backed mounts) gets a read-only loop device bound from
-    /// its open file, and block devices are used as they are.
+    /// its open file. The image itself is used as it is when it is a block device (fsmeta's
+    /// own dm-verity device, which nothing else mounts).
+    ///
+    /// Every `device=` gets a loop device, block devices included: EROFS claims its
+    /// `device=` block devices exclusively with its filesystem type as the holder, while
+    /// newer kernels (7.2 in the kernel matrix; 6.1 uses one holder for both) claim a
+    /// mounted filesystem's main device with its superblock as the holder. A layer's
+    /// dm-verity device that is mounted on its own (a stacked lower, an unpack's parent) so
+    /// could not be a `device=` of a flattened chain (EBUSY), nor the reverse. A loop device
+    /// over the dm-verity device takes the claim, and every read still goes through
+    /// dm-verity.
     fn mount_erofs_devices_via_loop(
         &self,
         image: OpenImage<'_>,
         devices: &[OpenImage<'_>],
         target: &Path,
     ) -> Result<()> {
-        let as_block = |img: &OpenImage<'_>| -> Result<Option<erofs_sys::loop_device::LoopDevice>> {
-            if is_block_device(img)? {
-                return Ok(None);
-            }
+        let attach = |img: &OpenImage<'_>| -> Result<erofs_sys::loop_device::LoopDevice> {
             erofs_sys::loop_device::attach_fd(img.file.as_fd(), false)
-                .map(Some)
                 .map_err(|e| mount_err("attaching a loop device to", img.path, e))
         };
-        let main = as_block(&image)?;
+        let main = if is_block_device(&image)? {
+            None
+        } else {
+            Some(attach(&image)?)
+        };
         // Held until the mount is made: autoclear frees each device once its mount goes.
         let mut loops = Vec::with_capacity(devices.len());
         for d in devices {
-            loops.push(as_block(d)?);
+            loops.push(attach(d)?);
         }
-        let paths: Vec<PathBuf> = devices
+        let paths: Vec<PathBuf> = loops
             .iter()
-            .zip(&loops)
-            .map(|(d, l)| match l {
-                Some(l) => erofs_sys::mount::fd_path(l.file.as_fd()),
-                None => erofs_sys::mount::fd_path(d.file.as_fd()),
-            })
+            .map(|l| erofs_sys::mount::fd_path(l.file.as_fd()))
             .collect();
         let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
         let source = match &main {
@@ -175,7 +181,7 @@ impl SystemMounter {
                 e,
             )
         })?;
-        let n = loops.iter().filter(|l| l.is_some()).count() + usize::from(main.is_some());
+        let n = loops.len() + usize::from(main.is_some());
         self.loop_mounts.fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }

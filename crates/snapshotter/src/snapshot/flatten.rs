@@ -310,7 +310,6 @@ fn merge_chain(out: &fs::File, tmp: &Path, layers: &[VerifiedLayer]) -> Result<B
         .map_err(|e| Error::from(e).context("building fsmeta"))?;
     w.flush().map_err(|e| Error::io("writing fsmeta", e))?;
     drop(w);
-    set_flat_addresses(out, summary.bytes())?;
     tracing::debug!(
         inodes = summary.inodes,
         files = summary.files,
@@ -318,21 +317,6 @@ fn merge_chain(out: &fs::File, tmp: &Path, layers: &[VerifiedLayer]) -> Result<B
         "fsmeta written"
     );
     built_of(tmp)
-}
-
-/// Lay fsmeta and its layers out as one disk in its device table (each layer right after
-/// fsmeta and the layers below it), so a VM can be given the chain as one block device
-/// (see [`vmdk_descriptor`]); mounts with `device=` options do not use these addresses.
-fn set_flat_addresses(out: &fs::File, len: u64) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let n = len.min(erofs_image::flatdev::MAX_HEAD as u64) as usize;
-    let mut head = vec![0u8; n];
-    out.read_exact_at(&mut head, 0)
-        .map_err(|e| Error::io("reading fsmeta back", e))?;
-    erofs_image::flatdev::set_flat_addresses(&mut head)
-        .map_err(|e| Error::from(e).context("fsmeta's flat addresses"))?;
-    out.write_all_at(&head, 0)
-        .map_err(|e| Error::io("writing fsmeta's device table", e))
 }
 
 /// What the image at `path` is: its length, block size and device table.
