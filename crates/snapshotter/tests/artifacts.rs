@@ -128,7 +128,7 @@ fn layer(content: &Path, scratch: &Path, name: &str, key: &SecretKey) -> Layer {
         tar_index: Some(file[..data_len - tar.len()].to_vec()),
         diff_id: digest.clone(),
         tree: Some(FetchedTree {
-            bytes: file[data_len..].to_vec().into(),
+            bytes: file[meta.hashoffset as usize..].to_vec().into(),
             roothash: meta.roothash.clone(),
             block_size: 512,
             hash_offset: meta.hashoffset,
