@@ -120,14 +120,16 @@ pub struct ArtifactsBuildArgs {
     #[arg(long, value_name = "KEY")]
     pub sign_key: Option<PathBuf>,
     /// One of the nodes' `differ.mkfs_options` (repeat for each, e.g. `--mkfs-option=-T0`),
-    /// for their tar indexes to be the same bytes.
+    /// for their tar indexes (and, with --full-image, their full images) to be the same
+    /// bytes: a node with other options cannot use the artifacts.
     #[arg(long = "mkfs-option", value_name = "OPT", allow_hyphen_values = true)]
     pub mkfs_options: Vec<String>,
     /// Also keep each assembled layer (`[index][tar][tree]`) as OUTDIR/layers/<diffID hex>.
     #[arg(long)]
     pub keep_layers: bool,
     /// Also build each layer as the full EROFS image the differ writes without tar index,
-    /// and store (and sign) the dm-verity tree of that image.
+    /// and store (and sign) the dm-verity tree of that image, for nodes with
+    /// `enable_tar_index = false` and `enable_dmverity = true`.
     #[arg(long)]
     pub full_image: bool,
     #[command(flatten)]

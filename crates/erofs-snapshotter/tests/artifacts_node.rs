@@ -25,6 +25,11 @@
 //!    lookups to an HTTPS registry (certificate for 127.0.0.1, client certificates required)
 //!    with its `ca` and `client`: the artifacts are used; without `ca` the layers are computed
 //!    locally, counted as `tls`; with `skip_verify` instead they are used again.
+//! 6. `full_image_nodes_use_the_full_image_tree`: a node with tar index off and dm-verity on;
+//!    the producer's `artifacts build --full-image` and `push`: every layer uses the fetched
+//!    full-image tree, and each `layer.erofs` is byte for byte what the node computes from a
+//!    repository without artifacts. Artifacts built with other `--mkfs-option`s than the
+//!    node's `mkfs_options` are not used (`bad_tree`, one warning per layer).
 
 // Only part of the parser is used here.
 #[path = "artifacts_node/producer.rs"]
@@ -111,6 +116,16 @@ impl World {
     /// `extra`: more `[artifacts]` keys; `hosts`: registry host -> hosts.toml text for our
     /// daemon's `hosts_dir`.
     fn start(extra: &str, hosts: &[(String, String)], reg: Registry) -> Result<World> {
+        World::start_with("enable_tar_index = true\n", extra, hosts, reg)
+    }
+
+    /// [`World::start`] with `differ`: the daemon's `enable_tar_index` line.
+    fn start_with(
+        differ: &str,
+        extra: &str,
+        hosts: &[(String, String)],
+        reg: Registry,
+    ) -> Result<World> {
         let scratch = tempfile::tempdir()?;
         let key = SecretKey::generate()?;
         let other = SecretKey::generate()?;
@@ -126,7 +141,7 @@ impl World {
         // The pause image is never pulled: no pod runs.
         let cfg = CriConfig::new(SN, "127.0.0.1:1/none:1").plain_http(&reg.host());
         let daemon_config = format!(
-            "enable_tar_index = true\nenable_dmverity = true\n\
+            "{differ}enable_dmverity = true\n\
              [metrics]\naddress = \"unix:{}\"\n\
              [artifacts]\nenabled = true\nhosts_dir = {:?}\nfetch_timeout = \"{FETCH_TIMEOUT_SECS}s\"\n\
              trusted_keys = [{:?}]\n{extra}",
@@ -463,6 +478,83 @@ fn https_registry_from_hosts_toml_with_ca_and_client_certificate() {
         );
         drop(w);
         drop(https);
+        Ok(())
+    });
+}
+
+#[test]
+fn full_image_nodes_use_the_full_image_tree() {
+    e2e(|| {
+        let reg = Registry::start()?;
+        let w = World::start_with("enable_tar_index = false\n", "", &[], reg)?;
+        let key = w.scratch.path().join("signing.key");
+        std::fs::write(&key, w.key.to_text())?;
+        let key = key.to_str().context("utf-8 path")?;
+        // The producer: build (signed, with the full images' trees) and push.
+        let produce = |name: &str, mkfs: &[&str]| -> Result<(OciArchive, String)> {
+            let archive = w.env.build(&image(name, 3)?)?;
+            let reference = w.reg.push_as(&archive, &format!("testsuite/{name}"), "1")?;
+            let out = w.scratch.path().join(name);
+            let out = out.to_str().context("utf-8 path")?;
+            let mut args = vec![
+                "artifacts",
+                "build",
+                &reference,
+                "--plain-http",
+                out,
+                "--sign-key",
+                key,
+                "--full-image",
+            ];
+            args.extend_from_slice(mkfs);
+            cli(&args)?;
+            let pushed = cli(&["artifacts", "push", out, &reference, "--plain-http"])?;
+            ensure!(pushed.contains("referrers tag"), "{pushed}");
+            Ok((archive, reference))
+        };
+        let (archive, reference) = produce("full-used", &[])?;
+        w.cri.pull_image(&reference)?;
+        for l in &archive.layers {
+            let lines = w.lines_about(&l.blob.digest);
+            ensure!(
+                lines.len() == 1
+                    && lines[0].contains("used layer artifacts from the registry")
+                    && lines[0].contains("tree_check=\"full\""),
+                "layer {}: {lines:#?}",
+                l.blob.digest
+            );
+        }
+        ensure!(w.outcome("used")? == 3.0);
+        let mut fetched = w.layer_files()?;
+        fetched.sort();
+        ensure!(fetched.len() == 3, "{fetched:?}");
+        // The same image from a repository without artifacts: computed locally, into the
+        // same bytes.
+        w.remove(&reference)?;
+        let plain = w.reg.push_as(&archive, "testsuite/full-plain", "1")?;
+        w.cri.pull_image(&plain)?;
+        let mut local = w.layer_files()?;
+        local.sort();
+        ensure!(local == fetched, "fetched {fetched:?}, computed {local:?}");
+        ensure!(w.outcome("absent")? == 3.0);
+        w.remove(&plain)?;
+
+        // Built with mkfs options the node does not have (its mkfs_options are the
+        // defaults): another image, so not its tree.
+        let (archive, reference) = produce("full-other", &["--mkfs-option=-T0"])?;
+        w.cri.pull_image(&reference)?;
+        for l in &archive.layers {
+            let lines = w.lines_about(&l.blob.digest);
+            ensure!(
+                lines.len() == 1
+                    && lines[0].contains("WARN")
+                    && lines[0].contains("outcome=bad_tree"),
+                "layer {}: {lines:#?}",
+                l.blob.digest
+            );
+        }
+        ensure!(w.outcome("bad_tree")? == 3.0);
+        ensure!(w.outcome("used")? == 3.0);
         Ok(())
     });
 }

@@ -592,10 +592,10 @@ impl Config {
                         .into(),
                 );
             }
-            if !(self.differ.enable_tar_index && self.differ.enable_dmverity) {
+            if !self.differ.enable_dmverity {
                 return bad(
                     "artifacts.require_signed_root_hash",
-                    "needs differ.enable_tar_index and differ.enable_dmverity (the signed root is the tree's of [index][tar])".into(),
+                    "needs differ.enable_dmverity (the signed root is the dm-verity tree's of the layer: [index][tar] with differ.enable_tar_index, else the full image)".into(),
                 );
             }
             if self.artifacts.trusted_keys.is_empty() {
@@ -946,7 +946,7 @@ enable_tar_index = true
         assert!(p.message.contains("enabled"), "{p}");
         let p = Config::check("[artifacts]\nenabled = true\nrequire_signed_root_hash = true\ntrusted_keys = [\"/k.pub\"]\n")
             .unwrap_err();
-        assert!(p.message.contains("enable_tar_index"), "{p}");
+        assert!(p.message.contains("enable_dmverity"), "{p}");
     }
 
     #[test]

@@ -424,7 +424,9 @@ fn tree_part(images: &[Image], runs: usize) -> Result<()> {
             ] {
                 reset()?;
                 let t0 = Instant::now();
-                let r = snapshotter::integrity::dmverity::install_fetched(&data, &tree, check)?;
+                let r = snapshotter::integrity::dmverity::install_fetched(
+                    &data, &tree, check, true, None,
+                )?;
                 v.push(t0.elapsed());
                 if let Err(why) = r {
                     bail!(

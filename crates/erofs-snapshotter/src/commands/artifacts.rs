@@ -622,7 +622,9 @@ fn push(a: ArtifactsPushArgs) -> Result<ExitCode> {
     for l in &set.layers {
         let blobs = std::iter::once(&l.tar_index.descriptor)
             .chain(l.dmverity.as_ref().map(|t| &t.descriptor))
-            .chain(l.signature.as_ref().map(|s| &s.descriptor));
+            .chain(l.signature.as_ref().map(|s| &s.descriptor))
+            .chain(l.image_dmverity.as_ref().map(|t| &t.descriptor))
+            .chain(l.image_signature.as_ref().map(|s| &s.descriptor));
         for d in blobs {
             check_digest(&d.digest)?;
             let p = a.outdir.join("blobs/sha256").join(&d.digest[7..]);

@@ -1,5 +1,5 @@
 //! Layer artifacts from the registry (the node side of `erofs-snapshotter artifacts push`):
-//! when the differ applies a tar layer as a tar index, it asks the image's registry for the
+//! when the differ applies a tar layer as a tar index (for full images, see below), it asks the image's registry for the
 //! layer's tar index, dm-verity tree and root-hash signature, checks them against the layer
 //! it builds, and uses what passes; anything missing, slow, unreachable or invalid is computed
 //! locally, with one warning and a counter. Only `require_signed_root_hash` turns a missing or
@@ -34,6 +34,19 @@
 //!   against the tree, so the full check is kept.
 //! * The signature (ed25519 over the root digest, `erofs_registry::signature`) is checked
 //!   against the configured keys, and only for a root that passed the tree check.
+//!
+//! Full images (`differ.enable_tar_index = false`, `differ.enable_dmverity = true`): the node
+//! asks for the dm-verity tree of the full EROFS image instead ([`Wanted::FullImage`],
+//! `artifacts build --full-image`), with its signature; there is no index to fetch. The image
+//! is what the node's own mkfs options make of the tar, so the tree can only describe it when
+//! the producer's `--mkfs-option`s are the node's `differ.mkfs_options`: the hash offset must
+//! be the node's image size padded to 4 KiB, and the tree is always checked in full
+//! ([`TreeCheck::Full`]) against the node's data. That costs little: the node hashes a full
+//! image's blocks while it writes them (`integrity::ahead`), and the check starts from those
+//! hashes. A root-only check would leave a same-size image of other mkfs options (another
+//! `-T`, say) with a tree that fails every read; the full check computes it instead
+//! (`bad_tree`). The registry's tree then saves the upper levels only; what it adds is the
+//! producer's signature of the root, which `require_signed_root_hash` can demand.
 
 pub mod hosts;
 pub mod registry;
@@ -78,16 +91,25 @@ pub fn identify<'a>(
     pick(&annotations, "descriptor").or_else(|| pick(&labels, "labels"))
 }
 
+/// Which layer the node builds, so which artifacts it asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// `[index][tar]`: the tar index, the tree of `[index][tar]` and its signature.
+    TarIndex,
+    /// The full EROFS image: its tree (4 KiB blocks) and that tree's signature.
+    FullImage,
+}
+
 /// What a registry holds for one layer, fetched and bounded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetched {
-    /// The tar index bytes.
-    pub tar_index: Vec<u8>,
+    /// The tar index bytes ([`Wanted::TarIndex`] only).
+    pub tar_index: Option<Vec<u8>>,
     /// The diffID the artifacts say they are for.
     pub diff_id: String,
-    /// The dm-verity tree, if stored.
+    /// The dm-verity tree of the layer asked for, if stored.
     pub tree: Option<FetchedTree>,
-    /// The root-hash signature bytes and their scheme, if stored.
+    /// The signature bytes of that tree's root hash and their scheme, if stored.
     pub signature: Option<(String, Vec<u8>)>,
 }
 
@@ -113,9 +135,14 @@ pub enum FetchError {
 
 /// Where artifacts come from (the registry client in the daemon; tests may serve their own).
 pub trait ArtifactSource: Send + Sync + std::fmt::Debug {
-    /// Fetch what the registry of `image` holds for layer `layer_digest`, within the
-    /// configured time and size bounds.
-    fn fetch(&self, image: &ImageId, layer_digest: &str) -> Result<Fetched, FetchError>;
+    /// Fetch what the registry of `image` holds for layer `layer_digest` as the node builds
+    /// it (`wanted`), within the configured time and size bounds.
+    fn fetch(
+        &self,
+        image: &ImageId,
+        layer_digest: &str,
+        wanted: Wanted,
+    ) -> Result<Fetched, FetchError>;
 }
 
 /// Check a fetched tar index against the layer the node built (`[index][tar]` in `layer`,

@@ -19,7 +19,7 @@ use erofs_registry::artifacts::{ARTIFACT_TYPE, ArtifactSet, Manifest};
 use erofs_registry::client::{Client, ClientOptions};
 
 use super::hosts::{self, Endpoint};
-use super::{ArtifactSource, FetchError, Fetched, FetchedTree, ImageId, TreeBytes};
+use super::{ArtifactSource, FetchError, Fetched, FetchedTree, ImageId, TreeBytes, Wanted};
 
 /// Most referrer manifests of our type looked at for one image.
 const MAX_REFERRERS: usize = 8;
@@ -86,6 +86,7 @@ impl RegistrySource {
         repo: &str,
         image: &ImageId,
         layer: &str,
+        wanted: Wanted,
     ) -> Result<Fetched, FetchError> {
         if ep.plain_http() && ep.tls.is_set() {
             tracing::debug!(endpoint = %ep.base_url(), "TLS settings of a plain-http endpoint are not used");
@@ -123,7 +124,11 @@ impl RegistrySource {
                     d.digest, set.subject.digest, image.manifest_digest
                 )));
             }
-            let Some(l) = set.layer(layer) else {
+            // A full-image node needs a push with `--full-image`; an older one may have it.
+            let Some(l) = set
+                .layer(layer)
+                .filter(|l| wanted == Wanted::TarIndex || l.image_dmverity.is_some())
+            else {
                 continue;
             };
             let blob = |desc| {
@@ -131,8 +136,17 @@ impl RegistrySource {
                     .get_blob(repo, desc, self.max_blob)
                     .map_err(|e| classify(&e))
             };
-            let tar_index = blob(&l.tar_index.descriptor)?;
-            let tree = match &l.dmverity {
+            // Only what the node's layer needs: a full image has no index, and each tree is
+            // a sixteenth or more of its layer.
+            let (tar_index, tree, signature) = match wanted {
+                Wanted::TarIndex => (
+                    Some(blob(&l.tar_index.descriptor)?),
+                    &l.dmverity,
+                    &l.signature,
+                ),
+                Wanted::FullImage => (None, &l.image_dmverity, &l.image_signature),
+            };
+            let tree = match tree {
                 Some(t) => Some(FetchedTree {
                     bytes: self.blob_to_file(&client, repo, &t.descriptor)?,
                     roothash: t.root_digest.clone(),
@@ -141,7 +155,7 @@ impl RegistrySource {
                 }),
                 None => None,
             };
-            let signature = match &l.signature {
+            let signature = match signature {
                 Some(s) => Some((s.scheme.clone(), blob(&s.descriptor)?)),
                 None => None,
             };
@@ -152,10 +166,16 @@ impl RegistrySource {
                 signature,
             });
         }
-        Err(FetchError::Absent(format!(
-            "the referrers of {} have no artifacts for layer {layer}",
-            image.manifest_digest
-        )))
+        Err(FetchError::Absent(match wanted {
+            Wanted::TarIndex => format!(
+                "the referrers of {} have no artifacts for layer {layer}",
+                image.manifest_digest
+            ),
+            Wanted::FullImage => format!(
+                "the referrers of {} have no full-image dm-verity tree for layer {layer} (artifacts build --full-image)",
+                image.manifest_digest
+            ),
+        }))
     }
 }
 
@@ -189,7 +209,7 @@ impl RegistrySource {
 }
 
 impl ArtifactSource for RegistrySource {
-    fn fetch(&self, image: &ImageId, layer: &str) -> Result<Fetched, FetchError> {
+    fn fetch(&self, image: &ImageId, layer: &str, wanted: Wanted) -> Result<Fetched, FetchError> {
         let r = erofs_registry::Reference::parse(&image.reference)
             .map_err(|e| FetchError::Invalid(e.to_string()))?;
         let endpoints = hosts::endpoints(self.hosts_dir.as_deref(), &r.host)
@@ -201,7 +221,7 @@ impl ArtifactSource for RegistrySource {
                 last = Some(FetchError::Unreachable(format!("{}: {why}", ep.base_url())));
                 continue;
             }
-            match self.fetch_from(ep, &r.repository, image, layer) {
+            match self.fetch_from(ep, &r.repository, image, layer, wanted) {
                 Ok(f) => return Ok(f),
                 Err(e) => {
                     tracing::debug!(endpoint = %ep.base_url(), error = %e, "no artifacts from this endpoint");
@@ -245,7 +265,7 @@ mod tests {
         )
         .unwrap();
         let e = source(Some(d.path().into()))
-            .fetch(&image("r.example/app:1"), "sha256:00")
+            .fetch(&image("r.example/app:1"), "sha256:00", Wanted::TarIndex)
             .unwrap_err();
         assert!(
             matches!(&e, FetchError::Tls(m) if m.contains("missing-ca.pem")),
@@ -266,11 +286,13 @@ mod tests {
         )
         .unwrap();
         let e = source(Some(d.path().into()))
-            .fetch(&image("r.example/app:1"), "sha256:00")
+            .fetch(&image("r.example/app:1"), "sha256:00", Wanted::TarIndex)
             .unwrap_err();
         assert!(matches!(e, FetchError::Unreachable(_)), "{e}");
         // A reference that does not parse.
-        let e = source(None).fetch(&image("UPPER/case"), "x").unwrap_err();
+        let e = source(None)
+            .fetch(&image("UPPER/case"), "x", Wanted::FullImage)
+            .unwrap_err();
         assert!(matches!(e, FetchError::Invalid(_)), "{e}");
     }
 }

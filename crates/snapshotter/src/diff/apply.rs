@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use super::content::{ContentSource, Descriptor};
 use super::media_type::{LayerType, MEDIA_TYPE_EROFS, MEDIA_TYPE_TAR, layer_type};
 use super::pipeline::Pipeline;
+use crate::artifacts::Wanted;
 use crate::cancel::Cancel;
 use crate::error::{Error, ErrorKind, Result};
 use crate::mkfs::MkfsOptions;
@@ -37,15 +38,20 @@ impl Snapshotter {
         let what = format!("Apply of {}", desc.digest);
         self.require_space(&what)?;
         let work = self.guarded(cancel, what);
-        let tar_index = matches!(kind, LayerType::Tar(_)) && self.config().differ.enable_tar_index;
-        let lookup = if tar_index {
-            self.artifact_lookup(desc, mounts)
+        let tar = matches!(kind, LayerType::Tar(_));
+        let tar_index = tar && self.config().differ.enable_tar_index;
+        // A full image can use a fetched tree only, so only where it gets one.
+        let wanted = if tar_index {
+            Some(Wanted::TarIndex)
+        } else if tar && self.config().differ.enable_dmverity {
+            Some(Wanted::FullImage)
         } else {
             None
         };
+        let lookup = wanted.and_then(|w| Some((self.artifact_lookup(desc, mounts, w)?, w)));
         let (key, (applied, verdict), tree_use) = self
             .write_applied_layer(mounts, tar_index, &work, |out| {
-                let Some(lookup) = lookup else {
+                let Some((lookup, wanted)) = lookup else {
                     let applied = self.write_layer(&kind, desc, out, content, namespace, &work)?;
                     return Ok(((applied, None), None));
                 };
@@ -54,7 +60,8 @@ impl Snapshotter {
                 let pending = lookup.start(&desc.digest, self.config().artifact_fetch_timeout());
                 let applied = self.write_layer(&kind, desc, out, content, namespace, &work)?;
                 let fetched = pending.wait();
-                let (verdict, plan) = self.judge_artifacts(desc, &applied, out.file, fetched)?;
+                let (verdict, plan) =
+                    self.judge_artifacts(desc, &applied, out.file, wanted, fetched)?;
                 Ok(((applied, Some(verdict)), plan))
             })
             .map_err(|e| self.stopped(&work, e))

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::content::Descriptor;
-use crate::artifacts::{ArtifactSource, FetchError, Fetched, ImageId, Outcome, TreeCheck};
+use crate::artifacts::{ArtifactSource, FetchError, Fetched, ImageId, Outcome, TreeCheck, Wanted};
 use crate::config::Toggle;
 use crate::error::{Error, Result};
 use crate::snapshot::Snapshotter;
@@ -17,6 +17,7 @@ use crate::snapshot::layers::{TreePlan, TreeUse};
 pub(super) struct Lookup {
     source: Arc<dyn ArtifactSource>,
     image: Option<ImageId>,
+    wanted: Wanted,
 }
 
 /// A fetch running beside the layer's stream.
@@ -31,8 +32,9 @@ pub(super) struct Pending {
 pub(super) enum Verdict {
     /// Not used: why.
     Skip(Outcome, String),
-    /// The tar index passed; the tree (if any) is checked with the layer's integrity.
-    IndexOk {
+    /// The tar index passed (full images: there is none); the tree (if any) is checked with
+    /// the layer's integrity.
+    Passed {
         /// How the tree that came along (and is in the plan) is checked; `None`: no tree.
         tree: Option<TreeCheck>,
     },
@@ -54,10 +56,11 @@ impl Lookup {
             Some(image) => {
                 let layer = layer.to_string();
                 let source = self.source;
+                let wanted = self.wanted;
                 let spawned = std::thread::Builder::new()
                     .name("artifact-fetch".into())
                     .spawn(move || {
-                        let _ = tx.send(source.fetch(&image, &layer));
+                        let _ = tx.send(source.fetch(&image, &layer, wanted));
                     });
                 if let Err(e) = spawned {
                     tracing::debug!(error = %e, "no thread for the artifact fetch");
@@ -89,12 +92,14 @@ impl Pending {
 }
 
 impl Snapshotter {
-    /// Whether to look for artifacts for tar layer `desc` applied onto `mounts`, and for
-    /// which image (`None` when artifacts are off).
+    /// Whether to look for artifacts for tar layer `desc` applied onto `mounts` (as a tar
+    /// index, or as a full image when `wanted` says so), and for which image (`None` when
+    /// artifacts are off).
     pub(super) fn artifact_lookup(
         &self,
         desc: &Descriptor,
         mounts: &[crate::mount::Mount],
+        wanted: Wanted,
     ) -> Option<Lookup> {
         let source = self.artifact_source()?.clone();
         let labels = self.apply_labels(mounts);
@@ -105,17 +110,23 @@ impl Snapshotter {
         if let Some(i) = &image {
             tracing::debug!(layer = %desc.digest, image = %i.reference, manifest = %i.manifest_digest, from = i.from, "looking for layer artifacts");
         }
-        Some(Lookup { source, image })
+        Some(Lookup {
+            source,
+            image,
+            wanted,
+        })
     }
 
     /// Check what was fetched for layer `desc` against the layer just written (`layer`,
-    /// `[index][tar]`, `applied` the tar's digest and size), under the signature policy.
-    /// An error fails the Apply (only `require_signed_root_hash` does that).
+    /// `[index][tar]` or the full image as `wanted` says, `applied` the tar's digest and
+    /// size), under the signature policy. An error fails the Apply (only
+    /// `require_signed_root_hash` does that).
     pub(super) fn judge_artifacts(
         &self,
         desc: &Descriptor,
         applied: &Descriptor,
         layer: &File,
+        wanted: Wanted,
         fetched: std::result::Result<Fetched, FetchError>,
     ) -> Result<(Verdict, Option<TreePlan>)> {
         let require = self.config().artifacts.require_signed_root_hash;
@@ -150,12 +161,14 @@ impl Snapshotter {
             }
             return Ok((Verdict::Skip(Outcome::Invalid, why), None));
         }
-        let size = u64::try_from(applied.size).unwrap_or(0);
-        match crate::artifacts::check_index(&f.tar_index, layer, size)
-            .map_err(|e| Error::io("reading the layer's index", e))?
-        {
-            Ok(()) => {}
-            Err(why) => {
+        if wanted == Wanted::TarIndex {
+            let size = u64::try_from(applied.size).unwrap_or(0);
+            let checked = match &f.tar_index {
+                Some(index) => crate::artifacts::check_index(index, layer, size)
+                    .map_err(|e| Error::io("reading the layer's index", e))?,
+                None => Err("the artifacts have no tar index".into()),
+            };
+            if let Err(why) = checked {
                 if require {
                     return refuse(&why);
                 }
@@ -166,7 +179,17 @@ impl Snapshotter {
             if require {
                 return refuse("the registry holds no dm-verity tree for it");
             }
-            return Ok((Verdict::IndexOk { tree: None }, None));
+            if wanted == Wanted::FullImage {
+                // The tree is all a full image could use.
+                return Ok((
+                    Verdict::Skip(
+                        Outcome::Absent,
+                        "the registry holds no full-image dm-verity tree for it".into(),
+                    ),
+                    None,
+                ));
+            }
+            return Ok((Verdict::Passed { tree: None }, None));
         };
         let signed = match &f.signature {
             None => Err("the registry holds no signature for it".to_string()),
@@ -187,14 +210,19 @@ impl Snapshotter {
             }
         }
         // See the module docs of crate::artifacts: the data is left to the kernel only when a
-        // trusted root is known and every mount goes through dm-verity.
-        let check = if signed.is_ok() && self.config().snapshotter.dmverity_mode == Toggle::On {
+        // trusted root is known and every mount goes through dm-verity, and never for a full
+        // image, whose data only the node's mkfs options determine (and whose blocks the node
+        // hashed while writing them, so the full check costs little more).
+        let check = if wanted == Wanted::TarIndex
+            && signed.is_ok()
+            && self.config().snapshotter.dmverity_mode == Toggle::On
+        {
             TreeCheck::TreeOnly
         } else {
             TreeCheck::Full
         };
         Ok((
-            Verdict::IndexOk { tree: Some(check) },
+            Verdict::Passed { tree: Some(check) },
             Some(TreePlan {
                 tree,
                 check,
@@ -203,20 +231,20 @@ impl Snapshotter {
         ))
     }
 
-    /// One log line and one count per tar-index layer looked up.
+    /// One log line and one count per layer looked up.
     pub(super) fn count_artifacts(&self, desc: &Descriptor, verdict: Verdict, tree: TreeUse) {
         let builds_trees = self.config().differ.enable_dmverity;
         let checked = match verdict {
-            Verdict::IndexOk { tree: Some(c) } => c.name(),
+            Verdict::Passed { tree: Some(c) } => c.name(),
             _ => "none",
         };
         let (outcome, why) = match verdict {
             Verdict::Skip(o, why) => (o, why),
-            Verdict::IndexOk { tree: None } if builds_trees => (
+            Verdict::Passed { tree: None } if builds_trees => (
                 Outcome::Absent,
                 "the registry holds a tar index but no dm-verity tree: tree computed".into(),
             ),
-            Verdict::IndexOk { .. } => match tree {
+            Verdict::Passed { .. } => match tree {
                 Some(Err(why)) => (Outcome::BadTree, why),
                 _ => (Outcome::Used, String::new()),
             },

@@ -118,17 +118,18 @@ pub fn append_tree(
     })
 }
 
-/// A dm-verity tree fetched from a registry for the layer at `tmp` (`[index][tar]`, not yet
-/// in place): the bytes that follow the layer's data, and what its annotations claim.
+/// A dm-verity tree fetched from a registry for the layer at `tmp` (`[index][tar]`, or the
+/// full image, not yet in place): the bytes that follow the layer's data once it is
+/// zero-padded to the block size (at `hash_offset`), and what its annotations claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchedTree {
-    /// Padding to the block size, the verity superblock and the hash levels.
+    /// The verity superblock area (one block) and the hash levels.
     pub bytes: TreeBytes,
     /// The root digest (hex) the annotations name.
     pub roothash: String,
     /// Data and hash block size.
     pub block_size: u32,
-    /// Where the superblock starts.
+    /// Where the superblock starts: the layer's data padded to the block size.
     pub hash_offset: u64,
 }
 
@@ -228,15 +229,19 @@ impl TreeCheck {
 }
 
 /// Append `tree` to the layer at `tmp` and check it (see [`TreeCheck`]); on success write the
-/// sidecar like [`format_layer`] and return the record. `Ok(Err(why))` when the tree does not
-/// fit or fails the check: the layer is then back to its data alone, for [`format_layer`].
+/// sidecar like [`format_layer`] and return the record. `tar_index` says which layer it is,
+/// so which block size its tree must have ([`block_size`]); `known`: the hashes of its data
+/// blocks taken while it was written (full images, [`super::ahead`]), which the full check
+/// uses instead of reading those blocks again. `Ok(Err(why))` when the tree does not fit or
+/// fails the check: the layer is then back to its data alone, for [`format_layer`].
 pub fn install_fetched(
     tmp: &Path,
     tree: &FetchedTree,
     check: TreeCheck,
+    tar_index: bool,
+    known: Option<&verity::Leaves>,
 ) -> Result<std::result::Result<DmVerityRecord, String>> {
-    // Tar-index layers: see format_layer.
-    const BLOCK: u64 = 512;
+    let block = block_size(tar_index) as u64;
     let io = |e| {
         Error::io(
             format!("installing the fetched dm-verity tree of {}", tmp.display()),
@@ -244,33 +249,33 @@ pub fn install_fetched(
         )
     };
     let len = std::fs::metadata(tmp).map_err(io)?.len();
-    let hash_offset = len.next_multiple_of(BLOCK);
-    if tree.block_size as u64 != BLOCK {
+    let hash_offset = len.next_multiple_of(block);
+    if tree.block_size as u64 != block {
         return Ok(Err(format!(
-            "block size {} (tar-index layers use {BLOCK})",
+            "block size {} (this layer's trees use {block})",
             tree.block_size
         )));
     }
     if tree.hash_offset != hash_offset {
         return Ok(Err(format!(
-            "hash offset {} but the layer's data ends at {hash_offset}",
+            "hash offset {} but the layer's data ends at {hash_offset} (a full image built with other mkfs options?)",
             tree.hash_offset
         )));
     }
-    let pad = (hash_offset - len) as usize;
-    let want = verity::dmverity_levels_len(hash_offset / BLOCK, BLOCK as usize)
-        .map(|l| l + pad as u64 + 512);
+    // The superblock area: the 512-byte superblock, zeros to the end of its block.
+    let sb_area = 512u64.next_multiple_of(block);
+    let want = verity::dmverity_levels_len(hash_offset / block, block as usize)
+        .and_then(|l| l.checked_add(sb_area));
     let have = tree.bytes.len().map_err(io)?;
     if want != Some(have) {
         return Ok(Err(format!(
             "{have} bytes, a tree of this layer has {want:?}"
         )));
     }
-    // The padding and the superblock: the first pad + 512 bytes.
-    let mut head = vec![0u8; pad + 512];
+    let mut head = vec![0u8; sb_area as usize];
     tree.bytes.read_at(&mut head, 0).map_err(io)?;
-    if head[..pad].iter().any(|&b| b != 0) {
-        return Ok(Err("non-zero padding before the superblock".into()));
+    if head[512..].iter().any(|&b| b != 0) {
+        return Ok(Err("non-zero bytes after the verity superblock".into()));
     }
     if tree.roothash.len() != 64 || !tree.roothash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(Err(format!(
@@ -283,6 +288,8 @@ pub fn install_fetched(
             .append(true)
             .open(tmp)
             .map_err(io)?;
+        // The padding is the node's own zeros (the blob starts at the hash offset).
+        f.set_len(hash_offset).map_err(io)?;
         tree.bytes.append_to(&mut f).map_err(io)?;
     }
     let f = File::open(tmp).map_err(io)?;
@@ -294,11 +301,11 @@ pub fn install_fetched(
     // the root), so that the installed layer is byte for byte the one built locally.
     let mut root = [0u8; 32];
     hex::decode_to_slice(&meta.roothash, &mut root).expect("checked above");
-    let sb_ok = head[pad..] == verity::superblock(hash_offset / BLOCK, BLOCK as usize, &root);
+    let sb_ok = head[..512] == verity::superblock(hash_offset / block, block as usize, &root);
     let ok = sb_ok
         && match check {
-            TreeCheck::Full => verity::dmverity_verify_file(&f, &meta, BLOCK as usize),
-            TreeCheck::TreeOnly => verity::dmverity_verify_tree_only(&f, &meta, BLOCK as usize),
+            TreeCheck::Full => verity::dmverity_verify_file_with(&f, &meta, block as usize, known),
+            TreeCheck::TreeOnly => verity::dmverity_verify_tree_only(&f, &meta, block as usize),
         }
         .map_err(io)?;
     if !ok {
@@ -323,8 +330,8 @@ pub fn install_fetched(
     Ok(Ok(DmVerityRecord {
         roothash: meta.roothash,
         hashoffset: meta.hashoffset,
-        data_block_size: BLOCK as u32,
-        hash_block_size: BLOCK as u32,
+        data_block_size: block as u32,
+        hash_block_size: block as u32,
     }))
 }
 
@@ -1066,19 +1073,19 @@ mod tests {
         check_policy(Toggle::Auto, false).unwrap();
     }
 
-    /// A tar-index-sized layer (not a multiple of 512, so the tree carries padding), its
-    /// tree as a registry would hold it, and a fresh copy of the data to install it on.
-    fn fetched_tree(len: usize) -> (tempfile::TempDir, Vec<u8>, FetchedTree) {
+    /// A layer of `len` bytes (not a multiple of the block size, so the node pads it), its
+    /// tree as a registry holds it (from the hash offset on), and the data to install it on.
+    fn fetched_tree(len: usize, tar_index: bool) -> (tempfile::TempDir, Vec<u8>, FetchedTree) {
         let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
         let d = tempfile::tempdir().unwrap();
         let built = d.path().join("built.tmp");
         std::fs::write(&built, &data).unwrap();
-        let rec = format_layer(&built, true, None).unwrap();
+        let rec = format_layer(&built, tar_index, None).unwrap();
         let all = std::fs::read(&built).unwrap();
         let tree = FetchedTree {
-            bytes: all[len..].to_vec().into(),
+            bytes: all[rec.hashoffset as usize..].to_vec().into(),
             roothash: rec.roothash,
-            block_size: 512,
+            block_size: block_size(tar_index) as u32,
             hash_offset: rec.hashoffset,
         };
         (d, data, tree)
@@ -1090,15 +1097,36 @@ mod tests {
         tree: &FetchedTree,
         check: TreeCheck,
     ) -> std::result::Result<(), String> {
+        install_with(d, data, tree, check, true, None)
+    }
+
+    fn install_with(
+        d: &Path,
+        data: &[u8],
+        tree: &FetchedTree,
+        check: TreeCheck,
+        tar_index: bool,
+        known: Option<&verity::Leaves>,
+    ) -> std::result::Result<(), String> {
         let tmp = d.join("layer.erofs.tmp");
         std::fs::write(&tmp, data).unwrap();
-        let r = install_fetched(&tmp, tree, check).unwrap().map(|_| ());
-        let len = std::fs::metadata(&tmp).unwrap().len();
+        let r = install_fetched(&tmp, tree, check, tar_index, known)
+            .unwrap()
+            .map(|_| ());
+        let got = std::fs::read(&tmp).unwrap();
         if r.is_err() {
             // A rejected tree leaves the data as it was, for the local tree.
-            assert_eq!(len, data.len() as u64);
+            assert_eq!(got, data);
         } else {
-            assert_eq!(len, data.len() as u64 + tree.bytes.len().unwrap());
+            // The data, the node's zeros to the hash offset, the tree: for the fixture's tree
+            // that is what format_layer wrote.
+            let off = tree.hash_offset as usize;
+            assert!(got[..data.len()] == *data);
+            assert!(got[data.len()..off].iter().all(|&b| b == 0));
+            let TreeBytes::Mem(t) = &tree.bytes else {
+                unreachable!("built in memory")
+            };
+            assert!(got[off..] == t[..]);
             assert!(d.join(format!("{SIDECAR}.tmp")).exists());
         }
         r
@@ -1122,12 +1150,12 @@ mod tests {
 
     #[test]
     fn fetched_trees_are_checked_before_use() {
-        let (d, data, tree) = fetched_tree(300_000 + 100);
+        let (d, data, tree) = fetched_tree(300_000 + 100, true);
         for check in [TreeCheck::Full, TreeCheck::TreeOnly] {
             install(d.path(), &data, &tree, check).unwrap();
         }
         let tmp = d.path().join("layer.erofs.tmp");
-        let rec = install_fetched(&tmp, &tree, TreeCheck::Full).unwrap();
+        let rec = install_fetched(&tmp, &tree, TreeCheck::Full, true, None).unwrap();
         assert!(
             rec.is_err(),
             "a second tree after the first is not this layer's"
@@ -1172,14 +1200,7 @@ mod tests {
                 .unwrap_err()
                 .contains("block size")
         );
-        let bad = tampered(&tree, |b| b[0] = 1);
-        assert!(
-            install(d.path(), &data, &bad, TreeCheck::Full)
-                .unwrap_err()
-                .contains("padding")
-        );
-        let pad = (tree.hash_offset - data.len() as u64) as usize;
-        let bad = tampered(&tree, |b| b[pad + 12] ^= 1); // the superblock's hash type
+        let bad = tampered(&tree, |b| b[12] ^= 1); // the superblock's hash type
         assert!(
             install(d.path(), &data, &bad, TreeCheck::TreeOnly)
                 .unwrap_err()
@@ -1191,6 +1212,79 @@ mod tests {
             install(d.path(), &data, &bad, TreeCheck::Full)
                 .unwrap_err()
                 .contains("hex")
+        );
+    }
+
+    /// Full images: 4 KiB blocks, a superblock area of a whole block (zeros after the
+    /// superblock), and the full check from the hashes the node took while writing.
+    #[test]
+    fn fetched_full_image_trees_use_their_block_size() {
+        let (d, data, tree) = fetched_tree(40 * 4096 + 100, false);
+        assert_eq!(tree.hash_offset, 41 * 4096);
+        for check in [TreeCheck::Full, TreeCheck::TreeOnly] {
+            install_with(d.path(), &data, &tree, check, false, None).unwrap();
+        }
+        // A tar-index layer's block size is not this layer's.
+        assert!(
+            install_with(d.path(), &data, &tree, TreeCheck::Full, true, None)
+                .unwrap_err()
+                .contains("block size")
+        );
+        let bad = tampered(&tree, |b| b[600] = 1);
+        for check in [TreeCheck::Full, TreeCheck::TreeOnly] {
+            assert!(
+                install_with(d.path(), &data, &bad, check, false, None)
+                    .unwrap_err()
+                    .contains("after the verity superblock"),
+                "{check:?}"
+            );
+        }
+        // Leaves of the node's own data (blocks 1..30, as if hashed while written): the
+        // full check still sees a changed block outside them and inside them.
+        let tmp = d.path().join("leaves.tmp");
+        std::fs::write(&tmp, &data).unwrap();
+        let f = File::open(&tmp).unwrap();
+        let leaves = verity::Leaves {
+            first: 1,
+            hashes: (1..30u64)
+                .map(|i| {
+                    let mut b = vec![0u8; 4096];
+                    use std::os::unix::fs::FileExt;
+                    f.read_exact_at(&mut b, i * 4096).unwrap();
+                    use sha2::Digest;
+                    let mut h = sha2::Sha256::new();
+                    h.update(DMVERITY_SALT);
+                    h.update(&b);
+                    h.finalize().into()
+                })
+                .collect(),
+        };
+        install_with(
+            d.path(),
+            &data,
+            &tree,
+            TreeCheck::Full,
+            false,
+            Some(&leaves),
+        )
+        .unwrap();
+        let mut other = data.clone();
+        other[35 * 4096] ^= 1;
+        assert!(
+            install_with(
+                d.path(),
+                &other,
+                &tree,
+                TreeCheck::Full,
+                false,
+                Some(&leaves)
+            )
+            .is_err()
+        );
+        let mut wrong = leaves.clone();
+        wrong.hashes[3][0] ^= 1;
+        assert!(
+            install_with(d.path(), &data, &tree, TreeCheck::Full, false, Some(&wrong)).is_err()
         );
     }
 }

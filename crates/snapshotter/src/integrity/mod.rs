@@ -303,8 +303,9 @@ impl Integrity {
     /// transaction. `ahead` holds the block hashes taken while the layer was written
     /// ([`Self::ahead_trees`]). Returns what the store is to record of the layer.
     ///
-    /// `fetched`: a tree fetched for this (tar-index) layer, installed instead of computed if
-    /// it passes its check; the second value says whether it did (`None`: nothing fetched).
+    /// `fetched`: a tree fetched for this layer (`[index][tar]` or the full image), installed
+    /// instead of computed if it passes its check (full images: with the hashes taken ahead);
+    /// the second value says whether it did (`None`: nothing fetched).
     pub fn after_apply(
         &self,
         tmp: &Path,
@@ -315,8 +316,14 @@ impl Integrity {
         let mut meta = LayerMeta::default();
         let mut used = None;
         if self.dmverity_trees {
-            let installed = match fetched.filter(|_| tar_index) {
-                Some((tree, check)) => match dmverity::install_fetched(tmp, tree, check)? {
+            let installed = match fetched {
+                Some((tree, check)) => match dmverity::install_fetched(
+                    tmp,
+                    tree,
+                    check,
+                    tar_index,
+                    ahead.dmverity.as_ref(),
+                )? {
                     Ok(rec) => {
                         used = Some(Ok(()));
                         Some(rec)

@@ -293,6 +293,18 @@ pub fn dmverity_verify_file(f: &File, meta: &DmVerityMeta, block: usize) -> io::
     tree_matches(f, meta, block, None)
 }
 
+/// [`dmverity_verify_file`] with the hashes of the data blocks the node took itself while it
+/// wrote them (`known`, [`Leaves`]): only the blocks they do not cover are read and hashed.
+/// As sound as the full check: `known` comes from the node's own data, never from the tree.
+pub fn dmverity_verify_file_with(
+    f: &File,
+    meta: &DmVerityMeta,
+    block: usize,
+    known: Option<&Leaves>,
+) -> io::Result<bool> {
+    tree_matches(f, meta, block, known)
+}
+
 /// Whether the tree computed over `f`'s data (or from `known` lowest-level hashes) has root
 /// `meta.roothash` and every level equal to the one stored after the superblock area.
 fn tree_matches(
