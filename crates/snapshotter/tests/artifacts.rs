@@ -346,26 +346,38 @@ fn a_slow_registry_costs_at_most_the_fetch_timeout() {
 #[test]
 fn required_signatures_refuse_layers_without_one() {
     let w = World::new("require_signed_root_hash = true\n");
-    let good = w.layer("good");
+    let cases: [(&str, Option<Case>); 4] = [
+        ("none", None),
+        ("unsigned", Some(|f, _| f.signature = None)),
+        ("untrusted", Some(sign_with)),
+        ("tree", Some(|f, _| tamper_tree(f))),
+    ];
+    only_signed_layers_apply(&w, |name| w.layer(name), &cases);
+}
+
+type Case = fn(&mut Fetched, &SecretKey);
+
+/// Sign the served root with key `k` (one the node does not trust).
+fn sign_with(f: &mut Fetched, k: &SecretKey) {
+    let root = f.tree.as_ref().unwrap().roothash.clone();
+    f.signature = Some(("ed25519".into(), k.sign_root(&root).to_vec()));
+}
+
+/// Under `require_signed_root_hash`: a layer (from `make`) served as built is used, and each
+/// of `cases` (a change to what is served; `None`: nothing served) fails its Apply with
+/// FailedPrecondition, leaving no layer file behind.
+fn only_signed_layers_apply(
+    w: &World,
+    make: impl Fn(&str) -> Layer,
+    cases: &[(&str, Option<Case>)],
+) {
+    let good = make("good");
     w.serve(&good, good.fetched.clone());
     assert_eq!(w.apply(&good, "good", true).unwrap(), good.file);
     assert_eq!(w.count(Outcome::Used), 1);
     let other = SecretKey::generate().unwrap();
-    type Case = fn(&mut Fetched, &SecretKey);
-    let cases: [(&str, Option<Case>); 4] = [
-        ("none", None),
-        ("unsigned", Some(|f, _| f.signature = None)),
-        (
-            "untrusted",
-            Some(|f, k| {
-                let root = f.tree.as_ref().unwrap().roothash.clone();
-                f.signature = Some(("ed25519".into(), k.sign_root(&root).to_vec()));
-            }),
-        ),
-        ("tree", Some(|f, _| tamper_tree(f))),
-    ];
-    for (name, change) in cases {
-        let l = w.layer(name);
+    for &(name, change) in cases {
+        let l = make(name);
         if let Some(change) = change {
             let mut f = l.fetched.clone();
             change(&mut f, &other);
@@ -463,48 +475,14 @@ fn full_image_trees_of_other_mkfs_options_are_not_used() {
 #[test]
 fn full_image_required_signatures_refuse_layers_without_one() {
     let w = World::full("", "require_signed_root_hash = true\n");
-    let good = w.full_layer("good", &[]);
-    w.serve(&good, good.fetched.clone());
-    assert_eq!(w.apply(&good, "good", true).unwrap(), good.file);
-    assert_eq!(w.count(Outcome::Used), 1);
-    let other = SecretKey::generate().unwrap();
-    type Case = fn(&mut Fetched, &SecretKey);
     let cases: [(&str, Option<Case>); 5] = [
         ("none", None),
         ("unsigned", Some(|f, _| f.signature = None)),
         ("no-tree", Some(|f, _| f.tree = None)),
-        (
-            "untrusted",
-            Some(|f, k| {
-                let root = f.tree.as_ref().unwrap().roothash.clone();
-                f.signature = Some(("ed25519".into(), k.sign_root(&root).to_vec()));
-            }),
-        ),
+        ("untrusted", Some(sign_with)),
         ("tree", Some(|f, _| tamper_tree(f))),
     ];
-    for (name, change) in cases {
-        let l = w.full_layer(name, &[]);
-        if let Some(change) = change {
-            let mut f = l.fetched.clone();
-            change(&mut f, &other);
-            w.serve(&l, f);
-        }
-        let e = w.apply(&l, name, true).unwrap_err();
-        assert_eq!(
-            e.kind(),
-            snapshotter::error::ErrorKind::FailedPrecondition,
-            "{name}: {e}"
-        );
-        assert!(
-            e.to_string().contains("require_signed_root_hash"),
-            "{name}: {e}"
-        );
-    }
-    let layers: Vec<_> = std::fs::read_dir(w.dir.path().join("root/snapshots"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().join("layer.erofs").exists())
-        .collect();
-    assert_eq!(layers.len(), 1);
+    only_signed_layers_apply(&w, |name| w.full_layer(name, &[]), &cases);
 }
 
 /// A full-image node without dm-verity trees has nothing to fetch: no lookup at all.
