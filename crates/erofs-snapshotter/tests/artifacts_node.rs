@@ -235,14 +235,7 @@ impl World {
 fn assert_used(w: &World, built: &[Built]) -> Result<()> {
     let files = w.layer_files()?;
     for b in built {
-        let lines = w.lines_about(&b.layer_digest);
-        ensure!(
-            lines.len() == 1
-                && lines[0].contains("used layer artifacts from the registry")
-                && lines[0].contains("tree_check=\"full\""),
-            "layer {}: {lines:#?}",
-            b.layer_digest
-        );
+        one_line(w, &b.layer_digest, USED_FULL)?;
         ensure!(
             files.contains(&b.file_sha),
             "layer {}: no layer.erofs is the locally built one ({}); store has {files:?}",
@@ -258,16 +251,25 @@ fn assert_used(w: &World, built: &[Built]) -> Result<()> {
 fn assert_fell_back(w: &World, built: &[Built], outcome: &str) -> Result<()> {
     let files = w.layer_files()?;
     for b in built {
-        let lines = w.lines_about(&b.layer_digest);
-        ensure!(
-            lines.len() == 1
-                && lines[0].contains("WARN")
-                && lines[0].contains(&format!("outcome={outcome}")),
-            "layer {}: want one {outcome} warning: {lines:#?}",
-            b.layer_digest
-        );
+        one_line(w, &b.layer_digest, &["WARN", &format!("outcome={outcome}")])?;
         ensure!(files.contains(&b.file_sha), "layer {}", b.layer_digest);
     }
+    Ok(())
+}
+
+/// What the line of a layer that used its artifacts (full tree check) says.
+const USED_FULL: &[&str] = &[
+    "used layer artifacts from the registry",
+    "tree_check=\"full\"",
+];
+
+/// The daemon logged exactly one artifacts line about `layer`, and it says all of `want`.
+fn one_line(w: &World, layer: &str, want: &[&str]) -> Result<()> {
+    let lines = w.lines_about(layer);
+    ensure!(
+        lines.len() == 1 && want.iter().all(|n| lines[0].contains(n)),
+        "layer {layer}: want one line with {want:?}: {lines:#?}"
+    );
     Ok(())
 }
 
@@ -515,14 +517,7 @@ fn full_image_nodes_use_the_full_image_tree() {
         let (archive, reference) = produce("full-used", &[])?;
         w.cri.pull_image(&reference)?;
         for l in &archive.layers {
-            let lines = w.lines_about(&l.blob.digest);
-            ensure!(
-                lines.len() == 1
-                    && lines[0].contains("used layer artifacts from the registry")
-                    && lines[0].contains("tree_check=\"full\""),
-                "layer {}: {lines:#?}",
-                l.blob.digest
-            );
+            one_line(&w, &l.blob.digest, USED_FULL)?;
         }
         ensure!(w.outcome("used")? == 3.0);
         let mut fetched = w.layer_files()?;
@@ -544,14 +539,7 @@ fn full_image_nodes_use_the_full_image_tree() {
         let (archive, reference) = produce("full-other", &["--mkfs-option=-T0"])?;
         w.cri.pull_image(&reference)?;
         for l in &archive.layers {
-            let lines = w.lines_about(&l.blob.digest);
-            ensure!(
-                lines.len() == 1
-                    && lines[0].contains("WARN")
-                    && lines[0].contains("outcome=bad_tree"),
-                "layer {}: {lines:#?}",
-                l.blob.digest
-            );
+            one_line(&w, &l.blob.digest, &["WARN", "outcome=bad_tree"])?;
         }
         ensure!(w.outcome("bad_tree")? == 3.0);
         ensure!(w.outcome("used")? == 3.0);
