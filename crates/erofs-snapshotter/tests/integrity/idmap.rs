@@ -81,6 +81,20 @@ async fn top_layer(env: &Env) -> Result<u64> {
 }
 
 /// Owner, group and mode of everything below `dir`, by path relative to it.
+/// Remove `keys` (children first) and check that no mount is left under the snapshots.
+async fn remove_all(env: &Env, keys: &[&str]) -> Result<()> {
+    for k in keys {
+        env.c().remove(k).await?;
+    }
+    ensure!(
+        !self_mounts()?
+            .iter()
+            .any(|m| m.mount_point.starts_with(env.snapshots_dir())),
+        "mounts left under the root after removing everything"
+    );
+    Ok(())
+}
+
 fn owners_below(dir: &Path) -> Result<BTreeMap<PathBuf, (u32, u32, u32)>> {
     let mut all = BTreeMap::new();
     let mut stack = vec![PathBuf::new()];
@@ -206,16 +220,7 @@ fn idmapped_lowers_seen_through_stat() {
         ensure!(out == "1000:1000\n1000:1000\n0:0\n", "inside: {out}");
         m.unmount()?;
 
-        for k in ["idm/c", "idm/d", "idm/top", "idm/base"] {
-            env.c().remove(k).await?;
-        }
-        ensure!(
-            !self_mounts()?
-                .iter()
-                .any(|m| m.mount_point.starts_with(env.snapshots_dir())),
-            "mounts left under the root after removing everything"
-        );
-        Ok(())
+        remove_all(env, &["idm/c", "idm/d", "idm/top", "idm/base"]).await
     });
 }
 
@@ -291,16 +296,7 @@ fn idmapped_flattened_lowers_show_what_stacked_ones_show() {
             }
             mf.unmount()?;
             ms.unmount()?;
-            for k in ["idm/flat", "idm/stacked", "idm/top", "idm/base"] {
-                env.c().remove(k).await?;
-            }
-            ensure!(
-                !self_mounts()?
-                    .iter()
-                    .any(|m| m.mount_point.starts_with(env.snapshots_dir())),
-                "mounts left under the root after removing everything"
-            );
-            Ok(())
+            remove_all(env, &["idm/flat", "idm/stacked", "idm/top", "idm/base"]).await
         },
     );
 }
