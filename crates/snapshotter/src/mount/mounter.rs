@@ -186,6 +186,28 @@ impl SystemMounter {
         Ok(())
     }
 
+    /// The outcome of a file-backed EROFS mount at `target`: `Ok(true)` mounted, `Ok(false)`
+    /// the kernel cannot mount EROFS from a file (before Linux 6.12), remembered so that
+    /// loop devices are used from now on; other errors say `what` was mounted.
+    fn file_backed(
+        &self,
+        r: std::result::Result<(), erofs_sys::mount::MountError>,
+        target: &Path,
+        what: impl FnOnce() -> String,
+    ) -> Result<bool> {
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if is_enotblk(&e) => {
+                tracing::info!(
+                    "kernel cannot mount EROFS from a file (before Linux 6.12); using loop devices"
+                );
+                self.force_loop.store(true, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(mount_err(&what(), target, e)),
+        }
+    }
+
     /// Writable ext4 images, through a read-write loop device.
     fn mount_ext4_via_loop(&self, image: &Path, target: &Path) -> Result<()> {
         let dev = erofs_sys::loop_device::attach_rw(image)
@@ -207,21 +229,11 @@ impl SystemMounter {
 impl Mounter for SystemMounter {
     fn mount_erofs(&self, image: OpenImage<'_>, target: &Path) -> Result<()> {
         if !self.force_loop.load(Ordering::Relaxed) {
-            match erofs_sys::mount::mount_erofs_fd(image.file.as_fd(), target, &[]) {
-                Ok(()) => return Ok(()),
-                Err(e) if is_enotblk(&e) => {
-                    tracing::info!(
-                        "kernel cannot mount EROFS from a file (before Linux 6.12); using loop devices"
-                    );
-                    self.force_loop.store(true, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    return Err(mount_err(
-                        &format!("mounting {} on", image.path.display()),
-                        target,
-                        e,
-                    ));
-                }
+            let r = erofs_sys::mount::mount_erofs_fd(image.file.as_fd(), target, &[]);
+            if self.file_backed(r, target, || {
+                format!("mounting {} on", image.path.display())
+            })? {
+                return Ok(());
             }
         }
         self.mount_erofs_via_loop(image, target)
@@ -244,25 +256,15 @@ impl Mounter for SystemMounter {
                 .map(|d| erofs_sys::mount::fd_path(d.file.as_fd()))
                 .collect();
             let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-            match erofs_sys::mount::mount_erofs_fd(image.file.as_fd(), target, &refs) {
-                Ok(()) => return Ok(()),
-                Err(e) if is_enotblk(&e) => {
-                    tracing::info!(
-                        "kernel cannot mount EROFS from a file (before Linux 6.12); using loop devices"
-                    );
-                    self.force_loop.store(true, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    return Err(mount_err(
-                        &format!(
-                            "mounting {} with {} devices on",
-                            image.path.display(),
-                            devices.len()
-                        ),
-                        target,
-                        e,
-                    ));
-                }
+            let r = erofs_sys::mount::mount_erofs_fd(image.file.as_fd(), target, &refs);
+            if self.file_backed(r, target, || {
+                format!(
+                    "mounting {} with {} devices on",
+                    image.path.display(),
+                    devices.len()
+                )
+            })? {
+                return Ok(());
             }
         }
         self.mount_erofs_devices_via_loop(image, devices, target)
