@@ -221,6 +221,24 @@ impl Client {
         }
     }
 
+    /// `base`, then `Authorization: auth` if given, then the endpoint's configured headers:
+    /// what a request to this registry (or its token realm) carries.
+    fn own_headers<'a>(
+        &'a self,
+        base: &[(&'a str, &'a str)],
+        auth: Option<&'a str>,
+    ) -> Vec<(&'a str, &'a str)> {
+        let mut h = base.to_vec();
+        h.extend(auth.map(|a| ("Authorization", a)));
+        h.extend(
+            self.opts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        h
+    }
+
     fn auth_header(&self) -> Option<String> {
         if let Some(t) = self.token.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Some(format!("Bearer {t}"));
@@ -247,18 +265,11 @@ impl Client {
         for _ in 0..6 {
             let own = url.authority == self.authority && url.scheme == self.scheme;
             let auth = own.then(|| self.auth_header()).flatten();
-            let mut h: Vec<(&str, &str)> = headers.to_vec();
-            if let Some(a) = &auth {
-                h.push(("Authorization", a));
-            }
-            if own {
-                h.extend(
-                    self.opts
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str())),
-                );
-            }
+            let h = if own {
+                self.own_headers(headers, auth.as_deref())
+            } else {
+                headers.to_vec()
+            };
             let r = http::send(method, &url, &h, body, &self.limits(), self.tls_for(&url)?)?;
             tracing::trace!(method, url = %url.to_url_string(), status = r.status, "registry request");
             match r.status {
@@ -321,17 +332,8 @@ impl Client {
             Some(Credentials::Basic { username, password }) => Some(basic(username, password)),
             _ => None,
         };
-        let mut h = Vec::new();
-        if let Some(a) = &auth {
-            h.push(("Authorization", a.as_str()));
-        }
         // containerd sends the host's headers to the token realm too (WithAuthHeader).
-        h.extend(
-            self.opts
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        );
+        let h = self.own_headers(&[], auth.as_deref());
         let mut r = http::send("GET", &url, &h, &[], &self.limits(), self.tls_for(&url)?)?;
         if r.status != 200 {
             return Err(status_error("GET", &url.to_url_string(), &mut r));
@@ -643,15 +645,9 @@ impl Client {
         put.push_str("digest=");
         put.push_str(&digest.replace(':', "%3A"));
         let auth = self.auth_header();
-        let mut h = vec![("Content-Type", "application/octet-stream")];
-        if let Some(a) = &auth {
-            h.push(("Authorization", a.as_str()));
-        }
-        h.extend(
-            self.opts
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
+        let h = self.own_headers(
+            &[("Content-Type", "application/octet-stream")],
+            auth.as_deref(),
         );
         let url = self.url(&put);
         let mut r = http::send_body(
