@@ -92,21 +92,34 @@ fn full_layer(content: &Path, scratch: &Path, name: &str, key: &SecretKey, mkfs:
         .build_options(&digest);
     erofs_image::tar_to_image(&tar[..], erofs_output::FileOutput::new(&out), &opts).unwrap();
     drop(out);
-    let meta = snapshotter::integrity::dmverity::append_tree(&path, false, None).unwrap();
-    let file = std::fs::read(&path).unwrap();
+    signed_layer(&path, &tar, digest, false, key)
+}
+
+/// The layer at `path` (its data: `[index][tar]` if `tar_index`, else a full image) with a dm-verity tree
+/// appended, and what a registry would serve for it: that tree, signed with `key`.
+fn signed_layer(
+    path: &Path,
+    tar: &[u8],
+    digest: String,
+    tar_index: bool,
+    key: &SecretKey,
+) -> Layer {
+    let data_len = std::fs::metadata(path).unwrap().len() as usize;
+    let meta = snapshotter::integrity::dmverity::append_tree(path, tar_index, None).unwrap();
+    let file = std::fs::read(path).unwrap();
     let fetched = Fetched {
-        tar_index: None,
+        tar_index: tar_index.then(|| file[..data_len - tar.len()].to_vec()),
         diff_id: digest.clone(),
         tree: Some(FetchedTree {
             bytes: file[meta.hashoffset as usize..].to_vec().into(),
             roothash: meta.roothash.clone(),
-            block_size: 4096,
+            block_size: if tar_index { 512 } else { 4096 },
             hash_offset: meta.hashoffset,
         }),
         signature: Some(("ed25519".into(), key.sign_root(&meta.roothash).to_vec())),
     };
     Layer {
-        desc: tar_desc(&tar, digest),
+        desc: tar_desc(tar, digest),
         file,
         fetched,
     }
@@ -121,25 +134,7 @@ fn layer(content: &Path, scratch: &Path, name: &str, key: &SecretKey) -> Layer {
         .build_options(&digest);
     erofs_image::tar_to_index_file(&tar[..], erofs_output::FileOutput::new(&out), &opts).unwrap();
     drop(out);
-    let data_len = std::fs::metadata(&path).unwrap().len() as usize;
-    let meta = snapshotter::integrity::dmverity::append_tree(&path, true, None).unwrap();
-    let file = std::fs::read(&path).unwrap();
-    let fetched = Fetched {
-        tar_index: Some(file[..data_len - tar.len()].to_vec()),
-        diff_id: digest.clone(),
-        tree: Some(FetchedTree {
-            bytes: file[meta.hashoffset as usize..].to_vec().into(),
-            roothash: meta.roothash.clone(),
-            block_size: 512,
-            hash_offset: meta.hashoffset,
-        }),
-        signature: Some(("ed25519".into(), key.sign_root(&meta.roothash).to_vec())),
-    };
-    Layer {
-        desc: tar_desc(&tar, digest),
-        file,
-        fetched,
-    }
+    signed_layer(&path, &tar, digest, true, key)
 }
 
 /// Flip a bit in the lowest level of `f`'s tree.
